@@ -1,0 +1,161 @@
+"""Data sources and a resumable, deterministic order over them.
+
+- `animal-mnist`: 10,000 real 28×28 animal silhouettes in 10 classes that ship inside the
+  `animal-mnist` wheel; padded to 32×32 (resized if another resolution is asked for).
+- `folder`: an ImageNet-layout folder (one subfolder per class), centre-cropped and resized.
+
+Images come out as float tensors in [-1, 1]. The order is a fixed function of the seed and
+the position in the stream (EDM2-style), so resuming at step k reads exactly the batches an
+uninterrupted run would have read: no sampler state needs saving.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from dfm_cli.errors import DfmError
+from dfm_cli.seeding import DATA_ORDER, mix_seed
+
+ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class ImageDataset(Dataset):
+    """A labelled image set: `(image in [-1, 1] as C H W, label)` items and a few facts."""
+
+    channels: int
+    class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class TensorImages(ImageDataset):
+    """Images held in memory as uint8; batches are gathered with one index (no per-item work)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]):
+        self.images, self.labels, self.class_names = images, labels, class_names
+        self.channels = images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i].float() / 127.5 - 1, self.labels[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx].float() / 127.5 - 1, self.labels[idx]
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """The wheel's data is a pickled numpy array; allow nothing but numpy's array rebuilders."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if module == "numpy.core.multiarray":  # numpy 2 moved it
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def animal_mnist(resolution: int = 32) -> TensorImages:
+    """The 10,000 animal-mnist silhouettes, padded 28 → 32 and resized to `resolution`."""
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise DfmError(
+            "the animal-mnist data is not installed; run "
+            "`pip install --no-deps animal-mnist==0.4` (--no-deps: it declares tensorflow)"
+        )
+    root = Path(spec.submodule_search_locations[0]) / "data" / "Animal_MNIST"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        with gzip.open(root / name, "rb") as fh:
+            arrays.append(_NumpyOnly(fh).load())
+    images = torch.from_numpy(np.ascontiguousarray(arrays[0]))[:, None]
+    images = F.pad(images, (2, 2, 2, 2))
+    if resolution != 32:
+        images = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
+                               antialias=True, align_corners=False).round().clamp(0, 255).byte()
+    return TensorImages(images, torch.from_numpy(arrays[1].astype(np.int64)), ANIMAL_CLASSES)
+
+
+class ImageFolder(ImageDataset):
+    """ImageNet layout: `root/<class>/<image>`; classes are the sorted subfolder names."""
+
+    def __init__(self, root: str | Path, resolution: int):
+        self.root, self.resolution = Path(root), resolution
+        if not self.root.is_dir():
+            raise DfmError(f"data.path {str(root)!r} is not a folder; point it at a folder of class subfolders")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.items = [
+            (f, c) for c, name in enumerate(classes) for f in sorted((self.root / name).rglob("*"))
+            if f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.items:
+            raise DfmError(
+                f"data.path {str(root)!r} holds no images in class subfolders "
+                f"(expected {root}/<class>/<image>.png)"
+            )
+        self.class_names = tuple(classes)
+        with Image.open(self.items[0][0]) as im:
+            self.channels = 1 if im.mode in ("L", "I", "I;16", "1") else 3
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize(
+                (self.resolution, self.resolution), Image.Resampling.BICUBIC
+            )
+            arr = np.asarray(im, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
+        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
+
+
+def build_dataset(name: str, path: str, resolution: int) -> ImageDataset:
+    if name == "animal-mnist":
+        return animal_mnist(resolution)
+    return ImageFolder(path, resolution)
+
+
+class StreamBatches(Sampler[list[int]]):
+    """Batches of an endless stream of epochs, each a seeded permutation of the dataset.
+
+    Item i of the stream is `perm(epoch = i // n)[i % n]`; batch k covers items
+    `[k B, (k + 1) B)`. Starting at `start_batch` therefore resumes exactly.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0):
+        self.n, self.batch_size, self.seed, self.start_batch = n, batch_size, seed, start_batch
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, DATA_ORDER, epoch))
+            self._perms = {epoch: torch.randperm(self.n, generator=g)}
+        return self._perms[epoch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start_batch
+        while True:
+            items = range(k * self.batch_size, (k + 1) * self.batch_size)
+            yield [int(self._perm(i // self.n)[i % self.n]) for i in items]
+            k += 1

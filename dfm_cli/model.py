@@ -1,0 +1,343 @@
+"""DFM-DiT: a DiT (adaLN-Zero) that sees every level of a decomposition at once (METHOD.md §3).
+
+Sections, as in DiT's `models.py`: embedders → positions → block → per-level heads → model →
+registry. What differs from DiT:
+- one patch embedding per level, with patch sizes chosen so that every level gives the same
+  token grid; the embeddings are summed, so the sequence is as long as the FM baseline's;
+- one timestep embedder per level (summed), plus the class embedding, plus a learned
+  stage-index embedding, form the adaLN conditioning;
+- one zero-initialised output head per level, each predicting that level's velocity;
+- 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional.
+
+With one level the model is a plain DiT of the same size: the Flow Matching baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dfm_cli.errors import DfmError
+
+# --------------------------------------------------------------------------- embedders
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1], scaled ×1000 so the frequencies match DiT's."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t, self.freq_dim))
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of non-overlapping `pt × p × p` patches of one level."""
+
+    def __init__(self, channels: int, patch: tuple[int, int], hidden: int) -> None:
+        super().__init__()
+        self.pt, self.p = patch
+        self.proj = nn.Linear(channels * self.pt * self.p * self.p, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(
+            x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p
+        )
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+def _axis_freqs(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return positions[:, None].double() * freqs[None]
+
+
+def grid_positions(grid: tuple[int, int, int]) -> torch.Tensor:
+    """`(N, 3)` (t, h, w) integer positions of the token grid, in token order."""
+    axes = [torch.arange(n) for n in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+
+
+def _axis_dims(dim: int, video: bool) -> list[int]:
+    """Split a feature size over (t, h, w); images give t nothing. Each part is even."""
+    if not video:
+        return [0, dim // 4 * 2, dim - dim // 4 * 2]
+    part = dim // 6 * 2
+    return [dim - 2 * part, part, part]
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
+    """Axial RoPE angles `(N, head_dim / 2)`: 2D for images, 3D for video."""
+    pos = grid_positions(grid)
+    dims = _axis_dims(head_dim, grid[0] > 1)
+    return torch.cat([_axis_freqs(d, pos[:, i]) for i, d in enumerate(dims) if d], -1).float()
+
+
+def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
+    """Fixed sin-cos absolute positions `(N, hidden)`, the DiT/SiT alternative to RoPE."""
+    pos = grid_positions(grid)
+    dims = _axis_dims(hidden, grid[0] > 1)
+    parts = []
+    for i, d in enumerate(dims):
+        if d:
+            a = _axis_freqs(d, pos[:, i])
+            parts += [torch.sin(a), torch.cos(a)]
+    return torch.cat(parts, -1).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive feature pairs of `x` (`B heads N D`) by `angles` (`N, D/2`)."""
+    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1)
+    return out.flatten(-2).type_as(x)
+
+
+# --------------------------------------------------------------------------- block
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        mlp = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden)
+        )
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+# --------------------------------------------------------------------------- per-level heads
+
+
+class LevelHead(nn.Module):
+    """Final adaLN layer and linear unpatchify of one level, zero-initialised (adaLN-Zero)."""
+
+    def __init__(self, hidden: int, channels: int, patch: tuple[int, int]) -> None:
+        super().__init__()
+        self.pt, self.p = patch
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, self.pt * self.p * self.p * channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        x = self.linear(modulate(self.norm(x), shift, scale))
+        t, h, w = grid
+        return rearrange(
+            x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            t=t, h=h, w=w, pt=self.pt, ph=self.p, pw=self.p,
+        )
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    depth: int
+    hidden: int
+    heads: int
+    patch: int
+    mlp_ratio: float = 4.0
+
+
+def level_patches(
+    level_sizes: Sequence[tuple[int, ...]], patch: int, temporal_patch: int = 1
+) -> list[tuple[int, int]]:
+    """Per-level `(pt, p)` so that every level gives the finest level's token grid.
+
+    The finest level uses `patch` (and `temporal_patch`); a level at half the resolution uses
+    half the patch. A level too small for that grid is an error that says which patch works.
+    """
+    finest = level_sizes[-1]
+    video = len(finest) == 3
+    if finest[-1] % patch or finest[-2] % patch or (video and finest[0] % temporal_patch):
+        raise DfmError(f"patch {patch} does not divide the finest level's size {finest}")
+    grid_h = finest[-2] // patch
+    grid_t = finest[0] // temporal_patch if video else 1
+    out = []
+    for s, size in enumerate(level_sizes, 1):
+        h, t = size[-2], size[0] if video else 1
+        if h % grid_h or t % grid_t:
+            need = max(patch, finest[-2] // h)
+            raise DfmError(
+                f"level {s} ({'x'.join(map(str, size))}) cannot give the {grid_h}x{grid_h} "
+                f"token grid of patch {patch}; use a model with patch >= {need} "
+                "(e.g. DFM-B/4) or fewer levels"
+            )
+        out.append((t // grid_t, h // grid_h))
+    return out
+
+
+class DFMDiT(nn.Module):
+    """The DFM-DiT. `forward(levels, t, y, stage)` returns one velocity per level.
+
+    `levels`: list of `B C H W` (or `B C T H W`) tensors, coarsest first, later levels already
+    zeroed by the caller; `t`: `B S` timesteps; `y`: `B` labels (the null class is
+    `num_classes`); `stage`: `B` 0-based stage indices.
+    """
+
+    def __init__(
+        self,
+        size: DiTSize,
+        level_sizes: Sequence[tuple[int, ...]],
+        channels: int,
+        num_classes: int,
+        pos: str = "rope",
+        temporal_patch: int = 1,
+    ) -> None:
+        super().__init__()
+        if size.hidden % size.heads:
+            raise DfmError(f"hidden {size.hidden} is not divisible by heads {size.heads}")
+        if pos not in ("rope", "sincos"):
+            raise DfmError(f"model.pos must be 'rope' or 'sincos', got {pos!r}")
+        self.level_sizes = [tuple(s) for s in level_sizes]
+        self.video = len(self.level_sizes[-1]) == 3
+        self.num_classes = num_classes
+        self.channels = channels
+        patches = level_patches(self.level_sizes, size.patch, temporal_patch)
+        finest = self.level_sizes[-1]
+        self.grid = (
+            finest[0] // temporal_patch if self.video else 1,
+            finest[-2] // size.patch,
+            finest[-1] // size.patch,
+        )
+        levels = len(self.level_sizes)
+        self.patch_embeds = nn.ModuleList(PatchEmbed(channels, p, size.hidden) for p in patches)
+        self.t_embedders = nn.ModuleList(TimestepEmbedder(size.hidden) for _ in range(levels))
+        self.y_embedder = nn.Embedding(num_classes + 1, size.hidden)
+        self.stage_embedder = nn.Embedding(levels, size.hidden)
+        self.blocks = nn.ModuleList(
+            DiTBlock(size.hidden, size.heads, size.mlp_ratio) for _ in range(size.depth)
+        )
+        self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
+        head_dim = size.hidden // size.heads
+        self.register_buffer(
+            "rope", rope_angles(self.grid, head_dim) if pos == "rope" else None, persistent=False
+        )
+        self.register_buffer(
+            "pos_embed",
+            sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
+            persistent=False,
+        )
+        self._init_weights()
+
+    @property
+    def levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in self.t_embedders:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.stage_embedder.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for head in self.heads:
+            for layer in (head.ada[-1], head.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        levels: Sequence[torch.Tensor],
+        t: torch.Tensor,
+        y: torch.Tensor,
+        stage: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        squeeze = not self.video
+        if squeeze:  # images are one-frame videos inside the model
+            levels = [x[:, :, None] for x in levels]
+        x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
+        c = c + self.y_embedder(y) + self.stage_embedder(stage)
+        for block in self.blocks:
+            x = block(x, c, self.rope)
+        out = [head(x, c, self.grid) for head in self.heads]
+        return [o[:, :, 0] for o in out] if squeeze else out
+
+
+# --------------------------------------------------------------------------- registry
+
+SIZES = {
+    "N": (2, 64, 2),  # nano: unit tests
+    "T": (4, 128, 4),  # tiny: CPU quickstart
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+MODELS = {
+    f"DFM-{name}/{patch}": DiTSize(depth, hidden, heads, patch)
+    for name, (depth, hidden, heads) in SIZES.items()
+    for patch in (1, 2, 4, 8)
+}
+
+
+def model_size(name: str) -> DiTSize:
+    """Look a registry name up, e.g. `DFM-XL/2`; an unknown one suggests the nearest."""
+    if name not in MODELS:
+        import difflib
+
+        near = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise DfmError(f"unknown model {name!r}{hint}; known: {', '.join(MODELS)}")
+    return MODELS[name]

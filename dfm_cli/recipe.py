@@ -1,0 +1,258 @@
+"""Recipes: TOML files read into typed dataclasses, validated before anything runs.
+
+A recipe is data. Every key has a type and a default here; an unknown key, a wrong type or
+an inconsistent combination (levels that don't divide the resolution, a `p_stage` of the
+wrong length) is a `DfmError` that names the file, the key and the value, and for unknown
+keys suggests the nearest valid one. `--set section.key=value` overrides go through the
+same checks. The resolved recipe is written next to every run so it can be re-read exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from dfm_cli.errors import DfmError
+
+# Paper defaults for the stage probabilities (METHOD.md §2); S = 3 is a guess to ablate.
+DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
+
+
+@dataclass
+class ModelSection:
+    name: str = "DFM-B/2"
+    pos: str = "rope"
+    class_dropout: float = 0.1
+    temporal_patch: int = 1
+
+
+@dataclass
+class DataSection:
+    name: str = "animal-mnist"
+    path: str = ""
+    resolution: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class FlowSection:
+    levels: int = 2
+    decomposition: str = "laplacian"
+    factors: list[int] = field(default_factory=lambda: [2])
+    antialias: bool = False
+    p_stage: list[float] = field(default_factory=list)
+    per_batch_stage: bool = False
+    t_loc: float = 0.0
+    t_scale: float = 1.0
+    prev_t_loc: float = 1.5
+    prev_t_scale: float = 1.0
+    tied_timesteps: bool = False
+    mask_input: bool = True
+    level_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SampleSection:
+    steps: list[int] = field(default_factory=lambda: [30, 10])
+    tau: list[float] = field(default_factory=lambda: [0.9])
+    cfg: float = 1.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    solver: str = "euler"
+    n: int = 64
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    flow: FlowSection = field(default_factory=FlowSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Recipe)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _check_type(where: str, value: Any, kind: Any) -> Any:
+    """Return `value` converted to `kind`, or raise naming `where` and the expected type."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        values = value if isinstance(value, list) else [value]
+        return [_check_type(where, v, item) for v in values]
+    ok = (
+        (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind is str and isinstance(value, str))
+    )
+    if not ok:
+        raise DfmError(f"{where} = {value!r} has the wrong type: expected {kind.__name__}")
+    return float(value) if kind is float else value
+
+
+def _line_of(text: str, section: str, key: str) -> str:
+    current = ""
+    for n, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            current = header.group(1).strip()
+        elif current == section and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return f" (line {n})"
+    return ""
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value in TOML syntax; bare words are strings (`--set data.name=folder`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; `path=None` starts from the defaults."""
+    source = str(path) if path else "<defaults>"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DfmError(f"recipe {source} not found; pass a TOML file such as recipes/quickstart.toml")
+        text = p.read_text()
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise DfmError(f"{source}: not valid TOML: {e}") from None
+    else:
+        raw = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2:
+            raise DfmError(f"--set {item!r}: expected section.key=value, e.g. train.steps=100")
+        raw.setdefault(parts[0], {})
+        if isinstance(raw[parts[0]], dict):
+            raw[parts[0]][parts[1]] = _parse_value(value.strip())
+    sections = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise DfmError(
+                f"{source}: unknown section [{name}]{_suggest(name, SECTIONS)} "
+                f"(sections: {', '.join(SECTIONS)})"
+            )
+        if not isinstance(body, dict):
+            raise DfmError(f"{source}: {name} must be a [{name}] table, got {body!r}")
+        hints = typing.get_type_hints(SECTIONS[name])
+        values = {}
+        for key, value in body.items():
+            where = f"{source}{_line_of(text, name, key)}: {name}.{key}"
+            if key not in hints:
+                raise DfmError(f"{where} is not a known key{_suggest(key, hints)}")
+            values[key] = _check_type(where, value, hints[key])
+        sections[name] = SECTIONS[name](**values)
+    recipe = Recipe(**sections)
+    validate(recipe, source)
+    return recipe
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _broadcast(values: list, n: int) -> list:
+    return values * n if len(values) == 1 and n > 1 else values
+
+
+def validate(recipe: Recipe, source: str) -> None:
+    """Cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
+    from dfm_cli.decompose import build_decomposition
+    from dfm_cli.model import level_patches, model_size
+
+    def fail(key: str, value: Any, why: str) -> typing.NoReturn:
+        raise DfmError(f"{source}: {key} = {value!r}: {why}")
+
+    f, s, m, d, t = recipe.flow, recipe.sample, recipe.model, recipe.data, recipe.train
+    if f.levels < 1:
+        fail("flow.levels", f.levels, "must be at least 1 (1 is the Flow Matching baseline)")
+    f.factors = _broadcast(f.factors, f.levels - 1)[: f.levels - 1]
+    s.tau = _broadcast(s.tau, f.levels - 1)[: f.levels - 1]
+    if not f.p_stage:
+        f.p_stage = DEFAULT_P_STAGE.get(f.levels, [1.0 / f.levels] * f.levels)
+    if len(f.p_stage) != f.levels or any(p < 0 for p in f.p_stage):
+        fail("flow.p_stage", f.p_stage, f"needs {f.levels} non-negative probabilities, one per stage")
+    if not math.isclose(sum(f.p_stage), 1.0, abs_tol=1e-6):
+        fail("flow.p_stage", f.p_stage, f"must sum to 1 (sums to {sum(f.p_stage):g})")
+    if f.level_weights and len(f.level_weights) != f.levels:
+        fail("flow.level_weights", f.level_weights, f"needs {f.levels} weights or none")
+    if len(s.steps) != f.levels:
+        fail("sample.steps", s.steps, f"needs {f.levels} step counts, one per stage")
+    if len(s.guidance_interval) != 2:
+        fail("sample.guidance_interval", s.guidance_interval, "needs [low, high]")
+    if s.solver not in ("euler", "heun"):
+        fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
+    if d.name not in ("animal-mnist", "folder"):
+        fail("data.name", d.name, f"choose 'animal-mnist' or 'folder'{_suggest(d.name, ['animal-mnist', 'folder'])}")
+    if d.name == "folder" and not d.path:
+        fail("data.path", d.path, "data.name = 'folder' needs data.path: a folder of class subfolders")
+    for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                       ("data.resolution", d.resolution), ("train.log_every", t.log_every),
+                       ("train.checkpoint_every", t.checkpoint_every),
+                       ("train.keep_checkpoints", t.keep_checkpoints)):
+        if value < 1:
+            fail(key, value, "must be at least 1")
+    if not 0 <= t.ema_decay < 1:
+        fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
+    try:
+        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, antialias=f.antialias)
+        sizes = pyramid.level_sizes((d.resolution, d.resolution))
+    except DfmError as e:
+        fail("flow.levels/flow.factors", f"{f.levels} levels x {f.factors} at data.resolution {d.resolution}", str(e))
+    try:
+        level_patches(sizes, model_size(m.name).patch)
+    except DfmError as e:
+        fail("model.name", m.name, str(e))
+    from dfm_cli.sampler import progressive_schedule
+
+    try:
+        progressive_schedule(s.steps, s.tau)
+    except DfmError as e:
+        fail("sample.tau", s.tau, str(e))
