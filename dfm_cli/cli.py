@@ -78,6 +78,10 @@ def decompose(
         x = load_media(path)
     if crop:
         x = crop_to_multiple(x, pyramid)
+    try:
+        pyramid.level_sizes(x.shape[2:])
+    except DfmError as e:
+        raise DfmError(f"{path}: {e}; or pass --crop to centre-crop it") from None
     bands32 = pyramid.decompose(x)
     recon = pyramid.recompose(bands32)
     error = float((recon - x).abs().max())

@@ -245,7 +245,7 @@ def validate(recipe: Recipe, source: str) -> None:
         pyramid = build_decomposition(f.decomposition, f.levels, f.factors, antialias=f.antialias)
         sizes = pyramid.level_sizes((d.resolution, d.resolution))
     except DfmError as e:
-        fail("flow.levels/flow.factors", f"{f.levels} levels x {f.factors} at data.resolution {d.resolution}", str(e))
+        fail("data.resolution", d.resolution, f"with flow.levels = {f.levels} and flow.factors = {f.factors}: {e}")
     try:
         level_patches(sizes, model_size(m.name).patch)
     except DfmError as e:

@@ -57,6 +57,23 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
+def train_step(recipe: Recipe, step: int, model, ema, opt, objective, pyramid,
+               x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimizer step on a clean batch; all randomness is seeded by (seed, step)."""
+    t = recipe.train
+    gen = torch.Generator().manual_seed(mix_seed(t.seed, STEP_NOISE, step))
+    y = drop_labels(y, recipe.model.class_dropout, model.null_class, gen)
+    out = objective.loss(model, pyramid.decompose(x), y, gen)
+    opt.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+    for group in opt.param_groups:
+        group["lr"] = lr_at(recipe, step)
+    opt.step()
+    update_ema(ema, model, ema_decay_at(recipe, step))
+    return out, grad_norm
+
+
 def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     """Refuse to continue a run with a recipe that would change what it learns."""
     old_path = run_dir / "recipe.toml"
@@ -167,16 +184,7 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> dict
         for step in range(start, t.steps):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            gen = torch.Generator().manual_seed(mix_seed(t.seed, STEP_NOISE, step))
-            y = drop_labels(y, recipe.model.class_dropout, model.null_class, gen)
-            out = objective.loss(model, pyramid.decompose(x), y, gen)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            for group in opt.param_groups:
-                group["lr"] = lr_at(recipe, step)
-            opt.step()
-            update_ema(ema, model, ema_decay_at(recipe, step))
+            out, grad_norm = train_step(recipe, step, model, ema, opt, objective, pyramid, x, y)
             interval.add(out, grad_norm)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:

@@ -1,0 +1,121 @@
+"""End-to-end: the real `dfm` command on a tiny recipe, as a user would run it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY, run_dfm
+from dfm_cli.decompose import LaplacianPyramid
+
+
+def test_train_writes_a_complete_run_folder(tmp_path):
+    run = tmp_path / "run"
+    proc = run_dfm("train", TINY, "--out", run)
+    assert "run folder" in proc.stdout
+    assert (run / "recipe.toml").is_file()
+    lines = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4, 6, 8]
+    last = lines[-1]
+    for key in ("loss", "loss_level", "loss_t_bin", "images_per_s", "lr", "grad_norm", "images_seen"):
+        assert key in last
+    assert len(last["loss_level"]) == 2 and len(last["loss_t_bin"]) == 5
+    latest = run / "checkpoints" / "latest"
+    assert (latest / "model.safetensors").is_file() and (latest / "ema.safetensors").is_file()
+    assert json.loads((latest / "state.json").read_text())["step"] == 8
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-000000004", "step-000000008"]
+    assert Image.open(run / "samples" / "grid.png").size[0] > 16
+    # running the finished command again does nothing new and says so
+    again = run_dfm("train", TINY, "--out", run)
+    assert "resuming" in again.stderr and len((run / "stats.jsonl").read_text().splitlines()) == 4
+
+
+def final_state(run):
+    ckpt = run / "checkpoints" / "latest"
+    return {name: load_file(ckpt / f"{name}.safetensors") for name in ("model", "ema", "optimizer")}
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    args = ["--set", "train.steps=300", "--set", "train.checkpoint_every=25", "--set", "train.log_every=25"]
+    straight = tmp_path / "straight"
+    run_dfm("train", TINY, "--out", straight, *args)
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(resumed), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = resumed / "checkpoints" / "step-000000025" / "state.json"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads((resumed / "checkpoints" / "latest" / "state.json").read_text())["step"]
+    assert killed_at < 300, "the run finished before it could be killed; make it longer"
+
+    again = run_dfm("train", TINY, "--out", resumed, *args)
+    assert f"from step {killed_at}" in again.stderr
+    a, b = final_state(straight), final_state(resumed)
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs after resume"
+
+
+def test_resume_with_a_different_recipe_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run_dfm("train", TINY, "--out", run)
+    proc = run_dfm("train", TINY, "--out", run, "--set", "train.lr=0.5", check=False)
+    assert proc.returncode == 2 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    run_dfm("train", TINY, "--out", run, "--set", "train.steps=10")  # extending is fine
+
+
+def test_sample_writes_grid_previews_and_reports_nfe(tmp_path):
+    run = tmp_path / "run"
+    run_dfm("train", TINY, "--out", run)
+    out = tmp_path / "grid.png"
+    proc = run_dfm("sample", run, "--stages", "2", "--tau", "0.8", "--steps", "3,2", "--cfg", "1.5",
+                   "--n", "20", "--seed", "1", "--out", out, "--previews")
+    assert "NFE 5" in proc.stdout
+    assert out.is_file() and (tmp_path / "grid_stage1.png").is_file() and (tmp_path / "grid_stage2.png").is_file()
+    coarse = tmp_path / "coarse.png"
+    run_dfm("sample", run / "checkpoints" / "step-000000004", "--stages", "1", "--class", "3", "--n", "4",
+            "--solver", "heun", "--out", coarse)
+    # the coarse level alone is half the resolution: 4 tiles of 8 px at scale 2
+    assert Image.open(coarse).size[1] < Image.open(out).size[1]
+    bad = run_dfm("sample", run, "--class", "12", "--out", out, check=False)
+    assert bad.returncode == 2 and "--class 12" in bad.stderr
+    missing = run_dfm("sample", tmp_path / "nothing", check=False)
+    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
+
+
+def test_decompose_default_photo_and_video(tmp_path):
+    out = tmp_path / "dec"
+    proc = run_dfm("decompose", "--levels", "3", "--out", out)
+    assert "max recomposition error" in proc.stdout
+    err = float(proc.stdout.split("max recomposition error (float32):")[1].split()[0])
+    assert err <= 1e-5
+    levels = np.load(out / "levels.npz")
+    assert sorted(levels.files) == ["level_1", "level_2", "level_3"]
+    pyr = LaplacianPyramid(3, [2, 2])
+    recon = pyr.recompose([torch.from_numpy(levels[f"level_{s}"])[None] for s in (1, 2, 3)])
+    assert recon.shape[-2:] == (424, 640) and levels["level_1"].shape[-2:] == (106, 160)
+    for name in ("level_1.png", "level_2.png", "level_3.png", "recomposition.png"):
+        assert (out / name).is_file()
+
+    frames = (np.random.default_rng(0).random((4, 16, 16, 3)) * 255).astype(np.uint8)
+    gif = tmp_path / "clip.gif"
+    Image.fromarray(frames[0]).save(gif, save_all=True, append_images=[Image.fromarray(f) for f in frames[1:]])
+    run_dfm("decompose", gif, "--levels", "2", "--factors", "2", "--out", tmp_path / "vid")
+    assert np.load(tmp_path / "vid" / "levels.npz")["level_1"].shape == (3, 4, 8, 8)
+
+    bad = run_dfm("decompose", gif, "--levels", "3", "--factors", "3,2", check=False)
+    assert bad.returncode == 2 and "not divisible" in bad.stderr and "--crop" in bad.stderr
+    run_dfm("decompose", gif, "--levels", "3", "--factors", "3,2", "--crop", "--out", tmp_path / "cropped")
+    assert np.load(tmp_path / "cropped" / "levels.npz")["level_3"].shape == (3, 4, 12, 12)

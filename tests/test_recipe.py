@@ -1,0 +1,81 @@
+import pytest
+
+from conftest import ROOT, run_dfm
+from dfm_cli.errors import DfmError
+from dfm_cli.recipe import load_recipe
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_recipes_validate():
+    for path in sorted((ROOT / "recipes").glob("*.toml")):
+        r = load_recipe(path)
+        assert abs(sum(r.flow.p_stage) - 1) < 1e-9
+    qs, fm = load_recipe(ROOT / "recipes/quickstart.toml"), load_recipe(ROOT / "recipes/quickstart_fm.toml")
+    assert (qs.flow.levels, fm.flow.levels) == (2, 1)
+    assert qs.model == fm.model and qs.train == fm.train and qs.data == fm.data  # same size and compute
+    assert sum(qs.sample.steps) == sum(fm.sample.steps)
+
+
+def test_defaults_broadcast_and_overrides(tmp_path):
+    r = load_recipe(write(tmp_path, "[flow]\nlevels = 3\n[sample]\nsteps = [10, 5, 5]\ntau = 0.8\n"
+                                    "[model]\nname = 'DFM-S/4'\n"),
+                    ["train.steps=7", "train.lr=3e-4", "data.name=animal-mnist", "sample.cfg=2"])
+    assert r.flow.factors == [2, 2] and r.sample.tau == [0.8, 0.8]
+    assert r.flow.p_stage == [0.9, 0.05, 0.05]
+    assert (r.train.steps, r.train.lr, r.sample.cfg) == (7, 3e-4, 2.0)
+    # the resolved recipe round-trips
+    again = write(tmp_path, r.to_toml())
+    assert load_recipe(again) == r
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("[train]\nstesp = 10\n", [], r"r.toml \(line 2\): train.stesp is not a known key; did you mean 'steps'"),
+    ("[trian]\nsteps = 10\n", [], r"unknown section \[trian\]; did you mean 'train'"),
+    ("[train]\nsteps = 'ten'\n", [], r"train.steps = 'ten' has the wrong type: expected int"),
+    ("[train]\nlr = true\n", [], r"train.lr = True has the wrong type: expected float"),
+    ("", ["data.resolution=30", "flow.levels=3", "sample.steps=[1,1,1]"],
+     r"data.resolution = 30: with flow.levels = 3 and flow.factors = \[2, 2\]: H=30, W=30 is not divisible"),
+    ("", ["flow.p_stage=[0.5, 0.6]"], r"flow.p_stage = \[0.5, 0.6\]: must sum to 1"),
+    ("", ["sample.steps=[40]"], r"sample.steps = \[40\]: needs 2 step counts"),
+    ("", ["train.step=3"], r"train.step is not a known key; did you mean 'steps'"),
+    ("", ["trainsteps"], r"expected section.key=value"),
+    ("", ["data.name=foldr"], r"did you mean 'folder'"),
+    ("", ["model.name=DFM-B/2", "flow.levels=3", "sample.steps=[1,1,1]"], r"model.name = 'DFM-B/2'.*patch >= 4"),
+])
+def test_bad_recipes_name_file_key_and_value(tmp_path, text, overrides, message):
+    with pytest.raises(DfmError, match=message):
+        load_recipe(write(tmp_path, text), overrides)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(DfmError, match="not found"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(DfmError, match="not valid TOML"):
+        load_recipe(write(tmp_path, "[train\n"))
+
+
+@pytest.mark.parametrize("text,key", [
+    ("[train]\nstesp = 10\n", "train.stesp"),
+    ("[train]\nbatch_size = 'big'\n", "train.batch_size"),
+    ("[flow]\nlevels = 4\n[sample]\nsteps = [1, 1, 1, 1]\n[data]\nresolution = 36\n", "flow.levels"),
+])
+def test_cli_rejects_bad_recipes_in_one_line_without_traceback(tmp_path, text, key):
+    proc = run_dfm("train", write(tmp_path, text), "--out", tmp_path / "run", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert str(tmp_path / "r.toml") in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_dry_run_prints_the_resolved_recipe(tmp_path):
+    proc = run_dfm("train", ROOT / "recipes/quickstart.toml", "--set", "train.steps=3", "--dry-run",
+                   "--out", tmp_path / "run")
+    assert "steps = 3" in proc.stdout and "p_stage" in proc.stdout
+    assert not (tmp_path / "run").exists()
