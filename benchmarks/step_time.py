@@ -19,9 +19,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dfm_cli import distributed
 from dfm_cli.factory import build_model, build_objective, build_pyramid, pick_device
 from dfm_cli.recipe import load_recipe
-from dfm_cli.train import train_step
+from dfm_cli.stats import Interval
+from dfm_cli.train import Step
 
 
 def setup(levels: int, args):
@@ -34,19 +36,21 @@ def setup(levels: int, args):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    parts = (recipe, model, ema, opt, build_objective(recipe), build_pyramid(recipe), x, y)
+    ctx = distributed.Context(device=device)
+    step = Step(recipe, ctx, model, model, ema, opt, build_objective(recipe), build_pyramid(recipe))
+    parts = (step, Interval(levels), x, y)
     tokens = model.grid[0] * model.grid[1] * model.grid[2]
     return parts, tokens, sum(p.numel() for p in model.parameters())
 
 
 def time_steps(parts, n: int, start: int) -> list[float]:
-    recipe, model, ema, opt, objective, pyramid, x, y = parts
+    step, interval, x, y = parts
     times = []
     for i in range(n):
         if x.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(recipe, start + i, model, ema, opt, objective, pyramid, x, y)
+        step(start + i, x, y, interval)
         if x.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

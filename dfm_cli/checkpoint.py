@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 
 STATE = "state.json"
@@ -33,20 +37,21 @@ def _fsync_path(path: Path) -> None:
 
 
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split `optimizer.state_dict()` into flat tensors and JSON-able param groups."""
+    """Split a full optimizer state dict (parameter names as keys) into flat tensors
+    `"<param>::<slot>"` and JSON-able param groups."""
     tensors = {
-        f"{idx}.{name}": value.detach().contiguous()
-        for idx, per_param in state["state"].items()
-        for name, value in per_param.items()
+        f"{param}::{slot}": value.detach().contiguous()
+        for param, per_param in state["state"].items()
+        for slot, value in per_param.items()
     }
     return tensors, state["param_groups"]
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        param, slot = key.rsplit("::", 1)
+        state.setdefault(param, {})[slot] = value
     return {"state": state, "param_groups": groups}
 
 
@@ -58,7 +63,10 @@ def save_checkpoint(
     recipe_toml: str,
     keep: int,
 ) -> Path:
-    """Write `weights[name]` as `<name>.safetensors` plus state and recipe, atomically."""
+    """Write `weights[name]` as `<name>.safetensors` plus state and recipe, atomically.
+
+    Keeps the newest `keep` checkpoints, plus every one whose state says `"milestone": true`.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
@@ -79,7 +87,8 @@ def save_checkpoint(
     link.symlink_to(final.name)
     os.replace(link, root / "latest")
     _fsync_path(root)
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    prunable = [c for c in complete_checkpoints(run_dir) if not json.loads((c / STATE).read_text()).get("milestone")]
+    for old in prunable[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -111,6 +120,55 @@ def load_checkpoint(ckpt: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[
     try:
         weights = {name: load_file(ckpt / f"{name}.safetensors") for name in names}
         state = json.loads((ckpt / STATE).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise DfmError(f"{ckpt}: unreadable checkpoint ({e}); delete it to fall back to an older one") from None
     return weights, state
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a process holds, as JSON: torch CPU and CUDA, numpy, python."""
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_training_state(run_dir: Path, step: int, model, ema, optimizer, state: dict[str, Any],
+                        recipe_toml: str, keep: int, milestone: bool, ctx: distributed.Context) -> None:
+    """Gather full weights, EMA, optimizer and every rank's RNGs; rank 0 writes the checkpoint."""
+    weights, optim = distributed.full_state(model, optimizer)
+    ema_weights, _ = distributed.full_state(ema)
+    rngs = distributed.gather_objects(ctx, rng_state())
+    if ctx.main:
+        opt_tensors, groups = optimizer_tensors(optim)
+        save_checkpoint(run_dir, step, {"model": weights, "ema": ema_weights, "optimizer": opt_tensors},
+                        {**state, "param_groups": groups, "milestone": milestone, "rng": rngs},
+                        recipe_toml, keep)
+    distributed.barrier(ctx)
+
+
+def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Context) -> dict[str, Any]:
+    """Restore what `save_training_state` wrote, on every rank; returns the JSON state."""
+    weights, state = load_checkpoint(ckpt, ("model", "ema", "optimizer"))
+    distributed.load_full_state(model, weights["model"], optimizer,
+                                optimizer_state(weights["optimizer"], state["param_groups"]))
+    distributed.load_full_state(ema, weights["ema"])
+    rngs = state.get("rng", [])
+    if ctx.rank < len(rngs):
+        set_rng_state(rngs[ctx.rank])
+    return state

@@ -137,14 +137,17 @@ def build_dataset(name: str, path: str, resolution: int) -> ImageDataset:
 
 
 class StreamBatches(Sampler[list[int]]):
-    """Batches of an endless stream of epochs, each a seeded permutation of the dataset.
+    """This rank's share of the batches of an endless stream of epochs, each a seeded
+    permutation of the dataset.
 
-    Item i of the stream is `perm(epoch = i // n)[i % n]`; batch k covers items
-    `[k B, (k + 1) B)`. Starting at `start_batch` therefore resumes exactly.
+    Item i of the stream is `perm(epoch = i // n)[i % n]`. Global batch k covers items
+    `[k B, (k + 1) B)`, and rank r of W takes the r-th contiguous B / W of them. Starting at
+    `start_batch` therefore resumes exactly, for any W that divides B.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.start_batch = n, batch_size, seed, start_batch
+        self.rank, self.local = rank, batch_size // world
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -156,6 +159,6 @@ class StreamBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         k = self.start_batch
         while True:
-            items = range(k * self.batch_size, (k + 1) * self.batch_size)
-            yield [int(self._perm(i // self.n)[i % self.n]) for i in items]
+            first = k * self.batch_size + self.rank * self.local
+            yield [int(self._perm(i // self.n)[i % self.n]) for i in range(first, first + self.local)]
             k += 1

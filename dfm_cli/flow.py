@@ -8,7 +8,9 @@ masked out of the loss, so the model never spends capacity on scales it cannot y
 
 With one level this is exactly Flow Matching with logit-normal timesteps.
 
-Stage indices are 0-based in code (`stage = k` means levels 0..k are active).
+Stage indices are 0-based in code (`stage = k` means levels 0..k are active). All randomness
+is drawn up front by `FlowObjective.draw`, one seeded generator per sample, so a batch's
+maths does not depend on how it is split across devices or micro-batches.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from dataclasses import dataclass, field
 import torch
 
 Velocity = Callable[..., list[torch.Tensor]]
+"""`velocity(levels, t, y, stage) -> per-level velocities`; the DFM-DiT is one."""
+
+
+@dataclass
+class Draws:
+    """The random part of one training batch: stage, timesteps, label dropout, per-level noise."""
+
+    stage: torch.Tensor
+    t: torch.Tensor
+    drop: torch.Tensor
+    noise: list[torch.Tensor]
+
+    def to(self, device: torch.device) -> Draws:
+        return Draws(self.stage.to(device), self.t.to(device), self.drop.to(device),
+                     [n.to(device, non_blocking=True) for n in self.noise])
 
 
 @dataclass(frozen=True)
@@ -40,25 +57,44 @@ class FlowObjective:
         return len(self.p_stage)
 
     # ------------------------------------------------------------------ draws
-    def sample_stage(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """Stage per sample (or one for the whole batch, as the official code does)."""
-        probs = torch.tensor(list(self.p_stage), dtype=torch.float64)
-        n = 1 if self.per_batch_stage else batch
-        stage = torch.multinomial(probs, n, replacement=True, generator=generator)
-        return stage.expand(batch).clone() if self.per_batch_stage else stage
+    def draw(
+        self,
+        level_shapes: Sequence[Sequence[int]],
+        sample_seeds: Sequence[int],
+        batch_seed: int,
+        label_dropout: float = 0.0,
+    ) -> Draws:
+        """Every random choice for a batch, one generator per sample.
 
-    def sample_timesteps(self, stage: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """`(B, S)` timesteps: logit-normal for the active level, cleaner for earlier, 0 after."""
-        b, s = stage.shape[0], self.levels
+        Sample i's stage, timesteps, label dropout and noise come only from
+        `sample_seeds[i]`, so they do not depend on how a global batch is split over ranks or
+        micro-batches; `batch_seed` serves the per-batch stage option. `level_shapes` are the
+        per-sample level shapes (`C H W` or `C T H W`).
+        """
+        probs = torch.tensor(list(self.p_stage), dtype=torch.float64)
+        batch_stage = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(batch_seed)))
+        stage, t_active, t_earlier, drop, noise = [], [], [], [], [[] for _ in level_shapes]
+        for seed in sample_seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            stage.append(int(torch.multinomial(probs, 1, generator=g)))
+            t_active.append(torch.randn(1, generator=g))
+            t_earlier.append(torch.randn(self.levels, generator=g))
+            drop.append(bool(torch.rand(1, generator=g) < label_dropout))
+            for s, shape in enumerate(level_shapes):
+                noise[s].append(torch.randn(tuple(shape), generator=g))
+        stage_t = torch.full((len(stage),), batch_stage) if self.per_batch_stage else torch.tensor(stage)
+        t = self.timesteps(stage_t, torch.cat(t_active)[:, None], torch.stack(t_earlier))
+        return Draws(stage_t, t, torch.tensor(drop), [torch.stack(n) for n in noise])
+
+    def timesteps(self, stage: torch.Tensor, z_active: torch.Tensor, z_earlier: torch.Tensor) -> torch.Tensor:
+        """`(B, S)` timesteps from standard normals: logit-normal for the active level,
+        cleaner logit-normal for earlier levels, 0 for later ones."""
+        b, s = z_earlier.shape
         level = torch.arange(s).expand(b, s)
-        active = torch.sigmoid(self.t_loc + self.t_scale * torch.randn(b, 1, generator=generator))
-        earlier = torch.sigmoid(
-            self.prev_t_loc + self.prev_t_scale * torch.randn(b, s, generator=generator)
-        )
+        active = torch.sigmoid(self.t_loc + self.t_scale * z_active).expand(b, s)
+        earlier = active if self.tied_timesteps else torch.sigmoid(self.prev_t_loc + self.prev_t_scale * z_earlier)
         q = stage[:, None]
-        if self.tied_timesteps:
-            earlier = active.expand(b, s)
-        t = torch.where(level < q, earlier, active.expand(b, s))
+        t = torch.where(level < q, earlier, active)
         return torch.where(level > q, torch.zeros_like(t), t)
 
     # ------------------------------------------------------------------ loss
@@ -67,35 +103,35 @@ class FlowObjective:
         velocity: Velocity,
         x1: Sequence[torch.Tensor],
         y: torch.Tensor,
-        generator: torch.Generator,
+        draws: Draws,
+        null_class: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One training loss on the decomposed clean batch `x1` (coarsest level first).
+        """The training loss on the decomposed clean batch `x1` (coarsest level first).
 
-        Returns `loss` (scalar: per-level MSEs summed, averaged over samples), `level_mse`
-        (`B, S`: each sample's MSE per level, masked levels included so they can be logged),
-        `active` (`B, S` mask), `stage` and `t`. All randomness comes from `generator`, which
-        lives on the CPU so that a seed means the same draw on every device.
+        Returns `loss` (scalar: per-level MSEs summed, averaged over samples), `per_sample`
+        (`B`: each sample's summed loss, for exact gradient accumulation), `level_mse`
+        (`B, S`, masked levels included so they can be logged), `active`, `stage` and `t`.
+        Labels in `draws.drop` become `null_class` (classifier-free guidance).
         """
         device = x1[0].device
-        b = x1[0].shape[0]
-        stage = self.sample_stage(b, generator)
-        t = self.sample_timesteps(stage, generator)
-        active = torch.arange(self.levels)[None, :] <= stage[:, None]
-        x0 = [torch.randn(level.shape, generator=generator).to(device) for level in x1]
-        stage, t, active = stage.to(device), t.to(device), active.to(device)
+        d = draws.to(device)
+        if null_class is not None:
+            y = torch.where(d.drop, torch.full_like(y, null_class), y)
+        active = torch.arange(self.levels, device=device)[None, :] <= d.stage[:, None]
         xt = [
-            _bcast(t[:, s], level) * level + (1 - _bcast(t[:, s], level)) * noise
-            for s, (level, noise) in enumerate(zip(x1, x0))
+            _bcast(d.t[:, s], level) * level + (1 - _bcast(d.t[:, s], level)) * noise
+            for s, (level, noise) in enumerate(zip(x1, d.noise))
         ]
         if self.mask_input:
-            xt = mask_later_levels(xt, stage)
-        pred = velocity(xt, t, y, stage)
+            xt = mask_later_levels(xt, d.stage)
+        pred = velocity(xt, d.t, y, d.stage)
         level_mse = torch.stack(
-            [((p.float() - (a - n)) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, x0)], 1
+            [((p.float() - (a - n).float()) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, d.noise)], 1
         )
         weights = torch.tensor(list(self.level_weights) or [1.0] * self.levels, device=device)
-        loss = (level_mse * active * weights).sum(1).mean()
-        return {"loss": loss, "level_mse": level_mse, "active": active, "stage": stage, "t": t}
+        per_sample = (level_mse * active * weights).sum(1)
+        return {"loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse,
+                "active": active, "stage": d.stage, "t": d.t}
 
 
 def mask_later_levels(levels: Sequence[torch.Tensor], stage: torch.Tensor) -> list[torch.Tensor]:
@@ -103,14 +139,6 @@ def mask_later_levels(levels: Sequence[torch.Tensor], stage: torch.Tensor) -> li
     return [
         level * _bcast((stage >= s).to(level.dtype), level) for s, level in enumerate(levels)
     ]
-
-
-def drop_labels(
-    y: torch.Tensor, p: float, null_class: int, generator: torch.Generator
-) -> torch.Tensor:
-    """Replace labels by the null class with probability p, for classifier-free guidance."""
-    drop = torch.rand(y.shape[0], generator=generator).to(y.device) < p
-    return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

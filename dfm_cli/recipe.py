@@ -75,6 +75,15 @@ class TrainSection:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    milestone_every: int = 0  # steps; 0 = no milestones (milestones are never pruned)
+    batch_per_gpu: int = 0  # micro-batch per process; 0 = the whole per-process batch
+    parallel: str = "ddp"  # or "fsdp" (FSDP2 fully_shard) for large models
+    precision: str = "auto"  # bf16 autocast on CUDA, fp32 on the CPU; or "bf16" / "fp32"
+    tf32: bool = True
+    compile: bool = False
+    max_nonfinite_steps: int = 100  # stop after more skipped steps than this; 0 = never stop
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
+    preview_every: int = 0  # steps between preview grids; 0 = only the final grid
 
 
 @dataclass
@@ -239,6 +248,15 @@ def validate(recipe: Recipe, source: str) -> None:
                        ("train.keep_checkpoints", t.keep_checkpoints)):
         if value < 1:
             fail(key, value, "must be at least 1")
+    for key, value in (("train.batch_per_gpu", t.batch_per_gpu), ("train.milestone_every", t.milestone_every),
+                       ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+                       ("train.preview_every", t.preview_every), ("train.peak_tflops", t.peak_tflops)):
+        if value < 0:
+            fail(key, value, "must be 0 or more")
+    if t.parallel not in ("ddp", "fsdp"):
+        fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        fail("train.precision", t.precision, "choose 'auto', 'bf16' or 'fp32'")
     if not 0 <= t.ema_decay < 1:
         fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
     try:

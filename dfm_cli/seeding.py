@@ -2,7 +2,7 @@
 
 import numpy as np
 
-DATA_ORDER, STEP_NOISE, MODEL_INIT = 0, 1, 2
+DATA_ORDER, SAMPLE_DRAWS, MODEL_INIT, BATCH_STAGE = 0, 1, 2, 3
 
 
 def mix_seed(seed: int, stream: int, index: int) -> int:

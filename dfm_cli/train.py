@@ -1,9 +1,14 @@
 """The training loop: a run is a folder, and running the same command again resumes it.
 
-Everything random in a step (stage, timesteps, noise, label dropout) comes from a generator
-seeded by `(seed, step)`, and the data order is a function of `(seed, position)`. Resuming
-from a checkpoint at step k therefore replays exactly what an uninterrupted run would have
-done, with only the weights, the EMA and the optimizer state to restore.
+Everything random about sample i of the stream (stage, timesteps, label dropout, noise)
+comes from a generator seeded by `(seed, i)`, and the data order is a function of
+`(seed, position)`. So a step's maths depends neither on the number of ranks nor on the
+micro-batch size, and resuming at step k replays exactly what an uninterrupted run would
+have done. The checkpoint restores the weights, the EMA, the optimizer and the RNGs.
+
+`train.batch_size` is the global batch. Each of the W ranks takes B / W samples and feeds
+them in micro-batches of `train.batch_per_gpu`, accumulating gradients; the loss is scaled
+so that the gradient is always that of the mean over the global batch.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,26 +25,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from dfm_cli.checkpoint import (
-    complete_checkpoints,
-    load_checkpoint,
-    optimizer_state,
-    optimizer_tensors,
-    save_checkpoint,
-)
+from dfm_cli import distributed
+from dfm_cli.checkpoint import complete_checkpoints, load_training_state, save_training_state
 from dfm_cli.data import StreamBatches, build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model, build_objective, build_pyramid, pick_device
-from dfm_cli.flow import drop_labels
+from dfm_cli.factory import build_model, build_objective, build_pyramid
 from dfm_cli.media import save_grid
+from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
 from dfm_cli.sampler import generate
-from dfm_cli.seeding import MODEL_INIT, STEP_NOISE, mix_seed
+from dfm_cli.seeding import BATCH_STAGE, MODEL_INIT, SAMPLE_DRAWS, mix_seed
+from dfm_cli.stats import Interval
 
-T_BINS = 5  # per-t-bin loss of the active level, minRF-style
 # Keys that may change between a run and its resumption without changing what is learned.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.milestone_every", "train.preview_every", "train.max_nonfinite_steps",
+                     "train.batch_per_gpu", "train.compile", "train.peak_tflops", "data.num_workers"}
+
+Hook = Callable[[int, torch.nn.Module], dict]
+
+
+class TrainingStopped(DfmError):
+    """The run stopped on purpose (non-finite policy); the folder is consistent."""
 
 
 def lr_at(recipe: Recipe, step: int) -> float:
@@ -57,23 +65,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
-def train_step(recipe: Recipe, step: int, model, ema, opt, objective, pyramid,
-               x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
-    """One optimizer step on a clean batch; all randomness is seeded by (seed, step)."""
-    t = recipe.train
-    gen = torch.Generator().manual_seed(mix_seed(t.seed, STEP_NOISE, step))
-    y = drop_labels(y, recipe.model.class_dropout, model.null_class, gen)
-    out = objective.loss(model, pyramid.decompose(x), y, gen)
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-    for group in opt.param_groups:
-        group["lr"] = lr_at(recipe, step)
-    opt.step()
-    update_ema(ema, model, ema_decay_at(recipe, step))
-    return out, grad_norm
-
-
 def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     """Refuse to continue a run with a recipe that would change what it learns."""
     old_path = run_dir / "recipe.toml"
@@ -90,115 +81,184 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
                 )
 
 
-@dataclass
-class Interval:
-    """Loss statistics accumulated between two log lines."""
-
-    levels: int
-
-    def __post_init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.steps, self.images, self.start = 0.0, 0, 0, time.perf_counter()
-        self.level_sum = torch.zeros(self.levels, dtype=torch.float64)
-        self.level_n = torch.zeros(self.levels, dtype=torch.float64)
-        self.bin_sum = torch.zeros(T_BINS, dtype=torch.float64)
-        self.bin_n = torch.zeros(T_BINS, dtype=torch.float64)
-        self.grad_norm = 0.0
-
-    def add(self, out: dict[str, torch.Tensor], grad_norm: float) -> None:
-        mse, active = out["level_mse"].detach().double().cpu(), out["active"].cpu()
-        self.loss += float(out["loss"].detach())
-        self.grad_norm += grad_norm
-        self.steps += 1
-        self.images += mse.shape[0]
-        self.level_sum += (mse * active).sum(0)
-        self.level_n += active.sum(0)
-        stage = out["stage"].cpu()
-        t_active = out["t"].cpu().double().gather(1, stage[:, None])[:, 0]
-        bins = (t_active * T_BINS).long().clamp(max=T_BINS - 1)
-        own = mse.gather(1, stage[:, None])[:, 0]
-        self.bin_sum.index_add_(0, bins, own)
-        self.bin_n.index_add_(0, bins, torch.ones_like(own))
-
-    def summary(self) -> dict[str, float | None]:
-        elapsed = time.perf_counter() - self.start
-        per = lambda s, n: [round(float(a / b), 6) if b else None for a, b in zip(s, n)]  # noqa: E731
-        return {
-            "loss": self.loss / self.steps,
-            "loss_level": per(self.level_sum, self.level_n),
-            "loss_t_bin": per(self.bin_sum, self.bin_n),
-            "grad_norm": self.grad_norm / self.steps,
-            "images_per_s": self.images / elapsed,
-            "step_time_s": elapsed / self.steps,
-        }
+def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
+    """(per-rank batch, micro-batch) for the global batch, or a clear error."""
+    b, micro = recipe.train.batch_size, recipe.train.batch_per_gpu
+    if b % world:
+        raise DfmError(f"train.batch_size = {b} does not split over {world} processes; use a multiple of {world}")
+    local = b // world
+    micro = micro or local
+    if local % micro:
+        raise DfmError(f"train.batch_per_gpu = {micro} does not divide the per-process batch {local} "
+                       f"(train.batch_size {b} / {world} processes)")
+    return local, micro
 
 
-def train(recipe: Recipe, run_dir: Path, console: Console | None = None) -> dict:
-    """Train (or resume) the run in `run_dir`; returns the last stats line."""
-    console = console or Console(stderr=True)
-    device = pick_device()
+class Step:
+    """One optimizer step over this rank's share of a global batch, with the non-finite guard."""
+
+    def __init__(self, recipe: Recipe, ctx: distributed.Context, model, forward, ema, opt, objective, pyramid):
+        self.recipe, self.ctx, self.model, self.forward = recipe, ctx, model, forward
+        self.ema, self.opt, self.objective, self.pyramid = ema, opt, objective, pyramid
+        self.local, self.micro = split_batch(recipe, ctx.world)
+        dtype = autocast_dtype(ctx.device.type, recipe.train.precision)
+        self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
+        res = recipe.data.resolution
+        self.shapes = [(distributed.unwrap(model).channels, *size)
+                       for size in pyramid.level_sizes((res, res))]
+
+    def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, interval: Interval) -> tuple[float, bool]:
+        """Returns (grad norm, whether the step was applied)."""
+        t, ctx = self.recipe.train, self.ctx
+        first = step * t.batch_size + ctx.rank * self.local
+        seeds = [mix_seed(t.seed, SAMPLE_DRAWS, first + i) for i in range(self.local)]
+        batch_seed = mix_seed(t.seed, BATCH_STAGE, step)
+        scale = ctx.world / t.batch_size  # DDP averages over ranks; we want the global mean
+        chunks = range(0, self.local, self.micro)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for j, lo in enumerate(chunks):
+            sl = slice(lo, lo + self.micro)
+            draws = self.objective.draw(self.shapes, seeds[sl], batch_seed, self.recipe.model.class_dropout)
+            with distributed.no_grad_sync(self.model, skip=j < len(chunks) - 1), self.autocast():
+                out = self.objective.loss(self.forward, self.pyramid.decompose(x[sl]), y[sl], draws,
+                                          null_class=distributed.unwrap(self.model).null_class)
+                (out["per_sample"].sum() * scale).backward()
+            loss_sum += float(out["per_sample"].detach().sum())
+            interval.add(out)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        bad = torch.tensor([float(not (torch.isfinite(grad_norm) and torch.isfinite(loss_sum)))])
+        if float(distributed.all_sum(ctx, bad)) > 0:
+            self.opt.zero_grad(set_to_none=True)
+            return float(grad_norm), False
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.recipe, step)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.model, ema_decay_at(self.recipe, step))
+        return float(grad_norm), True
+
+
+def compiled(forward: torch.nn.Module, probe: Callable[[Callable], object], console: Console) -> Callable:
+    """`torch.compile(forward)` if a probe forward goes through, else eager with a clear message."""
+    try:
+        fn = torch.compile(forward)
+        probe(fn)
+        return fn
+    except Exception as e:  # any backend failure (no compiler, unsupported op) falls back
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"[yellow]torch.compile is unavailable here ({first[:160]}); training without it[/]")
+        return forward
+
+
+def train(recipe: Recipe, run_dir: Path, console: Console | None = None,
+          hooks: Sequence[tuple[int, Hook]] = ()) -> dict:
+    """Train (or resume) the run in `run_dir`; `hooks` are `(every_n_steps, fn(step, ema))`
+    whose returned dicts join the stats line (periodic evaluation). Returns the last line."""
+    ctx = distributed.init()
+    try:
+        return _train(recipe, run_dir, ctx, console or Console(stderr=True, quiet=not ctx.main), hooks)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console,
+           hooks: Sequence[tuple[int, Hook]]) -> dict:
     t = recipe.train
     check_resumable(run_dir, recipe)
+    split_batch(recipe, ctx.world)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution)
-    pyramid = build_pyramid(recipe)
-    objective = build_objective(recipe)
+    pyramid, objective = build_pyramid(recipe), build_objective(recipe)
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
-    model = build_model(recipe, dataset.channels, dataset.num_classes).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    base = build_model(recipe, dataset.channels, dataset.num_classes).to(ctx.device)
+    ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
+    model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                            weight_decay=t.weight_decay)
+                            weight_decay=t.weight_decay, fused=ctx.device.type == "cuda")
     facts = {"channels": dataset.channels, "num_classes": dataset.num_classes,
              "class_names": list(dataset.class_names)}
-    start = 0
+    start, nonfinite = 0, 0
     found = complete_checkpoints(run_dir)
     if found:
-        weights, state = load_checkpoint(found[-1], ("model", "ema", "optimizer"))
-        model.load_state_dict(weights["model"])
-        ema.load_state_dict(weights["ema"])
-        opt.load_state_dict(optimizer_state(weights["optimizer"], state["param_groups"]))
-        start = state["step"]
+        state = load_training_state(found[-1], model, ema, opt, ctx)
+        start, nonfinite = state["step"], state.get("nonfinite_steps", 0)
         console.print(f"resuming {run_dir} from step {start} ({found[-1].name})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.toml").write_text(recipe.to_toml())
 
-    loader = DataLoader(dataset, batch_sampler=StreamBatches(len(dataset), t.batch_size, t.seed, start), num_workers=recipe.data.num_workers,
+    step_fn = Step(recipe, ctx, model, model, ema, opt, objective, pyramid)
+    if t.compile:
+        def probe(fn):
+            with torch.no_grad(), step_fn.autocast():
+                xs = [torch.zeros(1, *s, device=ctx.device) for s in step_fn.shapes]
+                zeros = torch.zeros(1, dtype=torch.long, device=ctx.device)
+                fn(xs, torch.zeros(1, len(xs), device=ctx.device), zeros, zeros)
+        step_fn.forward = compiled(model, probe, console)
+    local, _ = split_batch(recipe, ctx.world)
+    loader = DataLoader(dataset, batch_sampler=StreamBatches(len(dataset), t.batch_size, t.seed, start,
+                                                             ctx.rank, ctx.world),
+                        num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda",
                         collate_fn=_as_batch if hasattr(dataset, "__getitems__") else None)
-    stats_path = run_dir / "stats.jsonl"
-    interval = Interval(recipe.flow.levels)
-    last: dict = {}
+    flops = forward_flops(distributed.unwrap(model)) * 3
+    peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32,
+                       t.peak_tflops)
+    interval, last = Interval(recipe.flow.levels), {}
 
     def checkpoint(step: int) -> None:
-        opt_tensors, groups = optimizer_tensors(opt.state_dict())
-        state = {"step": step, "images_seen": step * t.batch_size, "param_groups": groups, **facts}
-        save_checkpoint(run_dir, step, {"model": model.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": opt_tensors}, state, recipe.to_toml(), t.keep_checkpoints)
+        state = {"step": step, "images_seen": step * t.batch_size, "nonfinite_steps": nonfinite,
+                 "world_size": ctx.world, **facts}
+        milestone = bool(t.milestone_every) and step % t.milestone_every == 0
+        save_training_state(run_dir, step, model, ema, opt, state, recipe.to_toml(), t.keep_checkpoints,
+                            milestone, ctx)
 
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                        transient=False)
-    with progress, stats_path.open("a") as stats_file:
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+    stats_file = (run_dir / "stats.jsonl").open("a") if ctx.main else None
+    with progress, stats_file or nullcontext():
         task = progress.add_task("train", total=t.steps, completed=start, info="")
         batches = iter(loader)
         for step in range(start, t.steps):
+            wait = time.perf_counter()
             x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out, grad_norm = train_step(recipe, step, model, ema, opt, objective, pyramid, x, y)
-            interval.add(out, grad_norm)
+            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+            wait = time.perf_counter() - wait
+            grad_norm, applied = step_fn(step, x, y, interval)
+            interval.end_step(grad_norm if applied else 0.0, wait)
             done = step + 1
+            if not applied:
+                nonfinite += 1
+                console.print(f"[yellow]step {done}: non-finite loss or gradient, step skipped "
+                              f"({nonfinite} so far)[/]")
+                if t.max_nonfinite_steps and nonfinite > t.max_nonfinite_steps:
+                    good = complete_checkpoints(run_dir)
+                    raise TrainingStopped(
+                        f"stopped at step {done}: {nonfinite} non-finite steps exceed train.max_nonfinite_steps = "
+                        f"{t.max_nonfinite_steps}; the last good checkpoint is "
+                        f"{good[-1] if good else 'none (no checkpoint was written yet)'}"
+                    )
             if done % t.log_every == 0 or done == t.steps:
-                last = {"step": done, "images_seen": done * t.batch_size,
-                        "lr": lr_at(recipe, step), **interval.summary()}
-                stats_file.write(json.dumps(last) + "\n")
-                stats_file.flush()
+                last = {"step": done, "images_seen": done * t.batch_size, "lr": lr_at(recipe, step),
+                        "nonfinite_steps": nonfinite, **interval.summary(ctx, flops, peak)}
+                for every, hook in hooks:
+                    if done % every == 0:
+                        last.update(hook(done, ema))
                 interval.reset()
-                progress.update(task, info=f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s")
+                if stats_file:
+                    stats_file.write(json.dumps(last) + "\n")
+                    stats_file.flush()
+                mfu = f"  MFU {last['mfu']:.1%}" if last["mfu"] is not None else ""
+                progress.update(task, info=f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s{mfu}")
             progress.update(task, completed=done)
+            if t.preview_every and done % t.preview_every == 0:
+                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}.png",
+                            dataset.num_classes, ctx)
             if done % t.checkpoint_every == 0 or done == t.steps:
                 checkpoint(done)
     if start < t.steps or not (run_dir / "samples" / "grid.png").exists():
-        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid.png", dataset.num_classes)
+        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid.png", dataset.num_classes, ctx)
     return last
 
 
@@ -211,11 +271,13 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def sample_grid(recipe: Recipe, model: torch.nn.Module, pyramid, path: Path, num_classes: int) -> Path:
-    """The end-of-training grid: one class per column, with the recipe's sampler settings."""
+def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, num_classes: int,
+                ctx: distributed.Context) -> None:
+    """A grid with the recipe's sampler settings, one class per column. Every rank samples
+    (a sharded EMA needs them all); rank 0 writes."""
     s = recipe.sample
-    model.eval()
-    result = generate(model, class_balanced_labels(s.n, num_classes), s.steps, s.tau, pyramid,
-                      cfg=s.cfg, interval=tuple(s.guidance_interval), solver=s.solver,
-                      seed=recipe.train.seed)
-    return save_grid(result.x, path, nrow=num_classes if s.n % num_classes == 0 else None, scale=2)
+    ema.eval()
+    result = generate(ema, class_balanced_labels(s.n, num_classes), s.steps, s.tau, pyramid,
+                      cfg=s.cfg, interval=tuple(s.guidance_interval), solver=s.solver, seed=recipe.train.seed)
+    if ctx.main:
+        save_grid(result.x, path, nrow=num_classes if s.n % num_classes == 0 else None, scale=2)
