@@ -7,6 +7,7 @@ exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -129,6 +130,8 @@ def train(
 
     run_dir = out or Path("runs") / recipe.stem
     last = run_training(resolved, run_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     if last:
         levels = ", ".join(f"{v:.4f}" if v is not None else "-" for v in last["loss_level"])
         console.print(f"step {last['step']}: loss {last['loss']:.4f} (per level {levels}), "

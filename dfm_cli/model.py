@@ -165,10 +165,12 @@ class LevelHead(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, self.pt * self.p * self.p * channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], video: bool) -> torch.Tensor:
         shift, scale = self.ada(c).chunk(2, dim=-1)
         x = self.linear(modulate(self.norm(x), shift, scale))
         t, h, w = grid
+        if not video:  # images: no frame axis, and no view of one (FSDP2 wants fresh outputs)
+            return rearrange(x, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=h, w=w, ph=self.p, pw=self.p)
         return rearrange(
             x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
             t=t, h=h, w=w, pt=self.pt, ph=self.p, pw=self.p,
@@ -301,8 +303,7 @@ class DFMDiT(nn.Module):
         y: torch.Tensor,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
-        squeeze = not self.video
-        if squeeze:  # images are one-frame videos inside the model
+        if not self.video:  # images are one-frame videos for the patch embeddings
             levels = [x[:, :, None] for x in levels]
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
         if self.pos_embed is not None:
@@ -311,8 +312,7 @@ class DFMDiT(nn.Module):
         c = c + self.y_embedder(y) + self.stage_embedder(stage)
         for block in self.blocks:
             x = block(x, c, self.rope)
-        out = [head(x, c, self.grid) for head in self.heads]
-        return [o[:, :, 0] for o in out] if squeeze else out
+        return [head(x, c, self.grid, self.video) for head in self.heads]
 
 
 # --------------------------------------------------------------------------- registry

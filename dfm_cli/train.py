@@ -108,14 +108,14 @@ class Step:
                        for size in pyramid.level_sizes((res, res))]
 
     def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, interval: Interval) -> tuple[float, bool]:
-        """Returns (grad norm, whether the step was applied)."""
+        """Returns (grad norm, whether the step was applied); applied steps join `interval`."""
         t, ctx = self.recipe.train, self.ctx
         first = step * t.batch_size + ctx.rank * self.local
         seeds = [mix_seed(t.seed, SAMPLE_DRAWS, first + i) for i in range(self.local)]
         batch_seed = mix_seed(t.seed, BATCH_STAGE, step)
         scale = ctx.world / t.batch_size  # DDP averages over ranks; we want the global mean
         chunks = range(0, self.local, self.micro)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum, outs = torch.zeros((), dtype=torch.float64), []
         for j, lo in enumerate(chunks):
             sl = slice(lo, lo + self.micro)
             draws = self.objective.draw(self.shapes, seeds[sl], batch_seed, self.recipe.model.class_dropout)
@@ -124,7 +124,7 @@ class Step:
                                           null_class=distributed.unwrap(self.model).null_class)
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
-            interval.add(out)
+            outs.append(out)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -137,6 +137,8 @@ class Step:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         update_ema(self.ema, self.model, ema_decay_at(self.recipe, step))
+        for out in outs:  # skipped steps stay out of the statistics
+            interval.add(out)
         return float(grad_norm), True
 
 

@@ -1,0 +1,204 @@
+"""Training at scale, on the CPU: DDP/FSDP equivalence, accumulation, crash safety, the guard."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import TINY, run_dfm
+from dfm_cli import checkpoint as ckpt_io
+from dfm_cli.cli import app
+from dfm_cli.data import TensorImages
+from dfm_cli.recipe import load_recipe
+from dfm_cli.train import compiled, train
+
+
+def weights(run, step=None, names=("model", "ema", "optimizer")):
+    folder = run / "checkpoints" / (f"step-{step:09d}" if step else "latest")
+    return {name: load_file(folder / f"{name}.safetensors") for name in names}
+
+
+def assert_close(a, b, atol):
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key in a[name]:
+            diff = (a[name][key].double() - b[name][key].double()).abs().max()
+            assert diff <= atol, f"{name}.{key}: {diff}"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_training_equals_one_process(tmp_path, parallel):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    run_dfm("train", TINY, "--out", single)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + random.randint(0, 999)),
+         "-m", "dfm_cli", "train", str(TINY), "--out", str(multi), "--set", f"train.parallel={parallel}"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_close(weights(single), weights(multi), atol=1e-6)
+    state = json.loads((multi / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_micro_batches_do_not_change_the_maths(tmp_path):
+    run_dfm("train", TINY, "--out", tmp_path / "whole")
+    run_dfm("train", TINY, "--out", tmp_path / "micro", "--set", "train.batch_per_gpu=2")
+    assert_close(weights(tmp_path / "whole"), weights(tmp_path / "micro"), atol=1e-6)
+    bad = run_dfm("train", TINY, "--out", tmp_path / "bad", "--set", "train.batch_per_gpu=3", check=False)
+    assert bad.returncode == 2 and "train.batch_per_gpu = 3" in bad.stderr
+
+
+def test_killed_at_random_points_resumes_bit_identically(tmp_path):
+    args = ["--set", "train.steps=240", "--set", "train.checkpoint_every=20", "--set", "train.log_every=20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_dfm("train", TINY, "--out", straight, *args)
+    rng = random.Random()
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(resumed), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        before = len(ckpt_io.complete_checkpoints(resumed))
+        deadline = time.time() + 120
+        while len(ckpt_io.complete_checkpoints(resumed)) <= before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.4))  # anywhere after a checkpoint, possibly inside the next write
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for c in ckpt_io.complete_checkpoints(resumed):  # whatever survived is loadable and right
+            step = json.loads((c / "state.json").read_text())["step"]
+            reference = straight / "checkpoints" / c.name
+            if reference.exists():
+                assert_close(weights(straight, step), weights(resumed, step), atol=0)
+    assert kills >= 1
+    run_dfm("train", TINY, "--out", resumed, *args)
+    assert_close(weights(straight), weights(resumed), atol=0)
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL inside a checkpoint write."""
+
+
+def test_a_crash_at_any_point_of_a_checkpoint_write_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    tensors = lambda v: {"model": {"w": torch.full((3,), float(v))}}  # noqa: E731
+    ckpt_io.save_checkpoint(run, 1, tensors(1), {"step": 1}, "", keep=2)
+    calls = {"n": 0, "crash_at": 0}
+
+    def crashing(fn):
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == calls["crash_at"]:
+                raise Crash
+            return fn(*a, **k)
+        return wrapped
+
+    for name in ("save_file", "_fsync_path"):
+        monkeypatch.setattr(ckpt_io, name, crashing(getattr(ckpt_io, name)))
+    monkeypatch.setattr(ckpt_io.os, "replace", crashing(os.replace))
+    crash_points = 0
+    for crash_at in range(1, 100):
+        calls.update(n=0, crash_at=crash_at)
+        try:
+            ckpt_io.save_checkpoint(run, 2, tensors(2), {"step": 2}, "", keep=2)
+        except Crash:
+            crash_points += 1
+            found = ckpt_io.complete_checkpoints(run)
+            newest = found[-1]
+            step = json.loads((newest / "state.json").read_text())["step"]
+            weights_ = load_file(newest / "model.safetensors")["w"]
+            assert torch.equal(weights_, torch.full((3,), float(step))), f"crash point {crash_at}"
+            ckpt_io.resolve_checkpoint(run)  # a run folder always resolves to a complete one
+            if step == 2:  # the crash came after the rename: undo for the next round
+                import shutil
+                shutil.rmtree(newest)
+            continue
+        break
+    assert crash_points >= 5
+    assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000001", "step-000000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def inject_nonfinite(monkeypatch, calls_to_poison):
+    original = TensorImages.__getitems__
+    seen = {"n": 0}
+
+    def poisoned(self, idx):
+        seen["n"] += 1
+        x, y = original(self, idx)
+        return (x * float("nan"), y) if seen["n"] in calls_to_poison else (x, y)
+
+    monkeypatch.setattr(TensorImages, "__getitems__", poisoned)
+
+
+def test_non_finite_batches_are_skipped_and_counted(tmp_path, monkeypatch):
+    inject_nonfinite(monkeypatch, {3})
+    result = CliRunner().invoke(app, ["train", str(TINY), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "non-finite" in result.output
+    lines = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 8 and lines[-1]["nonfinite_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run")["model"].values())
+    assert all(line["loss"] == line["loss"] for line in lines)  # the skipped step is not in the stats
+
+
+def test_non_finite_stop_policy_exits_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    clean = tmp_path / "clean"
+    train(load_recipe(TINY), clean, console=Console(quiet=True))
+    inject_nonfinite(monkeypatch, {6, 7})
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", str(TINY), "--out", str(run), "--set", "train.max_nonfinite_steps=1"])
+    assert result.exit_code == 2
+    assert "stopped at step 7: 2 non-finite steps exceed train.max_nonfinite_steps = 1" in result.output
+    assert "step-000000004" in result.output and "Traceback" not in result.output
+    assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000004"]
+    assert_close(weights(clean, 4), weights(run, 4), atol=0)
+
+
+def test_hooks_previews_milestones_and_mfu(tmp_path):
+    recipe = load_recipe(TINY, ["train.preview_every=4", "train.milestone_every=3", "train.checkpoint_every=2",
+                                "train.keep_checkpoints=1", "train.peak_tflops=0.001"])
+    calls = []
+
+    def evaluate(step, ema):
+        calls.append(step)
+        return {"fake_metric": float(step)}
+
+    train(recipe, tmp_path, console=Console(quiet=True), hooks=[(4, evaluate)])
+    assert calls == [4, 8]
+    lines = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [line.get("fake_metric") for line in lines] == [None, 4.0, None, 8.0]
+    for line in lines:
+        assert line["mfu"] == pytest.approx(line["tflops_per_device"] / 0.001)
+        assert 0 <= line["data_wait_share"] <= 1 and line["peak_memory_gb"] > 0
+    assert (tmp_path / "samples" / "preview-000000004.png").is_file()
+    assert (tmp_path / "samples" / "preview-000000008.png").is_file()
+    assert [c.name for c in ckpt_io.complete_checkpoints(tmp_path)] == ["step-000000006", "step-000000008"]
+
+
+def test_compile_falls_back_with_a_clear_message():
+    model = torch.nn.Linear(2, 2)
+    console = Console(record=True, width=200)
+
+    def broken(fn):
+        raise RuntimeError("no working C++ compiler\nmore detail")
+
+    assert compiled(model, broken, console) is model
+    assert "torch.compile is unavailable here (no working C++ compiler); training without it" in console.export_text()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    run_dfm("train", TINY, "--out", tmp_path / "eager")
+    run_dfm("train", TINY, "--out", tmp_path / "compiled", "--set", "train.compile=true")
+    assert_close(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-4)
