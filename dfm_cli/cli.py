@@ -153,13 +153,15 @@ def sample(
     interval: Annotated[Optional[str], typer.Option(help="Guidance interval in t, e.g. 0.1,0.9.")] = None,
     solver: Annotated[Optional[str], typer.Option(help="euler or heun.")] = None,
     class_: Annotated[Optional[int], typer.Option("--class", help="Class index for every sample (default: balanced).")] = None,
-    n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
+    n: Annotated[int, typer.Option(help="Number of samples in the grid.")] = 64,
+    num: Annotated[Optional[int], typer.Option("--num", "--num-samples", help="Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. Under torchrun write --num-samples (torchrun's parser takes --num for its own --numa-binding).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size per process for --num.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="Grid PNG to write.")] = Path("grid.png"),
+    out: Annotated[Path, typer.Option(help="Grid PNG, or with --num an ADM .npz or a PNG folder.")] = Path("grid.png"),
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
 ) -> None:
-    """Generate a grid progressively: level 1 first, finer levels joining at tau."""
+    """Generate progressively (level 1 first, finer levels joining at tau): a grid, or with --num an eval set."""
     import torch
 
     from dfm_cli.factory import build_pyramid, load_trained
@@ -179,12 +181,15 @@ def sample(
     num_classes = state["num_classes"]
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(state['class_names'])})")
+    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe), cfg=s.cfg if cfg is None else cfg,
+                    interval=tuple(parse_list(interval, float, "--interval") or s.guidance_interval),
+                    solver=solver or s.solver, seed=seed)
+    if num is not None:
+        write_set(model, out, num, batch, num_classes, settings)
+        return
     labels = torch.full((n,), class_) if class_ is not None else torch.arange(n) % num_classes
-    guidance = parse_list(interval, float, "--interval") or s.guidance_interval
     start = time.perf_counter()
-    result = generate(model, labels, step_list, tau_list, build_pyramid(recipe),
-                      cfg=s.cfg if cfg is None else cfg, interval=tuple(guidance),
-                      solver=solver or s.solver, seed=seed, previews=previews)
+    result = generate(model, labels, previews=previews, **settings)
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
     save_grid(result.x, out, nrow=nrow, scale=2)
@@ -193,6 +198,119 @@ def sample(
         written.append(save_grid(preview, out.with_name(f"{out.stem}_stage{k}{out.suffix}"), nrow=nrow, scale=2))
     console.print(f"NFE {result.nfe} ({result.guided_nfe} with CFG, batch x2) for {n} samples "
                   f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}")
+
+
+def write_set(model, out: Path, num: int, batch: int, num_classes: int, settings: dict) -> None:
+    """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dfm_cli import distributed
+    from dfm_cli.sample_set import write_sample_set
+
+    if num < 1 or batch < 1:
+        raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
+    if out.suffix and out.suffix != ".npz":
+        raise DfmError(f"--out {out}: with --num, write an ADM .npz file or a folder (no suffix)")
+    ctx = distributed.init()
+    try:
+        model.to(ctx.device)
+        start = time.perf_counter()
+        progress = Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True, quiet=not ctx.main))
+        with progress:
+            task = progress.add_task("sample", total=-(-num // ctx.world))
+            write_sample_set(model, out=out, num=num, batch=batch, num_classes=num_classes, ctx=ctx,
+                             on_batch=lambda k: progress.advance(task, k), **settings)
+        if ctx.main:
+            console.print(f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
+                          f"({ctx.world} process{'es' if ctx.world > 1 else ''})")
+    finally:
+        distributed.shutdown(ctx)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    samples: Annotated[str, typer.Argument(help="Samples: an ADM .npz (arr_0), an image folder, or a dataset name.")],
+    ref: Annotated[Optional[str], typer.Option(help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist.")] = None,
+    fid: Annotated[bool, typer.Option("--fid", help="FID (frame-FID for video), Inception via torch-fidelity.")] = False,
+    kid: Annotated[bool, typer.Option("--kid", help="KID via torch-fidelity.")] = False,
+    isc: Annotated[bool, typer.Option("--isc", help="Inception Score (needs weights with logits).")] = False,
+    fdd: Annotated[bool, typer.Option("--fdd", help="Fréchet DINOv2 distance.")] = False,
+    swd: Annotated[bool, typer.Option("--swd", help="Multi-scale sliced Wasserstein distance (no weights).")] = False,
+    clip: Annotated[bool, typer.Option("--clip", help="CLIP score against --captions.")] = False,
+    fvd: Annotated[bool, typer.Option("--fvd", help="Fréchet video distance (I3D).")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
+    stats_out: Annotated[Optional[Path], typer.Option(help="Save SAMPLES' statistics (mu, sigma; ADM layout) and exit.")] = None,
+    max_fid: Annotated[Optional[float], typer.Option(help="Exit 1 if FID is above this.")] = None,
+    max_kid: Annotated[Optional[float], typer.Option(help="Exit 1 if KID is above this.")] = None,
+    max_fdd: Annotated[Optional[float], typer.Option(help="Exit 1 if FDD is above this.")] = None,
+    max_swd: Annotated[Optional[float], typer.Option(help="Exit 1 if SWD is above this.")] = None,
+    max_fvd: Annotated[Optional[float], typer.Option(help="Exit 1 if FVD is above this.")] = None,
+    min_isc: Annotated[Optional[float], typer.Option(help="Exit 1 if IS is below this.")] = None,
+    min_clip: Annotated[Optional[float], typer.Option(help="Exit 1 if the CLIP score is below this.")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Inception weights (torch-fidelity format).")] = None,
+    dinov2_weights: Annotated[Optional[Path], typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")] = None,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON.")] = "ViT-L-14",
+    clip_weights: Annotated[Optional[Path], typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="Text file, one caption per sample, for --clip.")] = None,
+    i3d_weights: Annotated[Optional[Path], typer.Option(help="i3d_torchscript.pt for --fvd.")] = None,
+    swd_levels: Annotated[int, typer.Option(help="Pyramid levels for --swd.")] = 3,
+    batch: Annotated[int, typer.Option(help="Feature-extraction batch size (results do not depend on it).")] = 50,
+    fid_extractor: Annotated[str, typer.Option(help="torch-fidelity feature extractor for FID/KID.")] = "inception-v3-compat",
+) -> None:
+    """Score samples offline: FID/KID/IS, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error)."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dfm_cli.evaluate import Request, check_thresholds, evaluate, load_source, reference_statistics
+    from dfm_cli.factory import pick_device
+    from dfm_cli.metrics import save_statistics
+
+    req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd,
+                  inception_weights=inception_weights, dinov2_weights=dinov2_weights, clip_model=clip_model,
+                  clip_weights=clip_weights, captions=captions, i3d_weights=i3d_weights, swd_levels=swd_levels,
+                  batch=batch, device=pick_device(), fid_extractor=fid_extractor)
+    start = time.perf_counter()
+    source = load_source(samples)
+    err = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=err, transient=True)
+    if stats_out is not None:
+        with progress:
+            stats = reference_statistics(source, req, progress)
+        save_statistics(stats_out, stats)
+        console.print(f"wrote {', '.join(stats)} of {samples} to {stats_out}")
+        return
+    if not any((fid, kid, isc, fdd, swd, clip, fvd)):
+        raise DfmError("choose at least one metric: --fid, --kid, --isc, --fdd, --swd, --clip or --fvd")
+    resolution = source.images.shape[-2] if source.images is not None else None
+    reference = load_source(ref, resolution) if ref else None
+    with progress:
+        results, warnings = evaluate(source, reference, req, progress)
+    results["seconds"] = round(time.perf_counter() - start, 2)
+    limits = {"--max-fid": max_fid, "--max-kid": max_kid, "--max-fdd": max_fdd, "--max-swd": max_swd,
+              "--max-fvd": max_fvd, "--min-isc": min_isc, "--min-clip": min_clip}
+    failed = check_thresholds(results, limits)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    table = Table(title=f"{samples} vs {ref}" if ref else samples)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.6g}")
+    console.print(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"samples": samples, "ref": ref, "metrics": results, "warnings": warnings,
+                                        "failed": failed}, indent=1))
+    if failed:
+        typer.echo("threshold failed: " + "; ".join(failed), err=True)
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import torch
 
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import Velocity, mask_later_levels
+from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
 
 @dataclass(frozen=True)
@@ -176,23 +177,28 @@ def generate(
     interval: tuple[float, float] = (0.0, 1.0),
     solver: str = "euler",
     seed: int = 0,
+    first_index: int = 0,
     previews: bool = False,
 ) -> SampleResult:
-    """Sample a DFM model for `labels`: `len(steps)` stages, noise drawn on the CPU from `seed`
-    (so a seed gives the same images on any device), guided by `cfg`.
+    """Sample a DFM model for `labels`: `len(steps)` stages, guided by `cfg`.
 
-    `model` needs `level_sizes`, `channels` and `null_class`; `pyramid` recomposes levels.
+    Sample j's noise comes from its own generator, seeded by `(seed, first_index + j)` on the
+    CPU, so an image depends only on its index: not on the batch size, the device or the
+    number of processes that share the work. `model` needs `level_sizes`, `channels` and
+    `null_class`; `pyramid` recomposes the levels.
     """
     if len(steps) > model.levels:
         raise DfmError(f"--stages {len(steps)} asks for more stages than the model's {model.levels} levels")
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    noise = [torch.randn(len(labels), model.channels, *size, generator=g).to(device)
-             for size in model.level_sizes]
+    noise = [[] for _ in model.level_sizes]
+    for j in range(len(labels)):
+        g = torch.Generator().manual_seed(mix_seed(seed, SAMPLE_NOISE, first_index + j))
+        for s, size in enumerate(model.level_sizes):
+            noise[s].append(torch.randn(model.channels, *size, generator=g))
     full = model.level_sizes[-1]
     return sample(
         guided_velocity(model, cfg, model.null_class, interval),
-        noise,
+        [torch.stack(n).to(device) for n in noise],
         labels.to(device),
         progressive_schedule(steps, tau[: len(steps) - 1]),
         pyramid.recompose,

