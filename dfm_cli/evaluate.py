@@ -131,14 +131,20 @@ def _weights_key(path: Path | None) -> str:
     return hashlib.sha1(f"{Path(path).resolve()}:{Path(path).stat().st_size}".encode()).hexdigest()[:10]
 
 
-def _stats(cache: FeatureCache, extractor, key: str, field_: str, stats_keys: tuple[str, str]):
-    """(mu, sigma) from precomputed statistics when the source has them, else from features."""
-    mu_key, sigma_key = stats_keys
-    if mu_key in cache.source.stats and (cache.source.images is None or field_ != "i3d"):
+def _stats(cache: FeatureCache, extractor, key: str, field_: str, suffix: str):
+    """(mu, sigma) from precomputed `mu{suffix}`/`sigma{suffix}` when the source has them,
+    else from its features."""
+    mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
+    if mu_key in cache.source.stats:
         return cache.source.stats[mu_key], cache.source.stats[sigma_key]
     if cache.source.images is None:
         raise DfmError(f"{cache.source.name} has no images and no {mu_key}/{sigma_key} statistics")
     return metrics.feature_statistics(cache.get(extractor, key)[field_])
+
+
+def _frechet(samples: FeatureCache, ref: FeatureCache, extractor, key: str, field_: str, suffix: str) -> float:
+    return metrics.frechet_distance(*_stats(samples, extractor, key, field_, suffix),
+                                    *_stats(ref, extractor, key, field_, suffix))
 
 
 def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tuple[dict[str, float], list[str]]:
@@ -167,9 +173,7 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
         inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
         key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
         if req.fid:
-            mu1, s1 = _stats(s_cache, inception, key, "pool", ("mu", "sigma"))
-            mu2, s2 = _stats(r_cache, inception, key, "pool", ("mu", "sigma"))
-            out["frame_fid" if video else "fid"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+            out["frame_fid" if video else "fid"] = _frechet(s_cache, r_cache, inception, key, "pool", "")
         if req.kid:
             if r_cache.source.images is None:
                 raise DfmError(f"--kid needs reference images; {ref.name} holds only statistics")
@@ -182,10 +186,7 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
             out["isc"], out["isc_std"] = metrics.inception_score(s_cache.get(inception, key)["logits"])
     if req.fdd:
         dino = feats.DinoV2Features(req.dinov2_weights, req.device)
-        key = f"dinov2-{_weights_key(req.dinov2_weights)}"
-        mu1, s1 = _stats(s_cache, dino, key, "cls", ("mu_dinov2", "sigma_dinov2"))
-        mu2, s2 = _stats(r_cache, dino, key, "cls", ("mu_dinov2", "sigma_dinov2"))
-        out["fdd"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+        out["fdd"] = _frechet(s_cache, r_cache, dino, f"dinov2-{_weights_key(req.dinov2_weights)}", "cls", "_dinov2")
     if req.swd:
         if ref.images is None:
             raise DfmError(f"--swd needs reference images; {ref.name} holds only statistics")
@@ -202,10 +203,7 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
         out["clip_score"] = metrics.clip_score(image_f, text_f)
     if req.fvd:
         i3d = feats.I3DFeatures(req.i3d_weights, req.device)
-        key = f"i3d-{_weights_key(req.i3d_weights)}"
-        mu1, s1 = _stats(s_cache, i3d, key, "i3d", ("mu_i3d", "sigma_i3d"))
-        mu2, s2 = _stats(r_cache, i3d, key, "i3d", ("mu_i3d", "sigma_i3d"))
-        out["fvd"] = metrics.frechet_distance(mu1, s1, mu2, s2)
+        out["fvd"] = _frechet(s_cache, r_cache, i3d, f"i3d-{_weights_key(req.i3d_weights)}", "i3d", "_i3d")
     return out, warnings
 
 
