@@ -40,7 +40,7 @@ class Bench:
                                          f"flow.levels={levels}", f"sample.steps={[20] * levels}",
                                          f"train.batch_size={batch}"])
         torch.manual_seed(0)
-        model = build_model(self.recipe, channels, 1000).to(device)
+        model = build_model(self.recipe, (channels, size, size), 1000).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         ctx = distributed.Context(device=device)
         self.step = Step(self.recipe, ctx, model, model, copy.deepcopy(model).requires_grad_(False), opt,

@@ -108,6 +108,81 @@ def decompose(
     console.print(f"wrote {', '.join(p.name for p in written)}, recomposition.png, levels.npz")
 
 
+# --------------------------------------------------------------------------- encode
+
+
+@app.command()
+@user_errors
+def encode(
+    source: Annotated[str, typer.Argument(help="Image folder (class subfolders), video folder (with --frames), animal-mnist or sprites.")],
+    out: Annotated[Path, typer.Option(help="Store folder to write (re-running resumes).")],
+    ae: Annotated[str, typer.Option(help="Autoencoder: pixel, kl (SD-VAE/FLUX AE) or cogvideox.")] = "pixel",
+    ae_weights: Annotated[Optional[str], typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")] = None,
+    resolution: Annotated[int, typer.Option(help="Pixel resolution after the ADM centre crop.")] = 256,
+    frames: Annotated[int, typer.Option(help="Video: frames per clip (0 = images).")] = 0,
+    stride: Annotated[int, typer.Option(help="Video: take every stride-th frame.")] = 1,
+    fps: Annotated[float, typer.Option(help="Video: resample to this frame rate instead of --stride (0 = off).")] = 0.0,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels file, 'relative/path,label' per line (instead of class subfolders).")] = None,
+    flip: Annotated[bool, typer.Option(help="Also store horizontally flipped latents (augmentation).")] = False,
+    shard_size: Annotated[int, typer.Option(help="Items per shard.")] = 1024,
+    strict: Annotated[bool, typer.Option(help="Fail (exit 1) on the first unreadable file instead of skipping it.")] = False,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
+    batch: Annotated[int, typer.Option(help="Encoder batch size.")] = 16,
+    levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
+    factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
+    temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
+    num: Annotated[int, typer.Option(help="sprites: how many synthetic clips.")] = 2000,
+) -> None:
+    """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dfm_cli import distributed
+    from dfm_cli.autoencoders import build_autoencoder
+    from dfm_cli.decompose import LaplacianPyramid
+    from dfm_cli.sources import build_source
+    from dfm_cli.store import INDEX, REPORT, EncodeFailed, encode_store
+
+    ctx = distributed.init()
+    try:
+        data = build_source(source, resolution, frames, stride, fps, labels, num)
+        channels = 1 if source == "animal-mnist" else 3
+        coder = build_autoencoder(ae, ae_weights, channels, ctx.device)
+        pyramid = LaplacianPyramid(levels, parse_list(factors, int, "--factors"),
+                                   parse_list(temporal_factors, int, "--temporal-factors"))
+        shape = coder.latent_shape((channels, *([frames] if frames else []), resolution, resolution))
+        pyramid.level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
+        meta = {"source": source, "resolution": resolution, "frames": frames,
+                "class_names": list(data.class_names)}
+        start, done = time.perf_counter(), [0]
+        progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                            TimeRemainingColumn(), console=Console(stderr=True, quiet=not ctx.main))
+
+        def advance(n: int) -> None:
+            done[0] += n
+            progress.update(task, advance=n, rate=f"{done[0] / (time.perf_counter() - start):.1f} items/s")
+
+        with progress:
+            task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
+            try:
+                index = encode_store(data, coder, out, shard_size, flip, strict, ctx, meta, pyramid, workers, batch,
+                                     advance)
+            except EncodeFailed as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+        if ctx.main:
+            import json
+
+            report = json.loads((out / REPORT).read_text())
+            console.print(f"wrote {index['num']} items of shape {tuple(index['shape'])} to {out} "
+                          f"({len(index['shards'])} shards, {out / INDEX}) in {time.perf_counter() - start:.1f} s")
+            if report:
+                console.print(f"[yellow]skipped {len(report)} unreadable file(s), listed in {out / REPORT}:[/]")
+                for row in report[:10]:
+                    console.print(f"  {row['file']}: {row['error']}")
+    finally:
+        distributed.shutdown(ctx)
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -136,7 +211,8 @@ def train(
         levels = ", ".join(f"{v:.4f}" if v is not None else "-" for v in last["loss_level"])
         console.print(f"step {last['step']}: loss {last['loss']:.4f} (per level {levels}), "
                       f"{last['images_per_s']:.0f} images/s")
-    console.print(f"run folder: {run_dir}  (grid: {run_dir / 'samples' / 'grid.png'})")
+    grids = sorted((run_dir / "samples").glob("grid.*"))
+    console.print(f"run folder: {run_dir}" + (f"  (grid: {grids[0]})" if grids else ""))
 
 
 # --------------------------------------------------------------------------- sample
@@ -157,15 +233,16 @@ def sample(
     num: Annotated[Optional[int], typer.Option("--num", "--num-samples", help="Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. Under torchrun write --num-samples (torchrun's parser takes --num for its own --numa-binding).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size per process for --num.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="Grid PNG, or with --num an ADM .npz or a PNG folder.")] = Path("grid.png"),
+    out: Annotated[Optional[Path], typer.Option(help="Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or a PNG folder.")] = None,
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
 ) -> None:
     """Generate progressively (level 1 first, finer levels joining at tau): a grid, or with --num an eval set."""
     import torch
 
+    from dfm_cli.autoencoders import from_config
     from dfm_cli.factory import build_pyramid, load_trained
-    from dfm_cli.media import save_grid
+    from dfm_cli.media import save_samples
     from dfm_cli.sampler import generate
 
     model, recipe, state = load_trained(run, ema=ema)
@@ -181,21 +258,24 @@ def sample(
     num_classes = state["num_classes"]
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(state['class_names'])})")
-    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe), cfg=s.cfg if cfg is None else cfg,
+    decode = from_config(state["autoencoder"], next(model.parameters()).device).decode
+    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe, state.get("level_stats")),
+                    cfg=s.cfg if cfg is None else cfg,
                     interval=tuple(parse_list(interval, float, "--interval") or s.guidance_interval),
                     solver=solver or s.solver, seed=seed)
     if num is not None:
-        write_set(model, out, num, batch, num_classes, settings)
+        write_set(model, out or Path("samples.npz"), num, batch, num_classes, dict(settings, decode=decode))
         return
+    out = out or Path("grid.gif" if model.video else "grid.png")
     labels = torch.full((n,), class_) if class_ is not None else torch.arange(n) % num_classes
     start = time.perf_counter()
     result = generate(model, labels, previews=previews, **settings)
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
-    save_grid(result.x, out, nrow=nrow, scale=2)
+    save_samples(decode(result.x), out, nrow=nrow)
     written = [out]
     for k, preview in enumerate(result.previews, 1):
-        written.append(save_grid(preview, out.with_name(f"{out.stem}_stage{k}{out.suffix}"), nrow=nrow, scale=2))
+        written.append(save_samples(decode(preview), out.with_name(f"{out.stem}_stage{k}{out.suffix}"), nrow=nrow))
     console.print(f"NFE {result.nfe} ({result.guided_nfe} with CFG, batch x2) for {n} samples "
                   f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}")
 

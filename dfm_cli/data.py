@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from dfm_cli.errors import DfmError
+from dfm_cli.media import adm_center_crop
 from dfm_cli.seeding import DATA_ORDER, mix_seed
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -31,10 +32,14 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 class ImageDataset(Dataset):
-    """A labelled image set: `(image in [-1, 1] as C H W, label)` items and a few facts."""
+    """A labelled set: `(image in [-1, 1] as C H W or video as C T H W, label)` items."""
 
-    channels: int
+    shape: tuple[int, ...]
     class_names: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
 
     @property
     def num_classes(self) -> int:
@@ -42,11 +47,11 @@ class ImageDataset(Dataset):
 
 
 class TensorImages(ImageDataset):
-    """Images held in memory as uint8; batches are gathered with one index (no per-item work)."""
+    """Images (or clips) held in memory as uint8; batches are gathered with one index."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...]):
         self.images, self.labels, self.class_names = images, labels, class_names
-        self.channels = images.shape[1]
+        self.shape = tuple(images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -94,7 +99,8 @@ def animal_mnist(resolution: int = 32) -> TensorImages:
 
 
 class ImageFolder(ImageDataset):
-    """ImageNet layout: `root/<class>/<image>`; classes are the sorted subfolder names."""
+    """ImageNet layout: `root/<class>/<image>`; classes are the sorted subfolder names.
+    Images are centre-cropped and resized as ADM does."""
 
     def __init__(self, root: str | Path, resolution: int):
         self.root, self.resolution = Path(root), resolution
@@ -112,7 +118,7 @@ class ImageFolder(ImageDataset):
             )
         self.class_names = tuple(classes)
         with Image.open(self.items[0][0]) as im:
-            self.channels = 1 if im.mode in ("L", "I", "I;16", "1") else 3
+            self.shape = (1 if im.mode in ("L", "I", "I;16", "1") else 3, resolution, resolution)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -120,19 +126,30 @@ class ImageFolder(ImageDataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.items[i]
         with Image.open(path) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            side = min(im.size)
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side)).resize(
-                (self.resolution, self.resolution), Image.Resampling.BICUBIC
-            )
+            im = adm_center_crop(im.convert("L" if self.channels == 1 else "RGB"), self.resolution)
             arr = np.asarray(im, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
         return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
 
 
-def build_dataset(name: str, path: str, resolution: int) -> ImageDataset:
+def sprites(resolution: int, frames: int, num: int = 1024) -> TensorImages:
+    """The synthetic moving-sprite clips (see `sources.sprite_clip`), in memory."""
+    from dfm_cli.sources import SPRITE_CLASSES, sprite_clip
+
+    clips = [sprite_clip(i, frames, resolution) for i in range(num)]
+    video = torch.from_numpy(np.stack([c for c, _ in clips])).permute(0, 4, 1, 2, 3).contiguous()
+    return TensorImages(video, torch.tensor([label for _, label in clips]), SPRITE_CLASSES)
+
+
+def build_dataset(name: str, path: str, resolution: int, frames: int = 0) -> Dataset:
+    """`data.name`: animal-mnist, folder (ImageNet layout), store (from `dfm encode`), sprites."""
     if name == "animal-mnist":
         return animal_mnist(resolution)
+    if name == "sprites":
+        return sprites(resolution, frames or 8)
+    if name == "store":
+        from dfm_cli.store import LatentStore
+
+        return LatentStore(path)
     return ImageFolder(path, resolution)
 
 

@@ -126,6 +126,39 @@ class LaplacianPyramid:
         return x if tuple(x.shape[2:]) == tuple(size) else self._resize(x, tuple(size))
 
 
+class Standardized:
+    """A decomposition whose levels have zero mean and unit std per level and channel.
+
+    METHOD.md §1: off for FLUX-like latents (the small detail band then carries less loss
+    weight), on for video. `mean`/`std` are `[level][channel]` lists, as the store keeps them.
+    """
+
+    def __init__(self, pyramid: LaplacianPyramid, mean: Sequence[Sequence[float]], std: Sequence[Sequence[float]]):
+        self.pyramid, self.levels = pyramid, pyramid.levels
+        self.mean = [torch.tensor(m, dtype=torch.float32) for m in mean]
+        self.std = [torch.tensor(s, dtype=torch.float32) for s in std]
+        if len(self.mean) != pyramid.levels:
+            raise DfmError(f"standardization statistics cover {len(self.mean)} levels, the decomposition has "
+                           f"{pyramid.levels}; re-run `dfm encode` with matching --levels/--factors")
+
+    def _shape(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.ndim - 2)))
+
+    def level_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        return self.pyramid.level_sizes(size)
+
+    def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [(lv - self._shape(m, lv)) / self._shape(s, lv)
+                for lv, m, s in zip(self.pyramid.decompose(x), self.mean, self.std)]
+
+    def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.pyramid.recompose([lv * self._shape(s, lv) + self._shape(m, lv)
+                                       for lv, m, s in zip(levels, self.mean, self.std)])
+
+    def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return self.pyramid.upsample_to(x, size)
+
+
 DECOMPOSITIONS = {"laplacian": LaplacianPyramid}
 
 

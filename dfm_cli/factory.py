@@ -7,23 +7,34 @@ from pathlib import Path
 import torch
 
 from dfm_cli.checkpoint import load_checkpoint, resolve_checkpoint
-from dfm_cli.decompose import LaplacianPyramid, build_decomposition
+from dfm_cli.decompose import LaplacianPyramid, Standardized, build_decomposition
+from dfm_cli.errors import DfmError
 from dfm_cli.flow import FlowObjective
 from dfm_cli.model import DFMDiT, model_size
 from dfm_cli.recipe import Recipe, load_recipe
 
 
-def build_pyramid(recipe: Recipe) -> LaplacianPyramid:
+def plain_pyramid(recipe: Recipe) -> LaplacianPyramid:
     f = recipe.flow
-    return build_decomposition(f.decomposition, f.levels, f.factors, antialias=f.antialias)
+    return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
 
 
-def build_model(recipe: Recipe, channels: int, num_classes: int) -> DFMDiT:
-    res = recipe.data.resolution
+def build_pyramid(recipe: Recipe, level_stats: dict | None = None):
+    """The recipe's decomposition, standardized per level when `flow.standardize` is on."""
+    pyramid = plain_pyramid(recipe)
+    if recipe.flow.standardize:
+        if level_stats is None:
+            raise DfmError("flow.standardize needs per-level statistics (from the store or the data)")
+        return Standardized(pyramid, level_stats["mean"], level_stats["std"])
+    return pyramid
+
+
+def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int) -> DFMDiT:
+    """The model for data of shape `C [T] H W` (pixels, or a store's latents)."""
     return DFMDiT(
         model_size(recipe.model.name),
-        build_pyramid(recipe).level_sizes((res, res)),
-        channels,
+        plain_pyramid(recipe).level_sizes(shape[1:]),
+        shape[0],
         num_classes,
         pos=recipe.model.pos,
         temporal_patch=recipe.model.temporal_patch,
@@ -51,7 +62,7 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, di
     recipe = load_recipe(ckpt / "recipe.toml")
     name = "ema" if ema else "model"
     weights, state = load_checkpoint(ckpt, (name,))
-    model = build_model(recipe, state["channels"], state["num_classes"])
+    model = build_model(recipe, tuple(state["shape"]), state["num_classes"])
     model.load_state_dict(weights[name])
     return model.to(pick_device()).eval(), recipe, state
 

@@ -19,6 +19,7 @@ features; each image's features are independent of the batch it is in.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,13 @@ def _load_weights(path: Path, what: str, how: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """TorchScript archives (no pickled Python code); torch's deprecation notice is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device)
+
+
 # --------------------------------------------------------------------------- Inception
 
 
@@ -90,7 +98,7 @@ def convert_fid_helper(torchscript: Path) -> dict[str, torch.Tensor]:
     """Map the fid-helper TorchScript Inception (TF 2015-12-05 weights, pool features only)
     onto torch-fidelity's layout: its 94 convs map one to one, in order; TF batch norm has no
     gamma (so 1); there is no logits layer, so `fc` is zero and IS is unavailable."""
-    source = torch.jit.load(str(torchscript), map_location="cpu").state_dict()
+    source = _load_torchscript(torchscript, torch.device("cpu")).state_dict()
     convs = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
     target = inception_skeleton().state_dict()
     blocks = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
@@ -261,7 +269,7 @@ class I3DFeatures:
             raise DfmError(f"FVD needs the I3D TorchScript file; pass --i3d-weights PATH to i3d_torchscript.pt "
                            f"(StyleGAN-V's FVD detector){'' if weights is None else f'; {weights} does not exist'}")
         try:
-            self.net = torch.jit.load(str(weights), map_location=device).eval()
+            self.net = _load_torchscript(Path(weights), device).eval()
         except Exception as e:  # not a TorchScript archive
             raise DfmError(f"{weights}: not a TorchScript I3D file ({str(e).splitlines()[0][:120]})") from None
         self.device = device

@@ -16,9 +16,9 @@ VIDEO_SUFFIXES = {".gif", ".mp4", ".mov", ".avi", ".webm", ".mkv"}
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """`N C H W` in [-1, 1] → `N H W C` uint8 (ADM layout)."""
+    """`N C H W` (or `N C T H W`) in [-1, 1] → uint8 with channels last (ADM layout)."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.movedim(1, -1).numpy()
 
 
 def signed_to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,17 @@ def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     return out[..., 0] if c == 1 else out
 
 
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """ADM's preprocessing: halve with a box filter while the short side is at least twice
+    `size`, resize bicubically so the short side is `size`, then crop the centre square."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Write an image grid as PNG; `scale` enlarges small images (nearest) for viewing."""
     path = Path(path)
@@ -48,6 +59,30 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
     img.save(path)
+    return path
+
+
+def save_samples(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
+    """Images `N C H W` → a PNG grid; clips `N C T H W` → an animated grid (`.gif` or `.mp4`)."""
+    path = Path(path)
+    if x.ndim == 4:
+        return save_grid(x, path, nrow, scale)
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise DfmError(f"{path}: video samples are written as .gif or .mp4")
+    frames = []
+    for t in range(x.shape[2]):
+        frame = grid(x[:, :, t], nrow)
+        frame = np.repeat(frame[..., None], 3, -1) if frame.ndim == 2 else frame
+        frame = frame.repeat(scale, 0).repeat(scale, 1)
+        if path.suffix.lower() == ".mp4":  # H.264 wants sizes in multiples of 16
+            pad = [(0, -frame.shape[0] % 16), (0, -frame.shape[1] % 16), (0, 0)]
+            frame = np.pad(frame, pad)
+        frames.append(frame)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        iio.imwrite(path, np.stack(frames), duration=125, loop=0)
+    else:
+        iio.imwrite(path, np.stack(frames), fps=8)
     return path
 
 

@@ -39,7 +39,8 @@ class ModelSection:
 class DataSection:
     name: str = "animal-mnist"
     path: str = ""
-    resolution: int = 32
+    resolution: int = 32  # pixels (a store's latents are smaller by the autoencoder's factor)
+    frames: int = 0  # video clip length for sprites; 0 = images
     num_workers: int = 0
 
 
@@ -48,7 +49,9 @@ class FlowSection:
     levels: int = 2
     decomposition: str = "laplacian"
     factors: list[int] = field(default_factory=lambda: [2])
+    temporal_factors: list[int] = field(default_factory=list)  # video; empty = 1 (frames kept)
     antialias: bool = False
+    standardize: bool = False  # per-level, per-channel unit variance (on for video in the paper)
     p_stage: list[float] = field(default_factory=list)
     per_batch_stage: bool = False
     t_loc: float = 0.0
@@ -223,6 +226,7 @@ def validate(recipe: Recipe, source: str) -> None:
     if f.levels < 1:
         fail("flow.levels", f.levels, "must be at least 1 (1 is the Flow Matching baseline)")
     f.factors = _broadcast(f.factors, f.levels - 1)[: f.levels - 1]
+    f.temporal_factors = _broadcast(f.temporal_factors or [1], f.levels - 1)[: f.levels - 1]
     s.tau = _broadcast(s.tau, f.levels - 1)[: f.levels - 1]
     if not f.p_stage:
         f.p_stage = DEFAULT_P_STAGE.get(f.levels, [1.0 / f.levels] * f.levels)
@@ -238,10 +242,12 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("sample.guidance_interval", s.guidance_interval, "needs [low, high]")
     if s.solver not in ("euler", "heun"):
         fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
-    if d.name not in ("animal-mnist", "folder"):
-        fail("data.name", d.name, f"choose 'animal-mnist' or 'folder'{_suggest(d.name, ['animal-mnist', 'folder'])}")
-    if d.name == "folder" and not d.path:
-        fail("data.path", d.path, "data.name = 'folder' needs data.path: a folder of class subfolders")
+    names = ["animal-mnist", "folder", "store", "sprites"]
+    if d.name not in names:
+        fail("data.name", d.name, f"choose one of {', '.join(names)}{_suggest(d.name, names)}")
+    if d.name in ("folder", "store") and not d.path:
+        fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
+             + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
     for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
                        ("data.resolution", d.resolution), ("train.log_every", t.log_every),
                        ("train.checkpoint_every", t.checkpoint_every),
@@ -260,12 +266,15 @@ def validate(recipe: Recipe, source: str) -> None:
     if not 0 <= t.ema_decay < 1:
         fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
     try:
-        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, antialias=f.antialias)
-        sizes = pyramid.level_sizes((d.resolution, d.resolution))
+        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
+        size = ((d.frames,) if d.frames else ()) + (d.resolution, d.resolution)
+        sizes = None if d.name == "store" else pyramid.level_sizes(size)  # a store's size is known at train time
     except DfmError as e:
         fail("data.resolution", d.resolution, f"with flow.levels = {f.levels} and flow.factors = {f.factors}: {e}")
     try:
-        level_patches(sizes, model_size(m.name).patch)
+        size = model_size(m.name)
+        if sizes is not None:
+            level_patches(sizes, size.patch, m.temporal_patch)
     except DfmError as e:
         fail("model.name", m.name, str(e))
     from dfm_cli.sampler import progressive_schedule

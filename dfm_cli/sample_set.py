@@ -7,8 +7,8 @@ finished batch is written atomically (temp file, then rename), so an interrupted
 started again skips what is done.
 
 Outputs:
-- `samples.npz`: ADM layout, `arr_0` uint8 `N H W 3` and `arr_1` the labels;
-- a folder: `000000.png`, `000001.png`, … (grey images stay one-channel).
+- `samples.npz`: ADM layout, `arr_0` uint8 `N H W 3` (video: `N T H W 3`) and `arr_1` the labels;
+- a folder: `000000.png`, `000001.png`, … (grey images stay one-channel; images only).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ def write_sample_set(
     num_classes: int,
     ctx: distributed.Context,
     on_batch: Callable[[int], None] = lambda n: None,
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     **settings,
 ) -> Path:
-    """Generate `num` samples into `out` (`.npz` or folder); `settings` (steps, tau, pyramid,
-    cfg, …) go to `sampler.generate`."""
+    """Generate `num` samples into `out` (`.npz` or folder), decoded to pixels by `decode`;
+    `settings` (steps, tau, pyramid, cfg, …) go to `sampler.generate`."""
     npz = out.suffix == ".npz"
     parts = out.with_name(out.name + ".parts") if npz else out
     if ctx.main:
@@ -60,7 +61,7 @@ def write_sample_set(
             on_batch(last - first)
             continue
         labels = torch.arange(first, last) % num_classes
-        images = to_uint8(generate(model, labels, first_index=first, **settings).x)
+        images = to_uint8(decode(generate(model, labels, first_index=first, **settings).x))
         if npz:
             _atomic_save(targets[0], lambda p, im=images, lb=labels: np.savez(p, arr_0=_as_rgb(im), arr_1=lb.numpy()))
         else:

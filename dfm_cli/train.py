@@ -29,8 +29,9 @@ from dfm_cli import distributed
 from dfm_cli.checkpoint import complete_checkpoints, load_training_state, save_training_state
 from dfm_cli.data import StreamBatches, build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model, build_objective, build_pyramid
-from dfm_cli.media import save_grid
+from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid
+from dfm_cli.autoencoders import from_config
+from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
 from dfm_cli.sampler import generate
@@ -103,9 +104,8 @@ class Step:
         self.local, self.micro = split_batch(recipe, ctx.world)
         dtype = autocast_dtype(ctx.device.type, recipe.train.precision)
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
-        res = recipe.data.resolution
-        self.shapes = [(distributed.unwrap(model).channels, *size)
-                       for size in pyramid.level_sizes((res, res))]
+        inner = distributed.unwrap(model)
+        self.shapes = [(inner.channels, *size) for size in inner.level_sizes]
 
     def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, interval: Interval) -> tuple[float, bool]:
         """Returns (grad norm, whether the step was applied); applied steps join `interval`."""
@@ -171,16 +171,19 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
     check_resumable(run_dir, recipe)
     split_batch(recipe, ctx.world)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution)
-    pyramid, objective = build_pyramid(recipe), build_objective(recipe)
+    dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames)
+    level_stats = data_level_statistics(recipe, dataset) if recipe.flow.standardize else None
+    pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
-    base = build_model(recipe, dataset.channels, dataset.num_classes).to(ctx.device)
+    base = build_model(recipe, dataset.shape, dataset.num_classes).to(ctx.device)
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                             weight_decay=t.weight_decay, fused=ctx.device.type == "cuda")
-    facts = {"channels": dataset.channels, "num_classes": dataset.num_classes,
-             "class_names": list(dataset.class_names)}
+    facts = {"shape": list(dataset.shape), "num_classes": dataset.num_classes,
+             "class_names": list(dataset.class_names), "level_stats": level_stats,
+             "autoencoder": getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel",
+                                                                               "channels": dataset.channels})}
     start, nonfinite = 0, 0
     found = complete_checkpoints(run_dir)
     if found:
@@ -255,13 +258,25 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
                 progress.update(task, info=f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s{mfu}")
             progress.update(task, completed=done)
             if t.preview_every and done % t.preview_every == 0:
-                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}.png",
-                            dataset.num_classes, ctx)
+                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}", facts, ctx)
             if done % t.checkpoint_every == 0 or done == t.steps:
                 checkpoint(done)
-    if start < t.steps or not (run_dir / "samples" / "grid.png").exists():
-        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid.png", dataset.num_classes, ctx)
+    if start < t.steps or not list((run_dir / "samples").glob("grid.*")):
+        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid", facts, ctx)
     return last
+
+
+def data_level_statistics(recipe: Recipe, dataset) -> dict:
+    """Per-level statistics for `flow.standardize`: the store's own when they were computed
+    for this decomposition, else measured on (up to 4096 items of) the data."""
+    from dfm_cli.store import level_statistics
+
+    f = recipe.flow
+    stored = getattr(dataset, "index", {}).get("level_stats")
+    if stored and (stored["levels"], stored["factors"], stored["temporal_factors"]) == (
+            f.levels, f.factors, f.temporal_factors):
+        return stored
+    return level_statistics(dataset, plain_pyramid(recipe))
 
 
 def _as_batch(batch):
@@ -273,13 +288,17 @@ def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
-def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, num_classes: int,
+def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, facts: dict,
                 ctx: distributed.Context) -> None:
-    """A grid with the recipe's sampler settings, one class per column. Every rank samples
-    (a sharded EMA needs them all); rank 0 writes."""
+    """A grid with the recipe's sampler settings, one class per column, decoded by the data's
+    autoencoder: `path`.png for images, `path`.gif for video. Every rank samples (a sharded
+    EMA needs them all); rank 0 writes."""
     s = recipe.sample
+    num_classes = facts["num_classes"]
     ema.eval()
     result = generate(ema, class_balanced_labels(s.n, num_classes), s.steps, s.tau, pyramid,
                       cfg=s.cfg, interval=tuple(s.guidance_interval), solver=s.solver, seed=recipe.train.seed)
     if ctx.main:
-        save_grid(result.x, path, nrow=num_classes if s.n % num_classes == 0 else None, scale=2)
+        pixels = from_config(facts["autoencoder"], result.x.device).decode(result.x)
+        suffix = ".gif" if pixels.ndim == 5 else ".png"
+        save_samples(pixels, path.with_suffix(suffix), nrow=num_classes if s.n % num_classes == 0 else None)

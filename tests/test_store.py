@@ -1,0 +1,130 @@
+"""`dfm encode`, latent stores, autoencoders and video DFM, end to end on the CPU."""
+
+import json
+import shutil
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_dfm
+from dfm_cli.autoencoders import PixelAE, build_autoencoder
+from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.sources import sprite_clip
+from dfm_cli.store import LatentStore
+
+
+@pytest.fixture(scope="module")
+def tiny_kl(tmp_path_factory):
+    """A random-config diffusers AutoencoderKL saved as a local folder (f = 2, 4 channels)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    folder = tmp_path_factory.mktemp("ae") / "tiny-kl"
+    vae.save_pretrained(folder)
+    return folder
+
+
+def image_folder(root, n=6, size=20):
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+        for i in range(n // 2):
+            Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_pixel_round_trip_is_exact():
+    ae = PixelAE(3)
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(ae.decode(ae.encode(x)), x)
+    assert ae.latent_shape((3, 5, 8, 8)) == (3, 5, 8, 8)
+
+
+def test_encode_with_a_tiny_autoencoder_writes_shapes_scale_and_index(tmp_path, tiny_kl):
+    src = image_folder(tmp_path / "imgs")
+    run_dfm("encode", src, "--ae", "kl", "--ae-weights", tiny_kl, "--resolution", "16", "--flip",
+            "--shard-size", "4", "--out", tmp_path / "store")
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    assert index["shape"] == [4, 8, 8] and index["num"] == 6 and index["flip"]
+    assert [s["count"] for s in index["shards"]] == [4, 2]
+    assert index["autoencoder"]["scale"] == pytest.approx(0.18215) and index["autoencoder"]["spatial_factor"] == 2
+    assert index["class_names"] == ["cats", "dogs"] and index["level_stats"]["levels"] == 2
+    store = LatentStore(tmp_path / "store")
+    assert len(store) == 12  # flips stored as a second copy
+    latent, label = store[5]
+    ae = build_autoencoder("kl", tiny_kl)
+    assert latent.shape == (4, 8, 8) and int(label) == 1
+    assert ae.decode(latent[None]).shape == (1, 3, 16, 16)
+    flipped, _ = store[6 + 5]
+    assert not torch.allclose(flipped, latent)
+
+
+def test_interrupted_encode_resumes_byte_identically(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["--frames", "4", "--num", "10", "--resolution", "16", "--shard-size", "3"]
+    run_dfm("encode", "sprites", *args, "--out", full)
+    run_dfm("encode", "sprites", *args, "--out", part)
+    (part / "shard-00002.safetensors").unlink()  # as if killed before these were written
+    (part / "index.json").unlink()
+    (part / ".tmp-shard-00003.safetensors").write_bytes(b"half-written")
+    (part / "shard-00003.safetensors").unlink()
+    run_dfm("encode", "sprites", *args, "--out", part)
+    for f in sorted(full.glob("shard-*.safetensors")):
+        assert f.read_bytes() == (part / f.name).read_bytes(), f.name
+    assert json.loads((part / "index.json").read_text())["num"] == 10
+
+
+def test_unreadable_files_are_reported_or_fail_strictly(tmp_path):
+    src = image_folder(tmp_path / "imgs")
+    (src / "cats" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
+    (src / "cats" / "empty.jpg").write_bytes(b"")
+    (src / "dogs" / "notes.txt").write_text("not an image")
+    proc = run_dfm("encode", src, "--resolution", "16", "--out", tmp_path / "store")
+    report = json.loads((tmp_path / "store" / "report.json").read_text())
+    assert sorted(r["file"].rsplit("/", 1)[1] for r in report) == ["corrupt.png", "empty.jpg", "notes.txt"]
+    assert json.loads((tmp_path / "store" / "index.json").read_text())["num"] == 6
+    assert "skipped 3 unreadable" in proc.stdout
+    strict = run_dfm("encode", src, "--resolution", "16", "--strict", "--out", tmp_path / "strict", check=False)
+    assert strict.returncode == 1 and "--strict" in strict.stderr and "Traceback" not in strict.stderr
+    assert not list((tmp_path / "strict").glob("*shard*"))
+
+
+def test_mp4_clips_to_latents_and_an_exact_temporal_decomposition(tmp_path):
+    videos = tmp_path / "videos" / "sprites"
+    videos.mkdir(parents=True)
+    for i in range(3):
+        iio.imwrite(videos / f"{i}.mp4", sprite_clip(i, 10, 32)[0], fps=8)
+    run_dfm("encode", tmp_path / "videos", "--frames", "8", "--stride", "1", "--resolution", "16",
+            "--levels", "2", "--temporal-factors", "2", "--out", tmp_path / "store")
+    store = LatentStore(tmp_path / "store")
+    clips = torch.stack([store[i][0] for i in range(len(store))])
+    assert clips.shape == (3, 3, 8, 16, 16)  # B C T H W
+    pyramid = LaplacianPyramid(2, [2], [2])
+    levels = pyramid.decompose(clips)
+    assert levels[0].shape == (3, 3, 4, 8, 8)
+    assert (pyramid.recompose(levels) - clips).abs().max() < 1e-5
+
+
+def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny_kl):
+    src = image_folder(tmp_path / "imgs", n=8)
+    run_dfm("encode", src, "--ae", "kl", "--ae-weights", tiny_kl, "--resolution", "16", "--out", tmp_path / "img")
+    common = ["--set", "train.steps=3", "--set", "train.batch_size=4", "--set", "train.log_every=1",
+              "--set", "sample.n=2", "--set", "sample.steps=[2,2]"]
+    run_dfm("train", ROOT / "recipes/tiny.toml", "--out", tmp_path / "run_img", "--set", "data.name=store",
+            "--set", f"data.path={json.dumps(str(tmp_path / 'img'))}", "--set", "model.name=DFM-N/2", *common)
+    assert Image.open(tmp_path / "run_img" / "samples" / "grid.png").size[0] > 16  # decoded to pixels
+
+    run_dfm("encode", "sprites", "--num", "8", "--frames", "4", "--resolution", "16", "--out", tmp_path / "vid")
+    video = ["--set", "data.name=store", "--set", f"data.path={json.dumps(str(tmp_path / 'vid'))}"]
+    run_dfm("train", ROOT / "recipes/tiny/video.toml", "--out", tmp_path / "run_vid", *video, *common)
+    assert iio.imread(tmp_path / "run_vid" / "samples" / "grid.gif", index=None).shape[0] == 4
+    for out in ("clip.mp4", "clip.gif"):
+        run_dfm("sample", tmp_path / "run_vid", "--n", "2", "--steps", "2,2", "--out", tmp_path / out)
+        frames = iio.imread(tmp_path / out, index=None)
+        assert frames.shape[0] == 4 and frames.ndim == 4
