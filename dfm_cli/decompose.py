@@ -182,9 +182,16 @@ def energy_shares(levels: Sequence[torch.Tensor]) -> list[float]:
     return [e / total for e in energy]
 
 
-def crop_to_multiple(x: torch.Tensor, pyramid: LaplacianPyramid) -> torch.Tensor:
-    """Centre-crop `x` to the largest size the pyramid's factors divide."""
-    spatial, temporal = math.prod(pyramid.factors), math.prod(pyramid.temporal_factors)
+def equivariance(image_shares: Sequence[float], latent_shares: Sequence[float]) -> float:
+    """1 − total-variation distance between two per-level energy splits: 1 when an
+    autoencoder's latent spreads energy over scales as the image does (scale equivariance)."""
+    return 1 - 0.5 * sum(abs(a - b) for a, b in zip(image_shares, latent_shares))
+
+
+def crop_to_multiple(x: torch.Tensor, pyramid: LaplacianPyramid, extra: int = 1) -> torch.Tensor:
+    """Centre-crop `x` to the largest size the pyramid's factors (times `extra`, e.g. an
+    autoencoder's downsampling) divide."""
+    spatial, temporal = math.prod(pyramid.factors) * extra, math.prod(pyramid.temporal_factors)
     mults = ([temporal] if x.ndim == 5 else []) + [spatial, spatial]
     for axis, m in zip(range(2, x.ndim), mults):
         n = x.shape[axis] // m * m

@@ -12,13 +12,17 @@ def write(tmp_path, text):
 
 
 def test_shipped_recipes_validate():
-    for path in sorted((ROOT / "recipes").glob("*.toml")):
+    for path in sorted((ROOT / "recipes").rglob("*.toml")):
         r = load_recipe(path)
         assert abs(sum(r.flow.p_stage) - 1) < 1e-9
     qs, fm = load_recipe(ROOT / "recipes/quickstart.toml"), load_recipe(ROOT / "recipes/quickstart_fm.toml")
     assert (qs.flow.levels, fm.flow.levels) == (2, 1)
     assert qs.model == fm.model and qs.train == fm.train and qs.data == fm.data  # same size and compute
     assert sum(qs.sample.steps) == sum(fm.sample.steps)
+    big, big_fm = load_recipe(ROOT / "recipes/imagenet512.toml"), load_recipe(ROOT / "recipes/imagenet512_fm.toml")
+    assert big.model == big_fm.model and big.train == big_fm.train and (big.flow.levels, big_fm.flow.levels) == (2, 1)
+    video = load_recipe(ROOT / "recipes/kinetics.toml")
+    assert video.flow.standardize and video.data.frames and video.train.steps == 200000
 
 
 def test_defaults_broadcast_and_overrides(tmp_path):

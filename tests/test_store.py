@@ -128,3 +128,11 @@ def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny
         run_dfm("sample", tmp_path / "run_vid", "--n", "2", "--steps", "2,2", "--out", tmp_path / out)
         frames = iio.imread(tmp_path / out, index=None)
         assert frames.shape[0] == 4 and frames.ndim == 4
+
+
+def test_decompose_compares_the_latent_pyramid_with_the_image(tmp_path, tiny_kl):
+    proc = run_dfm("decompose", "--levels", "2", "--ae", "kl", "--ae-weights", tiny_kl, "--out", tmp_path)
+    score = float(proc.stdout.split("scale equivariance of --ae kl:")[1].split()[0])
+    assert 0 <= score <= 1
+    assert (tmp_path / "latent_level_1.png").is_file() and (tmp_path / "latent_level_2.png").is_file()
+    assert "latent energy share" in proc.stdout
