@@ -8,11 +8,9 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from typer.testing import CliRunner
 
 from conftest import TINY, run_dfm
 from dfm_cli import features as feats
-from dfm_cli.cli import app
 from dfm_cli.errors import DfmError
 from dfm_cli.evaluate import Request, check_thresholds, evaluate, load_source
 from dfm_cli.metrics import feature_statistics, frechet_distance, swd

@@ -1,7 +1,6 @@
 """`dfm encode`, latent stores, autoencoders and video DFM, end to end on the CPU."""
 
 import json
-import shutil
 
 import imageio.v3 as iio
 import numpy as np

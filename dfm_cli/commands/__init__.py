@@ -1,0 +1,1 @@
+"""The `dfm` subcommands, one module each, registered on `common.app`."""

@@ -1,0 +1,84 @@
+"""`dfm encode`: a dataset into a sharded latent store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from dfm_cli.commands.common import app, console, parse_list, user_errors
+
+
+@app.command()
+@user_errors
+def encode(
+    source: Annotated[str, typer.Argument(help="Image folder (class subfolders), video folder (with --frames), animal-mnist or sprites.")],
+    out: Annotated[Path, typer.Option(help="Store folder to write (re-running resumes).")],
+    ae: Annotated[str, typer.Option(help="Autoencoder: pixel, kl (SD-VAE/FLUX AE) or cogvideox.")] = "pixel",
+    ae_weights: Annotated[Optional[str], typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")] = None,
+    resolution: Annotated[int, typer.Option(help="Pixel resolution after the ADM centre crop.")] = 256,
+    frames: Annotated[int, typer.Option(help="Video: frames per clip (0 = images).")] = 0,
+    stride: Annotated[int, typer.Option(help="Video: take every stride-th frame.")] = 1,
+    fps: Annotated[float, typer.Option(help="Video: resample to this frame rate instead of --stride (0 = off).")] = 0.0,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels file, 'relative/path,label' per line (instead of class subfolders).")] = None,
+    flip: Annotated[bool, typer.Option(help="Also store horizontally flipped latents (augmentation).")] = False,
+    shard_size: Annotated[int, typer.Option(help="Items per shard.")] = 1024,
+    strict: Annotated[bool, typer.Option(help="Fail (exit 1) on the first unreadable file instead of skipping it.")] = False,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
+    batch: Annotated[int, typer.Option(help="Encoder batch size.")] = 16,
+    levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
+    factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
+    temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
+    num: Annotated[int, typer.Option(help="sprites: how many synthetic clips.")] = 2000,
+) -> None:
+    """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dfm_cli import distributed
+    from dfm_cli.autoencoders import build_autoencoder
+    from dfm_cli.decompose import LaplacianPyramid
+    from dfm_cli.sources import build_source
+    from dfm_cli.store import INDEX, REPORT, EncodeFailed, encode_store
+
+    ctx = distributed.init()
+    try:
+        data = build_source(source, resolution, frames, stride, fps, labels, num)
+        channels = 1 if source == "animal-mnist" else 3
+        coder = build_autoencoder(ae, ae_weights, channels, ctx.device)
+        pyramid = LaplacianPyramid(levels, parse_list(factors, int, "--factors"),
+                                   parse_list(temporal_factors, int, "--temporal-factors"))
+        shape = coder.latent_shape((channels, *([frames] if frames else []), resolution, resolution))
+        pyramid.level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
+        meta = {"source": source, "resolution": resolution, "frames": frames,
+                "class_names": list(data.class_names)}
+        start, done = time.perf_counter(), [0]
+        progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                            TimeRemainingColumn(), console=Console(stderr=True, quiet=not ctx.main))
+
+        def advance(n: int) -> None:
+            done[0] += n
+            progress.update(task, advance=n, rate=f"{done[0] / (time.perf_counter() - start):.1f} items/s")
+
+        with progress:
+            task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
+            try:
+                index = encode_store(data, coder, out, shard_size, flip, strict, ctx, meta, pyramid, workers, batch,
+                                     advance)
+            except EncodeFailed as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+        if ctx.main:
+            import json
+
+            report = json.loads((out / REPORT).read_text())
+            console.print(f"wrote {index['num']} items of shape {tuple(index['shape'])} to {out} "
+                          f"({len(index['shards'])} shards, {out / INDEX}) in {time.perf_counter() - start:.1f} s")
+            if report:
+                console.print(f"[yellow]skipped {len(report)} unreadable file(s), listed in {out / REPORT}:[/]")
+                for row in report[:10]:
+                    console.print(f"  {row['file']}: {row['error']}")
+    finally:
+        distributed.shutdown(ctx)

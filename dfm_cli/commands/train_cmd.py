@@ -1,0 +1,40 @@
+"""`dfm train`: parse, resolve the recipe, hand over to the training loop."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dfm_cli.commands.common import app, console, user_errors
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/quickstart.toml.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.steps=200 (repeatable).")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe name>). Re-running resumes.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
+) -> None:
+    """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
+    from dfm_cli.recipe import load_recipe
+
+    resolved = load_recipe(recipe, set_)
+    if dry_run:
+        typer.echo(resolved.to_toml())
+        return
+    from dfm_cli.train import train as run_training
+
+    run_dir = out or Path("runs") / recipe.stem
+    last = run_training(resolved, run_dir)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
+    if last:
+        levels = ", ".join(f"{v:.4f}" if v is not None else "-" for v in last["loss_level"])
+        console.print(f"step {last['step']}: loss {last['loss']:.4f} (per level {levels}), "
+                      f"{last['images_per_s']:.0f} images/s")
+    grids = sorted((run_dir / "samples").glob("grid.*"))
+    console.print(f"run folder: {run_dir}" + (f"  (grid: {grids[0]})" if grids else ""))
