@@ -156,18 +156,19 @@ class DiTBlock(nn.Module):
 
 
 class LevelHead(nn.Module):
-    """Final adaLN layer and linear unpatchify of one level, zero-initialised (adaLN-Zero)."""
+    """Final adaLN modulation and linear unpatchify of one level, zero-initialised
+    (adaLN-Zero). It takes the already-normalised tokens: the final LayerNorm has no
+    parameters, so the model computes it once for all levels."""
 
     def __init__(self, hidden: int, channels: int, patch: tuple[int, int]) -> None:
         super().__init__()
         self.pt, self.p = patch
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, self.pt * self.p * self.p * channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], video: bool) -> torch.Tensor:
         shift, scale = self.ada(c).chunk(2, dim=-1)
-        x = self.linear(modulate(self.norm(x), shift, scale))
+        x = self.linear(modulate(x, shift, scale))
         t, h, w = grid
         if not video:  # images: no frame axis, and no view of one (FSDP2 wants fresh outputs)
             return rearrange(x, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=h, w=w, ph=self.p, pw=self.p)
@@ -258,6 +259,7 @@ class DFMDiT(nn.Module):
         self.blocks = nn.ModuleList(
             DiTBlock(size.hidden, size.heads, size.mlp_ratio) for _ in range(size.depth)
         )
+        self.final_norm = nn.LayerNorm(size.hidden, elementwise_affine=False, eps=1e-6)
         self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
         head_dim = size.hidden // size.heads
         self.register_buffer(
@@ -312,6 +314,7 @@ class DFMDiT(nn.Module):
         c = c + self.y_embedder(y) + self.stage_embedder(stage)
         for block in self.blocks:
             x = block(x, c, self.rope)
+        x = self.final_norm(x)
         return [head(x, c, self.grid, self.video) for head in self.heads]
 
 
