@@ -76,15 +76,18 @@ def gather_objects(ctx: Context, obj: object) -> list:
     return out
 
 
+def _fully_shard(model: nn.Module) -> nn.Module:
+    """FSDP2 with one unit per transformer block, plus the root for the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
 def shard_like(ema: nn.Module, ctx: Context, parallel: str) -> nn.Module:
     """Shard the EMA copy the way `wrap` shards the model (FSDP2), so updates stay local."""
-    if ctx.distributed and parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in ema.blocks:
-            fully_shard(block)
-        return fully_shard(ema)
-    return ema
+    return _fully_shard(ema) if ctx.distributed and parallel == "fsdp" else ema
 
 
 def wrap(model: nn.Module, ctx: Context, parallel: str) -> nn.Module:
@@ -94,11 +97,7 @@ def wrap(model: nn.Module, ctx: Context, parallel: str) -> nn.Module:
     if not ctx.distributed:
         return model
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
+        return _fully_shard(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

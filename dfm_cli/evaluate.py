@@ -113,7 +113,7 @@ class FeatureCache:
             with np.load(path) as data:
                 self.memory[key] = {k: data[k] for k in data.files}
             return self.memory[key]
-        images = self.source.images if key.startswith("i3d") else _frames(self.source.images)
+        images = self.source.images if extractor.name == "i3d" else _frames(self.source.images)
         task = self.progress.add_task(f"{extractor.name} {self.source.name}", total=len(images))
         out = feats.extract(extractor, images, self.batch, lambda n: self.progress.advance(task, n))
         if path is not None:
