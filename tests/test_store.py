@@ -66,7 +66,7 @@ def test_encode_with_a_tiny_autoencoder_writes_shapes_scale_and_index(tmp_path, 
 
 def test_interrupted_encode_resumes_byte_identically(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["--frames", "4", "--num", "10", "--resolution", "16", "--shard-size", "3"]
+    args = ["--frames", "4", "--num-clips", "10", "--resolution", "16", "--shard-size", "3"]
     run_dfm("encode", "sprites", *args, "--out", full)
     run_dfm("encode", "sprites", *args, "--out", part)
     (part / "shard-00002.safetensors").unlink()  # as if killed before these were written
@@ -119,7 +119,7 @@ def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny
             "--set", f"data.path={json.dumps(str(tmp_path / 'img'))}", "--set", "model.name=DFM-N/2", *common)
     assert Image.open(tmp_path / "run_img" / "samples" / "grid.png").size[0] > 16  # decoded to pixels
 
-    run_dfm("encode", "sprites", "--num", "8", "--frames", "4", "--resolution", "16", "--out", tmp_path / "vid")
+    run_dfm("encode", "sprites", "--num-clips", "8", "--frames", "4", "--resolution", "16", "--out", tmp_path / "vid")
     video = ["--set", "data.name=store", "--set", f"data.path={json.dumps(str(tmp_path / 'vid'))}"]
     run_dfm("train", ROOT / "recipes/tiny/video.toml", "--out", tmp_path / "run_vid", *video, *common)
     assert iio.imread(tmp_path / "run_vid" / "samples" / "grid.gif", index=None).shape[0] == 4
@@ -135,3 +135,20 @@ def test_decompose_compares_the_latent_pyramid_with_the_image(tmp_path, tiny_kl)
     assert 0 <= score <= 1
     assert (tmp_path / "latent_level_1.png").is_file() and (tmp_path / "latent_level_2.png").is_file()
     assert "latent energy share" in proc.stdout
+
+
+def test_torchrun_encode_writes_the_same_shards(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    args = ["sprites", "--frames", "4", "--num-clips", "10", "--resolution", "16", "--shard-size", "3"]
+    run_dfm("encode", *args, "--out", tmp_path / "one")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(31500 + random.randint(0, 999)), "-m", "dfm_cli", "encode", *args,
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in sorted((tmp_path / "one").glob("shard-*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "two" / f.name).read_bytes(), f.name
+    one, two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))
+    assert one == two

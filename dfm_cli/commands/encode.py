@@ -32,7 +32,7 @@ def encode(
     levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
     factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
     temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
-    num: Annotated[int, typer.Option(help="sprites: how many synthetic clips.")] = 2000,
+    num_clips: Annotated[int, typer.Option(help="sprites: how many synthetic clips.")] = 2000,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -45,7 +45,7 @@ def encode(
 
     ctx = distributed.init()
     try:
-        data = build_source(source, resolution, frames, stride, fps, labels, num)
+        data = build_source(source, resolution, frames, stride, fps, labels, num_clips)
         channels = 1 if source == "animal-mnist" else 3
         coder = build_autoencoder(ae, ae_weights, channels, ctx.device)
         pyramid = LaplacianPyramid(levels, parse_list(factors, int, "--factors"),
