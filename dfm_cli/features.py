@@ -275,9 +275,8 @@ class I3DFeatures:
         self.device = device
 
     def __call__(self, clips: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(clips)).to(self.device)
-        n, t = x.shape[:2]
-        frames = _rgb(x.reshape(n * t, *x.shape[2:]).cpu().numpy()).to(self.device).float()
+        n, t = clips.shape[:2]
+        frames = _rgb(clips.reshape(n * t, *clips.shape[2:])).to(self.device).float()
         frames = F.interpolate(frames, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
         video = (frames / 127.5 - 1).reshape(n, t, 3, 224, 224).permute(0, 2, 1, 3, 4)
         with torch.no_grad():
