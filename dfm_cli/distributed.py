@@ -50,7 +50,10 @@ def init() -> Context:
 
 
 def shutdown(ctx: Context) -> None:
+    """Leave the process group together: a rank that tears down while its peer is still
+    finishing (rank 0 writing the grid) can make gloo abort the peer at exit."""
     if ctx.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
