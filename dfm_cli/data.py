@@ -131,6 +131,42 @@ class ImageFolder(ImageDataset):
         return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
 
 
+PHOTO_CLASSES = ("china", "flower")
+
+
+def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> TensorImages:
+    """Random square crops of the two real photos that ship inside scikit-learn.
+
+    Each crop takes a side drawn log-uniformly from [resolution, 4 * resolution] (capped by
+    the photo), a uniform position and a coin-flip mirror, and is resized with antialiasing.
+    The label is the photo. The crops are a fixed function of `(resolution, num, seed)`, so a
+    run and its evaluation reference see the same images. Natural-image statistics (a 1/f
+    spectrum, texture at every scale) are what DFM's decomposition is meant for; silhouettes
+    are not.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DfmError("data.name = 'photo-crops' needs scikit-learn, which ships the photos; "
+                       "run `pip install scikit-learn`")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "images"
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(folder / f"{name}.jpg").convert("RGB") for name in PHOTO_CLASSES]
+    out = np.empty((num, 3, resolution, resolution), dtype=np.uint8)
+    labels = rng.integers(0, len(photos), size=num)
+    for i, label in enumerate(labels):
+        photo = photos[label]
+        biggest = min(photo.size)
+        side = int(round(np.exp(rng.uniform(np.log(resolution), np.log(min(4 * resolution, biggest))))))
+        x = int(rng.integers(0, photo.size[0] - side + 1))
+        y = int(rng.integers(0, photo.size[1] - side + 1))
+        crop = photo.crop((x, y, x + side, y + side)).resize((resolution, resolution), Image.Resampling.BICUBIC,
+                                                             reducing_gap=None)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out[i] = np.asarray(crop).transpose(2, 0, 1)
+    return TensorImages(torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64)), PHOTO_CLASSES)
+
+
 def sprites(resolution: int, frames: int, num: int = 1024) -> TensorImages:
     """The synthetic moving-sprite clips (see `sources.sprite_clip`), in memory."""
     from dfm_cli.sources import SPRITE_CLASSES, sprite_clip
@@ -141,9 +177,11 @@ def sprites(resolution: int, frames: int, num: int = 1024) -> TensorImages:
 
 
 def build_dataset(name: str, path: str, resolution: int, frames: int = 0) -> Dataset:
-    """`data.name`: animal-mnist, folder (ImageNet layout), store (from `dfm encode`), sprites."""
+    """`data.name`: animal-mnist, photo-crops, folder (ImageNet layout), store (from `dfm encode`), sprites."""
     if name == "animal-mnist":
         return animal_mnist(resolution)
+    if name == "photo-crops":
+        return photo_crops(resolution)
     if name == "sprites":
         return sprites(resolution, frames or 8)
     if name == "store":

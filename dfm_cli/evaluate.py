@@ -22,10 +22,10 @@ from PIL import Image
 
 from dfm_cli import features as feats
 from dfm_cli import metrics
-from dfm_cli.data import IMAGE_EXTENSIONS, animal_mnist
+from dfm_cli.data import IMAGE_EXTENSIONS, build_dataset
 from dfm_cli.errors import DfmError
 
-DATASETS = ("animal-mnist",)
+DATASETS = ("animal-mnist", "photo-crops")
 MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
 
 
@@ -47,7 +47,7 @@ def load_source(spec: str, resolution: int | None = None) -> Source:
     """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
     if spec in DATASETS:
         res = resolution or 32
-        images = animal_mnist(res).images.permute(0, 2, 3, 1).numpy()
+        images = build_dataset(spec, "", res).images.permute(0, 2, 3, 1).numpy()
         return Source(spec, images, cache_dir=cache_root() / "ref" / f"{spec}-{res}")
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():

@@ -33,6 +33,7 @@ class ModelSection:
     pos: str = "rope"
     class_dropout: float = 0.1
     temporal_patch: int = 1
+    specialize: str = "none"  # per-stage experts (paper Table 1d): "none" | "mlp" | "all"
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DataSection:
     resolution: int = 32  # pixels (a store's latents are smaller by the autoencoder's factor)
     frames: int = 0  # video clip length for sprites; 0 = images
     num_workers: int = 0
+    strict: bool = False  # stop on an unreadable training image instead of skipping it
 
 
 @dataclass
@@ -61,6 +63,7 @@ class FlowSection:
     tied_timesteps: bool = False
     mask_input: bool = True
     level_weights: list[float] = field(default_factory=list)
+    precondition: bool = False  # EDM-style per-level input/output scaling (paper App. A.1)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class TrainSection:
     max_nonfinite_steps: int = 100  # stop after more skipped steps than this; 0 = never stop
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     preview_every: int = 0  # steps between preview grids; 0 = only the final grid
+    eval_every: int = 0  # steps between in-training evaluations; 0 = none
+    eval_num: int = 1000  # samples per in-training evaluation
+    eval_metrics: list[str] = field(default_factory=lambda: ["fid"])  # "fid", "swd"
 
 
 @dataclass
@@ -242,7 +248,7 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("sample.guidance_interval", s.guidance_interval, "needs [low, high]")
     if s.solver not in ("euler", "heun"):
         fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
-    names = ["animal-mnist", "folder", "store", "sprites"]
+    names = ["animal-mnist", "photo-crops", "folder", "store", "sprites"]
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{_suggest(d.name, names)}")
     if d.name in ("folder", "store") and not d.path:
