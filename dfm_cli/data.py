@@ -1,8 +1,15 @@
-"""Data sources and a resumable, deterministic order over them.
+"""The data layer: built-in datasets, one folder lister, one registry, and a resumable order.
 
+Built-in datasets (`BUILTIN`, the one registry that `train`, `encode` and `eval --ref` read):
 - `animal-mnist`: 10,000 real 28×28 animal silhouettes in 10 classes that ship inside the
-  `animal-mnist` wheel; padded to 32×32 (resized if another resolution is asked for).
-- `folder`: an ImageNet-layout folder (one subfolder per class), centre-cropped and resized.
+  `animal-mnist` wheel; padded to 32×32 (resized if another resolution is asked for);
+- `photo-crops`: random crops of the two real photos that ship inside scikit-learn;
+- `sprites`: synthetic clips of coloured shapes moving over a textured background, the class
+  being the shape (no real video data exists offline, so this is the video quickstart).
+
+Folders (`data.name = "folder"`, `dfm encode FOLDER`, `dfm eval DIR`) are all listed by
+`list_files`, with one rule: class subfolders (or a labels file) give the labels, and a file
+counts when its suffix is an image (or video) suffix and no part of its path is hidden.
 
 Images come out as float tensors in [-1, 1]. The order is a fixed function of the seed and
 the position in the stream (EDM2-style), so resuming at step k reads exactly the batches an
@@ -12,9 +19,12 @@ uninterrupted run would have read: no sampler state needs saving.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import pickle
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +38,16 @@ from dfm_cli.media import adm_center_crop
 from dfm_cli.seeding import DATA_ORDER, mix_seed
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+SPRITE_CLASSES = ("square", "disc", "cross", "triangle")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class ImageDataset(Dataset):
-    """A labelled set: `(image in [-1, 1] as C H W or video as C T H W, label)` items."""
+    """A labelled set: `(image in [-1, 1] as C H W or video as C T H W, label)` items.
+
+    `raw(i)` gives item i as the uint8 array a file would hold (`H W C` or `T H W C`), which
+    is what `dfm encode` and `dfm eval` read.
+    """
 
     shape: tuple[int, ...]
     class_names: tuple[str, ...]
@@ -44,6 +59,14 @@ class ImageDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def raw(self, i: int) -> tuple[np.ndarray, int]:
+        x, label = self[i]
+        return ((x + 1) * 127.5).round().clamp(0, 255).byte().movedim(0, -1).numpy(), int(label)
+
+    def raw_all(self) -> np.ndarray:
+        """Every item as one uint8 array `N H W C` (or `N T H W C`)."""
+        return np.stack([self.raw(i)[0] for i in range(len(self))])
 
 
 class TensorImages(ImageDataset):
@@ -61,6 +84,12 @@ class TensorImages(ImageDataset):
 
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[idx].float() / 127.5 - 1, self.labels[idx]
+
+    def raw(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i].movedim(0, -1).numpy(), int(self.labels[i])
+
+    def raw_all(self) -> np.ndarray:
+        return self.images.movedim(1, -1).numpy()
 
 
 class _NumpyOnly(pickle.Unpickler):
@@ -98,39 +127,6 @@ def animal_mnist(resolution: int = 32) -> TensorImages:
     return TensorImages(images, torch.from_numpy(arrays[1].astype(np.int64)), ANIMAL_CLASSES)
 
 
-class ImageFolder(ImageDataset):
-    """ImageNet layout: `root/<class>/<image>`; classes are the sorted subfolder names.
-    Images are centre-cropped and resized as ADM does."""
-
-    def __init__(self, root: str | Path, resolution: int):
-        self.root, self.resolution = Path(root), resolution
-        if not self.root.is_dir():
-            raise DfmError(f"data.path {str(root)!r} is not a folder; point it at a folder of class subfolders")
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.items = [
-            (f, c) for c, name in enumerate(classes) for f in sorted((self.root / name).rglob("*"))
-            if f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not self.items:
-            raise DfmError(
-                f"data.path {str(root)!r} holds no images in class subfolders "
-                f"(expected {root}/<class>/<image>.png)"
-            )
-        self.class_names = tuple(classes)
-        with Image.open(self.items[0][0]) as im:
-            self.shape = (1 if im.mode in ("L", "I", "I;16", "1") else 3, resolution, resolution)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path, label = self.items[i]
-        with Image.open(path) as im:
-            im = adm_center_crop(im.convert("L" if self.channels == 1 else "RGB"), self.resolution)
-            arr = np.asarray(im, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
-        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
-
-
 PHOTO_CLASSES = ("china", "flower")
 
 
@@ -151,6 +147,9 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
     folder = Path(spec.submodule_search_locations[0]) / "datasets" / "images"
     rng = np.random.default_rng(seed)
     photos = [Image.open(folder / f"{name}.jpg").convert("RGB") for name in PHOTO_CLASSES]
+    if resolution > min(min(p.size) for p in photos):
+        raise DfmError(f"photo-crops: resolution {resolution} is larger than the photos' short side "
+                       f"({min(min(p.size) for p in photos)} px); choose a smaller resolution")
     out = np.empty((num, 3, resolution, resolution), dtype=np.uint8)
     labels = rng.integers(0, len(photos), size=num)
     for i, label in enumerate(labels):
@@ -167,28 +166,234 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
     return TensorImages(torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64)), PHOTO_CLASSES)
 
 
-def sprites(resolution: int, frames: int, num: int = 1024) -> TensorImages:
-    """The synthetic moving-sprite clips (see `sources.sprite_clip`), in memory."""
-    from dfm_cli.sources import SPRITE_CLASSES, sprite_clip
+def sprite_clip(index: int, frames: int, size: int, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Clip `index` of the synthetic set: `T H W 3` uint8 and its class (the shape)."""
+    rng = np.random.default_rng([seed, index])
+    label = index % len(SPRITE_CLASSES)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    background = 0.35 + 0.15 * np.sin(2 * np.pi * (xx * rng.integers(1, 4)) + phase[0])[..., None] \
+        * np.array([1.0, 0.8, 0.6]) + 0.1 * np.cos(2 * np.pi * yy * rng.integers(1, 4) + phase[1])[..., None]
+    color = rng.uniform(0.5, 1.0, 3)
+    radius = rng.uniform(0.12, 0.2)
+    pos, vel = rng.uniform(radius, 1 - radius, 2), rng.uniform(-0.06, 0.06, 2)
+    clip = []
+    for _ in range(frames):
+        dy, dx = yy - pos[0], xx - pos[1]
+        mask = {
+            "square": (np.abs(dy) < radius) & (np.abs(dx) < radius),
+            "disc": dy**2 + dx**2 < radius**2,
+            "cross": ((np.abs(dy) < radius / 3) & (np.abs(dx) < radius)) | ((np.abs(dx) < radius / 3) & (np.abs(dy) < radius)),
+            "triangle": (dy < radius) & (dy > -radius) & (np.abs(dx) < (dy + radius) / 2),
+        }[SPRITE_CLASSES[label]]
+        frame = np.where(mask[..., None], color, background)
+        clip.append((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+        pos = pos + vel
+        for axis in range(2):  # bounce off the walls
+            if not radius <= pos[axis] <= 1 - radius:
+                vel[axis] = -vel[axis]
+                pos[axis] = np.clip(pos[axis], radius, 1 - radius)
+    return np.stack(clip), label
 
-    clips = [sprite_clip(i, frames, resolution) for i in range(num)]
-    video = torch.from_numpy(np.stack([c for c, _ in clips])).permute(0, 4, 1, 2, 3).contiguous()
-    return TensorImages(video, torch.tensor([label for _, label in clips]), SPRITE_CLASSES)
+
+class SpriteClips(ImageDataset):
+    """The synthetic clips, made on demand: `dfm encode sprites` at 256 px would not fit in
+    memory otherwise. Training, which reads every clip each epoch, calls `in_memory()`."""
+
+    def __init__(self, resolution: int, frames: int, num: int, seed: int = 0):
+        self.resolution, self.frames, self.num, self.seed = resolution, frames, num, seed
+        self.class_names = SPRITE_CLASSES
+        self.shape = (3, frames, resolution, resolution)
+
+    def __len__(self) -> int:
+        return self.num
+
+    def raw(self, i: int) -> tuple[np.ndarray, int]:
+        return sprite_clip(i, self.frames, self.resolution, self.seed)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clip, label = self.raw(i)
+        return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1, torch.tensor(label)
+
+    def in_memory(self) -> TensorImages:
+        clips = [self.raw(i) for i in range(self.num)]
+        video = torch.from_numpy(np.stack([c for c, _ in clips])).permute(0, 4, 1, 2, 3).contiguous()
+        return TensorImages(video, torch.tensor([label for _, label in clips]), SPRITE_CLASSES)
 
 
-def build_dataset(name: str, path: str, resolution: int, frames: int = 0) -> Dataset:
-    """`data.name`: animal-mnist, photo-crops, folder (ImageNet layout), store (from `dfm encode`), sprites."""
-    if name == "animal-mnist":
-        return animal_mnist(resolution)
-    if name == "photo-crops":
-        return photo_crops(resolution)
-    if name == "sprites":
-        return sprites(resolution, frames or 8)
+@dataclass(frozen=True)
+class Builtin:
+    """A dataset built from its name alone. `make(resolution, frames, num)`; `num = 0` means
+    the dataset's own size."""
+
+    make: Callable[[int, int, int], ImageDataset]
+    channels: int
+    video: bool = False
+
+
+BUILTIN: dict[str, Builtin] = {
+    "animal-mnist": Builtin(lambda resolution, frames, num: animal_mnist(resolution), channels=1),
+    "photo-crops": Builtin(lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3),
+    "sprites": Builtin(lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024),
+                       channels=3, video=True),
+}
+DATA_NAMES = (*BUILTIN, "folder", "store")  # what `data.name` may be
+
+
+def builtin(name: str, resolution: int, frames: int = 0, num: int = 0) -> ImageDataset:
+    """The built-in dataset `name`; clips of `frames` frames for a video one.
+
+    >>> builtin("sprites", 8, frames=2, num=3).shape
+    (3, 2, 8, 8)
+    """
+    entry = BUILTIN[name]
+    if frames and not entry.video:
+        raise DfmError(f"{name} holds images, not video: frames = {frames} applies only to sprites or a "
+                       "folder of videos; set it to 0")
+    return entry.make(resolution, frames, num)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Files of a folder with their labels, and the class names the labels index."""
+
+    files: tuple[tuple[Path, int], ...]
+    class_names: tuple[str, ...]
+
+    def digest(self, root: Path) -> str:
+        """A short hash of the listing (relative names and labels): it changes when files are
+        added, removed or relabelled, which would shift what an index points at."""
+        h = hashlib.sha256()
+        for path, label in self.files:
+            h.update(f"{path.relative_to(root) if path.is_relative_to(root) else path}\t{label}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_file: Path | None = None,
+               what: str = "the folder") -> Listing:
+    """The one folder lister of `train`, `encode` and `eval`.
+
+    With `labels_file`, its `relative/path,label` lines name the files and labels. Otherwise
+    every non-hidden subfolder of `root` is a class (sorted by name, so labels follow names)
+    and its files (searched recursively) are that class; a folder without subfolders of
+    matching files is one class, `all`. Only files whose suffix is in `suffixes` count, and
+    nothing hidden (a name starting with `.`). `what` names the folder in errors (a flag or key).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DfmError(f"{what} {str(root)!r} is not a folder; point it at a folder of images "
+                       "(class subfolders, or one flat folder)")
+    if labels_file is not None:
+        labels_file = Path(labels_file)
+        if not labels_file.is_file():
+            raise DfmError(f"--labels {labels_file}: no such file (expected 'relative/path,label' per line)")
+        rows = [line.rsplit(",", 1) for line in labels_file.read_text().splitlines() if line.strip()]
+        if not rows or any(len(r) != 2 for r in rows):
+            raise DfmError(f"--labels {labels_file}: every line must be 'relative/path,label'")
+        names = tuple(sorted({label.strip() for _, label in rows}))
+        return Listing(tuple((root / path.strip(), names.index(label.strip())) for path, label in rows), names)
+
+    def matching(folder: Path, recursive: bool) -> list[Path]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(f for f in found if f.suffix.lower() in suffixes and f.is_file() and _visible(f, root))
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [matching(root / name, True) for name in classes]
+    top = matching(root, False)
+    kinds = "/".join(sorted(s.lstrip(".") for s in suffixes))
+    if any(per_class):
+        if top:
+            raise DfmError(f"{what} {str(root)!r} holds {kinds} files both in class subfolders and at its top "
+                           f"level (e.g. {top[0].name}); move them into a class subfolder")
+        return Listing(tuple((f, c) for c, files in enumerate(per_class) for f in files), tuple(classes))
+    if not top:
+        raise DfmError(f"{what} {str(root)!r} holds no {kinds} files (expected {root}/<class>/<file> "
+                       f"or {root}/<file>)")
+    return Listing(tuple((f, 0) for f in top), ("all",))
+
+
+class UnreadableImage(DfmError):
+    """A training image that cannot be read under `data.strict = true`.
+
+    A DataLoader worker re-raises its exception in the main process as
+    `type(message_with_the_worker_traceback)`; this keeps only the one line a user needs.
+    """
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class ImageFolder(ImageDataset):
+    """A folder (see `list_files`), ADM centre-cropped and resized.
+
+    An unreadable image is reported once (per process) with its path and replaced by the next
+    readable item of the listing, so a batch keeps its size and stays a fixed function of the
+    seed; with `strict` it stops the run instead.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, strict: bool = False):
+        self.root, self.resolution, self.strict = Path(root), resolution, strict
+        listing = list_files(self.root, IMAGE_EXTENSIONS, what="data.path")
+        self.items, self.class_names = listing.files, listing.class_names
+        self._reported: set[Path] = set()
+        self.shape = (3, resolution, resolution)
+        first = self._first_readable(0)
+        self.shape = (1 if first[0].mode in ("L", "I", "I;16", "1") else 3, resolution, resolution)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _open(self, i: int) -> Image.Image | None:
+        """Item i decoded, or None (reported once) when the file cannot be read."""
+        path = self.items[i][0]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except Exception as e:  # PIL raises many types for broken files
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:120] or 'unreadable'}"
+            if self.strict:
+                raise UnreadableImage(f"data.path: cannot read {path} ({reason}); data.strict = true stops "
+                                      "here (remove the file, or set data.strict = false to skip it)") from None
+            if path not in self._reported:
+                self._reported.add(path)
+                print(f"warning: data.path: cannot read {path} ({reason}); using the next readable image "
+                      "in its place (data.strict = true stops instead)", file=sys.stderr, flush=True)
+            return None
+
+    def _first_readable(self, i: int) -> tuple[Image.Image, int]:
+        """Item i, or the next readable one after it (wrapping around), and its label."""
+        for j in range(i, i + len(self.items)):
+            im = self._open(j % len(self.items))
+            if im is not None:
+                return im, self.items[j % len(self.items)][1]
+        raise DfmError(f"data.path {str(self.root)!r}: none of its {len(self.items)} images can be read")
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        im, label = self._first_readable(i)
+        im = adm_center_crop(im.convert("L" if self.channels == 1 else "RGB"), self.resolution)
+        arr = np.asarray(im, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
+        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
+
+
+def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict: bool = False) -> Dataset:
+    """`data.name`: a built-in dataset, `folder` (see `list_files`) or `store` (from `dfm encode`)."""
+    if name in BUILTIN:
+        data = builtin(name, resolution, frames)
+        return data.in_memory() if isinstance(data, SpriteClips) else data
     if name == "store":
         from dfm_cli.store import LatentStore
 
         return LatentStore(path)
-    return ImageFolder(path, resolution)
+    if name == "folder":
+        return ImageFolder(path, resolution, strict)
+    raise DfmError(f"data.name {name!r}: choose one of {', '.join(DATA_NAMES)}")
 
 
 class StreamBatches(Sampler[list[int]]):

@@ -22,10 +22,10 @@ from PIL import Image
 
 from dfm_cli import features as feats
 from dfm_cli import metrics
-from dfm_cli.data import IMAGE_EXTENSIONS, build_dataset
+from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, builtin, list_files
 from dfm_cli.errors import DfmError
 
-DATASETS = ("animal-mnist", "photo-crops")
+DATASETS = tuple(BUILTIN)
 MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
 
 
@@ -45,9 +45,9 @@ def cache_root() -> Path:
 
 def load_source(spec: str, resolution: int | None = None) -> Source:
     """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
-    if spec in DATASETS:
+    if spec in BUILTIN:
         res = resolution or 32
-        images = build_dataset(spec, "", res).images.permute(0, 2, 3, 1).numpy()
+        images = builtin(spec, res).raw_all()
         return Source(spec, images, cache_dir=cache_root() / "ref" / f"{spec}-{res}")
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
@@ -60,10 +60,13 @@ def load_source(spec: str, resolution: int | None = None) -> Source:
             raise DfmError(f"{path}: arr_0 must be uint8 N H W C (or N T H W C), got {images.dtype} {images.shape}")
         return Source(spec, images, stats)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise DfmError(f"{path}: no images found (PNG, JPEG, …)")
-        arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        arrays = []
+        for f, _ in list_files(path, IMAGE_EXTENSIONS, what="image folder").files:
+            try:
+                with Image.open(f) as im:
+                    arrays.append(np.asarray(im.convert("RGB")))
+            except Exception as e:  # PIL raises many types for broken files
+                raise DfmError(f"{f}: cannot read it as an image ({type(e).__name__}); remove or replace it") from None
         if len({a.shape for a in arrays}) > 1:
             raise DfmError(f"{path}: images differ in size; resize them to one resolution first")
         return Source(spec, np.stack(arrays))

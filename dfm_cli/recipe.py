@@ -248,7 +248,7 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("sample.guidance_interval", s.guidance_interval, "needs [low, high]")
     if s.solver not in ("euler", "heun"):
         fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
-    names = ["animal-mnist", "photo-crops", "folder", "store", "sprites"]
+    from dfm_cli.data import DATA_NAMES as names
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{_suggest(d.name, names)}")
     if d.name in ("folder", "store") and not d.path:

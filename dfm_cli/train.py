@@ -171,7 +171,8 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
     check_resumable(run_dir, recipe)
     split_batch(recipe, ctx.world)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames)
+    dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
+                            strict=recipe.data.strict)
     level_stats = data_level_statistics(recipe, dataset) if recipe.flow.standardize else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
@@ -268,15 +269,11 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
 
 def data_level_statistics(recipe: Recipe, dataset) -> dict:
     """Per-level statistics for `flow.standardize`: the store's own when they were computed
-    for this decomposition, else measured on (up to 4096 items of) the data."""
-    from dfm_cli.store import level_statistics
+    for this decomposition, else measured on (up to 4096 items spread over) the data."""
+    from dfm_cli.store import level_statistics, stored_level_statistics
 
-    f = recipe.flow
-    stored = getattr(dataset, "index", {}).get("level_stats")
-    if stored and (stored["levels"], stored["factors"], stored["temporal_factors"]) == (
-            f.levels, f.factors, f.temporal_factors):
-        return stored
-    return level_statistics(dataset, plain_pyramid(recipe))
+    pyramid = plain_pyramid(recipe)
+    return stored_level_statistics(getattr(dataset, "index", {}), pyramid) or level_statistics(dataset, pyramid)
 
 
 def _as_batch(batch):

@@ -15,8 +15,8 @@ from dfm_cli.commands.common import app, console, parse_list, user_errors
 @app.command()
 @user_errors
 def encode(
-    source: Annotated[str, typer.Argument(help="Image folder (class subfolders), video folder (with --frames), animal-mnist or sprites.")],
-    out: Annotated[Path, typer.Option(help="Store folder to write (re-running resumes).")],
+    source: Annotated[str, typer.Argument(help="Image folder (class subfolders), video folder (with --frames), or a built-in dataset: animal-mnist, photo-crops, sprites.")],
+    out: Annotated[Path, typer.Option(help="Store folder to write (re-running with the same settings resumes).")],
     ae: Annotated[str, typer.Option(help="Autoencoder: pixel, kl (SD-VAE/FLUX AE) or cogvideox.")] = "pixel",
     ae_weights: Annotated[Optional[str], typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")] = None,
     resolution: Annotated[int, typer.Option(help="Pixel resolution after the ADM centre crop.")] = 256,
@@ -32,28 +32,28 @@ def encode(
     levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
     factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
     temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
-    num_clips: Annotated[int, typer.Option(help="sprites: how many synthetic clips.")] = 2000,
+    antialias: Annotated[bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")] = False,
+    num_clips: Annotated[int, typer.Option(help="sprites, photo-crops: how many items (0 = the dataset's own count).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Start over when --out holds a store made with other settings.")] = False,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
-    from dfm_cli.autoencoders import build_autoencoder
-    from dfm_cli.decompose import LaplacianPyramid
-    from dfm_cli.sources import build_source
-    from dfm_cli.store import INDEX, REPORT, EncodeFailed, encode_store
+    from dfm_cli.sources import open_encode
+    from dfm_cli.store import INDEX, REPORT, EncodeFailed, EncodeSettings, encode_store, read_report
 
+    listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
+                                                              (temporal_factors, "--temporal-factors"))]
+    settings = EncodeSettings(source=source, out=out, ae=ae, ae_weights=ae_weights, resolution=resolution,
+                              frames=frames, stride=stride, fps=fps, labels=labels, num=num_clips, flip=flip,
+                              shard_size=shard_size, strict=strict, workers=workers, batch=batch, levels=levels,
+                              factors=None if listed[0] is None else tuple(listed[0]),
+                              temporal_factors=None if listed[1] is None else tuple(listed[1]),
+                              antialias=antialias, overwrite=overwrite)
     ctx = distributed.init()
     try:
-        data = build_source(source, resolution, frames, stride, fps, labels, num_clips)
-        channels = 1 if source == "animal-mnist" else 3
-        coder = build_autoencoder(ae, ae_weights, channels, ctx.device)
-        pyramid = LaplacianPyramid(levels, parse_list(factors, int, "--factors"),
-                                   parse_list(temporal_factors, int, "--temporal-factors"))
-        shape = coder.latent_shape((channels, *([frames] if frames else []), resolution, resolution))
-        pyramid.level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
-        meta = {"source": source, "resolution": resolution, "frames": frames,
-                "class_names": list(data.class_names)}
+        data, coder = open_encode(settings, ctx.device)
         start, done = time.perf_counter(), [0]
         progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                             TimeRemainingColumn(), console=Console(stderr=True, quiet=not ctx.main))
@@ -65,17 +65,14 @@ def encode(
         with progress:
             task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
             try:
-                index = encode_store(data, coder, out, shard_size, flip, strict, ctx, meta, pyramid, workers, batch,
-                                     advance)
+                index = encode_store(data, coder, settings, ctx, advance)
             except EncodeFailed as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
         if ctx.main:
-            import json
-
-            report = json.loads((out / REPORT).read_text())
             console.print(f"wrote {index['num']} items of shape {tuple(index['shape'])} to {out} "
                           f"({len(index['shards'])} shards, {out / INDEX}) in {time.perf_counter() - start:.1f} s")
+            report = read_report(out)
             if report:
                 console.print(f"[yellow]skipped {len(report)} unreadable file(s), listed in {out / REPORT}:[/]")
                 for row in report[:10]:
