@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from dfm_cli.errors import DfmError
-from dfm_cli.media import adm_center_crop
+from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
 from dfm_cli.seeding import DATA_ORDER, mix_seed
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -304,7 +304,8 @@ def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_f
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [matching(root / name, True) for name in classes]
     top = matching(root, False)
-    kinds = "/".join(sorted(s.lstrip(".") for s in suffixes))
+    kinds = {frozenset(IMAGE_EXTENSIONS): "image", frozenset(VIDEO_SUFFIXES): "video"}.get(frozenset(suffixes),
+                                                                                         "matching")
     if any(per_class):
         if top:
             raise DfmError(f"{what} {str(root)!r} holds {kinds} files both in class subfolders and at its top "
