@@ -109,7 +109,7 @@ def _collate(items):
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 `H W C` / `T H W C` → float `C H W` / `C T H W` in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(array)).float() / 127.5 - 1
+    x = torch.tensor(np.ascontiguousarray(array)).float() / 127.5 - 1  # a copy: PIL arrays are read-only
     return x.permute(2, 0, 1) if x.ndim == 3 else x.permute(3, 0, 1, 2)
 
 
@@ -198,19 +198,36 @@ def _verified(out: Path, k: int, expected: int, shape: tuple[int, ...], flip: bo
     return record if ok else None
 
 
+@dataclass(frozen=True)
+class StorePlan:
+    """A store folder claimed for one encode: the latent shape and the manifest it was claimed with."""
+
+    shape: tuple[int, ...]
+    manifest: dict[str, Any]
+
+
+def prepare_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed.Context) -> StorePlan:
+    """Check that the encode can run and claim `settings.out` for it: a store made with other
+    settings is refused (or cleared with `overwrite`). Nothing is encoded yet."""
+    s = settings
+    shape = tuple(ae.latent_shape((source.channels, *([s.frames] if s.frames else []), s.resolution,
+                                   s.resolution)))
+    s.decomposition().level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
+    wanted = manifest(s, source, ae)
+    _claim(Path(s.out), wanted, s.overwrite, ctx)
+    return StorePlan(shape, wanted)
+
+
 def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed.Context,
-                 on_items: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
+                 on_items: Callable[[int], None] = lambda n: None, plan: StorePlan | None = None) -> dict[str, Any]:
     """Encode `source` into shards under `settings.out`; rank 0 writes the index, with the
     per-level statistics of the latents under `settings.decomposition()`. Returns the index.
 
-    `source` yields `Item`s (see `sources.py`) and says its `channels` and `class_names`."""
+    `source` yields `Item`s (see `sources.py`) and says its `channels` and `class_names`;
+    `plan` is what `prepare_store` returned (it is called here when not given)."""
     s, out = settings, Path(settings.out)
-    shape = tuple(ae.latent_shape((source.channels, *([s.frames] if s.frames else []), s.resolution,
-                                   s.resolution)))
-    pyramid = s.decomposition()
-    pyramid.level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
-    wanted = manifest(s, source, ae)
-    _claim(out, wanted, s.overwrite, ctx)
+    plan = plan or prepare_store(source, ae, settings, ctx)
+    shape, wanted, pyramid = plan.shape, plan.manifest, s.decomposition()
     num_shards = -(-len(source) // s.shard_size)
     empty: dict[int, list[dict[str, str]]] = {}  # shards with no readable item: never written
     for k in range(ctx.rank, num_shards, ctx.world):

@@ -41,7 +41,7 @@ def encode(
 
     from dfm_cli import distributed
     from dfm_cli.sources import open_encode
-    from dfm_cli.store import INDEX, REPORT, EncodeFailed, EncodeSettings, encode_store, read_report
+    from dfm_cli.store import INDEX, REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
 
     listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
                                                               (temporal_factors, "--temporal-factors"))]
@@ -54,6 +54,7 @@ def encode(
     ctx = distributed.init()
     try:
         data, coder = open_encode(settings, ctx.device)
+        plan = prepare_store(data, coder, settings, ctx)
         start, done = time.perf_counter(), [0]
         progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                             TimeRemainingColumn(), console=Console(stderr=True, quiet=not ctx.main))
@@ -65,7 +66,7 @@ def encode(
         with progress:
             task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
             try:
-                index = encode_store(data, coder, settings, ctx, advance)
+                index = encode_store(data, coder, settings, ctx, advance, plan)
             except EncodeFailed as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
