@@ -25,15 +25,14 @@ from train_throughput import measure
 from dfm_cli import distributed
 from dfm_cli.autoencoders import build_autoencoder
 from dfm_cli.data import StreamBatches
-from dfm_cli.decompose import LaplacianPyramid
-from dfm_cli.sources import AnimalMnist
-from dfm_cli.store import LatentStore, encode_store
+from dfm_cli.sources import build_source
+from dfm_cli.store import EncodeSettings, LatentStore, encode_store
 
 
 def encode_rate(source, ae, out: Path) -> float:
     start = time.perf_counter()
-    encode_store(source, ae, out, shard_size=1024, flip=False, strict=False, ctx=distributed.Context(), meta={},
-                 pyramid=LaplacianPyramid(2, [2]), batch=64)
+    settings = EncodeSettings(source="animal-mnist", out=out, resolution=32, shard_size=1024, batch=64)
+    encode_store(source, ae, settings, distributed.Context())
     return len(source) / (time.perf_counter() - start)
 
 
@@ -44,8 +43,9 @@ def main() -> None:
     args = ap.parse_args()
     from diffusers import AutoencoderKL
 
-    source = torch.utils.data.Subset(AnimalMnist(32), range(args.num))
-    source.class_names = ("x",)
+    full = build_source("animal-mnist", 32)
+    source = torch.utils.data.Subset(full, range(args.num))
+    source.class_names, source.channels = full.class_names, full.channels
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

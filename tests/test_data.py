@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import numpy as np
@@ -146,3 +147,33 @@ def test_every_builtin_is_a_train_dataset_an_encode_source_and_an_eval_reference
         assert torch.equal(torch.from_numpy(reference.images[3]).movedim(-1, 0).float() / 127.5 - 1, x)
     with pytest.raises(DfmError, match="holds images, not video"):
         build_dataset("animal-mnist", "", 8, frames=4)
+
+
+def test_eval_reads_a_folder_through_the_same_lister(tmp_path):
+    from dfm_cli.evaluate import load_source
+
+    for i in range(3):
+        Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(tmp_path / f"{i:06d}.png")
+    (tmp_path / ".tmp-000003.png").write_bytes(b"half-written")  # an interrupted sample set's temporary file
+    (tmp_path / "manifest.json").write_text("{}")
+    source = load_source(str(tmp_path))
+    assert source.images.shape == (3, 4, 4, 3) and source.images[2, 0, 0, 0] == 20
+    (tmp_path / "000003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
+    with pytest.raises(DfmError, match="000003.png: cannot read it as an image") as e:
+        load_source(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # two `dfm train` processes
+def test_dfm_train_skips_a_corrupt_image_once_or_stops_in_one_line_under_strict(tmp_path):
+    from conftest import TINY, run_dfm
+
+    root = folder_with_a_corrupt_image(tmp_path / "imgs")
+    common = ["--set", "data.name=folder", "--set", f"data.path={json.dumps(str(root))}", "--set", "train.steps=2",
+              "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2", "--set", "sample.n=2"]
+    strict = run_dfm("train", TINY, "--out", tmp_path / "strict", *common, "--set", "data.strict=true", check=False)
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: data.path: cannot read")
+    assert "cats/1.png" in strict.stderr
+    run = run_dfm("train", TINY, "--out", tmp_path / "run", *common)
+    assert run.stderr.count("cannot read") == 1 and (tmp_path / "run" / "samples" / "grid.png").is_file()
