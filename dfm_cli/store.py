@@ -28,7 +28,7 @@ import math
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
