@@ -51,7 +51,12 @@ class EncodeFailed(DfmError):
 @dataclass(frozen=True)
 class EncodeSettings:
     """The settings of one `dfm encode`, checked when made: a bad value is a one-line error
-    naming its flag, before any work starts."""
+    naming its flag, before any work starts.
+
+    >>> EncodeSettings("sprites", Path("stores/sprites"), shard_size=0)
+    Traceback (most recent call last):
+    dfm_cli.errors.DfmError: --shard-size 0: must be at least 1
+    """
 
     source: str
     out: Path
@@ -165,7 +170,10 @@ def _claim(out: Path, wanted: dict[str, Any], overwrite: bool, ctx: distributed.
     """Refuse a store that another manifest made (unless `overwrite`, which starts over), and
     write this run's manifest. Every rank decides before rank 0 writes anything."""
     path = out / MANIFEST
-    previous = json.loads(path.read_text()) if path.is_file() else None
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):  # a damaged manifest vouches for nothing
+        previous = {"manifest": "unreadable"}
     if previous is not None and previous != wanted and not overwrite:
         raise DfmError(f"--out {out} holds a store made with other settings ({_differences(previous, wanted)}); "
                        "pass --overwrite to start over, or choose another --out")
