@@ -300,3 +300,19 @@ def test_statistics_with_another_antialias_are_refused():
     assert stored_level_statistics({"level_stats": stats}, LaplacianPyramid(3, [2, 2], antialias=True)) is None
     old = {k: v for k, v in stats.items() if k not in ("antialias", "picked")}  # first-4096 statistics: measured anew
     assert stored_level_statistics({"level_stats": old}, LaplacianPyramid(2, [2])) is None
+
+
+def test_training_refuses_a_store_whose_statistics_used_another_antialias(tmp_path):
+    from dfm_cli.errors import DfmError
+    from dfm_cli.recipe import load_recipe
+    from dfm_cli.train import data_level_statistics
+
+    encode_api(tmp_path, resolution=16, levels=2)
+    store = LatentStore(tmp_path / "store")
+    recipe = load_recipe(ROOT / "recipes/tiny.toml", ["flow.standardize=true", "data.name=store",
+                                                      f"data.path={json.dumps(str(tmp_path / 'store'))}"])
+    assert data_level_statistics(recipe, store) == store.index["level_stats"]
+    recipe.flow.antialias = True
+    with pytest.raises(DfmError, match="flow.antialias = true, but the store's level statistics were computed "
+                                       "with antialias = false"):
+        data_level_statistics(recipe, store)
