@@ -6,7 +6,7 @@ import torch
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
 from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.sampler import generate, guided_velocity, progressive_schedule, sample
+from dfm_cli.sampler import GuidedVelocity, SamplerSettings, generate, progressive_schedule, sample
 
 
 def check_schedule(steps, tau):
@@ -120,7 +120,7 @@ def model_inputs(b=4):
 def test_cfg_scale_one_is_the_conditional_prediction():
     model = random_model()
     xs, t, y, stage = model_inputs()
-    for a, b in zip(guided_velocity(model, 1.0, 10)(xs, t, y, stage), model(xs, t, y, stage)):
+    for a, b in zip(GuidedVelocity(model, 1.0, 10)(xs, t, y, stage), model(xs, t, y, stage)):
         assert torch.equal(a, b)
 
 
@@ -130,7 +130,7 @@ def test_batched_cfg_equals_two_separate_forwards():
     xs, t, y, stage = model_inputs()
     cond = model(xs, t, y, stage)
     uncond = model(xs, t, torch.full_like(y, 10), stage)
-    guided = guided_velocity(model, 2.5, 10)(xs, t, y, stage)
+    guided = GuidedVelocity(model, 2.5, 10)(xs, t, y, stage)
     for g, c, u in zip(guided, cond, uncond):
         assert torch.allclose(g, u + 2.5 * (c - u), atol=1e-5)
         assert not torch.allclose(g, c)
@@ -141,7 +141,7 @@ def test_guidance_interval_leaves_levels_outside_it_conditional():
     model = random_model()
     xs, _, y, stage = model_inputs()
     t = torch.tensor([[0.9, 0.2]]).expand(4, 2)
-    guided = guided_velocity(model, 3.0, 10, interval=(0.0, 0.5))(xs, t, y, stage)
+    guided = GuidedVelocity(model, 3.0, 10, interval=(0.0, 0.5))(xs, t, y, stage)
     cond = model(xs, t, y, stage)
     assert torch.allclose(guided[0], cond[0]) and not torch.allclose(guided[1], cond[1])
 
@@ -151,14 +151,14 @@ def test_generate_counts_nfe_previews_and_partial_stages():
     model = random_model()
     pyr = LaplacianPyramid(2, [2])
     labels = torch.arange(4)
-    r = generate(model, labels, [3, 2], [0.7], pyr, cfg=2.0, previews=True)
+    r = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), cfg=2.0), seed=0, previews=True)
     assert r.x.shape == (4, 1, 16, 16) and r.nfe == 5 and r.guided_nfe == 5
     assert len(r.previews) == 2 and r.previews[0].shape == (4, 1, 16, 16)
     assert torch.allclose(r.previews[-1], r.x, atol=1e-6)  # at t = 1 the estimate is the sample
-    heun = generate(model, labels, [3, 2], [0.7], pyr, solver="heun")
+    heun = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), solver="heun"), seed=0)
     assert heun.nfe == 10 and heun.guided_nfe == 0
-    coarse = generate(model, labels, [4], [], pyr)
+    coarse = generate(model, labels, pyr, SamplerSettings((4,)), seed=0)
     assert coarse.x.shape == (4, 1, 8, 8) and coarse.nfe == 4
-    again = generate(model, labels, [3, 2], [0.7], pyr, cfg=2.0)
+    again = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), cfg=2.0), seed=0)
     assert torch.equal(again.x, r.x)  # a seed is a seed
     assert math.isfinite(float(r.x.abs().max()))
