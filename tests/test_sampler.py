@@ -162,3 +162,113 @@ def test_generate_counts_nfe_previews_and_partial_stages():
     again = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), cfg=2.0), seed=0)
     assert torch.equal(again.x, r.x)  # a seed is a seed
     assert math.isfinite(float(r.x.abs().max()))
+
+
+# ----------------------------------------------------------------- settings: one place for the knobs
+def recipe_with(**flow):
+    from dfm_cli.recipe import Recipe
+
+    r = Recipe()
+    r.sample.steps, r.sample.tau, r.sample.cfg = [6, 4, 2], [0.6, 0.8], 2.0
+    for key, value in flow.items():
+        setattr(r.flow, key, value)
+    return r
+
+
+def test_settings_resolve_flags_over_recipe_and_cut_tau_to_the_stages():
+    r = recipe_with()
+    assert SamplerSettings.resolve(r, 3) == SamplerSettings((6, 4, 2), (0.6, 0.8), cfg=2.0)
+    assert SamplerSettings.resolve(r, 3, stages=2).tau == (0.6,)
+    assert SamplerSettings.resolve(r, 3, steps=[5, 5]).steps == (5, 5)  # --steps alone sets the stages
+    assert SamplerSettings.resolve(r, 3, tau=[0.8]).tau == (0.8, 0.8)  # one --tau serves every transition
+    assert SamplerSettings.resolve(r, 3, stages=1).tau == ()
+    got = SamplerSettings.resolve(r, 3, cfg=1.0, interval=[0.1, 0.9], solver="heun")
+    assert (got.cfg, got.interval, got.solver) == (1.0, (0.1, 0.9), "heun")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(stages=4), "--stages 4: the model has 3 levels; pick 1..3"),
+    (dict(stages=0), "--stages 0"),
+    (dict(stages=2, steps=[5, 5, 5]), "--steps 5,5,5: give 2 step counts"),
+    (dict(steps=[5, 0]), "--steps 5,0: every stage needs"),
+    (dict(tau=[1.2]), "--tau 1.2: values must lie in (0, 1)"),
+    (dict(tau=[0.0]), "--tau 0: values must lie in (0, 1)"),
+    (dict(tau=[0.9, 0.5]), "--tau 0.9,0.5: values must lie in (0, 1) and increase"),
+    (dict(stages=2, tau=[0.5, 0.6, 0.7]), "--tau 0.5,0.6,0.7: give one threshold, or 1"),
+    (dict(interval=[0.9, 0.1]), "--interval 0.9,0.1: give low,high with 0 <= low <= high <= 1"),
+    (dict(interval=[-0.1, 0.5]), "--interval -0.1,0.5"),
+    (dict(solver="rk4"), "--solver rk4: choose euler or heun"),
+    (dict(cfg=float("nan")), "--cfg nan"),
+])
+def test_settings_refuse_bad_flags_naming_the_flag(flags, message):
+    with pytest.raises(DfmError) as e:
+        SamplerSettings.resolve(recipe_with(), 3, **flags)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_recipe_values_name_the_recipe_key():
+    r = recipe_with()
+    r.sample.guidance_interval = [0.8, 0.2]
+    with pytest.raises(DfmError, match=r"sample.guidance_interval 0.8,0.2"):
+        SamplerSettings.resolve(r, 3)
+
+
+# ----------------------------------------------------------------- the flow ablations at sampling time
+class Spy(torch.nn.Module):
+    """The model, recording what it is fed at every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+        self.levels, self.level_sizes = model.levels, model.level_sizes
+        self.channels, self.null_class = model.channels, model.null_class
+
+    def forward(self, xs, t, y, stage):
+        self.calls.append(([x.clone() for x in xs], t.clone(), stage.clone()))
+        return self.model(xs, t, y, stage)
+
+
+@torch.no_grad()
+def test_without_input_masking_later_levels_are_fed_as_their_noise():
+    from dfm_cli.sampler import sample_noise
+
+    pyr, labels = LaplacianPyramid(2, [2]), torch.arange(4)
+    noise = sample_noise(random_model(), 3, range(4))
+    for mask_input in (True, False):
+        settings = SamplerSettings.resolve(recipe_with(mask_input=mask_input), 2, steps=[3, 2], tau=[0.7])
+        assert settings.mask_input is mask_input
+        spy = Spy(random_model())
+        generate(spy, labels, pyr, settings, seed=3)
+        first_stage = [xs for xs, t, stage in spy.calls if int(stage[0]) == 0]
+        assert len(first_stage) == 3
+        for xs in first_stage:
+            if mask_input:
+                assert not xs[1].any()  # zeroed, as in training with masking
+            else:
+                assert torch.equal(xs[1], torch.cat([noise[1]] * 2))  # noise at t = 0, as in training (CFG: batch x2)
+                assert xs[1].std() > 0.5
+
+
+@torch.no_grad()
+def test_tied_sampler_moves_all_active_levels_with_one_t():
+    from dfm_cli.sampler import sample_noise
+
+    pyr, labels = LaplacianPyramid(3, [2, 2]), torch.arange(4)
+    settings = SamplerSettings.resolve(recipe_with(tied_timesteps=True), 3)
+    assert settings.tied_timesteps
+    spy = Spy(random_model(levels=3))
+    r = generate(spy, labels, pyr, settings, seed=0)
+    shared = []
+    for xs, t, stage in spy.calls:
+        k = int(stage[0])
+        assert (t[:, : k + 1] == t[:, :1]).all() and not t[:, k + 1:].any()
+        shared.append(float(t[0, 0]))
+    assert len(shared) == 12 and all(a < b for a, b in zip(shared, shared[1:]))
+    assert shared[6] == pytest.approx(0.6) and shared[10] == pytest.approx(0.8)
+    # a level joins at the shared time, as x_t with its data guessed at 0 (the mean of a detail level)
+    noise = sample_noise(spy, 0, range(4))
+    assert torch.allclose(spy.calls[6][0][1], (1 - 0.6) * torch.cat([noise[1]] * 2))
+    assert math.isfinite(float(r.x.abs().max()))
+    untied = Spy(random_model(levels=3))
+    generate(untied, labels, pyr, SamplerSettings.resolve(recipe_with(), 3), seed=0)
+    assert any(not (t[:, : int(s[0]) + 1] == t[:, :1]).all() for _, t, s in untied.calls)
