@@ -156,7 +156,8 @@ class SamplerSettings:
         if not 1 <= stages <= levels:
             raise DfmError(f"--stages {stages}: the model has {levels} levels; pick 1..{levels}")
         if steps is not None and len(steps) != stages:
-            raise DfmError(f"--steps {_csv(steps)}: give {stages} step counts, one per stage (--stages {stages})")
+            raise DfmError(f"--steps {_csv(steps)}: give {stages} step count{'s' * (stages != 1)}, "
+                           f"one per stage (--stages {stages})")
         if steps is None and len(s.steps) < stages:
             raise DfmError(f"sample.steps = {s.steps}: {stages} stages need {stages} step counts")
         tau_values = list(s.tau if tau is None else tau)

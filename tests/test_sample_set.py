@@ -202,7 +202,7 @@ def test_sample_prints_plain_progress_lines_to_a_log(trained, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--stages", "3"], "--stages 3: the model has 2 levels"),
-    (["--steps", "3"], "--steps 3"),
+    (["--stages", "1", "--steps", "3,2"], "--steps 3,2: give 1 step count, one per stage"),
     (["--stages", "2", "--steps", "3"], "--steps 3: give 2 step counts"),
     (["--steps", "3,0"], "--steps 3,0"),
     (["--tau", "1.5"], "--tau 1.5"),
@@ -214,15 +214,16 @@ def test_sample_prints_plain_progress_lines_to_a_log(trained, tmp_path):
     (["--num", "4", "--batch", "0"], "--batch 0: must be at least 1"),
     (["--num", "0"], "--num 0: must be at least 1"),
     (["--out", "{tmp}/grid.xyz"], "a grid is written as .png"),
-    (["--out", "{tmp}/grid.gif"], "write a image grid as .png"),
+    (["--out", "{tmp}/grid.gif"], "write an image grid as .png"),
     (["--num", "4", "--out", "{tmp}/set.png"], "write an ADM .npz file or a folder"),
     (["--num", "4", "--out", "{tmp}/afile"], "is a file, but a folder is needed"),
     (["--out", "{tmp}/afile/grid.png"], "is a file, so nothing can be written under it"),
-    (["--out", "{tmp}"], "is a folder, but a file is needed"),
+    (["--out", "{tmp}/adir.png"], "is a folder, but a file is needed"),
     (["--class", "12"], "--class 12"),
 ])
 def test_bad_flags_stop_before_any_work_with_one_line(trained, tmp_path, args, message):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.png").mkdir()
     before = sorted(tmp_path.iterdir())
     got = cli("sample", trained, *[a.format(tmp=tmp_path) for a in args], cwd=tmp_path)
     assert got.exit_code == 2 and message in got.stderr, got.stderr

@@ -68,7 +68,7 @@ def sample(
     else:
         out = out or Path("grid.gif" if model.video else "grid.png")
         if out.suffix.lower() not in GRID_SUFFIXES[model.video]:
-            raise DfmError(f"--out {out}: write a {'video' if model.video else 'image'} grid as "
+            raise DfmError(f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
                            f"{' or '.join(GRID_SUFFIXES[model.video])}")
         write_grid(trained, settings, out, n, class_, seed, previews)
 
