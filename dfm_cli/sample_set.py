@@ -38,6 +38,7 @@ from PIL import Image
 from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 from dfm_cli.media import to_uint8
+from dfm_cli.runs import TrainedRun
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
 
 MANIFEST = "manifest.json"
@@ -217,6 +218,31 @@ def write_sample_set(
         shutil.rmtree(work)
     distributed.barrier(ctx)
     return out
+
+
+def write_run_sample_set(
+    trained: TrainedRun,
+    settings: SamplerSettings,
+    out: Path,
+    *,
+    num: int,
+    batch: int,
+    seed: int,
+    ctx: distributed.Context,
+    overwrite: bool = False,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> Path:
+    """`write_sample_set` for a loaded run: its decomposition, its autoencoder as the decoder,
+    and its weights' digest in the manifest. What `dfm sample --num` and evaluation call."""
+    from dfm_cli.autoencoders import from_config
+    from dfm_cli.factory import build_pyramid
+
+    state = trained.state
+    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": state["autoencoder"]}
+    return write_sample_set(trained.model, build_pyramid(trained.recipe, state.get("level_stats")), settings, out,
+                            num=num, batch=batch, seed=seed, num_classes=state["num_classes"], source=source,
+                            ctx=ctx, decode=from_config(state["autoencoder"], ctx.device).decode,
+                            overwrite=overwrite, on_batch=on_batch)
 
 
 def _inspect(out: Path, work: Path, npz: bool, want: dict, num_classes: int,

@@ -125,15 +125,11 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
-    from dfm_cli.autoencoders import from_config
-    from dfm_cli.factory import build_pyramid
-    from dfm_cli.sample_set import weights_digest, write_sample_set
+    from dfm_cli.sample_set import write_run_sample_set
 
-    state = trained.state
-    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": state["autoencoder"]}
     ctx = distributed.init()
     try:
-        model = trained.model.to(ctx.device)
+        trained.model.to(ctx.device)
         start = time.perf_counter()
         total = -(-num // ctx.world)
         if sys.stderr.isatty():
@@ -144,10 +140,8 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
         else:
             progress, advance = None, PlainProgress(total, quiet=not ctx.main)
         with progress or nullcontext():
-            write_sample_set(model, build_pyramid(trained.recipe, state.get("level_stats")), settings, out,
-                             num=num, batch=batch, seed=seed, num_classes=state["num_classes"], source=source,
-                             ctx=ctx, decode=from_config(state["autoencoder"], ctx.device).decode,
-                             overwrite=overwrite, on_batch=advance)
+            write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=seed, ctx=ctx,
+                                 overwrite=overwrite, on_batch=advance)
         if ctx.main:
             console.print(f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
                           f"({ctx.world} process{'es' if ctx.world > 1 else ''})")
