@@ -34,7 +34,7 @@ from dfm_cli.autoencoders import from_config
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
-from dfm_cli.sampler import generate
+from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
 from dfm_cli.seeding import BATCH_STAGE, MODEL_INIT, SAMPLE_DRAWS, mix_seed
 from dfm_cli.stats import Interval
 
@@ -281,10 +281,6 @@ def _as_batch(batch):
     return batch
 
 
-def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(n) % num_classes
-
-
 def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, facts: dict,
                 ctx: distributed.Context) -> None:
     """A grid with the recipe's sampler settings, one class per column, decoded by the data's
@@ -293,8 +289,8 @@ def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, facts
     s = recipe.sample
     num_classes = facts["num_classes"]
     ema.eval()
-    result = generate(ema, class_balanced_labels(s.n, num_classes), s.steps, s.tau, pyramid,
-                      cfg=s.cfg, interval=tuple(s.guidance_interval), solver=s.solver, seed=recipe.train.seed)
+    settings = SamplerSettings.resolve(recipe, recipe.flow.levels)
+    result = generate(ema, class_balanced_labels(s.n, num_classes), pyramid, settings, seed=recipe.train.seed)
     if ctx.main:
         pixels = from_config(facts["autoencoder"], result.x.device).decode(result.x)
         suffix = ".gif" if pixels.ndim == 5 else ".png"

@@ -6,7 +6,7 @@ import torch
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
 from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.sampler import generate, guided_velocity, progressive_schedule, sample
+from dfm_cli.sampler import GuidedVelocity, SamplerSettings, generate, progressive_schedule, sample
 
 
 def check_schedule(steps, tau):
@@ -120,7 +120,7 @@ def model_inputs(b=4):
 def test_cfg_scale_one_is_the_conditional_prediction():
     model = random_model()
     xs, t, y, stage = model_inputs()
-    for a, b in zip(guided_velocity(model, 1.0, 10)(xs, t, y, stage), model(xs, t, y, stage)):
+    for a, b in zip(GuidedVelocity(model, 1.0, 10)(xs, t, y, stage), model(xs, t, y, stage)):
         assert torch.equal(a, b)
 
 
@@ -130,7 +130,7 @@ def test_batched_cfg_equals_two_separate_forwards():
     xs, t, y, stage = model_inputs()
     cond = model(xs, t, y, stage)
     uncond = model(xs, t, torch.full_like(y, 10), stage)
-    guided = guided_velocity(model, 2.5, 10)(xs, t, y, stage)
+    guided = GuidedVelocity(model, 2.5, 10)(xs, t, y, stage)
     for g, c, u in zip(guided, cond, uncond):
         assert torch.allclose(g, u + 2.5 * (c - u), atol=1e-5)
         assert not torch.allclose(g, c)
@@ -141,7 +141,7 @@ def test_guidance_interval_leaves_levels_outside_it_conditional():
     model = random_model()
     xs, _, y, stage = model_inputs()
     t = torch.tensor([[0.9, 0.2]]).expand(4, 2)
-    guided = guided_velocity(model, 3.0, 10, interval=(0.0, 0.5))(xs, t, y, stage)
+    guided = GuidedVelocity(model, 3.0, 10, interval=(0.0, 0.5))(xs, t, y, stage)
     cond = model(xs, t, y, stage)
     assert torch.allclose(guided[0], cond[0]) and not torch.allclose(guided[1], cond[1])
 
@@ -151,14 +151,124 @@ def test_generate_counts_nfe_previews_and_partial_stages():
     model = random_model()
     pyr = LaplacianPyramid(2, [2])
     labels = torch.arange(4)
-    r = generate(model, labels, [3, 2], [0.7], pyr, cfg=2.0, previews=True)
+    r = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), cfg=2.0), seed=0, previews=True)
     assert r.x.shape == (4, 1, 16, 16) and r.nfe == 5 and r.guided_nfe == 5
     assert len(r.previews) == 2 and r.previews[0].shape == (4, 1, 16, 16)
     assert torch.allclose(r.previews[-1], r.x, atol=1e-6)  # at t = 1 the estimate is the sample
-    heun = generate(model, labels, [3, 2], [0.7], pyr, solver="heun")
+    heun = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), solver="heun"), seed=0)
     assert heun.nfe == 10 and heun.guided_nfe == 0
-    coarse = generate(model, labels, [4], [], pyr)
+    coarse = generate(model, labels, pyr, SamplerSettings((4,)), seed=0)
     assert coarse.x.shape == (4, 1, 8, 8) and coarse.nfe == 4
-    again = generate(model, labels, [3, 2], [0.7], pyr, cfg=2.0)
+    again = generate(model, labels, pyr, SamplerSettings((3, 2), (0.7,), cfg=2.0), seed=0)
     assert torch.equal(again.x, r.x)  # a seed is a seed
     assert math.isfinite(float(r.x.abs().max()))
+
+
+# ----------------------------------------------------------------- settings: one place for the knobs
+def recipe_with(**flow):
+    from dfm_cli.recipe import Recipe
+
+    r = Recipe()
+    r.sample.steps, r.sample.tau, r.sample.cfg = [6, 4, 2], [0.6, 0.8], 2.0
+    for key, value in flow.items():
+        setattr(r.flow, key, value)
+    return r
+
+
+def test_settings_resolve_flags_over_recipe_and_cut_tau_to_the_stages():
+    r = recipe_with()
+    assert SamplerSettings.resolve(r, 3) == SamplerSettings((6, 4, 2), (0.6, 0.8), cfg=2.0)
+    assert SamplerSettings.resolve(r, 3, stages=2).tau == (0.6,)
+    assert SamplerSettings.resolve(r, 3, steps=[5, 5]).steps == (5, 5)  # --steps alone sets the stages
+    assert SamplerSettings.resolve(r, 3, tau=[0.8]).tau == (0.8, 0.8)  # one --tau serves every transition
+    assert SamplerSettings.resolve(r, 3, stages=1).tau == ()
+    got = SamplerSettings.resolve(r, 3, cfg=1.0, interval=[0.1, 0.9], solver="heun")
+    assert (got.cfg, got.interval, got.solver) == (1.0, (0.1, 0.9), "heun")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(stages=4), "--stages 4: the model has 3 levels; pick 1..3"),
+    (dict(stages=0), "--stages 0"),
+    (dict(stages=2, steps=[5, 5, 5]), "--steps 5,5,5: give 2 step counts"),
+    (dict(steps=[5, 0]), "--steps 5,0: every stage needs"),
+    (dict(tau=[1.2]), "--tau 1.2: values must lie in (0, 1)"),
+    (dict(tau=[0.0]), "--tau 0: values must lie in (0, 1)"),
+    (dict(tau=[0.9, 0.5]), "--tau 0.9,0.5: values must lie in (0, 1) and increase"),
+    (dict(stages=2, tau=[0.5, 0.6, 0.7]), "--tau 0.5,0.6,0.7: give one threshold, or 1"),
+    (dict(interval=[0.9, 0.1]), "--interval 0.9,0.1: give low,high with 0 <= low <= high <= 1"),
+    (dict(interval=[-0.1, 0.5]), "--interval -0.1,0.5"),
+    (dict(solver="rk4"), "--solver rk4: choose euler or heun"),
+    (dict(cfg=float("nan")), "--cfg nan"),
+])
+def test_settings_refuse_bad_flags_naming_the_flag(flags, message):
+    with pytest.raises(DfmError) as e:
+        SamplerSettings.resolve(recipe_with(), 3, **flags)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_recipe_values_name_the_recipe_key():
+    r = recipe_with()
+    r.sample.guidance_interval = [0.8, 0.2]
+    with pytest.raises(DfmError, match=r"sample.guidance_interval 0.8,0.2"):
+        SamplerSettings.resolve(r, 3)
+
+
+# ----------------------------------------------------------------- the flow ablations at sampling time
+class Spy(torch.nn.Module):
+    """The model, recording what it is fed at every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+        self.levels, self.level_sizes = model.levels, model.level_sizes
+        self.channels, self.null_class = model.channels, model.null_class
+
+    def forward(self, xs, t, y, stage):
+        self.calls.append(([x.clone() for x in xs], t.clone(), stage.clone()))
+        return self.model(xs, t, y, stage)
+
+
+@torch.no_grad()
+def test_without_input_masking_later_levels_are_fed_as_their_noise():
+    from dfm_cli.sampler import sample_noise
+
+    pyr, labels = LaplacianPyramid(2, [2]), torch.arange(4)
+    noise = sample_noise(random_model(), 3, range(4))
+    for mask_input in (True, False):
+        settings = SamplerSettings.resolve(recipe_with(mask_input=mask_input), 2, steps=[3, 2], tau=[0.7])
+        assert settings.mask_input is mask_input
+        spy = Spy(random_model())
+        generate(spy, labels, pyr, settings, seed=3)
+        first_stage = [xs for xs, t, stage in spy.calls if int(stage[0]) == 0]
+        assert len(first_stage) == 3
+        for xs in first_stage:
+            if mask_input:
+                assert not xs[1].any()  # zeroed, as in training with masking
+            else:
+                assert torch.equal(xs[1], torch.cat([noise[1]] * 2))  # noise at t = 0, as in training (CFG: batch x2)
+                assert xs[1].std() > 0.5
+
+
+@torch.no_grad()
+def test_tied_sampler_moves_all_active_levels_with_one_t():
+    from dfm_cli.sampler import sample_noise
+
+    pyr, labels = LaplacianPyramid(3, [2, 2]), torch.arange(4)
+    settings = SamplerSettings.resolve(recipe_with(tied_timesteps=True), 3)
+    assert settings.tied_timesteps
+    spy = Spy(random_model(levels=3))
+    r = generate(spy, labels, pyr, settings, seed=0)
+    shared = []
+    for xs, t, stage in spy.calls:
+        k = int(stage[0])
+        assert (t[:, : k + 1] == t[:, :1]).all() and not t[:, k + 1:].any()
+        shared.append(float(t[0, 0]))
+    assert len(shared) == 12 and all(a < b for a, b in zip(shared, shared[1:]))
+    assert shared[6] == pytest.approx(0.6) and shared[10] == pytest.approx(0.8)
+    # a level joins at the shared time, as x_t with its data guessed at 0 (the mean of a detail level)
+    noise = sample_noise(spy, 0, range(4))
+    assert torch.allclose(spy.calls[6][0][1], (1 - 0.6) * torch.cat([noise[1]] * 2))
+    assert math.isfinite(float(r.x.abs().max()))
+    untied = Spy(random_model(levels=3))
+    generate(untied, labels, pyr, SamplerSettings.resolve(recipe_with(), 3), seed=0)
+    assert any(not (t[:, : int(s[0]) + 1] == t[:, :1]).all() for _, t, s in untied.calls)

@@ -1,7 +1,10 @@
-"""`dfm sample`: grids, previews and evaluation sets."""
+"""`dfm sample`: grids, previews and evaluation sets. Parsing and checks of the flags only."""
 
 from __future__ import annotations
 
+import sys
+from contextlib import nullcontext
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,11 +15,13 @@ from rich.console import Console
 from dfm_cli.commands.common import app, console, parse_list, user_errors
 from dfm_cli.errors import DfmError
 
+GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by model.video
+
 
 @app.command()
 @user_errors
 def sample(
-    run: Annotated[Path, typer.Argument(help="Run folder or checkpoint folder.")],
+    run: Annotated[Optional[Path], typer.Argument(help="Run folder or checkpoint folder (default: the newest run under runs/).")] = None,
     stages: Annotated[Optional[int], typer.Option(help="Stages to generate (default: all levels).")] = None,
     tau: Annotated[Optional[str], typer.Option(help="Stage threshold(s), e.g. 0.8 or 0.7,0.9.")] = None,
     steps: Annotated[Optional[str], typer.Option(help="Euler steps per stage, e.g. 30,10.")] = None,
@@ -31,40 +36,80 @@ def sample(
     out: Annotated[Optional[Path], typer.Option(help="Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or a PNG folder.")] = None,
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="With --num: start the set over when --out holds one made with other settings.")] = False,
 ) -> None:
     """Generate progressively (level 1 first, finer levels joining at tau): a grid, or with --num an eval set."""
-    import torch
+    for flag, value in (("--n", n), ("--batch", batch), ("--num", num)):
+        if value is not None and value < 1:
+            raise DfmError(f"{flag} {value}: must be at least 1")
+    step_list = parse_list(steps, int, "--steps")
+    tau_list = parse_list(tau, float, "--tau")
+    interval_list = parse_list(interval, float, "--interval")
+    if interval_list is not None and len(interval_list) != 2:
+        raise DfmError(f"--interval {interval}: give low,high, e.g. 0.1,0.9")
+    if out is not None:
+        check_out(out, num is not None)
 
-    from dfm_cli.autoencoders import from_config
-    from dfm_cli.factory import build_pyramid, load_trained
-    from dfm_cli.media import save_samples
-    from dfm_cli.sampler import generate
+    from dfm_cli.runs import load_for_sampling, newest_run
+    from dfm_cli.sampler import SamplerSettings
 
-    model, recipe, state = load_trained(run, ema=ema)
-    s = recipe.sample
-    stages = stages or (len(parse_list(steps, int, "--steps")) if steps else model.levels)
-    if not 1 <= stages <= model.levels:
-        raise DfmError(f"--stages {stages}: the model has {model.levels} levels; pick 1..{model.levels}")
-    step_list = parse_list(steps, int, "--steps") or s.steps[:stages]
-    if len(step_list) != stages:
-        raise DfmError(f"--steps {steps}: give {stages} step counts, one per stage")
-    tau_list = parse_list(tau, float, "--tau") or s.tau
-    tau_list = (tau_list * (stages - 1) if len(tau_list) == 1 else tau_list)[: stages - 1]
+    if run is None:
+        run = newest_run()
+        console.print(f"sampling the newest run under runs/: {run}")
+    trained = load_for_sampling(run, ema=ema)
+    model, state = trained.model, trained.state
+    settings = SamplerSettings.resolve(trained.recipe, model.levels, stages=stages, steps=step_list, tau=tau_list,
+                                       cfg=cfg, interval=interval_list, solver=solver)
     num_classes = state["num_classes"]
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(state['class_names'])})")
-    decode = from_config(state["autoencoder"], next(model.parameters()).device).decode
-    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe, state.get("level_stats")),
-                    cfg=s.cfg if cfg is None else cfg,
-                    interval=tuple(parse_list(interval, float, "--interval") or s.guidance_interval),
-                    solver=solver or s.solver, seed=seed)
     if num is not None:
-        write_set(model, out or Path("samples.npz"), num, batch, num_classes, dict(settings, decode=decode))
-        return
-    out = out or Path("grid.gif" if model.video else "grid.png")
-    labels = torch.full((n,), class_) if class_ is not None else torch.arange(n) % num_classes
+        write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite)
+    else:
+        out = out or Path("grid.gif" if model.video else "grid.png")
+        if out.suffix.lower() not in GRID_SUFFIXES[model.video]:
+            raise DfmError(f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
+                           f"{' or '.join(GRID_SUFFIXES[model.video])}")
+        write_grid(trained, settings, out, n, class_, seed, previews)
+
+
+def check_out(out: Path, for_set: bool) -> None:
+    """Refuse an `--out` that cannot be written, before any work starts."""
+    if for_set and out.suffix and out.suffix != ".npz":
+        raise DfmError(f"--out {out}: with --num, write an ADM .npz file or a folder (no suffix)")
+    if not for_set and out.suffix.lower() not in {s for v in GRID_SUFFIXES.values() for s in v}:
+        raise DfmError(f"--out {out}: a grid is written as .png (images) or .gif/.mp4 (video)")
+    wants_folder = for_set and not out.suffix
+    if out.exists() and out.is_dir() != wants_folder:
+        raise DfmError(f"--out {out}: is a {'folder' if out.is_dir() else 'file'}, "
+                       f"but a {'folder' if wants_folder else 'file'} is needed")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DfmError(f"--out {out}: {parent} is a file, so nothing can be written under it")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise DfmError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
+
+
+def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool) -> None:
+    """`dfm sample`: one grid (one class per column by default), plus a preview per stage."""
+    import torch
+
+    from dfm_cli.autoencoders import from_config
+    from dfm_cli.factory import build_pyramid
+    from dfm_cli.media import save_samples
+    from dfm_cli.sampler import class_balanced_labels, generate
+
+    model, state = trained.model, trained.state
+    num_classes = state["num_classes"]
+    decode = from_config(state["autoencoder"], next(model.parameters()).device).decode
+    labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, num_classes)
     start = time.perf_counter()
-    result = generate(model, labels, previews=previews, **settings)
+    result = generate(model, labels, build_pyramid(trained.recipe, state.get("level_stats")), settings,
+                      seed=seed, previews=previews)
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
     save_samples(decode(result.x), out, nrow=nrow)
@@ -75,29 +120,50 @@ def sample(
                   f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}")
 
 
-def write_set(model, out: Path, num: int, batch: int, num_classes: int, settings: dict) -> None:
+def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, overwrite: bool) -> None:
     """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
-    from dfm_cli.sample_set import write_sample_set
+    from dfm_cli.sample_set import write_run_sample_set
 
-    if num < 1 or batch < 1:
-        raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
-    if out.suffix and out.suffix != ".npz":
-        raise DfmError(f"--out {out}: with --num, write an ADM .npz file or a folder (no suffix)")
     ctx = distributed.init()
     try:
-        model.to(ctx.device)
+        trained.model.to(ctx.device)
         start = time.perf_counter()
-        progress = Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True, quiet=not ctx.main))
-        with progress:
-            task = progress.add_task("sample", total=-(-num // ctx.world))
-            write_sample_set(model, out=out, num=num, batch=batch, num_classes=num_classes, ctx=ctx,
-                             on_batch=lambda k: progress.advance(task, k), **settings)
+        total = -(-num // ctx.world)
+        if sys.stderr.isatty():
+            progress = Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=Console(stderr=True, quiet=not ctx.main))
+            task = progress.add_task("sample", total=total)
+            advance = lambda k: progress.advance(task, k)  # noqa: E731
+        else:
+            progress, advance = None, PlainProgress(total, quiet=not ctx.main)
+        with progress or nullcontext():
+            write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=seed, ctx=ctx,
+                                 overwrite=overwrite, on_batch=advance)
         if ctx.main:
             console.print(f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
                           f"({ctx.world} process{'es' if ctx.world > 1 else ''})")
     finally:
         distributed.shutdown(ctx)
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr, for logs (CI, nohup, clusters): the first batch,
+    then at most one line every `every` seconds, and the last."""
+
+    def __init__(self, total: int, every: float = 10.0, quiet: bool = False) -> None:
+        self.total, self.every, self.quiet = total, every, quiet
+        self.done, self.start, self.last = 0, time.perf_counter(), None
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        now = time.perf_counter()
+        if self.quiet or not (self.last is None or now - self.last >= self.every or self.done >= self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        left = f", about {(self.total - self.done) / rate:.0f} s left" if 0 < self.done < self.total else ""
+        print(f"sample {self.done}/{self.total} ({self.done / self.total:.0%}) "
+              f"after {now - self.start:.0f} s{left}", file=sys.stderr, flush=True)
