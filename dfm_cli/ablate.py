@@ -148,6 +148,9 @@ def _flatten(where: str, table: dict[str, Any], keep: tuple[str, ...] = ()) -> d
         else:
             flat[key] = value
     for key in flat:
+        if key.split(".")[0] in TOP_KEYS:
+            raise DfmError(f"{where}: {key.split('.')[0]!r} belongs at the top of the sweep file, before the "
+                           "first [table] (TOML puts a key under the table above it)")
         if key not in keep and key not in RECIPE_KEYS:
             raise DfmError(f"{where}: {key!r} is not a recipe key{_suggest(key, RECIPE_KEYS)}")
     return flat
@@ -335,11 +338,15 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
 
 
 def forward_flops_of(recipe: Recipe) -> float:
-    """Model FLOPs of one forward pass per image, counted on a shape-only (meta) model."""
+    """Model FLOPs of one forward pass per image. Big models are built shape-only (on the meta
+    device, whose first use imports torch's compiler stack, seconds); small ones for real."""
     from dfm_cli.factory import build_model
+    from dfm_cli.model import model_size
     from dfm_cli.perf import forward_flops
 
-    with torch.device("meta"):
+    size = model_size(recipe.model.name)
+    big = 12 * size.depth * size.hidden ** 2 > 2e7
+    with torch.device("meta" if big else "cpu"):
         model = build_model(recipe, data_shape(recipe)[0], 10)
     return forward_flops(model)
 
