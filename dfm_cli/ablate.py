@@ -61,6 +61,9 @@ class EvalSpec:
     batch: int = 64  # sampling batch (the samples do not depend on it)
     swd_levels: int = 3
     grid_samples: int = 16  # samples of each cell in samples.png
+    inception_weights: str = ""  # for fid/kid/isc; default: what `dfm eval` finds offline
+    dinov2_weights: str = ""  # for fdd: Meta's dinov2_vitl14_pretrain.pth
+    i3d_weights: str = ""  # for fvd: i3d_torchscript.pt
 
 
 @dataclass
@@ -344,11 +347,18 @@ def forward_flops_of(recipe: Recipe) -> float:
     from dfm_cli.model import model_size
     from dfm_cli.perf import forward_flops
 
-    size = model_size(recipe.model.name)
-    big = 12 * size.depth * size.hidden ** 2 > 2e7
-    with torch.device("meta" if big else "cpu"):
-        model = build_model(recipe, data_shape(recipe)[0], 10)
-    return forward_flops(model)
+    m, f = recipe.model, recipe.flow
+    shape = data_shape(recipe)[0]
+    key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors))
+    if key not in _FLOPS:
+        size = model_size(m.name)
+        big = 12 * size.depth * size.hidden ** 2 > 2e7
+        with torch.device("meta" if big else "cpu"):
+            _FLOPS[key] = forward_flops(build_model(recipe, shape, 10))
+    return _FLOPS[key]
+
+
+_FLOPS: dict[tuple, float] = {}
 
 
 def train_compute(recipe: Recipe) -> tuple[int, float]:
@@ -516,7 +526,11 @@ def sample_args(recipe: Recipe) -> list[str]:
 
 def eval_settings(sweep: Sweep, reference: str) -> dict:
     spec = sweep.eval
-    return {"metrics": sorted(spec.metrics), "reference": reference, "swd_levels": spec.swd_levels}
+    return {"metrics": sorted(spec.metrics), "reference": reference, "swd_levels": spec.swd_levels,
+            **{key: str(Path(getattr(spec, key)).resolve()) for key in WEIGHTS if getattr(spec, key)}}
+
+
+WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")
 
 
 class Progress:
@@ -560,10 +574,11 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None,
     console = console or Console()
     runner = runner or run_command
     out.mkdir(parents=True, exist_ok=True)
-    for cell in sweep.cells:  # fail before anything runs
-        ref = sweep.eval.reference
-        if ref and ref not in BUILTIN_REFERENCES and not Path(ref).exists():
-            raise DfmError(f"{sweep.path}: eval.reference = {ref!r} does not exist (paths are relative to the "
+    spec = sweep.eval  # fail before anything runs
+    for key in ("reference", "inception_weights", "dinov2_weights", "i3d_weights"):
+        value = getattr(spec, key)
+        if value and value not in BUILTIN_REFERENCES and not Path(value).exists():
+            raise DfmError(f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the "
                            "current folder)")
     runs = {run.run_id: run for run in sweep.runs}
     with Progress(console, len(sweep.cells)) as progress:
@@ -622,6 +637,9 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) 
     flags = [METRIC_FLAGS[m] for m in sweep.eval.metrics]
     if "swd" in sweep.eval.metrics:
         flags += ["--swd-levels", str(sweep.eval.swd_levels)]
+    for key in WEIGHTS:
+        if getattr(sweep.eval, key):
+            flags += [f"--{key.replace('_', '-')}", wanted[key]]
     progress.say(cell, f"eval {' '.join(sweep.eval.metrics)} against {reference}")
     runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log,
            f"dfm eval for cell {cell.name!r}")
