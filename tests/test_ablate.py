@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +192,10 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     """The CI sweep for real: 2 trained runs for 4 cells, and a sweep interrupted in its second
     training, then run again, ends with the same numbers."""
     whole = tmp_path / "whole"
-    run_dfm("ablate", TINY_SWEEP, "--out", whole)
+    proc = subprocess.run([sys.executable, "-m", "dfm_cli", "ablate", str(TINY_SWEEP), "--out", str(whole)],
+                          capture_output=True, text=True, timeout=3600)  # a minute on 2 idle cores
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ablate [") >= 4 and "train" in proc.stdout  # plain lines: not a terminal
     assert len(list(whole.rglob("stats.jsonl"))) == 2
     assert len(list(csv.DictReader((whole / "results.csv").open()))) == 4
     assert (whole / "results.md").is_file() and len(list(whole.glob("*.png"))) >= 3
