@@ -307,8 +307,7 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
     for cell in sweep.cells:
         others = [k for k in sweep.swept if k not in keys]
         out[cell.name] = max(chosen, key=lambda c: sum(
-            _same(_resolved(c.recipe, k), _resolved(cell.recipe, k)) for k in others)
-            - (0.5 if isinstance(b, str) and c.label != cell.label and c.name != b else 0))
+            _same(_resolved(c.recipe, k), _resolved(cell.recipe, k)) for k in others))
     return out
 
 
