@@ -184,6 +184,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise DfmError(f"{path}: not valid TOML: {e}") from None
+    if "recipe" not in raw and set(raw) & set(SECTIONS):
+        raise DfmError(f"{path} is a recipe, not a sweep: train it with `dfm train {path}`, or write a sweep "
+                       f"with recipe = \"BASE.toml\" and a [grid] or [[cell]] list")
     for key in raw:
         if key not in TOP_KEYS:
             raise DfmError(f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})")

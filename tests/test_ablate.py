@@ -62,6 +62,7 @@ def test_ids_follow_the_settings(tmp_path):
     ('[grid]\n"sample.cfg" = [1.0]\nbaseline = "nope"\n', "'baseline' belongs at the top"),
     ('[[cell]]\nname = "a"\n"sample.cfg" = 2.0\n[grid]\n"sample.cfg" = [1.0]\n', "set in both"),
     ('', "nothing to sweep"),
+    ('[[cell]]\n"train.lr" = 0.1\n[[cell]]\n"train.lr" = 0.1\n', "two cells have the same settings"),
 ])
 def test_mistakes_are_one_line_errors_naming_the_sweep(tmp_path, body, message):
     path = write_sweep(tmp_path, body)
@@ -184,7 +185,7 @@ def test_cli_dry_run_lists_cells_runs_and_time():
     assert "4 cells, 2 trained runs" in proc.stdout and proc.stdout.count("shared by 2") == 4
     assert "timed: one training step" in proc.stdout
     bad = run_dfm("ablate", ROOT / "recipes" / "tiny.toml", "--dry-run", check=False)
-    assert bad.returncode == 2 and "recipe = \"BASE.toml\" is missing" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "is a recipe, not a sweep" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
