@@ -1,0 +1,50 @@
+"""`dfm ablate`: parse, load the sweep, then list it (--dry-run) or run it (see `dfm_cli/ablate.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from dfm_cli.commands.common import app, console, user_errors
+
+
+@app.command()
+@user_errors
+def ablate(
+    sweep: Annotated[Path, typer.Argument(help="Sweep TOML: a base recipe and a [grid] and/or [[cell]] list, e.g. recipes/tiny/ablate.toml.")],
+    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default ablations/<sweep name>). Re-running resumes.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing.")] = False,
+) -> None:
+    """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
+    from dfm_cli.ablate import load_sweep, plan, run_sweep
+
+    loaded = load_sweep(sweep)
+    if not dry_run:
+        run_sweep(loaded, out or Path("ablations") / sweep.stem, console)
+        return
+    rows = plan(loaded)
+    table = Table(title=f"{loaded.title}: {len(rows)} cells, {len(loaded.runs)} trained runs")
+    for name, justify in (("cell", "left"), ("run", "left"), ("train images", "right"),
+                          ("train FLOPs", "right"), ("est. time", "right")):
+        table.add_column(name, justify=justify)
+    for row in rows:
+        shared = f" (shared by {row['shared']} cells)" if row["shared"] > 1 else ""
+        table.add_row(row["cell"], row["run"] + shared, f"{row['train_images']:,}", f"{row['train_flops']:.3g}",
+                      _duration(row["seconds"]))
+    console.print(table)
+    console.print(f"total: {_duration(sum(r['seconds'] for r in rows))} on this machine; "
+                  f"time estimates: {'; '.join(sorted({r['estimate'] for r in rows}))}; "
+                  "including ~5 s start-up per command; not including the metrics' feature extraction", markup=False)
+    for note in sorted({r["note"] for r in rows if r["note"]}):
+        console.print(f"note: {note}", markup=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
