@@ -40,7 +40,7 @@ def sample(
     from dfm_cli.media import save_samples
     from dfm_cli.sampler import generate
 
-    model, recipe, state = load_trained(run, ema=ema)
+    model, recipe, info = load_trained(run, ema=ema)
     s = recipe.sample
     stages = stages or (len(parse_list(steps, int, "--steps")) if steps else model.levels)
     if not 1 <= stages <= model.levels:
@@ -50,11 +50,11 @@ def sample(
         raise DfmError(f"--steps {steps}: give {stages} step counts, one per stage")
     tau_list = parse_list(tau, float, "--tau") or s.tau
     tau_list = (tau_list * (stages - 1) if len(tau_list) == 1 else tau_list)[: stages - 1]
-    num_classes = state["num_classes"]
+    num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
-        raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(state['class_names'])})")
-    decode = from_config(state["autoencoder"], next(model.parameters()).device).decode
-    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe, state.get("level_stats")),
+        raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})")
+    decode = from_config(info.autoencoder, next(model.parameters()).device).decode
+    settings = dict(steps=step_list, tau=tau_list, pyramid=build_pyramid(recipe, info.level_stats),
                     cfg=s.cfg if cfg is None else cfg,
                     interval=tuple(parse_list(interval, float, "--interval") or s.guidance_interval),
                     solver=solver or s.solver, seed=seed)
