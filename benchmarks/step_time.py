@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOOPS = [
     ("quickstart", ROOT / "recipes" / "quickstart.toml", []),
     ("DFM-B/2 64px", ROOT / "recipes" / "quickstart.toml",
-     ["model.name=DFM-B/2", "data.resolution=64", "train.batch_size=8"]),
+     ["model.name=DFM-B/2", "data.resolution=64", "train.batch_size=4"]),
 ]
 
 
@@ -74,10 +74,11 @@ def loop_rows(steps: int, workers: list[int]) -> list[dict]:
                 lines = [json.loads(x) for x in (Path(tmp) / "stats.jsonl").read_text().splitlines()][1:]
             step = statistics.median(line["step_time_s"] for line in lines)
             draws = draw_time(recipe)
-            rows.append({"config": label, "model": recipe.model.name, "batch": recipe.train.batch_size,
+            rows.append(row := {"config": label, "model": recipe.model.name, "batch": recipe.train.batch_size,
                          "workers": w, "step": step,
                          "wait": statistics.median(line["data_wait_share"] for line in lines),
                          "draws": draws, "draw_share": draws / step})
+            print(row, flush=True)  # long runs: each result as soon as it is known
     return rows
 
 
