@@ -41,6 +41,18 @@ def reference_images(dataset) -> np.ndarray:
     return to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
 
 
+def swd_levels(size: int, patch: int = 7) -> int:
+    """SWD's usual 3 pyramid levels, fewer when the coarsest would be smaller than a patch.
+
+    >>> swd_levels(32), swd_levels(16), swd_levels(8)
+    (3, 2, 1)
+    """
+    levels = 3
+    while levels > 1 and size >> (levels - 1) < patch:
+        levels -= 1
+    return levels
+
+
 class TrainingEvaluation:
     """The `(step, ema) -> {"eval_<metric>": value}` hook that `train` calls."""
 
@@ -98,7 +110,7 @@ class TrainingEvaluation:
             found, _ = evaluate.evaluate(generated, self.reference, self.request, quiet)
             row["eval_fid"] = found.get("fid", found.get("frame_fid"))
         if "swd" in self.recipe.train.eval_metrics:
-            found, _ = evaluate.evaluate(generated, self.swd_reference,
-                                         evaluate.Request(swd=True, device=self.ctx.device), quiet)
+            found, _ = evaluate.evaluate(generated, self.swd_reference, evaluate.Request(
+                swd=True, swd_levels=swd_levels(min(images.shape[-3:-1])), device=self.ctx.device), quiet)
             row["eval_swd"] = found["swd"]
         return row
