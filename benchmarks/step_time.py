@@ -1,32 +1,99 @@
-"""DFM vs Flow Matching train-step time at equal tokens (paper Table 2: +1.2% on a GPU).
+"""Train-step time on this machine: DFM against Flow Matching, and the real training loop.
 
-Both models share the size and the token grid: DFM's coarse level uses half the patch, so the
-sequence length is the FM baseline's. The step is the real one from `dfm_cli.train`, timed in
-interleaved rounds so that machine noise hits both sides equally (see train_throughput.py,
-which this reuses, for more sizes, MFU and memory).
+`python benchmarks/step_time.py` compares DFM and Flow Matching at equal tokens (paper
+Table 2: +1.2% on a GPU). Both models share the size and the token grid: DFM's coarse level
+uses half the patch, so the sequence length is the FM baseline's. The step is the real one
+from `dfm_cli.train`, timed in interleaved rounds so that machine noise hits both sides
+equally (see train_throughput.py, which this reuses, for more sizes, MFU and memory).
+
+`python benchmarks/step_time.py --loop` runs the whole training loop (data loader, draws,
+step) for a few steps at the quickstart and at DFM-B/2 64 px, and prints the median step
+time, the share of it spent waiting for the data loader, and what the per-sample draws
+(stage, timesteps, noise) cost when made in the training process.
 
     python benchmarks/step_time.py [--model DFM-T/4] [--resolution 32] [--batch 64]
+    python benchmarks/step_time.py --loop [--workers 0,1] [--steps 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from train_throughput import measure
 
-from dfm_cli.factory import pick_device
+from dfm_cli.factory import build_objective, pick_device
+from dfm_cli.recipe import load_recipe
+from dfm_cli.seeding import SAMPLE_DRAWS, mix_seed
+
+ROOT = Path(__file__).resolve().parents[1]
+# (label, recipe, overrides): the quickstart as shipped, and DFM-B/2 at 64 px with a batch a CPU can step.
+LOOPS = [
+    ("quickstart", ROOT / "recipes" / "quickstart.toml", []),
+    ("DFM-B/2 64px", ROOT / "recipes" / "quickstart.toml",
+     ["model.name=DFM-B/2", "data.resolution=64", "train.batch_size=4"]),
+]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="DFM-T/4")
-    ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+def draw_time(recipe, repeats: int = 5) -> float:
+    """Seconds to draw one global batch's stage, timesteps and noise in this process."""
+    objective = build_objective(recipe)
+    res, factors = recipe.data.resolution, recipe.flow.factors
+    sizes = [res]
+    for f in reversed(factors):
+        sizes.insert(0, sizes[0] // f)
+    shapes = [(1 if recipe.data.name == "animal-mnist" else 3, s, s) for s in sizes]
+    b = recipe.train.batch_size
+    times = []
+    for k in range(repeats):
+        start = time.perf_counter()
+        objective.draw(shapes, [mix_seed(0, SAMPLE_DRAWS, k * b + i) for i in range(b)], k,
+                       recipe.model.class_dropout)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def loop_rows(steps: int, workers: list[int]) -> list[dict]:
+    """Train each LOOPS entry for `steps` steps, logging every step; the first is warm-up."""
+    from dfm_cli.train import train
+
+    rows = []
+    for label, path, overrides in LOOPS:
+        for w in workers:
+            recipe = load_recipe(path, [*overrides, f"train.steps={steps}", "train.log_every=1",
+                                        f"train.checkpoint_every={steps}", "sample.n=1",
+                                        "sample.steps=[1, 1]", f"data.num_workers={w}"])
+            with tempfile.TemporaryDirectory() as tmp:
+                train(recipe, Path(tmp), console=Console(quiet=True))
+                lines = [json.loads(x) for x in (Path(tmp) / "stats.jsonl").read_text().splitlines()][1:]
+            step = statistics.median(line["step_time_s"] for line in lines)
+            draws = draw_time(recipe)
+            rows.append(row := {"config": label, "model": recipe.model.name, "batch": recipe.train.batch_size,
+                         "workers": w, "step": step,
+                         "wait": statistics.median(line["data_wait_share"] for line in lines),
+                         "draws": draws, "draw_share": draws / step})
+            print(row, flush=True)  # long runs: each result as soon as it is known
+    return rows
+
+
+def print_loop(steps: int, workers: list[int]) -> None:
+    table = Table(title=f"training loop, median of {steps - 1} steps after one warm-up, {pick_device()}")
+    for col in ("config", "model", "batch", "data.num_workers", "step (ms)", "waiting for data",
+                "draws in-process (ms)", "draws / step"):
+        table.add_column(col, justify="right")
+    for r in loop_rows(steps, workers):
+        table.add_row(r["config"], r["model"], str(r["batch"]), str(r["workers"]), f"{r['step'] * 1e3:.1f}",
+                      f"{r['wait']:.1%}", f"{r['draws'] * 1e3:.2f}", f"{r['draw_share']:.1%}")
+    Console(width=160).print(table)
+
+
+def print_fm_dfm(args: argparse.Namespace) -> None:
     rows = measure(args.model, args.resolution, 3, args.batch, args.steps, args.rounds, use_compile=False)
     table = Table(title=f"{args.model}, {args.resolution}px, batch {args.batch}, {pick_device()}")
     for col in ("method", "tokens", "params", "median step (ms)", "images/s"):
@@ -38,6 +105,22 @@ def main() -> None:
     console.print(table)
     ratio = rows["DFM"]["step"] / rows["FM"]["step"]
     console.print(f"DFM/FM step-time ratio: {ratio:.3f} (target <= 1.05 on CPU; the paper measured 1.012 on GPU)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="DFM-T/4")
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per method per round (--loop: steps per run)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--loop", action="store_true", help="time the whole training loop instead")
+    ap.add_argument("--workers", default="0", help="--loop: data.num_workers values, e.g. 0,1")
+    args = ap.parse_args()
+    if args.loop:
+        print_loop(args.steps, [int(w) for w in args.workers.split(",")])
+    else:
+        print_fm_dfm(args)
 
 
 if __name__ == "__main__":

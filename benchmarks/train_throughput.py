@@ -49,6 +49,8 @@ class Bench:
             self.step.forward = compiled(model, lambda fn: None, Console())
         self.x = torch.randn(batch, channels, size, size, device=device)
         self.y = torch.randint(0, 1000, (batch,), device=device)
+        seeds = range(batch)  # drawn once: in training the data loader makes them off the step
+        self.draws = self.step.objective.draw(self.step.shapes, seeds, 0, self.recipe.model.class_dropout)
         self.interval, self.device, self.model = Interval(levels), device, model
         self.times: list[float] = []
         self.count = 0
@@ -58,7 +60,7 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            self.step(self.count, self.x, self.y, self.interval)
+            self.step(self.count, self.x, self.y, self.draws, self.interval)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.count += 1

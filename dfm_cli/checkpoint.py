@@ -10,10 +10,14 @@ No pickle is involved anywhere, so loading a stranger's checkpoint cannot run co
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,40 @@ from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 
 STATE = "state.json"
+LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a trained model needs besides its recipe, stored in every checkpoint's `state.json`.
+
+    `shape` is one item of the training data (`C H W`, or `C T H W` for video; a store's
+    latents, not pixels), `autoencoder` the config that decodes samples back to pixels, and
+    `level_stats` the per-level statistics of a standardized decomposition (else None).
+
+    >>> info = RunInfo((1, 32, 32), 2, ("cat", "dog"), {"name": "pixel", "channels": 1})
+    >>> RunInfo.from_state(info.to_state(), Path("state.json")) == info
+    True
+    """
+
+    shape: tuple[int, ...]
+    num_classes: int
+    class_names: tuple[str, ...]
+    autoencoder: dict[str, Any]
+    level_stats: dict[str, Any] | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        return {**asdict(self), "shape": list(self.shape), "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], where: Path) -> RunInfo:
+        """Read back `to_state`; a state written without these keys is a one-line error."""
+        missing = [k for k in ("shape", "num_classes", "class_names", "autoencoder") if k not in state]
+        if missing:
+            raise DfmError(f"{where}: lacks {', '.join(missing)}; it was not written by this version of "
+                           "`dfm train`; retrain the run, or add the keys by hand")
+        return cls(tuple(state["shape"]), int(state["num_classes"]), tuple(state["class_names"]),
+                   dict(state["autoencoder"]), state.get("level_stats"))
 
 
 def _fsync_path(path: Path) -> None:
@@ -70,7 +108,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
-    tmp = root / f".tmp-step-{step:09d}"
+    tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"  # unique to the process, as is the link below
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, tensors in weights.items():
@@ -82,7 +120,7 @@ def save_checkpoint(
         _fsync_path(f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    link = root / ".latest-tmp"
+    link = root / f".latest-tmp-{os.getpid()}"
     link.unlink(missing_ok=True)
     link.symlink_to(final.name)
     os.replace(link, root / "latest")
@@ -113,6 +151,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "or one of its checkpoints/step-* folders"
         )
     return found[-1]
+
+
+def load_run_info(ckpt: Path) -> RunInfo:
+    """The `RunInfo` of one checkpoint folder, without loading its weights."""
+    _, state = load_checkpoint(ckpt, ())
+    return RunInfo.from_state(state, ckpt / STATE)
 
 
 def load_checkpoint(ckpt: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
@@ -165,6 +209,10 @@ def save_training_state(run_dir: Path, step: int, model, ema, optimizer, state: 
 def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Context) -> dict[str, Any]:
     """Restore what `save_training_state` wrote, on every rank; returns the JSON state."""
     weights, state = load_checkpoint(ckpt, ("model", "ema", "optimizer"))
+    missing = [k for k in ("step", "param_groups") if k not in state]
+    if missing:
+        raise DfmError(f"{ckpt / STATE}: lacks {', '.join(missing)}, so the run cannot resume from it; "
+                       "delete this checkpoint to fall back to an older one")
     distributed.load_full_state(model, weights["model"], optimizer,
                                 optimizer_state(weights["optimizer"], state["param_groups"]))
     distributed.load_full_state(ema, weights["ema"])
@@ -172,3 +220,58 @@ def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Cont
     if ctx.rank < len(rngs):
         set_rng_state(rngs[ctx.rank])
     return state
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for this process: a second `dfm train` on it is refused, naming us.
+
+    `flock` is released by the kernel when the process dies, however it dies, so a killed run
+    never leaves a stale lock. A folder this call created and that holds nothing but the lock
+    at the end (the run stopped before writing anything) is removed again.
+    """
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DfmError(f"{run_dir}: cannot use it as a run folder ({e.strerror}); pass another --out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DfmError(f"{run_dir} is in use by another dfm process (PID {holder}); wait for it to finish "
+                       "or stop it, or train into another --out folder") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for stale in (run_dir / "checkpoints").glob(".*tmp-*"):  # left by a killed process
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+        yield
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        os.close(fd)
+
+
+def truncate_stats(path: Path, step: int) -> None:
+    """Keep only the `stats.jsonl` lines up to `step` (the checkpoint a run resumes from), so
+    lines written after it, which the resumed run writes again, appear once. A torn last
+    line from a killed process goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

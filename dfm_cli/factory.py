@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dfm_cli.checkpoint import load_checkpoint, resolve_checkpoint
+from dfm_cli.checkpoint import STATE, RunInfo, load_checkpoint, resolve_checkpoint
 from dfm_cli.decompose import LaplacianPyramid, Standardized, build_decomposition
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import FlowObjective
@@ -56,15 +56,16 @@ def build_objective(recipe: Recipe) -> FlowObjective:
     )
 
 
-def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, dict]:
+def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, RunInfo]:
     """Rebuild a trained model from a run folder or checkpoint, on the best device, in eval mode."""
     ckpt = resolve_checkpoint(path)
     recipe = load_recipe(ckpt / "recipe.toml")
     name = "ema" if ema else "model"
     weights, state = load_checkpoint(ckpt, (name,))
-    model = build_model(recipe, tuple(state["shape"]), state["num_classes"])
+    info = RunInfo.from_state(state, ckpt / STATE)
+    model = build_model(recipe, info.shape, info.num_classes)
     model.load_state_dict(weights[name])
-    return model.to(pick_device()).eval(), recipe, state
+    return model.to(pick_device()).eval(), recipe, info
 
 
 def pick_device() -> torch.device:

@@ -1,4 +1,4 @@
-"""The per-stage flow objective (METHOD.md §2, paper Algorithm 1).
+"""The per-stage flow objective (paper §3.3, Algorithm 1; docs/method.md).
 
 Time follows the paper: t = 0 is noise, t = 1 is data, `x_t = t x1 + (1 - t) x0`, and the
 velocity target is `x1 - x0`. A training example draws a stage Q (levels 1..Q active), a
@@ -10,7 +10,8 @@ With one level this is exactly Flow Matching with logit-normal timesteps.
 
 Stage indices are 0-based in code (`stage = k` means levels 0..k are active). All randomness
 is drawn up front by `FlowObjective.draw`, one seeded generator per sample, so a batch's
-maths does not depend on how it is split across devices or micro-batches.
+maths does not depend on how it is split across devices or micro-batches. Training makes
+the draws in its data loader (`train.DrawnBatches`), off the step's critical path.
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class Draws:
     def to(self, device: torch.device) -> Draws:
         return Draws(self.stage.to(device), self.t.to(device), self.drop.to(device),
                      [n.to(device, non_blocking=True) for n in self.noise])
+
+    def pin_memory(self) -> Draws:
+        """Called by a `DataLoader` with `pin_memory=True`, so the copy to the GPU can overlap."""
+        return Draws(self.stage.pin_memory(), self.t.pin_memory(), self.drop.pin_memory(),
+                     [n.pin_memory() for n in self.noise])
+
+    def __getitem__(self, rows: slice) -> Draws:
+        """The draws of a slice of the batch (a micro-batch)."""
+        return Draws(self.stage[rows], self.t[rows], self.drop[rows], [n[rows] for n in self.noise])
 
 
 @dataclass(frozen=True)

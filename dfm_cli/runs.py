@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dfm_cli.checkpoint import STATE, complete_checkpoints, resolve_checkpoint
+from dfm_cli.checkpoint import STATE, RunInfo, complete_checkpoints, resolve_checkpoint
 from dfm_cli.errors import DfmError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class TrainedRun:
     ema: bool
     model: torch.nn.Module
     recipe: Recipe
-    state: dict
+    info: RunInfo
 
 
 def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
@@ -53,11 +53,11 @@ def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
     from dfm_cli.factory import load_trained
 
     ckpt = resolve_checkpoint(path)
-    model, recipe, state = load_trained(ckpt, ema=ema)
+    model, recipe, info = load_trained(ckpt, ema=ema)
     weights = ckpt / f"{'ema' if ema else 'model'}.safetensors"
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         hint = "sample the raw weights with --no-ema, or " if ema else ""
         raise DfmError(f"{weights}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
                        f"{hint}an earlier checkpoint under {ckpt.parent}")
-    return TrainedRun(ckpt, weights, ema, model, recipe, state)
+    return TrainedRun(ckpt, weights, ema, model, recipe, info)

@@ -237,11 +237,11 @@ def write_run_sample_set(
     from dfm_cli.autoencoders import from_config
     from dfm_cli.factory import build_pyramid
 
-    state = trained.state
-    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": state["autoencoder"]}
-    return write_sample_set(trained.model, build_pyramid(trained.recipe, state.get("level_stats")), settings, out,
-                            num=num, batch=batch, seed=seed, num_classes=state["num_classes"], source=source,
-                            ctx=ctx, decode=from_config(state["autoencoder"], ctx.device).decode,
+    info = trained.info
+    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
+    return write_sample_set(trained.model, build_pyramid(trained.recipe, info.level_stats), settings, out,
+                            num=num, batch=batch, seed=seed, num_classes=info.num_classes, source=source,
+                            ctx=ctx, decode=from_config(info.autoencoder, ctx.device).decode,
                             overwrite=overwrite, on_batch=on_batch)
 
 

@@ -45,6 +45,10 @@ class Interval:
         self.sums[2 + 2 * s: 2 + 2 * s + T_BINS].index_add_(0, bins, own)
         self.sums[2 + 2 * s + T_BINS:].index_add_(0, bins, torch.ones_like(own))
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of non-training work (evaluation, previews) out of the speed."""
+        self.start += seconds
+
     def end_step(self, grad_norm: float, data_wait: float) -> None:
         self.steps += 1
         self.grad_norm += grad_norm

@@ -16,21 +16,24 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from dfm_cli import distributed
-from dfm_cli.checkpoint import complete_checkpoints, load_training_state, save_training_state
+from dfm_cli.autoencoders import from_config
+from dfm_cli.checkpoint import (RunInfo, complete_checkpoints, load_training_state, run_lock, save_training_state,
+                                truncate_stats)
 from dfm_cli.data import StreamBatches, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid
-from dfm_cli.autoencoders import from_config
+from dfm_cli.flow import Draws, FlowObjective
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
@@ -41,7 +44,9 @@ from dfm_cli.stats import Interval
 # Keys that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.milestone_every", "train.preview_every", "train.max_nonfinite_steps",
-                     "train.batch_per_gpu", "train.compile", "train.peak_tflops", "data.num_workers"}
+                     "train.batch_per_gpu", "train.compile", "train.peak_tflops", "data.num_workers",
+                     "train.eval_every", "train.eval_num", "train.eval_metrics"}
+PLAIN_PROGRESS_S = 30.0  # without a terminal, a progress line at least this often
 
 Hook = Callable[[int, torch.nn.Module], dict]
 
@@ -66,20 +71,23 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach(), 1 - decay)
 
 
-def check_resumable(run_dir: Path, recipe: Recipe) -> None:
-    """Refuse to continue a run with a recipe that would change what it learns."""
-    old_path = run_dir / "recipe.toml"
-    if not old_path.is_file():
-        return
-    old, new = load_recipe(old_path).to_dict(), recipe.to_dict()
-    for section, body in new.items():
-        for key, value in body.items():
-            name = f"{section}.{key}"
-            if name not in RESUMABLE_CHANGES and old[section].get(key) != value:
-                raise DfmError(
-                    f"{run_dir} was trained with {name} = {old[section].get(key)!r}, not {value!r}; "
-                    "use a new --out folder, or the run's own recipe.toml to continue it"
-                )
+def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -> None:
+    """Refuse to continue a run with a recipe that would change what it learns. The recipe is
+    compared with the folder's `recipe.toml` and with the one inside the `newest` checkpoint,
+    which is what its weights were trained with even if the folder's copy is gone."""
+    new = recipe.to_dict()
+    for old_path in (run_dir / "recipe.toml", *([newest / "recipe.toml"] if newest else [])):
+        if not old_path.is_file():
+            continue
+        old = load_recipe(old_path).to_dict()
+        for section, body in new.items():
+            for key, value in body.items():
+                name = f"{section}.{key}"
+                if name not in RESUMABLE_CHANGES and old[section].get(key) != value:
+                    raise DfmError(
+                        f"{old_path.parent} was trained with {name} = {old[section].get(key)!r}, not {value!r}; "
+                        "use a new --out folder, or the run's own recipe.toml to continue it"
+                    )
 
 
 def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
@@ -95,6 +103,51 @@ def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
     return local, micro
 
 
+@dataclass(frozen=True)
+class BatchKey:
+    """What the loader needs to build one step's batch on one rank."""
+
+    step: int
+    first: int  # position in the sample stream of this rank's first sample
+    indices: list[int]  # dataset items, in order
+
+
+class StepBatches(Sampler[BatchKey]):
+    """`StreamBatches` with each batch tagged by its step and stream position, the two things
+    the per-sample and per-batch seeds of the draws are made from."""
+
+    def __init__(self, n: int, recipe: Recipe, start: int, rank: int, world: int):
+        self.stream = StreamBatches(n, recipe.train.batch_size, recipe.train.seed, start, rank, world)
+        self.start, self.batch_size, self.rank, self.local = start, recipe.train.batch_size, rank, split_batch(
+            recipe, world)[0]
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        for step, indices in enumerate(self.stream, self.start):
+            yield BatchKey(step, step * self.batch_size + self.rank * self.local, indices)
+
+
+class DrawnBatches(Dataset):
+    """The training data with every sample's draws (stage, timesteps, label dropout, noise)
+    attached. The `DataLoader` builds these batches, in its worker processes when
+    `data.num_workers > 0`, so the step does not wait for the draws; they are the same
+    draws, from the same seeds, as if the step made them itself."""
+
+    def __init__(self, dataset: Dataset, objective: FlowObjective, shapes: Sequence[Sequence[int]], seed: int,
+                 label_dropout: float):
+        self.dataset, self.objective, self.shapes = dataset, objective, shapes
+        self.seed, self.label_dropout = seed, label_dropout
+
+    def __getitems__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor, Draws]:
+        if hasattr(self.dataset, "__getitems__"):
+            x, y = self.dataset.__getitems__(key.indices)
+        else:
+            x, y = default_collate([self.dataset[i] for i in key.indices])
+        seeds = [mix_seed(self.seed, SAMPLE_DRAWS, key.first + i) for i in range(len(key.indices))]
+        draws = self.objective.draw(self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step),
+                                    self.label_dropout)
+        return x, y, draws
+
+
 class Step:
     """One optimizer step over this rank's share of a global batch, with the non-finite guard."""
 
@@ -107,20 +160,19 @@ class Step:
         inner = distributed.unwrap(model)
         self.shapes = [(inner.channels, *size) for size in inner.level_sizes]
 
-    def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, interval: Interval) -> tuple[float, bool]:
-        """Returns (grad norm, whether the step was applied); applied steps join `interval`."""
+    def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws,
+                 interval: Interval) -> tuple[float, bool]:
+        """One step on this rank's batch and its `draws` (see `DrawnBatches`); returns (grad
+        norm, whether the step was applied). Applied steps join `interval`."""
         t, ctx = self.recipe.train, self.ctx
-        first = step * t.batch_size + ctx.rank * self.local
-        seeds = [mix_seed(t.seed, SAMPLE_DRAWS, first + i) for i in range(self.local)]
-        batch_seed = mix_seed(t.seed, BATCH_STAGE, step)
+        draws = draws.to(ctx.device)
         scale = ctx.world / t.batch_size  # DDP averages over ranks; we want the global mean
         chunks = range(0, self.local, self.micro)
         loss_sum, outs = torch.zeros((), dtype=torch.float64), []
         for j, lo in enumerate(chunks):
             sl = slice(lo, lo + self.micro)
-            draws = self.objective.draw(self.shapes, seeds[sl], batch_seed, self.recipe.model.class_dropout)
             with distributed.no_grad_sync(self.model, skip=j < len(chunks) - 1), self.autocast():
-                out = self.objective.loss(self.forward, self.pyramid.decompose(x[sl]), y[sl], draws,
+                out = self.objective.loss(self.forward, self.pyramid.decompose(x[sl]), y[sl], draws[sl],
                                           null_class=distributed.unwrap(self.model).null_class)
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
@@ -157,7 +209,8 @@ def compiled(forward: torch.nn.Module, probe: Callable[[Callable], object], cons
 def train(recipe: Recipe, run_dir: Path, console: Console | None = None,
           hooks: Sequence[tuple[int, Hook]] = ()) -> dict:
     """Train (or resume) the run in `run_dir`; `hooks` are `(every_n_steps, fn(step, ema))`
-    whose returned dicts join the stats line (periodic evaluation). Returns the last line."""
+    whose returned dicts join the stats (periodic evaluation), every n steps and at the last.
+    Returns the last log line."""
     ctx = distributed.init()
     try:
         return _train(recipe, run_dir, ctx, console or Console(stderr=True, quiet=not ctx.main), hooks)
@@ -167,32 +220,49 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None,
 
 def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console,
            hooks: Sequence[tuple[int, Hook]]) -> dict:
-    t = recipe.train
-    check_resumable(run_dir, recipe)
     split_batch(recipe, ctx.world)
+    with ExitStack() as held:
+        refused = None
+        if ctx.main:  # torchrun's ranks share the folder through rank 0's lock
+            try:
+                held.enter_context(run_lock(run_dir))
+            except DfmError as e:
+                refused = e
+        if float(distributed.all_sum(ctx, torch.tensor([float(refused is not None)]))) > 0:
+            raise refused or DfmError(f"{run_dir}: rank 0 could not take the run folder (see its message)")
+        return _train_held(recipe, run_dir, ctx, console, hooks)
+
+
+def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console,
+                hooks: Sequence[tuple[int, Hook]]) -> dict:
+    t = recipe.train
+    found = complete_checkpoints(run_dir)
+    check_resumable(run_dir, recipe, found[-1] if found else None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
                             strict=recipe.data.strict)
     level_stats = data_level_statistics(recipe, dataset) if recipe.flow.standardize else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
+    info = RunInfo(tuple(dataset.shape), dataset.num_classes, tuple(dataset.class_names),
+                   getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel", "channels": dataset.channels}),
+                   level_stats)
+    if t.eval_every:
+        from dfm_cli.train_eval import TrainingEvaluation
+
+        hooks = [*hooks, (t.eval_every, TrainingEvaluation(recipe, dataset, info, pyramid, ctx, run_dir))]
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
     base = build_model(recipe, dataset.shape, dataset.num_classes).to(ctx.device)
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                             weight_decay=t.weight_decay, fused=ctx.device.type == "cuda")
-    facts = {"shape": list(dataset.shape), "num_classes": dataset.num_classes,
-             "class_names": list(dataset.class_names), "level_stats": level_stats,
-             "autoencoder": getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel",
-                                                                               "channels": dataset.channels})}
     start, nonfinite = 0, 0
-    found = complete_checkpoints(run_dir)
     if found:
         state = load_training_state(found[-1], model, ema, opt, ctx)
         start, nonfinite = state["step"], state.get("nonfinite_steps", 0)
         console.print(f"resuming {run_dir} from step {start} ({found[-1].name})")
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_stats(run_dir / "stats.jsonl", start)  # lines after the checkpoint are written again
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
 
     step_fn = Step(recipe, ctx, model, model, ema, opt, objective, pyramid)
@@ -203,35 +273,42 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
                 zeros = torch.zeros(1, dtype=torch.long, device=ctx.device)
                 fn(xs, torch.zeros(1, len(xs), device=ctx.device), zeros, zeros)
         step_fn.forward = compiled(model, probe, console)
-    local, _ = split_batch(recipe, ctx.world)
-    loader = DataLoader(dataset, batch_sampler=StreamBatches(len(dataset), t.batch_size, t.seed, start,
-                                                             ctx.rank, ctx.world),
+    loader = DataLoader(DrawnBatches(dataset, objective, step_fn.shapes, t.seed, recipe.model.class_dropout),
+                        batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
                         num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda",
-                        collate_fn=_as_batch if hasattr(dataset, "__getitems__") else None)
+                        collate_fn=_as_batch)
     flops = forward_flops(distributed.unwrap(model)) * 3
     peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32,
                        t.peak_tflops)
     interval, last = Interval(recipe.flow.levels), {}
 
     def checkpoint(step: int) -> None:
+        if not finite_weights(ema, ctx):
+            good = complete_checkpoints(run_dir)
+            raise TrainingStopped(
+                f"step {step}: the EMA weights hold non-finite values, so no checkpoint was written; the last "
+                f"good checkpoint is {good[-1] if good else 'none'}; lower train.lr or raise train.warmup_steps"
+            )
         state = {"step": step, "images_seen": step * t.batch_size, "nonfinite_steps": nonfinite,
-                 "world_size": ctx.world, **facts}
+                 "world_size": ctx.world, **info.to_state()}
         milestone = bool(t.milestone_every) and step % t.milestone_every == 0
         save_training_state(run_dir, step, model, ema, opt, state, recipe.to_toml(), t.keep_checkpoints,
                             milestone, ctx)
 
+    plain = not console.is_terminal  # a log file gets plain lines, a terminal the live bar
     progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=plain)
     stats_file = (run_dir / "stats.jsonl").open("a") if ctx.main else None
+    began = last_plain = time.perf_counter()
     with progress, stats_file or nullcontext():
         task = progress.add_task("train", total=t.steps, completed=start, info="")
         batches = iter(loader)
         for step in range(start, t.steps):
             wait = time.perf_counter()
-            x, y = next(batches)
+            x, y, draws = next(batches)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             wait = time.perf_counter() - wait
-            grad_norm, applied = step_fn(step, x, y, interval)
+            grad_norm, applied = step_fn(step, x, y, draws, interval)
             interval.end_step(grad_norm if applied else 0.0, wait)
             done = step + 1
             if not applied:
@@ -245,26 +322,56 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
                         f"{t.max_nonfinite_steps}; the last good checkpoint is "
                         f"{good[-1] if good else 'none (no checkpoint was written yet)'}"
                     )
-            if done % t.log_every == 0 or done == t.steps:
-                last = {"step": done, "images_seen": done * t.batch_size, "lr": lr_at(recipe, step),
+            logged = done % t.log_every == 0 or done == t.steps
+            row = {"step": done, "images": done * t.batch_size}
+            if logged:
+                last = {**row, "images_seen": done * t.batch_size, "lr": lr_at(recipe, step),
                         "nonfinite_steps": nonfinite, **interval.summary(ctx, flops, peak)}
-                for every, hook in hooks:
-                    if done % every == 0:
-                        last.update(hook(done, ema))
+                row = last
+            paused = time.perf_counter()
+            for every, hook in hooks:
+                if done % every == 0 or done == t.steps:
+                    row.update(hook(done, ema))
+            if t.preview_every and done % t.preview_every == 0:
+                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}", info, ctx)
+            interval.exclude(time.perf_counter() - paused)  # evaluation and previews are not training speed
+            if logged:
                 interval.reset()
-                if stats_file:
-                    stats_file.write(json.dumps(last) + "\n")
-                    stats_file.flush()
+            if stats_file and len(row) > 2:
+                stats_file.write(json.dumps(row) + "\n")
+                stats_file.flush()
+            if logged:
                 mfu = f"  MFU {last['mfu']:.1%}" if last["mfu"] is not None else ""
                 progress.update(task, info=f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s{mfu}")
             progress.update(task, completed=done)
-            if t.preview_every and done % t.preview_every == 0:
-                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}", facts, ctx)
+            now = time.perf_counter()
+            if plain and (logged or now - last_plain >= PLAIN_PROGRESS_S):
+                console.print(progress_line(done, t.steps, last, (now - began) / (done - start)), highlight=False)
+                console.file.flush()
+                last_plain = now
             if done % t.checkpoint_every == 0 or done == t.steps:
                 checkpoint(done)
     if start < t.steps or not list((run_dir / "samples").glob("grid.*")):
-        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid", facts, ctx)
+        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid", info, ctx)
     return last
+
+
+def progress_line(done: int, total: int, last: dict, seconds_per_step: float) -> str:
+    """The plain progress line for logs.
+
+    >>> progress_line(50, 1500, {"loss": 0.51234, "images_per_s": 183.6}, 0.35)
+    'train step 50/1500 (3%)  loss 0.5123  184 img/s  8m27s left'
+    """
+    left = round(seconds_per_step * (total - done))
+    speed = f"  loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s" if last else ""
+    return f"train step {done}/{total} ({done / total:.0%}){speed}  {left // 60}m{left % 60:02d}s left"
+
+
+def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
+    """Whether every parameter is finite on every rank (each rank checks its own shards)."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in module.parameters())
+    return float(distributed.all_sum(ctx, torch.tensor([float(bad)]))) == 0
 
 
 def data_level_statistics(recipe: Recipe, dataset) -> dict:
@@ -277,21 +384,21 @@ def data_level_statistics(recipe: Recipe, dataset) -> dict:
 
 
 def _as_batch(batch):
-    """In-memory datasets return whole batches from `__getitems__`; nothing to collate."""
+    """`DrawnBatches` returns whole batches from `__getitems__`; nothing to collate."""
     return batch
 
 
-def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, facts: dict,
+def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info: RunInfo,
                 ctx: distributed.Context) -> None:
     """A grid with the recipe's sampler settings, one class per column, decoded by the data's
     autoencoder: `path`.png for images, `path`.gif for video. Every rank samples (a sharded
     EMA needs them all); rank 0 writes."""
     s = recipe.sample
-    num_classes = facts["num_classes"]
+    num_classes = info.num_classes
     ema.eval()
     settings = SamplerSettings.resolve(recipe, recipe.flow.levels)
     result = generate(ema, class_balanced_labels(s.n, num_classes), pyramid, settings, seed=recipe.train.seed)
     if ctx.main:
-        pixels = from_config(facts["autoencoder"], result.x.device).decode(result.x)
+        pixels = from_config(info.autoencoder, result.x.device).decode(result.x)
         suffix = ".gif" if pixels.ndim == 5 else ".png"
         save_samples(pixels, path.with_suffix(suffix), nrow=num_classes if s.n % num_classes == 0 else None)

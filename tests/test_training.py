@@ -18,6 +18,7 @@ from conftest import TINY, run_dfm
 from dfm_cli import checkpoint as ckpt_io
 from dfm_cli.cli import app
 from dfm_cli.data import TensorImages
+from dfm_cli.errors import DfmError
 from dfm_cli.recipe import load_recipe
 from dfm_cli.train import compiled, train
 
@@ -202,3 +203,141 @@ def test_compiled_training_matches_eager(tmp_path):
     run_dfm("train", TINY, "--out", tmp_path / "eager")
     run_dfm("train", TINY, "--out", tmp_path / "compiled", "--set", "train.compile=true")
     assert_close(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-4)
+
+
+def stats_steps(run):
+    return [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
+
+
+def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_intact(tmp_path):
+    run = tmp_path / "run"
+    args = ["--out", str(run), "--set", "train.steps=20", "--set", "train.checkpoint_every=10"]
+    first = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), *args],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(first.pid)):
+        assert first.poll() is None and time.time() < deadline, "the first run never took the folder"
+        time.sleep(0.01)
+    second = run_dfm("train", TINY, *args, check=False)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert second.stderr.strip() == (f"error: {run} is in use by another dfm process (PID {first.pid}); wait for it "
+                                     "to finish or stop it, or train into another --out folder")
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    assert stats_steps(run) == list(range(2, 21, 2))
+    assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000010", "step-000000020"]
+    assert not list((run / "checkpoints").glob(".*tmp*"))
+    assert load_recipe(run / "recipe.toml") == load_recipe(TINY, ["train.steps=20", "train.checkpoint_every=10"])
+
+
+def test_the_lock_goes_with_a_killed_process_and_a_refused_new_folder_is_not_left_behind(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(run),
+                             "--set", "train.steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (run / "stats.jsonl").is_file() or not (run / "stats.jsonl").read_text():
+        assert proc.poll() is None
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with ckpt_io.run_lock(run):  # the kernel released the dead process's lock
+        pass
+    bad = run_dfm("train", TINY, "--out", tmp_path / "new", "--set", "data.name=folder",
+                  "--set", f"data.path={tmp_path / 'missing'}", check=False)
+    assert bad.returncode == 2 and not (tmp_path / "new").exists()
+
+
+def test_stats_are_cut_back_to_the_resumed_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["--out", run, "--set", "train.steps=12", "--set", "train.log_every=1", "--set", "train.keep_checkpoints=5"]
+    run_dfm("train", TINY, *args)
+    straight = (run / "stats.jsonl").read_text().splitlines()
+    # As if killed after logging step 12 but before its checkpoint (and step 8's) made it to disk.
+    for step in (8, 12):
+        import shutil
+        shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
+    with (run / "stats.jsonl").open("a") as f:
+        f.write('{"step": 13, "lo')  # a line torn by the kill
+    run_dfm("train", TINY, *args)
+    assert stats_steps(run) == list(range(1, 13))
+    resumed = (run / "stats.jsonl").read_text().splitlines()
+    drop_speed = lambda rows: [{k: v for k, v in json.loads(r).items() if k in ("step", "images", "loss")}  # noqa: E731
+                               for r in rows]
+    assert drop_speed(resumed) == drop_speed(straight)
+
+
+def test_resume_compares_the_recipe_of_the_newest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run_dfm("train", TINY, "--out", run)
+    (run / "recipe.toml").unlink()
+    bad = run_dfm("train", TINY, "--out", run, "--set", "train.steps=12", "--set", "train.lr=0.002", check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == (f"error: {run / 'checkpoints' / 'step-000000008'} was trained with train.lr = 0.001, "
+                                  "not 0.002; use a new --out folder, or the run's own recipe.toml to continue it")
+    assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000004", "step-000000008"]
+
+
+def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkeypatch):
+    import dfm_cli.train as training
+
+    original = training.update_ema
+
+    def poisoned(ema, model, decay):
+        original(ema, model, decay)
+        if not training.complete_checkpoints(tmp_path / "run"):  # after step 4's checkpoint, break the EMA
+            return
+        next(ema.parameters()).data.fill_(float("inf"))
+
+    monkeypatch.setattr(training, "update_ema", poisoned)
+    result = CliRunner().invoke(app, ["train", str(TINY), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert ("step 8: the EMA weights hold non-finite values, so no checkpoint was written; the last good "
+            f"checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-000000004'}") in result.output
+    assert [c.name for c in ckpt_io.complete_checkpoints(tmp_path / "run")] == ["step-000000004"]
+    assert not (tmp_path / "run" / "samples").exists()
+
+
+def test_progress_lines_reach_a_log_file_while_training_runs(tmp_path):
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(tmp_path / "run"),
+                                 "--set", "train.steps=100000"], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while log.read_text().count("train step") < 2:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+    lines = [line for line in log.read_text().splitlines() if line.startswith("train step")]
+    assert lines[0].startswith("train step 2/100000 (0%)  loss ") and lines[0].endswith("s left")
+    assert lines[1].startswith("train step 4/100000")
+
+
+def test_evaluation_during_training_writes_metric_rows(tmp_path):
+    recipe = load_recipe(TINY, ["train.eval_every=3", "train.eval_num=6", 'train.eval_metrics=["swd"]'])
+    train(recipe, tmp_path, console=Console(quiet=True))
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["images"]) for r in rows] == [(2, 16), (3, 24), (4, 32), (6, 48), (8, 64)]
+    evaluated = {r["step"]: r["eval_swd"] for r in rows if "eval_swd" in r}
+    assert list(evaluated) == [3, 6, 8]  # every eval_every steps, and at the last step
+    assert all(0 < v < float("inf") for v in evaluated.values())
+    assert "loss" not in rows[1] and "loss" in rows[3]  # step 3 is an evaluation-only row
+    bad = load_recipe(TINY, ["train.eval_every=3", 'train.eval_metrics=["fdd"]'])
+    with pytest.raises(DfmError, match=r"train.eval_metrics = \['fdd'\]: choose from fid, swd"):
+        train(bad, tmp_path / "bad", console=Console(quiet=True))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_state_without_run_info_is_a_one_line_error_naming_the_file(tmp_path):
+    from dfm_cli.factory import load_trained
+
+    run = tmp_path / "run"
+    train(load_recipe(TINY, ["train.steps=2", "train.checkpoint_every=2"]), run, console=Console(quiet=True))
+    info = ckpt_io.load_run_info(ckpt_io.resolve_checkpoint(run))
+    assert info.shape == (1, 16, 16) and info.num_classes == 10 and info.class_names[0] == "bear"
+    state_file = run / "checkpoints" / "step-000000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["shape"], state["autoencoder"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(DfmError, match=f"^{state_file}: lacks shape, autoencoder; it was not written by this "):
+        load_trained(run)
+    bad = run_dfm("sample", run, "--out", tmp_path / "grid.png", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(state_file) in bad.stderr

@@ -57,12 +57,12 @@ def sample(
         run = newest_run()
         console.print(f"sampling the newest run under runs/: {run}")
     trained = load_for_sampling(run, ema=ema)
-    model, state = trained.model, trained.state
+    model, info = trained.model, trained.info
     settings = SamplerSettings.resolve(trained.recipe, model.levels, stages=stages, steps=step_list, tau=tau_list,
                                        cfg=cfg, interval=interval_list, solver=solver)
-    num_classes = state["num_classes"]
+    num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
-        raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(state['class_names'])})")
+        raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})")
     if num is not None:
         write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite)
     else:
@@ -103,12 +103,12 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
     from dfm_cli.media import save_samples
     from dfm_cli.sampler import class_balanced_labels, generate
 
-    model, state = trained.model, trained.state
-    num_classes = state["num_classes"]
-    decode = from_config(state["autoencoder"], next(model.parameters()).device).decode
+    model, info = trained.model, trained.info
+    num_classes = info.num_classes
+    decode = from_config(info.autoencoder, next(model.parameters()).device).decode
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, num_classes)
     start = time.perf_counter()
-    result = generate(model, labels, build_pyramid(trained.recipe, state.get("level_stats")), settings,
+    result = generate(model, labels, build_pyramid(trained.recipe, info.level_stats), settings,
                       seed=seed, previews=previews)
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None

@@ -1,0 +1,116 @@
+"""Evaluation during training (`train.eval_every`): metric against training images, in `stats.jsonl`.
+
+Every `train.eval_every` steps (and at the last step) the EMA model generates
+`train.eval_num` class-balanced samples with the recipe's sampler settings and the same
+noise each time, so successive points differ only by the weights. They are scored with
+`dfm eval`'s own functions against the run's training data: FID against (up to
+`REFERENCE_MAX` of) its images, whose Inception features are computed once and cached, and
+SWD against a fixed subset as large as the sample set. The stats line gets `eval_fid` /
+`eval_swd` next to `step` and `images`, so a curve of metric against training images is
+one read of the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from dfm_cli import distributed, evaluate
+from dfm_cli.autoencoders import from_config
+from dfm_cli.checkpoint import RunInfo
+from dfm_cli.data import TensorImages
+from dfm_cli.errors import DfmError
+from dfm_cli.media import to_uint8
+from dfm_cli.recipe import Recipe
+from dfm_cli.sampler import generate
+
+METRICS = ("fid", "swd")
+REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
+BATCH = 64
+
+
+def reference_images(dataset) -> np.ndarray:
+    """Up to `REFERENCE_MAX` training images, evenly strided, uint8 channels-last (`N H W C`)."""
+    n = len(dataset)
+    pick = np.linspace(0, n - 1, min(n, REFERENCE_MAX)).round().astype(int)
+    if isinstance(dataset, TensorImages):
+        return dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
+    return to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
+
+
+def swd_levels(size: int, patch: int = 7) -> int:
+    """SWD's usual 3 pyramid levels, fewer when the coarsest would be smaller than a patch.
+
+    >>> swd_levels(32), swd_levels(16), swd_levels(8)
+    (3, 2, 1)
+    """
+    levels = 3
+    while levels > 1 and size >> (levels - 1) < patch:
+        levels -= 1
+    return levels
+
+
+class TrainingEvaluation:
+    """The `(step, ema) -> {"eval_<metric>": value}` hook that `train` calls."""
+
+    def __init__(self, recipe: Recipe, dataset, info: RunInfo, decomposition, ctx: distributed.Context,
+                 run_dir: Path):
+        t = recipe.train
+        unknown = sorted(set(t.eval_metrics) - set(METRICS))
+        if unknown or not t.eval_metrics:
+            raise DfmError(f"train.eval_metrics = {t.eval_metrics!r}: choose from {', '.join(METRICS)}")
+        if t.eval_num < 2:
+            raise DfmError(f"train.eval_num = {t.eval_num}: needs at least 2 samples per evaluation")
+        if recipe.data.name == "store":
+            raise DfmError("train.eval_every: the training data is a latent store, which has no images to "
+                           "compare with; set train.eval_every = 0 and evaluate with `dfm sample --num` and `dfm eval`")
+        self.recipe, self.info, self.decomposition, self.ctx = recipe, info, decomposition, ctx
+        self.request = evaluate.Request(fid="fid" in t.eval_metrics, device=ctx.device)
+        if self.request.fid:  # fail now, not after the first thousand steps
+            from dfm_cli.features import resolve_inception_weights
+
+            resolve_inception_weights(None)
+        self.reference = None
+        if ctx.main:
+            if recipe.data.name in evaluate.DATASETS:  # shares dfm eval's feature cache
+                self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
+            else:
+                self.reference = evaluate.Source(f"{run_dir} training data", reference_images(dataset),
+                                                 cache_dir=run_dir / "eval-reference")
+            ref = self.reference.images
+            self.swd_reference = evaluate.Source(
+                "training data (SWD subset)", ref[np.linspace(0, len(ref) - 1, min(len(ref), t.eval_num)).astype(int)])
+
+    @torch.no_grad()
+    def samples(self, ema: torch.nn.Module) -> np.ndarray:
+        """`eval_num` samples, uint8 channels-last; every rank generates (a sharded EMA needs all)."""
+        s, num = self.recipe.sample, self.recipe.train.eval_num
+        ema.eval()
+        decode = from_config(self.info.autoencoder, self.ctx.device).decode
+        out = []
+        for first in range(0, num, BATCH):
+            labels = torch.arange(first, min(num, first + BATCH)) % self.info.num_classes
+            result = generate(ema, labels, s.steps, s.tau, self.decomposition, cfg=s.cfg,
+                              interval=tuple(s.guidance_interval), solver=s.solver, seed=self.recipe.train.seed,
+                              first_index=first)
+            out.append(to_uint8(decode(result.x)))
+        return np.concatenate(out)
+
+    def __call__(self, step: int, ema: torch.nn.Module) -> dict[str, float]:
+        images = self.samples(ema)
+        if not self.ctx.main:
+            return {}
+        generated = evaluate.Source(f"samples at step {step}", images)
+        row: dict[str, float] = {}
+        quiet = Progress(disable=True)
+        if self.request.fid:
+            found, _ = evaluate.evaluate(generated, self.reference, self.request, quiet)
+            row["eval_fid"] = found.get("fid", found.get("frame_fid"))
+        if "swd" in self.recipe.train.eval_metrics:
+            found, _ = evaluate.evaluate(generated, self.swd_reference, evaluate.Request(
+                swd=True, swd_levels=swd_levels(min(images.shape[-3:-1])), device=self.ctx.device), quiet)
+            row["eval_swd"] = found["swd"]
+        return row
