@@ -84,22 +84,20 @@ def test_every_paper_experiment_has_a_tiny_twin_with_the_same_keys(paper, twin):
 def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     """Train `recipe` in-process, then draw 4 samples with each of `sample_recipes`' settings."""
     from dfm_cli.factory import build_pyramid, load_trained
-    from dfm_cli.sampler import generate
+    from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
     from dfm_cli.train import train
 
     assert recipe.train.steps == 2, "tiny twins train 2 steps"
     train(recipe, run, console=Console(quiet=True))
     assert len((run / "stats.jsonl").read_text().splitlines()) >= 1
-    model, trained, state = load_trained(run)
-    pyramid = build_pyramid(trained, state.get("level_stats"))
+    model, trained, info = load_trained(run)
+    decomposition = build_pyramid(trained, info.level_stats)
     for r in sample_recipes:
-        s = r.sample
-        x = generate(model, torch.arange(4) % state["num_classes"], s.steps, s.tau, pyramid, cfg=s.cfg,
-                     interval=tuple(s.guidance_interval), solver=s.solver, seed=0).x
+        settings = SamplerSettings.resolve(r, model.levels)
+        x = generate(model, class_balanced_labels(4, info.num_classes), decomposition, settings, seed=0).x
         assert x.shape[0] == 4 and torch.isfinite(x).all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("twin", TWINS, ids=name)
 def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path):
     skip_missing(twin)
