@@ -29,7 +29,7 @@ from dfm_cli import distributed
 from dfm_cli.checkpoint import complete_checkpoints, load_training_state, save_training_state
 from dfm_cli.data import StreamBatches, build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid
+from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
 from dfm_cli.autoencoders import from_config
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
@@ -172,10 +172,12 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
     split_batch(recipe, ctx.world)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames)
-    level_stats = data_level_statistics(recipe, dataset) if recipe.flow.standardize else None
+    needs_stats = recipe.flow.standardize or recipe.flow.precondition
+    level_stats = data_level_statistics(recipe, dataset) if needs_stats else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
-    base = build_model(recipe, dataset.shape, dataset.num_classes).to(ctx.device)
+    base = build_model(recipe, dataset.shape, dataset.num_classes,
+                       precondition_rms(recipe, level_stats)).to(ctx.device)
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
@@ -273,8 +275,8 @@ def data_level_statistics(recipe: Recipe, dataset) -> dict:
 
     f = recipe.flow
     stored = getattr(dataset, "index", {}).get("level_stats")
-    if stored and (stored["levels"], stored["factors"], stored["temporal_factors"]) == (
-            f.levels, f.factors, f.temporal_factors):
+    if stored and (stored["levels"], stored["factors"], stored["temporal_factors"],
+                   stored.get("decomposition", "laplacian")) == (f.levels, f.factors, f.temporal_factors, f.decomposition):
         return stored
     return level_statistics(dataset, plain_pyramid(recipe))
 

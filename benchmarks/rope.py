@@ -1,0 +1,102 @@
+"""What RoPE costs over sin-cos positions in a train step, before and after the RoPE rework.
+
+The step is a DiT-S/2 on one level (Flow Matching), 256 tokens (32×32×4 latents, patch 2),
+batch 8, on the CPU: forward, MSE on the velocity, backward and an AdamW update. "before"
+is `dfm_cli/model.py` as it was at `--before` (cos/sin of the angles in every block, for q and
+for k, strided pairs rotated through `stack`); "after" is the working tree (cos/sin tables
+once per token grid, rotate-half layout, q and k rotated in one pass). Configurations run in
+interleaved rounds so that machine noise hits all of them alike; the table gives the median
+and the minimum step time, and the RoPE/sin-cos ratio of each version.
+
+    python benchmarks/rope.py [--before 4cc796a] [--rounds 5] [--steps 3] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import dfm_cli.model as after
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_at(rev: str) -> types.ModuleType:
+    """`dfm_cli/model.py` as committed at `rev`, imported under its own name."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dfm_cli/model.py"],
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"model_{rev}")
+    sys.modules[module.__name__] = module  # dataclasses resolve their module by name
+    exec(compile(source, f"{rev}:dfm_cli/model.py", "exec"), module.__dict__)
+    return module
+
+
+class TrainStep:
+    """One optimizer step of a fixed batch: the work that differs is only the positions."""
+
+    def __init__(self, module: types.ModuleType, pos: str, batch: int) -> None:
+        torch.manual_seed(0)
+        self.model = module.DFMDiT(module.model_size("DFM-S/2"), [(32, 32)], 4, 10, pos=pos)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, 4, 32, 32, generator=g)
+        self.v = torch.randn(batch, 4, 32, 32, generator=g)
+        self.t = torch.rand(batch, 1, generator=g)
+        self.y = torch.randint(0, 10, (batch,), generator=g)
+        self.stage = torch.zeros(batch, dtype=torch.long)
+
+    def __call__(self) -> float:
+        start = time.perf_counter()
+        (pred,) = self.model([self.x], self.t, self.y, self.stage)
+        loss = (pred - self.v).pow(2).mean()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", default="4cc796a", help="git revision of the old model.py")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    versions = {"before": model_at(args.before), "after": after}
+    steps = {(v, pos): TrainStep(m, pos, args.batch) for v, m in versions.items() for pos in ("sincos", "rope")}
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
+    for step in steps.values():  # warm-up: allocator, optimizer state
+        step()
+    for _ in range(args.rounds):
+        for key, step in steps.items():
+            times[key] += [step() for _ in range(args.steps)]
+
+    table = Table(title=f"DiT-S/2 train step, 256 tokens, batch {args.batch}, CPU, "
+                        f"{torch.get_num_threads()} threads, {args.rounds}x{args.steps} steps each")
+    for col in ("version", "pos", "median (ms)", "min (ms)", "rope/sincos (median)", "rope/sincos (min)"):
+        table.add_column(col, justify="right")
+    for v in versions:
+        for pos in ("sincos", "rope"):
+            ts = times[(v, pos)]
+            ratio = ("", "")
+            if pos == "rope":
+                base = times[(v, "sincos")]
+                ratio = (f"{statistics.median(ts) / statistics.median(base):.3f}", f"{min(ts) / min(base):.3f}")
+            table.add_row(v, pos, f"{statistics.median(ts) * 1e3:.1f}", f"{min(ts) * 1e3:.1f}", *ratio)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
