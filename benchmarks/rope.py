@@ -6,9 +6,11 @@ is `dfm_cli/model.py` as it was at `--before` (cos/sin of the angles in every bl
 for k, strided pairs rotated through `stack`); "after" is the working tree (cos/sin tables
 once per token grid, rotate-half layout, q and k rotated in one pass). Configurations run in
 interleaved rounds so that machine noise hits all of them alike; the table gives the median
-and the minimum step time, and the RoPE/sin-cos ratio of each version.
+and the minimum step time, and the RoPE/sin-cos ratio of each version. On a shared machine
+use `--clock cpu` with `--threads 1`: the process's CPU time hardly moves with other load,
+while the wall clock does.
 
-    python benchmarks/rope.py [--before 4cc796a] [--rounds 5] [--steps 3] [--threads 0]
+    python benchmarks/rope.py [--before 4cc796a] [--rounds 5] [--steps 3] [--threads 0] [--clock wall]
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def model_at(rev: str) -> types.ModuleType:
 class TrainStep:
     """One optimizer step of a fixed batch: the work that differs is only the positions."""
 
-    def __init__(self, module: types.ModuleType, pos: str, batch: int) -> None:
+    def __init__(self, module: types.ModuleType, pos: str, batch: int, clock) -> None:
+        self.clock = clock
         torch.manual_seed(0)
         self.model = module.DFMDiT(module.model_size("DFM-S/2"), [(32, 32)], 4, 10, pos=pos)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -55,13 +58,13 @@ class TrainStep:
         self.stage = torch.zeros(batch, dtype=torch.long)
 
     def __call__(self) -> float:
-        start = time.perf_counter()
+        start = self.clock()
         (pred,) = self.model([self.x], self.t, self.y, self.stage)
         loss = (pred - self.v).pow(2).mean()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return self.clock() - start
 
 
 def main() -> None:
@@ -71,11 +74,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per configuration per round")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or the process's CPU time (with --threads 1 on a busy machine)")
     args = ap.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     versions = {"before": model_at(args.before), "after": after}
-    steps = {(v, pos): TrainStep(m, pos, args.batch) for v, m in versions.items() for pos in ("sincos", "rope")}
+    steps = {(v, pos): TrainStep(m, pos, args.batch, clock) for v, m in versions.items() for pos in ("sincos", "rope")}
     times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
     for step in steps.values():  # warm-up: allocator, optimizer state
         step()
@@ -84,7 +90,7 @@ def main() -> None:
             times[key] += [step() for _ in range(args.steps)]
 
     table = Table(title=f"DiT-S/2 train step, 256 tokens, batch {args.batch}, CPU, "
-                        f"{torch.get_num_threads()} threads, {args.rounds}x{args.steps} steps each")
+                        f"{torch.get_num_threads()} threads, {args.clock} clock, {args.rounds}x{args.steps} steps each")
     for col in ("version", "pos", "median (ms)", "min (ms)", "rope/sincos (median)", "rope/sincos (min)"):
         table.add_column(col, justify="right")
     for v in versions:

@@ -4,7 +4,7 @@ Level 1 is the coarsest. Images are `B C H W`, video is `B C T H W`. Every decom
 is a two-band pyramid in the spatial domain: at each transition a low-pass `down` gives the
 coarser approximation and the level keeps the residual `x - up(down(x))`, so recomposition
 is exact up to float32 rounding by construction (`(a - b) + b`), whatever `down` and `up`
-are. The three decompositions differ only in that pair (paper §3.2 and Table 6):
+are. The three decompositions differ only in that pair (paper §3 and Table 6):
 
 - `laplacian`: bilinear down and up, as in the official code;
 - `dwt`: the Haar wavelet, whose low band is the block mean and whose detail band is the
