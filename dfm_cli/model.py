@@ -127,6 +127,7 @@ def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- block
 
+ROPE_LAYOUT = 1  # rotate-half; checkpoints without the key rotated strided pairs
 Rope = tuple[torch.Tensor, torch.Tensor]
 """The `(cos, sin)` tables of `rope_tables`."""
 
@@ -290,6 +291,9 @@ class DFMDiT(nn.Module):
         cos, sin = rope_tables(rope_angles(self.grid, head_dim)) if pos == "rope" else (None, None)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if pos == "rope":  # marks the rotate-half layout in checkpoints; see `_from_strided_rope`
+            self.register_buffer("rope_layout", torch.tensor(ROPE_LAYOUT))
+            self._register_load_state_dict_pre_hook(self._from_strided_rope)
         self.register_buffer(
             "pos_embed",
             sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
@@ -303,6 +307,28 @@ class DFMDiT(nn.Module):
         else:
             self.level_rms = None
         self._init_weights()
+
+    def _from_strided_rope(self, state: dict, prefix: str, *args) -> None:
+        """Load a checkpoint written before the rotate-half layout (no `rope_layout` key).
+
+        It rotated features (2i, 2i+1) together; rotate-half pairs (i, i + D/2). Reordering
+        each head's q and k rows of `qkv` by that permutation gives the same attention scores,
+        so an old run samples exactly as before.
+        """
+        key = prefix + "rope_layout"
+        if key in state or not any(k.startswith(prefix + "blocks.") for k in state):
+            return
+        state[key] = torch.tensor(ROPE_LAYOUT)
+        for i, block in enumerate(self.blocks):
+            heads, hidden = block.attn.heads, block.attn.proj.in_features
+            d = hidden // heads
+            perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+            rows = torch.arange(3 * hidden).reshape(3, heads, d)
+            rows[:2] = rows[:2, :, perm]
+            for name in ("weight", "bias"):
+                k = f"{prefix}blocks.{i}.attn.qkv.{name}"
+                if k in state:
+                    state[k] = state[k][rows.flatten()]
 
     @property
     def levels(self) -> int:

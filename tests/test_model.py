@@ -154,3 +154,40 @@ def test_precondition_is_off_by_default_and_rides_in_the_state_dict():
     assert not torch.allclose(pre(xs, *args)[1], plain(xs, *args)[1])
     with pytest.raises(DfmError, match="one positive level RMS per level"):
         build(2, level_rms=[1.0])
+
+
+def test_a_checkpoint_from_before_the_rotate_half_layout_samples_as_before():
+    def strided_rope(x, angles):  # the previous layout: features (2i, 2i+1) rotated together
+        x2 = x.reshape(*x.shape[:-1], -1, 2)
+        cos, sin = angles.cos(), angles.sin()
+        return torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2)
+
+    torch.manual_seed(0)
+    model = build(2, name="DFM-N/2")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    # an "old" checkpoint: the same function, with q/k rows in the strided order and no marker
+    old = {k: v.clone() for k, v in model.state_dict().items() if k != "rope_layout"}
+    d = 32
+    inverse = torch.argsort(torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]))
+    rows = torch.arange(3 * 64).reshape(3, 2, d)
+    rows[:2] = rows[:2, :, inverse]
+    for i in range(2):
+        for name in ("weight", "bias"):
+            k = f"blocks.{i}.attn.qkv.{name}"
+            old[k] = old[k][rows.flatten()]
+    # the old layout's scores from the old rows equal the new layout's from the model's rows
+    q_old = torch.randn(36, d)
+    q_new = q_old[:, torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])]
+    angles = rope_angles((1, 6, 6), d)
+    cos, sin = rope_tables(angles)
+    assert torch.allclose(strided_rope(q_old, angles) @ strided_rope(q_old, angles).T,
+                          apply_rope(q_new, cos, sin) @ apply_rope(q_new, cos, sin).T, atol=1e-4)
+    fresh = build(2, name="DFM-N/2")
+    fresh.load_state_dict(old)
+    xs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)]
+    args = (torch.rand(2, 2), torch.tensor([1, 2]), torch.tensor([1, 1]))
+    with torch.no_grad():
+        for a, b in zip(fresh(xs, *args), model(xs, *args)):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert int(fresh.state_dict()["rope_layout"]) == 1
