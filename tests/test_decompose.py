@@ -145,3 +145,18 @@ def test_factor_four_low_band_is_the_block_mean_not_the_centre_samples():
     y = torch.randn(1, 1, 27, 27, dtype=torch.float64)
     odd = LaplacianPyramid(2, [3]).decompose(y)[0]
     assert odd.shape[-1] == 9 and not torch.allclose(odd, y[:, :, 1::3, 1::3], atol=1e-3)
+
+
+def test_level_report_writes_every_level_and_its_table(tmp_path):
+    from dfm_cli.level_report import analyse, report_table, write_report
+
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    report = analyse(x, build_decomposition("dwt", 3, [2, 2]), encode=lambda im: im[:, :2, ::2, ::2])
+    assert report.error <= 1e-5 and len(report.latent_levels) == 3
+    names = {p.name for p in write_report(report, tmp_path)}
+    assert names == {"level_1.png", "level_2.png", "level_3.png", "recomposition.png", "levels.npz",
+                     "latent_level_1.png", "latent_level_2.png", "latent_level_3.png"}
+    import numpy as np
+
+    assert np.load(tmp_path / "levels.npz")["level_1"].shape == (3, 8, 8)
+    assert report_table(report, "t").row_count == 3 and 0 <= report.equivariance <= 1

@@ -191,3 +191,19 @@ def test_a_checkpoint_from_before_the_rotate_half_layout_samples_as_before():
         for a, b in zip(fresh(xs, *args), model(xs, *args)):
             assert torch.allclose(a, b, atol=1e-6)
     assert int(fresh.state_dict()["rope_layout"]) == 1
+
+
+def test_precondition_rms_comes_from_the_level_statistics():
+    from dfm_cli.factory import build_model, precondition_rms
+    from dfm_cli.recipe import load_recipe
+
+    recipe = load_recipe("recipes/tiny.toml", ["flow.precondition=true"])
+    stats = {"mean": [[0.5, -0.5], [0.0, 0.0]], "std": [[0.5, 0.5], [0.1, 0.3]]}
+    rms = precondition_rms(recipe, stats)
+    assert rms == pytest.approx([0.5 ** 0.5, (0.05) ** 0.5])
+    assert build_model(recipe, (2, 16, 16), 10, rms).level_rms.tolist() == pytest.approx(rms)
+    with pytest.raises(DfmError, match="flow.precondition"):
+        build_model(recipe, (2, 16, 16), 10)
+    standardized = load_recipe("recipes/tiny.toml", ["flow.precondition=true", "flow.standardize=true"])
+    assert precondition_rms(standardized, stats) == [1.0, 1.0]
+    assert precondition_rms(load_recipe("recipes/tiny.toml"), stats) is None
