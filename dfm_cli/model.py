@@ -91,26 +91,24 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
     return torch.cat([_axis_freqs(d, pos[:, i]) for i, d in enumerate(dims) if d], -1).float()
 
 
-def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`cos` and `sin` tables `(N, D)` in the rotate-half layout: feature i pairs with
-    feature i + D/2. Computed once per token grid, not in every block."""
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+def rope_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers `exp(i·angle)` `(N, D/2)`: computed once per token grid, not in
+    every block."""
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair `(x_i, x_{i+D/2})` of `x` (`... N D`) by its angle (`rope_tables`).
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair `(x_2i, x_2i+1)` of `x` (`... N D`) by its angle, as one
+    complex multiplication (one fused pass forward and one backward).
 
     A rotation: norms are kept, and `q·k` after RoPE depends only on the positions' offset.
 
     >>> import torch
-    >>> cos, sin = rope_tables(torch.tensor([[math.pi / 2]]))
-    >>> apply_rope(torch.tensor([[1.0, 0.0]]), cos, sin).abs().round(decimals=6).tolist()
+    >>> apply_rope(torch.tensor([[1.0, 0.0]]), rope_rotations(torch.tensor([[math.pi / 2]]))).abs().round(decimals=6).tolist()
     [[0.0, 1.0]]
     """
-    xf = x.float()
-    first, second = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-second, first], -1) * sin).type_as(x)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
 def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
@@ -127,9 +125,6 @@ def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- block
 
-ROPE_LAYOUT = 1  # rotate-half; checkpoints without the key rotated strided pairs
-Rope = tuple[torch.Tensor, torch.Tensor]
-"""The `(cos, sin)` tables of `rope_tables`."""
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -143,12 +138,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if rope is None:
             q, k, v = qkv
         else:  # q and k rotated together, in one pass
-            (q, k), v = apply_rope(qkv[:2], *rope), qkv[2]
+            (q, k), v = apply_rope(qkv[:2], rope), qkv[2]
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -167,7 +162,7 @@ class DiTBlock(nn.Module):
         )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
@@ -288,12 +283,10 @@ class DFMDiT(nn.Module):
         self.final_norm = nn.LayerNorm(size.hidden, elementwise_affine=False, eps=1e-6)
         self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
         head_dim = size.hidden // size.heads
-        cos, sin = rope_tables(rope_angles(self.grid, head_dim)) if pos == "rope" else (None, None)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        if pos == "rope":  # marks the rotate-half layout in checkpoints; see `_from_strided_rope`
-            self.register_buffer("rope_layout", torch.tensor(ROPE_LAYOUT))
-            self._register_load_state_dict_pre_hook(self._from_strided_rope)
+        self.register_buffer(
+            "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
+            persistent=False,
+        )
         self.register_buffer(
             "pos_embed",
             sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
@@ -307,28 +300,6 @@ class DFMDiT(nn.Module):
         else:
             self.level_rms = None
         self._init_weights()
-
-    def _from_strided_rope(self, state: dict, prefix: str, *args) -> None:
-        """Load a checkpoint written before the rotate-half layout (no `rope_layout` key).
-
-        It rotated features (2i, 2i+1) together; rotate-half pairs (i, i + D/2). Reordering
-        each head's q and k rows of `qkv` by that permutation gives the same attention scores,
-        so an old run samples exactly as before.
-        """
-        key = prefix + "rope_layout"
-        if key in state or not any(k.startswith(prefix + "blocks.") for k in state):
-            return
-        state[key] = torch.tensor(ROPE_LAYOUT)
-        for i, block in enumerate(self.blocks):
-            heads, hidden = block.attn.heads, block.attn.proj.in_features
-            d = hidden // heads
-            perm = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
-            rows = torch.arange(3 * hidden).reshape(3, heads, d)
-            rows[:2] = rows[:2, :, perm]
-            for name in ("weight", "bias"):
-                k = f"{prefix}blocks.{i}.attn.qkv.{name}"
-                if k in state:
-                    state[k] = state[k][rows.flatten()]
 
     @property
     def levels(self) -> int:
@@ -386,9 +357,8 @@ class DFMDiT(nn.Module):
             x = x + self.pos_embed.to(x.dtype)
         c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
         c = c + self.y_embedder(y) + self.stage_embedder(stage)
-        rope = None if self.rope_cos is None else (self.rope_cos, self.rope_sin)
         for block in self.blocks:
-            x = block(x, c, rope)
+            x = block(x, c, self.rope)
         x = self.final_norm(x)
         return [head(x, c, self.grid, self.video) for head in self.heads]
 

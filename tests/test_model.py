@@ -4,7 +4,7 @@ import torch
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
 from dfm_cli.model import (MODELS, DFMDiT, apply_rope, grid_positions, level_patches, model_size, rope_angles,
-                           rope_tables)
+                           rope_rotations)
 
 
 def build(levels, res=32, name="DFM-N/4", **kw):
@@ -82,15 +82,14 @@ def test_bad_model_settings_are_clear_errors():
 
 def test_rope_is_a_rotation_that_sees_only_relative_positions():
     grid, head_dim = (1, 6, 6), 16
-    cos, sin = rope_tables(rope_angles(grid, head_dim))
+    rot = rope_rotations(rope_angles(grid, head_dim))
     n = 36
-    q = torch.randn(n, head_dim, dtype=torch.float64)
-    rq = apply_rope(q, cos.double(), sin.double())
+    q = torch.randn(n, head_dim)
+    rq = apply_rope(q, rot)
     assert torch.allclose(rq.norm(dim=-1), q.norm(dim=-1), atol=1e-6)  # norm-preserving
     # the same query and key vectors at every position: q·k depends only on the offset
-    qv, kv = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
-    rq = apply_rope(qv.expand(n, -1), cos.double(), sin.double())
-    rk = apply_rope(kv.expand(n, -1), cos.double(), sin.double())
+    qv, kv = torch.randn(head_dim), torch.randn(head_dim)
+    rq, rk = apply_rope(qv.expand(n, -1), rot).double(), apply_rope(kv.expand(n, -1), rot).double()
     pos = grid_positions(grid)[:, 1:]
     scores = rq @ rk.T
     seen: dict[tuple[int, int], float] = {}
@@ -102,9 +101,9 @@ def test_rope_is_a_rotation_that_sees_only_relative_positions():
     assert len({round(v, 6) for v in seen.values()}) > 10  # and it does depend on the offset
 
 
-def test_rope_tables_are_computed_once_per_grid_not_per_block():
+def test_rope_rotations_are_computed_once_per_grid_not_per_block():
     model = build(2, name="DFM-N/2")
-    assert model.rope_cos.shape == (model.grid[1] * model.grid[2], 32)
+    assert model.rope.shape == (model.grid[1] * model.grid[2], 16) and model.rope.is_complex()
     calls = []
     original = torch.Tensor.cos
     try:
@@ -154,43 +153,6 @@ def test_precondition_is_off_by_default_and_rides_in_the_state_dict():
     assert not torch.allclose(pre(xs, *args)[1], plain(xs, *args)[1])
     with pytest.raises(DfmError, match="one positive level RMS per level"):
         build(2, level_rms=[1.0])
-
-
-def test_a_checkpoint_from_before_the_rotate_half_layout_samples_as_before():
-    def strided_rope(x, angles):  # the previous layout: features (2i, 2i+1) rotated together
-        x2 = x.reshape(*x.shape[:-1], -1, 2)
-        cos, sin = angles.cos(), angles.sin()
-        return torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2)
-
-    torch.manual_seed(0)
-    model = build(2, name="DFM-N/2")
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    # an "old" checkpoint: the same function, with q/k rows in the strided order and no marker
-    old = {k: v.clone() for k, v in model.state_dict().items() if k != "rope_layout"}
-    d = 32
-    inverse = torch.argsort(torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]))
-    rows = torch.arange(3 * 64).reshape(3, 2, d)
-    rows[:2] = rows[:2, :, inverse]
-    for i in range(2):
-        for name in ("weight", "bias"):
-            k = f"blocks.{i}.attn.qkv.{name}"
-            old[k] = old[k][rows.flatten()]
-    # the old layout's scores from the old rows equal the new layout's from the model's rows
-    q_old = torch.randn(36, d)
-    q_new = q_old[:, torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])]
-    angles = rope_angles((1, 6, 6), d)
-    cos, sin = rope_tables(angles)
-    assert torch.allclose(strided_rope(q_old, angles) @ strided_rope(q_old, angles).T,
-                          apply_rope(q_new, cos, sin) @ apply_rope(q_new, cos, sin).T, atol=1e-4)
-    fresh = build(2, name="DFM-N/2")
-    fresh.load_state_dict(old)
-    xs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)]
-    args = (torch.rand(2, 2), torch.tensor([1, 2]), torch.tensor([1, 1]))
-    with torch.no_grad():
-        for a, b in zip(fresh(xs, *args), model(xs, *args)):
-            assert torch.allclose(a, b, atol=1e-6)
-    assert int(fresh.state_dict()["rope_layout"]) == 1
 
 
 def test_precondition_rms_comes_from_the_level_statistics():
