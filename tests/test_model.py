@@ -169,3 +169,12 @@ def test_precondition_rms_comes_from_the_level_statistics():
     standardized = load_recipe("recipes/tiny.toml", ["flow.precondition=true", "flow.standardize=true"])
     assert precondition_rms(standardized, stats) == [1.0, 1.0]
     assert precondition_rms(load_recipe("recipes/tiny.toml"), stats) is None
+
+
+def test_rope_pairs_and_angles_are_those_of_earlier_checkpoints():
+    angles = rope_angles((1, 4, 4), 16)
+    x = torch.randn(2, 3, 16, 16)
+    x2 = x.reshape(2, 3, 16, 8, 2)  # the earlier form: strided pairs rotated by cos/sin
+    cos, sin = angles.cos(), angles.sin()
+    earlier = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1).flatten(-2)
+    assert torch.allclose(apply_rope(x, rope_rotations(angles)), earlier, atol=1e-6)
