@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dfm_cli.checkpoint import STATE, RunInfo, load_checkpoint, resolve_checkpoint
-from dfm_cli.decompose import LaplacianPyramid, Standardized, build_decomposition
+from dfm_cli.decompose import Decomposition, Standardized, TwoBandPyramid, build_decomposition
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import FlowObjective
 from dfm_cli.model import DFMDiT, model_size
 from dfm_cli.recipe import Recipe, load_recipe
 
 
-def plain_pyramid(recipe: Recipe) -> LaplacianPyramid:
+def plain_pyramid(recipe: Recipe) -> TwoBandPyramid:
     f = recipe.flow
     return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
 
 
-def build_pyramid(recipe: Recipe, level_stats: dict | None = None):
+def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposition:
     """The recipe's decomposition, standardized per level when `flow.standardize` is on."""
     pyramid = plain_pyramid(recipe)
     if recipe.flow.standardize:
@@ -29,8 +31,12 @@ def build_pyramid(recipe: Recipe, level_stats: dict | None = None):
     return pyramid
 
 
-def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int) -> DFMDiT:
-    """The model for data of shape `C [T] H W` (pixels, or a store's latents)."""
+def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
+                level_rms: Sequence[float] | None = None) -> DFMDiT:
+    """The model for data of shape `C [T] H W` (pixels, or a store's latents); `level_rms`
+    (see `precondition_rms`) is required when `flow.precondition` is on."""
+    if recipe.flow.precondition and level_rms is None:
+        raise DfmError("flow.precondition needs the per-level RMS of the data (from the store or the data)")
     return DFMDiT(
         model_size(recipe.model.name),
         plain_pyramid(recipe).level_sizes(shape[1:]),
@@ -38,7 +44,21 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int) -> DFM
         num_classes,
         pos=recipe.model.pos,
         temporal_patch=recipe.model.temporal_patch,
+        level_rms=level_rms if recipe.flow.precondition else None,
     )
+
+
+def precondition_rms(recipe: Recipe, level_stats: dict | None) -> list[float] | None:
+    """Per-level RMS of what the model sees, for `flow.precondition` (docs/method.md §4.5):
+    1 for standardized levels, else from the per-level, per-channel mean and std."""
+    if not recipe.flow.precondition:
+        return None
+    if recipe.flow.standardize:
+        return [1.0] * recipe.flow.levels
+    if level_stats is None:
+        raise DfmError("flow.precondition needs per-level statistics (from the store or the data)")
+    return [math.sqrt(sum(m * m + s * s for m, s in zip(mean, std)) / len(mean))
+            for mean, std in zip(level_stats["mean"], level_stats["std"])]
 
 
 def build_objective(recipe: Recipe) -> FlowObjective:
@@ -63,7 +83,8 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, Ru
     name = "ema" if ema else "model"
     weights, state = load_checkpoint(ckpt, (name,))
     info = RunInfo.from_state(state, ckpt / STATE)
-    model = build_model(recipe, info.shape, info.num_classes)
+    rms = weights[name].get("level_rms")
+    model = build_model(recipe, info.shape, info.num_classes, None if rms is None else rms.tolist())
     model.load_state_dict(weights[name])
     return model.to(pick_device()).eval(), recipe, info
 

@@ -1,4 +1,4 @@
-"""The per-stage flow objective (paper §3.3, Algorithm 1; docs/method.md).
+"""The per-stage flow objective (docs/method.md §3, paper §3.3 and Algorithm 1).
 
 Time follows the paper: t = 0 is noise, t = 1 is data, `x_t = t x1 + (1 - t) x0`, and the
 velocity target is `x1 - x0`. A training example draws a stage Q (levels 1..Q active), a

@@ -1,4 +1,4 @@
-"""DFM-DiT: a DiT (adaLN-Zero) that sees every level of a decomposition at once (METHOD.md §3).
+"""DFM-DiT: a DiT (adaLN-Zero) that sees every level of a decomposition at once (docs/method.md §4).
 
 Sections, as in DiT's `models.py`: embedders → positions → block → per-level heads → model →
 registry. What differs from DiT:
@@ -7,7 +7,8 @@ registry. What differs from DiT:
 - one timestep embedder per level (summed), plus the class embedding, plus a learned
   stage-index embedding, form the adaLN conditioning;
 - one zero-initialised output head per level, each predicting that level's velocity;
-- 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional.
+- 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional;
+- optional EDM-style per-level pre/post-conditioning (paper App. A.1, `flow.precondition`).
 
 With one level the model is a plain DiT of the same size: the Flow Matching baseline.
 """
@@ -90,6 +91,26 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
     return torch.cat([_axis_freqs(d, pos[:, i]) for i, d in enumerate(dims) if d], -1).float()
 
 
+def rope_rotations(angles: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers `exp(i·angle)` `(N, D/2)`: computed once per token grid, not in
+    every block."""
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair `(x_2i, x_2i+1)` of `x` (`... N D`) by its angle, as one
+    complex multiplication (one fused pass forward and one backward).
+
+    A rotation: norms are kept, and `q·k` after RoPE depends only on the positions' offset.
+
+    >>> import torch
+    >>> apply_rope(torch.tensor([[1.0, 0.0]]), rope_rotations(torch.tensor([[math.pi / 2]]))).abs().round(decimals=6).tolist()
+    [[0.0, 1.0]]
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
+
+
 def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
     """Fixed sin-cos absolute positions `(N, hidden)`, the DiT/SiT alternative to RoPE."""
     pos = grid_positions(grid)
@@ -102,15 +123,8 @@ def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
     return torch.cat(parts, -1).float()
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive feature pairs of `x` (`B heads N D`) by `angles` (`N, D/2`)."""
-    x2 = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = angles.cos(), angles.sin()
-    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], -1)
-    return out.flatten(-2).type_as(x)
-
-
 # --------------------------------------------------------------------------- block
+
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -125,9 +139,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if rope is None:
+            q, k, v = qkv
+        else:  # q and k rotated together, in one pass
+            (q, k), v = apply_rope(qkv[:2], rope), qkv[2]
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -224,6 +240,10 @@ class DFMDiT(nn.Module):
     `levels`: list of `B C H W` (or `B C T H W`) tensors, coarsest first, later levels already
     zeroed by the caller; `t`: `B S` timesteps; `y`: `B` labels (the null class is
     `num_classes`); `stage`: `B` 0-based stage indices.
+
+    `level_rms` turns on the per-level pre/post-conditioning (docs/method.md §4.5): the
+    root-mean-square of each level of the data, kept as a buffer so a checkpoint carries it.
+    Without it (the default) the network is used as it is.
     """
 
     def __init__(
@@ -234,6 +254,7 @@ class DFMDiT(nn.Module):
         num_classes: int,
         pos: str = "rope",
         temporal_patch: int = 1,
+        level_rms: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if size.hidden % size.heads:
@@ -263,13 +284,21 @@ class DFMDiT(nn.Module):
         self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
         head_dim = size.hidden // size.heads
         self.register_buffer(
-            "rope", rope_angles(self.grid, head_dim) if pos == "rope" else None, persistent=False
+            "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
+            persistent=False,
         )
         self.register_buffer(
             "pos_embed",
             sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
             persistent=False,
         )
+        if level_rms is not None:
+            if len(level_rms) != levels or any(not v > 0 for v in level_rms):
+                raise DfmError(f"preconditioning needs one positive level RMS per level ({levels}), "
+                               f"got {list(level_rms)}")
+            self.register_buffer("level_rms", torch.tensor([float(v) for v in level_rms]))
+        else:
+            self.level_rms = None
         self._init_weights()
 
     @property
@@ -305,6 +334,22 @@ class DFMDiT(nn.Module):
         y: torch.Tensor,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
+        if self.level_rms is None:
+            return self.network(levels, t, y, stage)
+        c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
+        scaled = [x * _per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
+        out = self.network(scaled, t, y, stage)
+        return [_per_sample(c_skip[:, s], x) * x + _per_sample(c_out[:, s], x) * o
+                for s, (x, o) in enumerate(zip(levels, out))]
+
+    def network(
+        self,
+        levels: Sequence[torch.Tensor],
+        t: torch.Tensor,
+        y: torch.Tensor,
+        stage: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The transformer itself, without pre/post-conditioning."""
         if not self.video:  # images are one-frame videos for the patch embeddings
             levels = [x[:, :, None] for x in levels]
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
@@ -316,6 +361,29 @@ class DFMDiT(nn.Module):
             x = block(x, c, self.rope)
         x = self.final_norm(x)
         return [head(x, c, self.grid, self.video) for head in self.heads]
+
+
+def precondition_scales(t: torch.Tensor, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's `c_in`, `c_skip`, `c_out` (Karras et al. 2022) for the path `x_t = t x1 + (1-t) x0`
+    and the velocity target `x1 - x0`, per sample and level (`B S`), from the level RMS σ.
+
+    With `a = t²σ² + (1-t)²`, the second moment of `x_t`: `c_in = a^-1/2` gives the network a
+    unit-variance input, `c_skip = (tσ² - (1-t)) / a` is the best linear guess of the
+    velocity from `x_t`, and `c_out = σ a^-1/2` makes what is left for the network to predict
+    unit-variance too (docs/method.md §4.5).
+
+    >>> c_in, c_skip, c_out = precondition_scales(torch.tensor([[0.0, 1.0]]), torch.tensor([2.0, 2.0]))
+    >>> c_in.tolist(), c_skip.tolist(), c_out.tolist()
+    ([[1.0, 0.5]], [[-1.0, 1.0]], [[2.0, 1.0]])
+    """
+    t = t.float()
+    var = rms.to(t.device, torch.float32).pow(2)
+    a = t.pow(2) * var + (1 - t).pow(2)
+    return a.rsqrt(), (t * var - (1 - t)) / a, var.sqrt() * a.rsqrt()
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 # --------------------------------------------------------------------------- registry

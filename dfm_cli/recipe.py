@@ -23,7 +23,7 @@ import tomli_w
 
 from dfm_cli.errors import DfmError
 
-# Paper defaults for the stage probabilities (METHOD.md §2); S = 3 is a guess to ablate.
+# Paper defaults for the stage probabilities (docs/method.md §3.1); S = 3 is a guess to ablate.
 DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
 
 

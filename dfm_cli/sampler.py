@@ -1,4 +1,4 @@
-"""Progressive sampling (docs/method.md §4, paper §3.3): generate level 1, then bring in finer levels.
+"""Progressive sampling (docs/method.md §5): generate level 1, then bring in finer levels.
 
 `progressive_schedule` is the single source of truth for every level's time at every step.
 Segment k has `steps[k]` steps on a linear grid: level k moves 0 → tau_k (the last level

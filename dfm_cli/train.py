@@ -32,7 +32,7 @@ from dfm_cli.checkpoint import (RunInfo, complete_checkpoints, load_training_sta
                                 truncate_stats)
 from dfm_cli.data import StreamBatches, build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid
+from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
 from dfm_cli.flow import Draws, FlowObjective
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
@@ -241,7 +241,8 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
                             strict=recipe.data.strict)
-    level_stats = data_level_statistics(recipe, dataset) if recipe.flow.standardize else None
+    needs_stats = recipe.flow.standardize or recipe.flow.precondition
+    level_stats = data_level_statistics(recipe, dataset) if needs_stats else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
     info = RunInfo(tuple(dataset.shape), dataset.num_classes, tuple(dataset.class_names),
                    getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel", "channels": dataset.channels}),
@@ -251,7 +252,8 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
 
         hooks = [*hooks, (t.eval_every, TrainingEvaluation(recipe, dataset, info, pyramid, ctx, run_dir))]
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
-    base = build_model(recipe, dataset.shape, dataset.num_classes).to(ctx.device)
+    base = build_model(recipe, dataset.shape, dataset.num_classes,
+                       precondition_rms(recipe, level_stats)).to(ctx.device)
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
@@ -380,7 +382,10 @@ def data_level_statistics(recipe: Recipe, dataset) -> dict:
     from dfm_cli.store import level_statistics, stored_level_statistics
 
     pyramid = plain_pyramid(recipe)
-    return stored_level_statistics(getattr(dataset, "index", {}), pyramid) or level_statistics(dataset, pyramid)
+    stored = stored_level_statistics(getattr(dataset, "index", {}), pyramid)
+    if stored and stored.get("decomposition", "laplacian") == recipe.flow.decomposition:
+        return stored
+    return {**level_statistics(dataset, pyramid), "decomposition": recipe.flow.decomposition}
 
 
 def _as_batch(batch):
