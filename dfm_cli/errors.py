@@ -25,6 +25,20 @@ class DfmError(ValueError):
 FORMAT_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, EOFError, UnicodeDecodeError)
 # Errors a disk or file system gives for any path, with or without a file name.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+# Libraries that decode files: an `OSError` raised inside them ("image file is truncated")
+# is about the bytes of a file, even when it does not name it.
+FILE_READERS = ("PIL", "zipfile", "numpy.lib", "safetensors", "tomllib", "gzip")
+
+
+def raised_in_reader(e: BaseException) -> bool:
+    """True when the innermost frame of `e` belongs to a file-decoding library."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return any(module == lib or module.startswith(lib + ".") for lib in FILE_READERS)
 
 
 def _first_line(e: BaseException) -> str:

@@ -183,6 +183,11 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
     if needs_ref and ref is None:
         raise DfmError("--fid/--kid/--fdd/--swd/--fvd/--pr compare against a reference: pass --ref (a folder, an "
                        f".npz or {', '.join(DATASETS)})")
+    for source in (samples, ref):
+        for suffix in ("", "_dinov2", "_i3d"):
+            if source is not None and (f"mu{suffix}" in source.stats) != (f"sigma{suffix}" in source.stats):
+                have, lack = (f"mu{suffix}", f"sigma{suffix}")[:: 1 if f"mu{suffix}" in source.stats else -1]
+                raise DfmError(f"{source.name}: has {have} but no {lack}; statistics need both (ADM layout)")
     warnings = sample_warnings(samples.images)
     if len(samples.images) < MIN_SAMPLES and (req.fid or req.fdd or req.fvd):
         warnings.append(f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from dfm_cli.errors import FORMAT_ERRORS, DfmError, file_error_message
+from dfm_cli.errors import FORMAT_ERRORS, DfmError, file_error_message, raised_in_reader
 
 app = typer.Typer(
     help="Decomposable Flow Matching: progressive multi-scale generation (arXiv 2506.19839).",
@@ -36,8 +36,9 @@ def _input_files(arguments: dict) -> list[str]:
 def boundary_message(e: Exception, arguments: dict) -> str | None:
     """The one line a command prints for `e`, or None when `e` is a bug (keep its traceback).
 
-    A format error that names no file (`zipfile.BadZipFile` from a truncated `.npz`) is laid
-    at the command's input files: they are the only bytes `dfm` reads that it did not write.
+    A format error that names no file (`zipfile.BadZipFile` from a truncated `.npz`, PIL's
+    "image file is truncated") is laid at the command's input files: they are the only bytes
+    `dfm` reads that it did not write.
 
     >>> boundary_message(DfmError("train.lr = -1: must be > 0"), {})
     'train.lr = -1: must be > 0'
@@ -49,7 +50,7 @@ def boundary_message(e: Exception, arguments: dict) -> str | None:
     if isinstance(e, DfmError):
         return str(e)
     message = file_error_message(e)
-    if message is None and isinstance(e, FORMAT_ERRORS):
+    if message is None and (isinstance(e, FORMAT_ERRORS) or (isinstance(e, OSError) and raised_in_reader(e))):
         inputs = _input_files(arguments)
         where = inputs[0] if len(inputs) == 1 else f"one of {', '.join(inputs)}" if inputs else "an input file"
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -84,9 +85,9 @@ def parse_list(text: str | None, kind: type, flag: str) -> list | None:
         raise DfmError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. 30,10") from None
 
 
-def newest_run(root: Path = Path("runs")) -> tuple[Path, Path]:
-    """`(run folder, its newest checkpoint)` for the run under `root` whose newest complete
-    checkpoint was written last: the run the user just trained."""
+def newest_run(root: Path = Path("runs")) -> Path:
+    """The run folder under `root` whose newest complete checkpoint was written last: the run
+    the user just trained. (wt-sample has the same function as `runs.newest_run`; keep one.)"""
     from dfm_cli.checkpoint import STATE, complete_checkpoints
 
     found = []
@@ -94,9 +95,8 @@ def newest_run(root: Path = Path("runs")) -> tuple[Path, Path]:
         for run in root.iterdir():
             checkpoints = complete_checkpoints(run) if run.is_dir() else []
             if checkpoints:
-                found.append(((checkpoints[-1] / STATE).stat().st_mtime_ns, run, checkpoints[-1]))
+                found.append(((checkpoints[-1] / STATE).stat().st_mtime_ns, str(run), run))
     if not found:
         raise DfmError(f"no trained run under {root}/; train one (`dfm train recipes/quickstart.toml`) or name "
                        "the samples to score")
-    _, run, checkpoint = max(found)
-    return run, checkpoint
+    return max(found)[2]

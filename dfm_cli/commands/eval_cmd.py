@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli.commands.common import app, console, newest_run, user_errors
-from dfm_cli.errors import DfmError
+from dfm_cli.errors import DfmError, reading
 
 
 @app.command("eval")
@@ -87,7 +87,8 @@ def eval_(
                         console=err, transient=True)
     run_recipe = None
     if samples is None or (Path(samples).is_dir() and (Path(samples) / "checkpoints").is_dir()):
-        run, checkpoint = newest_run() if samples is None else (Path(samples), resolve_checkpoint(samples))
+        run = newest_run() if samples is None else Path(samples)
+        checkpoint = resolve_checkpoint(run)
         num = num or default_eval_num(req.device)
         from dfm_cli.recipe import load_recipe
 
@@ -100,7 +101,8 @@ def eval_(
         err.print(f"evaluation set: {samples}")
     elif num is not None:
         raise DfmError(f"--num {num} sizes a run's evaluation set; {samples} is already a sample set")
-    source = load_source(samples)
+    with reading(samples, "sample set"):
+        source = load_source(samples)
     if stats_out is not None:
         with progress:
             stats = reference_statistics(source, req, progress)
@@ -109,7 +111,8 @@ def eval_(
         return
     resolution = source.images.shape[-2] if source.images is not None else None
     if ref:
-        reference = load_source(ref, resolution)
+        with reading(ref, "reference"):
+            reference = load_source(ref, resolution)
     elif run_recipe is not None:
         reference = run_reference(run_recipe, run)
         ref = reference.name
