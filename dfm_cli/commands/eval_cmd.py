@@ -85,16 +85,18 @@ def eval_(
     err = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
-    run_recipe = None
+    run_reference_source = None
     if samples is None or (Path(samples).is_dir() and (Path(samples) / "checkpoints").is_dir()):
         run = newest_run() if samples is None else Path(samples)
         checkpoint = resolve_checkpoint(run)
         num = num or default_eval_num(req.device)
         from dfm_cli.recipe import load_recipe
 
-        run_recipe = load_recipe(checkpoint / "recipe.toml")
+        if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
+            run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run)
         err.print(f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
-                  f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. --num 10000")
+                  f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
+                  f"--num {max(10_000, 5 * num)}")
         with progress:
             task = progress.add_task("sample", total=num)
             samples = str(run_sample_set(checkpoint, num, batch, lambda n: progress.advance(task, n)))
@@ -113,8 +115,8 @@ def eval_(
     if ref:
         with reading(ref, "reference"):
             reference = load_source(ref, resolution)
-    elif run_recipe is not None:
-        reference = run_reference(run_recipe, run)
+    elif run_reference_source is not None:
+        reference = run_reference_source
         ref = reference.name
     else:
         reference = None
