@@ -96,11 +96,11 @@ def eval_(
             run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run)
         err.print(f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
                   f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
-                  f"--num {max(10_000, 5 * num)}")
+                  f"--num {max(10_000, 5 * num)}", soft_wrap=True)
         with progress:
             task = progress.add_task("sample", total=num)
             samples = str(run_sample_set(checkpoint, num, batch, lambda n: progress.advance(task, n)))
-        err.print(f"evaluation set: {samples}")
+        err.print(f"evaluation set: {samples}", soft_wrap=True)
     elif num is not None:
         raise DfmError(f"--num {num} sizes a run's evaluation set; {samples} is already a sample set")
     with reading(samples, "sample set"):
