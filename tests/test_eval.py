@@ -1,6 +1,7 @@
 """`dfm eval` and evaluation sets: metric precision, offline weights, thresholds, every format."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -403,7 +404,7 @@ def test_a_runs_reference_is_its_training_data_at_its_resolution(tmp_path):
     assert np.array_equal(ref.images[..., 0], ref.images[..., 2])  # grey repeated to RGB, as samples are
     store = load_recipe(TINY, ["data.name=store", f"data.path={tmp_path}"])
     (tmp_path / "index.json").write_text(json.dumps({"source": "/data/imagenet/train", "resolution": 512}))
-    with pytest.raises(DfmError, match=r"latent store .* --ref.*/data/imagenet/train at 512 px"):
+    with pytest.raises(DfmError, match=r"latent store .*encoded from \(/data/imagenet/train at 512 px\) with --ref"):
         run_reference(store, tmp_path / "run")
 
 
