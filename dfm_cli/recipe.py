@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from dfm_cli.errors import DfmError
+from dfm_cli.errors import DfmError, reading
 
 # Paper defaults for the stage probabilities (docs/method.md §3.1); S = 3 is a guess to ablate.
 DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
@@ -176,7 +176,8 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         p = Path(path)
         if not p.is_file():
             raise DfmError(f"recipe {source} not found; pass a TOML file such as recipes/quickstart.toml")
-        text = p.read_text()
+        with reading(p, "recipe (TOML, UTF-8)"):
+            text = p.read_text(encoding="utf-8")
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -220,8 +221,82 @@ def _broadcast(values: list, n: int) -> list:
     return values * n if len(values) == 1 and n > 1 else values
 
 
+SPECIALIZE = ("none", "mlp", "all")
+EVAL_METRICS = ("fid", "swd")
+DECOMPOSITION_NAMES = ("laplacian", "dwt", "dct")
+BATCH_MEMORY_LIMIT = 64 * 2**30  # bytes: one batch of pixels, float32, before the model runs
+
+
+def batch_bytes(data: DataSection, batch_size: int) -> int:
+    """Bytes of one training batch of pixels as float32 (3 channels, the clip's frames):
+    a lower bound on what a run at this resolution holds in memory.
+
+    >>> batch_bytes(DataSection(resolution=65536), 64) / 2**40
+    3.0
+    """
+    return batch_size * 3 * max(data.frames, 1) * data.resolution**2 * 4
+
+
+def _check_ranges(recipe: Recipe, fail) -> None:
+    """Every key's own range, so a mistake stops at `--dry-run`, not in the middle of a run."""
+    f, s, m, d, t = recipe.flow, recipe.sample, recipe.model, recipe.data, recipe.train
+    positive = (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("data.resolution", d.resolution),
+                ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every),
+                ("train.keep_checkpoints", t.keep_checkpoints), ("train.eval_num", t.eval_num),
+                ("model.temporal_patch", m.temporal_patch), ("sample.n", s.n))
+    for key, value in positive:
+        if value < 1:
+            fail(key, value, "must be at least 1")
+    non_negative = (("train.batch_per_gpu", t.batch_per_gpu), ("train.milestone_every", t.milestone_every),
+                    ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("train.preview_every", t.preview_every),
+                    ("train.peak_tflops", t.peak_tflops), ("train.warmup_steps", t.warmup_steps),
+                    ("train.weight_decay", t.weight_decay), ("train.eval_every", t.eval_every),
+                    ("train.seed", t.seed), ("data.frames", d.frames), ("data.num_workers", d.num_workers),
+                    ("sample.cfg", s.cfg))
+    for key, value in non_negative:
+        if not value >= 0:  # also catches NaN
+            fail(key, value, "must be 0 or more")
+    for key, value in (("train.lr", t.lr), ("train.eps", t.eps), ("train.grad_clip", t.grad_clip),
+                       ("flow.t_scale", f.t_scale), ("flow.prev_t_scale", f.prev_t_scale)):
+        if not (value > 0 and math.isfinite(value)):
+            fail(key, value, "must be a number above 0")
+    for key, value in (("flow.t_loc", f.t_loc), ("flow.prev_t_loc", f.prev_t_loc)):
+        if not math.isfinite(value):
+            fail(key, value, "must be a finite number")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        fail("train.betas", t.betas, "needs exactly two values in [0, 1), e.g. [0.9, 0.99]")
+    if not 0 <= t.ema_decay < 1:
+        fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
+    if not 0 <= m.class_dropout <= 1:
+        fail("model.class_dropout", m.class_dropout, "must be in [0, 1] (the share of labels dropped for CFG)")
+    if m.specialize not in SPECIALIZE:
+        fail("model.specialize", m.specialize, f"choose one of {', '.join(SPECIALIZE)}{_suggest(m.specialize, SPECIALIZE)}")
+    if not t.eval_metrics or any(x not in EVAL_METRICS for x in t.eval_metrics):
+        fail("train.eval_metrics", t.eval_metrics, f"choose one or more of {', '.join(EVAL_METRICS)}")
+    if f.decomposition not in DECOMPOSITION_NAMES:
+        fail("flow.decomposition", f.decomposition,
+             f"choose one of {', '.join(DECOMPOSITION_NAMES)}{_suggest(f.decomposition, DECOMPOSITION_NAMES)}")
+    for key, values in (("flow.factors", f.factors), ("flow.temporal_factors", f.temporal_factors),
+                        ("sample.steps", s.steps)):
+        if any(v < 1 for v in values):
+            fail(key, values, "every entry must be at least 1")
+    if any(not w >= 0 for w in f.level_weights):
+        fail("flow.level_weights", f.level_weights, "weights must be 0 or more")
+    if any(not 0 < v < 1 for v in s.tau) or any(a > b for a, b in zip(s.tau, s.tau[1:])):
+        fail("sample.tau", s.tau, "each tau must lie in (0, 1), never decreasing from stage to stage")
+    lo_hi = s.guidance_interval
+    if len(lo_hi) == 2 and not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
+        fail("sample.guidance_interval", lo_hi, "needs [low, high] with 0 <= low <= high <= 1")
+    need = batch_bytes(d, t.batch_size)
+    if need > BATCH_MEMORY_LIMIT:
+        fail("data.resolution", d.resolution,
+             f"one batch of {t.batch_size} images at {d.resolution} px is {need / 2**30:,.0f} GiB as float32 "
+             f"(batch x 3 x {'frames x ' if d.frames else ''}{d.resolution}^2 x 4 B), over the "
+             f"{BATCH_MEMORY_LIMIT // 2**30} GiB limit; lower data.resolution or train.batch_size")
+
+
 def validate(recipe: Recipe, source: str) -> None:
-    """Cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
+    """Range and cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
     from dfm_cli.decompose import build_decomposition
     from dfm_cli.model import level_patches, model_size
 
@@ -254,23 +329,11 @@ def validate(recipe: Recipe, source: str) -> None:
     if d.name in ("folder", "store") and not d.path:
         fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
              + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
-    for key, value in (("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                       ("data.resolution", d.resolution), ("train.log_every", t.log_every),
-                       ("train.checkpoint_every", t.checkpoint_every),
-                       ("train.keep_checkpoints", t.keep_checkpoints)):
-        if value < 1:
-            fail(key, value, "must be at least 1")
-    for key, value in (("train.batch_per_gpu", t.batch_per_gpu), ("train.milestone_every", t.milestone_every),
-                       ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-                       ("train.preview_every", t.preview_every), ("train.peak_tflops", t.peak_tflops)):
-        if value < 0:
-            fail(key, value, "must be 0 or more")
+    _check_ranges(recipe, fail)
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
     if t.precision not in ("auto", "bf16", "fp32"):
         fail("train.precision", t.precision, "choose 'auto', 'bf16' or 'fp32'")
-    if not 0 <= t.ema_decay < 1:
-        fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
     try:
         pyramid = build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
         size = ((d.frames,) if d.frames else ()) + (d.resolution, d.resolution)

@@ -1,6 +1,7 @@
 """End-to-end: the real `dfm` command on a tiny recipe, as a user would run it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,3 +83,29 @@ def test_decompose_default_photo_and_video(tmp_path):
     assert bad.returncode == 2 and "not divisible" in bad.stderr and "--crop" in bad.stderr
     run_dfm("decompose", gif, "--levels", "3", "--factors", "3,2", "--crop", "--out", tmp_path / "cropped")
     assert np.load(tmp_path / "cropped" / "levels.npz")["level_3"].shape == (3, 4, 12, 12)
+
+
+def test_the_error_boundary_maps_user_file_failures_and_keeps_bugs(tmp_path):
+    import zipfile
+
+    import pytest
+    import typer
+
+    from dfm_cli.commands.common import user_errors
+
+    def command_raising(error):
+        @user_errors
+        def command(samples: Path = tmp_path / "a.npz"):
+            raise error
+        return command
+
+    (tmp_path / "a.npz").write_bytes(b"PK")
+    for error in (IsADirectoryError(21, "Is a directory", str(tmp_path / "out.npz")),
+                  PermissionError(13, "Permission denied", str(tmp_path / "ro")),
+                  zipfile.BadZipFile("File is not a zip file")):
+        with pytest.raises(typer.Exit) as exit_info:
+            command_raising(error)()
+        assert exit_info.value.exit_code == 2
+    for bug in (KeyError("num_classes"), OSError("no file named"), ZeroDivisionError(), TypeError("x")):
+        with pytest.raises(type(bug)):  # internal bugs keep their traceback
+            command_raising(bug)()

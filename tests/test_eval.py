@@ -1,6 +1,7 @@
 """`dfm eval` and evaluation sets: metric precision, offline weights, thresholds, every format."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from conftest import TINY, run_dfm
 from dfm_cli import features as feats
 from dfm_cli.errors import DfmError
-from dfm_cli.evaluate import Request, check_thresholds, evaluate, load_source
-from dfm_cli.metrics import feature_statistics, frechet_distance, swd
+from dfm_cli.evaluate import (Request, check_gates, check_thresholds, evaluate, load_source, run_reference,
+                              run_set_path, sample_warnings)
+from dfm_cli.metrics import feature_statistics, frechet_distance, precision_recall, swd
 
 
 # ----------------------------------------------------------------- Fréchet distance
@@ -186,11 +188,12 @@ def sets(tmp_path):
 def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
     a, b = sets
     out = tmp_path / "m.json"
-    proc = run_dfm("eval", a, "--ref", b, "--fid", "--swd", "--inception-weights", random_inception,
-                   "--json", out, "--max-fid", "0", check=False)
-    assert proc.returncode == 1 and "threshold failed: fid" in proc.stderr
+    proc = run_dfm("eval", a, "--ref", b, "--fid", "--swd", "--pr", "--inception-weights", random_inception,
+                   "--json", out, "--max-fid", "0", "--min-recall", "1.5", check=False)
+    assert proc.returncode == 1 and "threshold failed: fid" in proc.stderr and "recall" in proc.stderr
     report = json.loads(out.read_text())
-    assert report["metrics"]["fid"] > 0 and report["metrics"]["swd"] > 0 and report["failed"]
+    assert report["metrics"]["fid"] > 0 and report["metrics"]["swd"] > 0 and len(report["failed"]) == 2
+    assert 0 <= report["metrics"]["precision"] <= 1 and 0 <= report["metrics"]["recall"] <= 1
     assert any("only 16 samples" in w for w in report["warnings"])
     ok = run_dfm("eval", a, "--ref", b, "--swd", "--max-swd", "1e9")
     assert "swd" in ok.stdout
@@ -199,6 +202,9 @@ def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
         (["--fdd"], "--dinov2-weights"),
         (["--fvd", "--i3d-weights", tmp_path / "x.pt"], "--fvd needs video samples"),
         ([], "choose at least one metric"),
+        (["--swd", "--max-fid", "10"], "--max-fid 10 gates a metric that is not computed; add --fid"),
+        (["--swd", "--max-swd", "nan"], "--max-swd nan: a threshold must be a number"),
+        (["--fid", "--min-precision", "0.5"], "add --pr"),
     ]:
         bad = run_dfm("eval", a, "--ref", b, *map(str, args), check=False)
         assert bad.returncode == 2, bad.stderr
@@ -235,6 +241,82 @@ def test_builtin_dataset_reference_is_cached(tmp_path, monkeypatch):
 def test_thresholds():
     assert check_thresholds({"fid": 10.0, "isc": 3.0}, {"--max-fid": 5, "--min-isc": 2}) == ["fid 10 > --max-fid 5"]
     assert check_thresholds({"clip_score": 20.0}, {"--min-clip": 25}) == ["clip_score 20 < --min-clip 25"]
+    assert check_thresholds({"precision": 0.7, "recall": 0.2}, {"--min-precision": 0.5, "--min-recall": 0.3}) == [
+        "recall 0.2 < --min-recall 0.3"]
+
+
+def test_gates_cannot_pass_by_accident():
+    # a NaN metric fails its gate in either direction; NaN compares false with everything
+    assert check_thresholds({"fid": float("nan")}, {"--max-fid": 50}) == ["fid nan is not a number (--max-fid 50)"]
+    assert check_thresholds({"recall": float("nan")}, {"--min-recall": 0.1}) == [
+        "recall nan is not a number (--min-recall 0.1)"]
+    # a gated metric that is missing from the results fails, it does not pass
+    assert check_thresholds({"swd": 3.0}, {"--max-fid": 50}) == ["--max-fid 50: fid was not computed (--fid)"]
+    # and before any work: a gate on a metric not requested, or a NaN gate, is a user error
+    with pytest.raises(DfmError, match="add --fid"):
+        check_gates(Request(swd=True), {"--max-fid": 50.0, "--max-swd": None})
+    with pytest.raises(DfmError, match="--max-swd nan: a threshold must be a number"):
+        check_gates(Request(swd=True), {"--max-swd": float("nan")})
+    with pytest.raises(DfmError, match="add --pr"):
+        check_gates(Request(fid=True), {"--min-recall": 0.2})
+    check_gates(Request(fid=True, pr=True), {"--max-fid": 50.0, "--min-precision": 0.5, "--min-recall": 0.5})
+
+
+# ----------------------------------------------------------------- precision and recall
+def brute_force_precision_recall(real, fake, k=3):
+    """Kynkäänniemi et al. written out directly: full distance matrices, sorted neighbours."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    r_real = np.sort(dist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    r_fake = np.sort(dist(fake, fake), axis=1)[:, k]
+    precision = np.mean([any(dist(f[None], real)[0] <= r_real) for f in fake])
+    recall = np.mean([any(dist(r[None], fake)[0] <= r_fake) for r in real])
+    return precision, recall
+
+
+def test_precision_recall_matches_a_brute_force_knn():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((70, 6))
+    fake = 0.6 * rng.standard_normal((55, 6)) + 0.8  # narrower and shifted: neither 0 nor 1
+    expected = brute_force_precision_recall(real, fake)
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    for block in (7, 1024):  # row blocks bound memory; they must not change the answer
+        assert precision_recall(real, fake, k=3, block=block) == pytest.approx(expected, abs=1e-12)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100) == (0.0, 0.0)
+    with pytest.raises(DfmError, match="more than 3 samples"):
+        precision_recall(real[:3], fake)
+
+
+def test_constant_samples_are_reported():
+    black = np.zeros((5, 8, 8, 3), np.uint8)
+    assert "5 of 5 samples are constant images" in sample_warnings(black)[0]
+    assert sample_warnings(random_images(5, 0, size=8)) == []
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this ran at load time",))
+
+
+def test_inception_weights_are_read_once_and_as_tensors_only(random_inception, tmp_path, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(f, *args, **kwargs):
+        calls.append((f, kwargs.get("weights_only")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    feats.InceptionFeatures(random_inception, torch.device("cpu"))
+    from_files = [c for c in calls if isinstance(c[0], (str, Path))]
+    assert from_files == [(random_inception, True)]  # torch-fidelity never sees the path
+    assert all(weights_only is not False for f, weights_only in calls if isinstance(f, (str, Path)))
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": _Payload()}, evil)
+    with pytest.raises(DfmError, match="not a readable Inception weights file"):
+        feats.InceptionFeatures(evil, torch.device("cpu"))
 
 
 def test_swd_is_small_for_the_same_distribution_and_grows_with_other_structure():
@@ -287,6 +369,43 @@ def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
     run_dfm("eval", tmp_path / "va.npz", "--ref", tmp_path / "vb.npz", "--fvd", "--swd", "--swd-levels", "2",
             "--i3d-weights", tmp_path / "i3d_torchscript.pt", "--json", tmp_path / "fvd.json")
     assert json.loads((tmp_path / "fvd.json").read_text())["metrics"]["fvd"] > 0
+
+
+# ----------------------------------------------------------------- scoring a run
+def test_eval_without_samples_scores_the_newest_run_and_reuses_its_set(tmp_path):
+    (tmp_path / "runs").mkdir()
+    run_dfm("train", TINY, "--out", tmp_path / "runs" / "tiny")
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=random_images(12, 1, size=16))
+    early = run_dfm("eval", "--swd", "--max-fid", "10", cwd=tmp_path, check=False)
+    assert early.returncode == 2 and "add --fid" in early.stderr
+    assert not (tmp_path / "runs" / "tiny" / "eval").exists()  # refused before any sampling
+    args = ("eval", "--swd", "--swd-levels", "2", "--num", "12", "--batch", "5", "--ref", ref, "--max-swd", "1e9",
+            "--json", tmp_path / "m.json")
+    first = run_dfm(*args, cwd=tmp_path)
+    assert "runs/tiny (the newest run under runs/), checkpoint step-000000008" in first.stderr
+    assert "--num" in first.stderr  # says how to ask for more
+    path = tmp_path / "runs" / "tiny" / "eval" / "samples-12-step-000000008.npz"
+    with np.load(path) as d:
+        assert d["arr_0"].shape == (12, 16, 16, 3)
+    stamp = path.stat().st_mtime_ns
+    run_dfm(*args, cwd=tmp_path)
+    assert path.stat().st_mtime_ns == stamp  # reused, not regenerated
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["metrics"]["swd"] > 0 and report["metrics"]["num_samples"] == 12
+    assert run_set_path(tmp_path / "runs" / "tiny" / "checkpoints" / "step-000000008", 12) == path
+
+
+def test_a_runs_reference_is_its_training_data_at_its_resolution(tmp_path):
+    from dfm_cli.recipe import load_recipe
+
+    ref = run_reference(load_recipe(TINY), tmp_path)
+    assert ref.images.shape == (10000, 16, 16, 3) and ref.images.dtype == np.uint8
+    assert np.array_equal(ref.images[..., 0], ref.images[..., 2])  # grey repeated to RGB, as samples are
+    store = load_recipe(TINY, ["data.name=store", f"data.path={tmp_path}"])
+    (tmp_path / "index.json").write_text(json.dumps({"source": "/data/imagenet/train", "resolution": 512}))
+    with pytest.raises(DfmError, match=r"latent store .*encoded from \(/data/imagenet/train at 512 px\) with --ref"):
+        run_reference(store, tmp_path / "run")
 
 
 # ----------------------------------------------------------------- evaluation sets

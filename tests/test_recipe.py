@@ -83,3 +83,65 @@ def test_dry_run_prints_the_resolved_recipe(tmp_path):
                    "--out", tmp_path / "run")
     assert "steps = 3" in proc.stdout and "p_stage" in proc.stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-1e-4", r"train.lr = -0.0001: must be a number above 0"),
+    ("train.lr=0", r"train.lr = 0.0: must be a number above 0"),
+    ("train.lr=nan", r"train.lr = nan: must be a number above 0"),
+    ("train.warmup_steps=-3", r"train.warmup_steps = -3: must be 0 or more"),
+    ("train.betas=[0.9]", r"train.betas = \[0.9\]: needs exactly two values in \[0, 1\)"),
+    ("train.betas=[0.9, 0.99, 0.999]", r"needs exactly two values"),
+    ("train.betas=[0.9, 1.0]", r"needs exactly two values in \[0, 1\)"),
+    ("train.betas=[-0.1, 0.99]", r"needs exactly two values in \[0, 1\)"),
+    ("model.class_dropout=1.5", r"model.class_dropout = 1.5: must be in \[0, 1\]"),
+    ("model.class_dropout=-0.1", r"model.class_dropout = -0.1: must be in \[0, 1\]"),
+    ("train.eps=0", r"train.eps = 0.0: must be a number above 0"),
+    ("train.weight_decay=-0.01", r"train.weight_decay = -0.01: must be 0 or more"),
+    ("train.grad_clip=0", r"train.grad_clip = 0.0: must be a number above 0"),
+    ("train.steps=0", r"train.steps = 0: must be at least 1"),
+    ("train.batch_size=0", r"train.batch_size = 0: must be at least 1"),
+    ("sample.n=0", r"sample.n = 0: must be at least 1"),
+    ("sample.steps=[3, 0]", r"sample.steps = \[3, 0\]: every entry must be at least 1"),
+    ("data.num_workers=-1", r"data.num_workers = -1: must be 0 or more"),
+    ("data.resolution=65536", r"data.resolution = 65536: one batch of 64 images at 65536 px is 3,072 GiB as float32"
+                              r".*over the 64 GiB limit"),
+    ("model.specialize=experts", r"model.specialize = 'experts': choose one of none, mlp, all"),
+    ("train.eval_every=-1", r"train.eval_every = -1: must be 0 or more"),
+    ("train.eval_num=0", r"train.eval_num = 0: must be at least 1"),
+    ("train.eval_metrics=['fid', 'kid']", r"train.eval_metrics = \['fid', 'kid'\]: choose one or more of fid, swd"),
+    ("train.eval_metrics=[]", r"choose one or more of fid, swd"),
+    ("flow.decomposition=wavelet", r"flow.decomposition = 'wavelet': choose one of laplacian, dwt, dct"),
+    ("sample.tau=[1.0]", r"sample.tau = \[1.0\]: each tau must lie in \(0, 1\)"),
+    ("sample.tau=[0]", r"sample.tau = \[0.0\]: each tau must lie in \(0, 1\)"),
+    ("sample.cfg=-1", r"sample.cfg = -1.0: must be 0 or more"),
+    ("sample.guidance_interval=[0.9, 0.1]", r"needs \[low, high\] with 0 <= low <= high <= 1"),
+    ("flow.t_scale=0", r"flow.t_scale = 0.0: must be a number above 0"),
+    ("train.ema_decay=1.0", r"train.ema_decay = 1.0: must be in \[0, 1\)"),
+])
+def test_every_key_has_its_range(tmp_path, override, message):
+    with pytest.raises(DfmError, match=message):
+        load_recipe(write(tmp_path, ""), [override])
+
+
+def test_three_level_tau_must_not_decrease(tmp_path):
+    base = ["flow.levels=3", "sample.steps=[2, 2, 2]", "model.name=DFM-N/4", "data.resolution=32"]
+    assert load_recipe(write(tmp_path, ""), [*base, "sample.tau=[0.5, 0.8]"]).sample.tau == [0.5, 0.8]
+    with pytest.raises(DfmError, match=r"sample.tau = \[0.8, 0.5\]: .*never decreasing"):
+        load_recipe(write(tmp_path, ""), [*base, "sample.tau=[0.8, 0.5]"])
+
+
+def test_the_boundaries_themselves_are_accepted(tmp_path):
+    r = load_recipe(write(tmp_path, ""), ["train.warmup_steps=0", "model.class_dropout=1.0", "train.betas=[0, 0.999]",
+                                          "train.weight_decay=0", "train.eval_every=0", "train.eval_metrics=['swd']",
+                                          "model.specialize=mlp", "data.resolution=4096", "train.batch_size=8"])
+    assert r.model.class_dropout == 1.0 and r.train.betas == [0.0, 0.999]
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("# café\n[train]\nsteps = 3\n".encode("latin-1"))
+    with pytest.raises(DfmError, match=r"latin1.toml: not a readable recipe \(TOML, UTF-8\) \('utf-8' codec"):
+        load_recipe(path)
+    proc = run_dfm("train", path, "--dry-run", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "latin1.toml" in proc.stderr

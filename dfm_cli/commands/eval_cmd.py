@@ -11,14 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli.commands.common import app, console, user_errors
-from dfm_cli.errors import DfmError
+from dfm_cli.runs import newest_run
+from dfm_cli.errors import DfmError, reading
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    samples: Annotated[str, typer.Argument(help="Samples: an ADM .npz (arr_0), an image folder, or a dataset name.")],
-    ref: Annotated[Optional[str], typer.Option(help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist.")] = None,
+    samples: Annotated[Optional[str], typer.Argument(help="Samples: an ADM .npz (arr_0), an image folder, a dataset name, or a run folder. Default: the newest run under runs/, scored on its own evaluation set against its training data.")] = None,
+    ref: Annotated[Optional[str], typer.Option(help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist. Default for a run: the data it was trained on.")] = None,
     fid: Annotated[bool, typer.Option("--fid", help="FID (frame-FID for video), Inception via torch-fidelity.")] = False,
     kid: Annotated[bool, typer.Option("--kid", help="KID via torch-fidelity.")] = False,
     isc: Annotated[bool, typer.Option("--isc", help="Inception Score (needs weights with logits).")] = False,
@@ -26,58 +27,103 @@ def eval_(
     swd: Annotated[bool, typer.Option("--swd", help="Multi-scale sliced Wasserstein distance (no weights).")] = False,
     clip: Annotated[bool, typer.Option("--clip", help="CLIP score against --captions.")] = False,
     fvd: Annotated[bool, typer.Option("--fvd", help="Fréchet video distance (I3D).")] = False,
+    pr: Annotated[bool, typer.Option("--pr", help="Improved precision and recall (k = 3, Inception pool features, as ADM's evaluator).")] = False,
+    num: Annotated[Optional[int], typer.Option("--num", help="Scoring a run: samples in its evaluation set (default 1000 on the CPU, 10000 on CUDA).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
     stats_out: Annotated[Optional[Path], typer.Option(help="Save SAMPLES' statistics (mu, sigma; ADM layout) and exit.")] = None,
-    max_fid: Annotated[Optional[float], typer.Option(help="Exit 1 if FID is above this.")] = None,
-    max_kid: Annotated[Optional[float], typer.Option(help="Exit 1 if KID is above this.")] = None,
-    max_fdd: Annotated[Optional[float], typer.Option(help="Exit 1 if FDD is above this.")] = None,
-    max_swd: Annotated[Optional[float], typer.Option(help="Exit 1 if SWD is above this.")] = None,
-    max_fvd: Annotated[Optional[float], typer.Option(help="Exit 1 if FVD is above this.")] = None,
-    min_isc: Annotated[Optional[float], typer.Option(help="Exit 1 if IS is below this.")] = None,
-    min_clip: Annotated[Optional[float], typer.Option(help="Exit 1 if the CLIP score is below this.")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="Inception weights (torch-fidelity format).")] = None,
+    max_fid: Annotated[Optional[float], typer.Option(help="Exit 1 if FID is above this (needs --fid).")] = None,
+    max_kid: Annotated[Optional[float], typer.Option(help="Exit 1 if KID is above this (needs --kid).")] = None,
+    max_fdd: Annotated[Optional[float], typer.Option(help="Exit 1 if FDD is above this (needs --fdd).")] = None,
+    max_swd: Annotated[Optional[float], typer.Option(help="Exit 1 if SWD is above this (needs --swd).")] = None,
+    max_fvd: Annotated[Optional[float], typer.Option(help="Exit 1 if FVD is above this (needs --fvd).")] = None,
+    min_isc: Annotated[Optional[float], typer.Option(help="Exit 1 if IS is below this (needs --isc).")] = None,
+    min_clip: Annotated[Optional[float], typer.Option(help="Exit 1 if the CLIP score is below this (needs --clip).")] = None,
+    min_precision: Annotated[Optional[float], typer.Option(help="Exit 1 if precision is below this (needs --pr).")] = None,
+    min_recall: Annotated[Optional[float], typer.Option(help="Exit 1 if recall is below this (needs --pr).")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Inception weights (torch-fidelity format; read as tensors only).")] = None,
     dinov2_weights: Annotated[Optional[Path], typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")] = None,
     clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON.")] = "ViT-L-14",
     clip_weights: Annotated[Optional[Path], typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
     captions: Annotated[Optional[Path], typer.Option(help="Text file, one caption per sample, for --clip.")] = None,
-    i3d_weights: Annotated[Optional[Path], typer.Option(help="i3d_torchscript.pt for --fvd.")] = None,
+    i3d_weights: Annotated[Optional[Path], typer.Option(help="i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file you trust; dfm never looks one up itself.")] = None,
     swd_levels: Annotated[int, typer.Option(help="Pyramid levels for --swd.")] = 3,
-    batch: Annotated[int, typer.Option(help="Feature-extraction batch size (results do not depend on it).")] = 50,
+    batch: Annotated[int, typer.Option(help="Feature-extraction batch size (results do not depend on it); also the sampling batch for a run.")] = 50,
     fid_extractor: Annotated[str, typer.Option(help="torch-fidelity feature extractor for FID/KID.")] = "inception-v3-compat",
 ) -> None:
-    """Score samples offline: FID/KID/IS, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error)."""
+    """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
+
+    `dfm eval --fid --max-fid X` alone scores the newest run under runs/: a CI gate in one line.
+    """
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dfm_cli.evaluate import Request, check_thresholds, evaluate, load_source, reference_statistics
+    from dfm_cli.checkpoint import resolve_checkpoint
+    from dfm_cli.evaluate import (Request, check_gates, check_thresholds, default_eval_num, evaluate, load_source,
+                                  reference_statistics, run_reference, run_sample_set)
     from dfm_cli.factory import pick_device
     from dfm_cli.metrics import save_statistics
 
-    req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd,
+    req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd, pr=pr,
                   inception_weights=inception_weights, dinov2_weights=dinov2_weights, clip_model=clip_model,
                   clip_weights=clip_weights, captions=captions, i3d_weights=i3d_weights, swd_levels=swd_levels,
                   batch=batch, device=pick_device(), fid_extractor=fid_extractor)
+    limits = {"--max-fid": max_fid, "--max-kid": max_kid, "--max-fdd": max_fdd, "--max-swd": max_swd,
+              "--max-fvd": max_fvd, "--min-isc": min_isc, "--min-clip": min_clip,
+              "--min-precision": min_precision, "--min-recall": min_recall}
+    check_gates(req, limits)  # before any work: a gate that cannot fail is an error
+    for flag, value in (("--batch", batch), ("--swd-levels", swd_levels), ("--num", num)):
+        if value is not None and value < 1:
+            raise DfmError(f"{flag} {value}: must be at least 1")
+    if stats_out is None and not any((fid, kid, isc, fdd, swd, clip, fvd, pr)):
+        raise DfmError("choose at least one metric: --fid, --kid, --isc, --pr, --fdd, --swd, --clip or --fvd")
+    if stats_out is not None and stats_out.suffix != ".npz":
+        raise DfmError(f"--stats-out {stats_out}: statistics are saved as .npz (ADM layout); use a name ending in .npz")
+    for flag, path in (("--json", json_out), ("--stats-out", stats_out)):
+        if path is not None and path.is_dir():
+            raise DfmError(f"{flag} {path} is a folder; name a file")
     start = time.perf_counter()
-    source = load_source(samples)
     err = Console(stderr=True)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=err, transient=True)
+    run_reference_source = None
+    if samples is None or (Path(samples).is_dir() and (Path(samples) / "checkpoints").is_dir()):
+        run = newest_run() if samples is None else Path(samples)
+        checkpoint = resolve_checkpoint(run)
+        num = num or default_eval_num(req.device)
+        from dfm_cli.recipe import load_recipe
+
+        if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
+            run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run)
+        err.print(f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
+                  f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
+                  f"--num {max(10_000, 5 * num)}", soft_wrap=True)
+        with progress:
+            task = progress.add_task("sample", total=num)
+            samples = str(run_sample_set(checkpoint, num, batch, lambda n: progress.advance(task, n)))
+        err.print(f"evaluation set: {samples}", soft_wrap=True)
+    elif num is not None:
+        raise DfmError(f"--num {num} sizes a run's evaluation set; {samples} is already a sample set")
+    with reading(samples, "sample set"):
+        source = load_source(samples)
     if stats_out is not None:
         with progress:
             stats = reference_statistics(source, req, progress)
         save_statistics(stats_out, stats)
         console.print(f"wrote {', '.join(stats)} of {samples} to {stats_out}")
         return
-    if not any((fid, kid, isc, fdd, swd, clip, fvd)):
-        raise DfmError("choose at least one metric: --fid, --kid, --isc, --fdd, --swd, --clip or --fvd")
     resolution = source.images.shape[-2] if source.images is not None else None
-    reference = load_source(ref, resolution) if ref else None
+    if ref:
+        with reading(ref, "reference"):
+            reference = load_source(ref, resolution)
+    elif run_reference_source is not None:
+        reference = run_reference_source
+        ref = reference.name
+    else:
+        reference = None
     with progress:
         results, warnings = evaluate(source, reference, req, progress)
     results["seconds"] = round(time.perf_counter() - start, 2)
-    limits = {"--max-fid": max_fid, "--max-kid": max_kid, "--max-fdd": max_fdd, "--max-swd": max_swd,
-              "--max-fvd": max_fvd, "--min-isc": min_isc, "--min-clip": min_clip}
     failed = check_thresholds(results, limits)
     for w in warnings:
         err.print(f"[yellow]warning:[/] {w}")
