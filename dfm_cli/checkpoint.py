@@ -230,8 +230,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process: a second `dfm train` on it is refused, naming us.
 
     `flock` is released by the kernel when the process dies, however it dies, so a killed run
-    never leaves a stale lock. A folder this call created and that holds nothing but the lock
-    at the end (the run stopped before writing anything) is removed again.
+    never leaves a stale lock. A folder this call created and that holds no complete checkpoint
+    at the end (the run stopped before its first one: nothing to resume) is removed again.
     """
     created = not run_dir.exists()
     try:
@@ -253,7 +253,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
         yield
     finally:
-        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+        if created and not complete_checkpoints(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         os.close(fd)
 

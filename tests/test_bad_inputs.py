@@ -24,7 +24,6 @@ from dfm_cli.cli import app
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file permissions
 
 
-
 @dataclass
 class World:
     """The row's own folder (also the working directory) and a finished tiny run shared by all rows."""
