@@ -66,7 +66,10 @@ def load_source(spec: str, resolution: int | None = None) -> Source:
             raise DfmError(f"{path}: has neither arr_0 (images) nor mu/sigma statistics")
         if images is not None and (images.dtype != np.uint8 or images.ndim not in (4, 5)):
             raise DfmError(f"{path}: arr_0 must be uint8 N H W C (or N T H W C), got {images.dtype} {images.shape}")
-        return Source(spec, images, stats)
+        # Features are cached by the images' content, so a reference .npz scored against many
+        # sample sets (a sweep) runs its feature extractors once.
+        digest = hashlib.sha1(images.tobytes()).hexdigest()[:16] if images is not None else None
+        return Source(spec, images, stats, cache_dir=cache_root() / "npz" / digest if digest else None)
     if path.is_dir():
         arrays = []
         for f, _ in list_files(path, IMAGE_EXTENSIONS, what="image folder").files:

@@ -72,7 +72,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -> None:
-    """Refuse to continue a run with a recipe that would change what it learns. The recipe is
+    """Refuse to continue a run with a recipe that would change what it learns (`[sample]`
+    only sets the final grid's sampler, so it may change). The recipe is
     compared with the folder's `recipe.toml` and with the one inside the `newest` checkpoint,
     which is what its weights were trained with even if the folder's copy is gone."""
     new = recipe.to_dict()
@@ -83,7 +84,7 @@ def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -
         for section, body in new.items():
             for key, value in body.items():
                 name = f"{section}.{key}"
-                if name not in RESUMABLE_CHANGES and old[section].get(key) != value:
+                if section != "sample" and name not in RESUMABLE_CHANGES and old[section].get(key) != value:
                     raise DfmError(
                         f"{old_path.parent} was trained with {name} = {old[section].get(key)!r}, not {value!r}; "
                         "use a new --out folder, or the run's own recipe.toml to continue it"

@@ -238,6 +238,28 @@ def test_builtin_dataset_reference_is_cached(tmp_path, monkeypatch):
     assert first["fid"] == second["fid"]
 
 
+def test_npz_features_are_cached_by_content(tmp_path, monkeypatch):
+    """A reference .npz scored against many sample sets (a sweep) is read by the extractor once;
+    another file with the same images hits the same cache, changed images do not."""
+    monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
+    ref_images = random_images(40, 6, size=32)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    np.savez(tmp_path / "copy.npz", arr_0=ref_images)
+    np.savez(tmp_path / "samples.npz", arr_0=random_images(30, 5, size=32))
+    samples = load_source(str(tmp_path / "samples.npz"))
+    req = Request(fid=True, fid_extractor="dfm-tiny", batch=500)
+    first, _ = evaluate(samples, load_source(str(tmp_path / "ref.npz")), req, _NoProgress())
+    assert len(list((tmp_path / "cache" / "npz").glob("*/*.npz"))) == 2  # the samples' and the reference's
+    calls = []
+    monkeypatch.setattr(feats, "extract", lambda *a, **k: calls.append(1) or pytest.fail("extracted again"))
+    second, _ = evaluate(load_source(str(tmp_path / "samples.npz")), load_source(str(tmp_path / "copy.npz")), req,
+                         _NoProgress())
+    assert first["fid"] == second["fid"] and not calls
+    np.savez(tmp_path / "other.npz", arr_0=random_images(40, 7, size=32))
+    with pytest.raises(pytest.fail.Exception, match="extracted again"):
+        evaluate(samples, load_source(str(tmp_path / "other.npz")), req, _NoProgress())
+
+
 def test_thresholds():
     assert check_thresholds({"fid": 10.0, "isc": 3.0}, {"--max-fid": 5, "--min-isc": 2}) == ["fid 10 > --max-fid 5"]
     assert check_thresholds({"clip_score": 20.0}, {"--min-clip": 25}) == ["clip_score 20 < --min-clip 25"]
