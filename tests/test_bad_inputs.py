@@ -219,9 +219,17 @@ ROWS = [
     ("decompose-not-divisible", lambda w: ["decompose", w.png("p.png", 30), "--levels", "3", "--out", w.tmp / "d"],
      "--crop"),
     # ------------------------------------------------------------------ ablate
-    # ABLATE ROWS (to fill in after merging wt-ablate): `dfm ablate` is built in that branch; its bad inputs
-    # (a sweep file that is not TOML, an unknown key in [grid], an empty grid, a [[cell]] with a
-    # bad range, --out pointing at a file, a missing base recipe) go here when it lands.
+    ("ablate-sweep-missing", lambda w: ["ablate", w.tmp / "none.toml", "--dry-run"], "none.toml"),
+    ("ablate-sweep-not-toml", lambda w: ["ablate", w.write("s.toml", "[grid\n"), "--dry-run"], "s.toml"),
+    ("ablate-recipe-not-sweep", lambda w: ["ablate", TINY, "--dry-run"], "is a recipe, not a sweep"),
+    ("ablate-base-missing", lambda w: ["ablate", w.write("s.toml", 'recipe = "gone.toml"\n[grid]\n"sample.cfg" = [1.0]\n'),
+                                       "--dry-run"], "gone.toml"),
+    ("ablate-unknown-grid-key", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.stpes" = [1, 2]\n'),
+                                           "--dry-run"], "train.stpes"),
+    ("ablate-grid-bad-range", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.lr" = [-1.0]\n'),
+                                         "--dry-run"], "train.lr"),
+    ("ablate-unknown-metric", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"sample.cfg" = [1.0, 2.0]\n'
+                                                                      '[eval]\nmetrics = ["fdi"]\n'), "--dry-run"], "fdi"),
 ]
 
 
