@@ -121,6 +121,8 @@ def toml_literal(value: Any) -> str:
     >>> toml_literal([0.9, 0.1]), toml_literal("DFM-N/4"), toml_literal(True)
     ('[0.9, 0.1]', '"DFM-N/4"', 'true')
     """
+    if isinstance(value, list):  # inline, on one line, whatever tomli_w's array style
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     return tomli_w.dumps({"v": value})[4:].strip()
 
 
@@ -132,9 +134,9 @@ def slug(text: str) -> str:
     """A folder-safe version of a cell name.
 
     >>> slug("steps=8 cfg=3.0 model.name=DFM-N/4")
-    'steps=8_cfg=3.0_model.name=DFM-N-4'
+    'steps=8-cfg=3.0-model.name=DFM-N-4'
     """
-    return re.sub(r"[^A-Za-z0-9.=,+-]+", "-", text.replace(" ", "_")).strip("-_")[:60] or "base"
+    return re.sub(r"[^A-Za-z0-9.=,+-]+", "-", text).strip("-")[:60] or "base"
 
 
 def _flatten(where: str, table: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dfm_cli.data import TensorImages
 from dfm_cli.errors import DfmError
 from dfm_cli.media import to_uint8
 from dfm_cli.recipe import Recipe
-from dfm_cli.sampler import generate
+from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
 
 METRICS = ("fid", "swd")
 REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
@@ -87,14 +87,14 @@ class TrainingEvaluation:
     @torch.no_grad()
     def samples(self, ema: torch.nn.Module) -> np.ndarray:
         """`eval_num` samples, uint8 channels-last; every rank generates (a sharded EMA needs all)."""
-        s, num = self.recipe.sample, self.recipe.train.eval_num
+        num = self.recipe.train.eval_num
+        settings = SamplerSettings.resolve(self.recipe, self.recipe.flow.levels)
         ema.eval()
         decode = from_config(self.info.autoencoder, self.ctx.device).decode
         out = []
         for first in range(0, num, BATCH):
-            labels = torch.arange(first, min(num, first + BATCH)) % self.info.num_classes
-            result = generate(ema, labels, s.steps, s.tau, self.decomposition, cfg=s.cfg,
-                              interval=tuple(s.guidance_interval), solver=s.solver, seed=self.recipe.train.seed,
+            labels = class_balanced_labels(num, self.info.num_classes)[first:first + BATCH]
+            result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed,
                               first_index=first)
             out.append(to_uint8(decode(result.x)))
         return np.concatenate(out)
