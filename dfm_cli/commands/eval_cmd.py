@@ -94,7 +94,8 @@ def eval_(
         from dfm_cli.recipe import load_recipe
 
         if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
-            run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run)
+            limit = 0 if req.device.type == "cuda" else default_eval_num(req.device)
+            run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run, limit)
         err.print(f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
                   f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
                   f"--num {max(10_000, 5 * num)}", soft_wrap=True)
