@@ -19,16 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import Velocity, mask_later_levels
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
-
-if TYPE_CHECKING:
-    from dfm_cli.recipe import Recipe
 
 SOLVERS = ("euler", "heun")
 
@@ -123,7 +119,7 @@ class SamplerSettings:
     @classmethod
     def resolve(
         cls,
-        recipe: Recipe,
+        recipe: "dfm_cli.recipe.Recipe",  # named, not imported: the recipe module imports this one
         levels: int,
         *,
         stages: int | None = None,

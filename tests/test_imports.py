@@ -1,6 +1,5 @@
 """The package's import graph has no cycle: every `dfm_cli` import counts, also the ones
-inside functions (a lazy import still ties two modules into one unit of understanding).
-Imports under `if TYPE_CHECKING:` are left out: they name a type for the reader and never run."""
+inside functions (a lazy import still ties two modules into one unit of understanding)."""
 
 from __future__ import annotations
 
@@ -23,10 +22,7 @@ def imported_modules(path: Path, modules: set[str], root: Path = PACKAGE) -> set
     here = module_name(path, root)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
     found: set[str] = set()
-    tree = ast.parse(path.read_text(), str(path))
-    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
-        block.body = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

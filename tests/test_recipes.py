@@ -12,7 +12,6 @@ from rich.console import Console
 
 from conftest import ROOT
 from dfm_cli import ablate
-from dfm_cli.decompose import DECOMPOSITIONS
 from dfm_cli.recipe import load_recipe
 
 RECIPES = ROOT / "recipes"
@@ -29,20 +28,8 @@ def name(path: Path) -> str:
     return str(path.relative_to(RECIPES))
 
 
-def needs_missing_decomposition(path: Path) -> bool:
-    """Table 6 sweeps use `dwt`/`dct`, which arrive with their own change (issue 10, item 4)."""
-    text = path.read_text()
-    return any(f'"{d}"' in text and d not in DECOMPOSITIONS for d in ("dwt", "dct"))
-
-
-def skip_missing(path: Path) -> None:
-    if needs_missing_decomposition(path):
-        pytest.skip("flow.decomposition dwt/dct is not in this build")
-
-
 @pytest.mark.parametrize("path", ALL, ids=name)
 def test_every_recipe_and_sweep_validates(path):
-    skip_missing(path)
     if is_sweep(path):
         sweep = ablate.load_sweep(path)
         assert sweep.cells and all(c.recipe.train.steps >= 1 for c in sweep.cells)
@@ -53,7 +40,6 @@ def test_every_recipe_and_sweep_validates(path):
 @pytest.mark.parametrize("path", [p for p in ALL if is_sweep(p)], ids=name)
 def test_every_sweep_plans_its_compute(path, monkeypatch):
     """What `dfm ablate --dry-run` lists (its step timing is tested on the CI sweep)."""
-    skip_missing(path)
     monkeypatch.setattr(ablate, "TIMING_BUDGET", 0.0)  # per-FLOP constants: no timing
     sweep = ablate.load_sweep(path)
     rows = ablate.plan(sweep)
@@ -100,7 +86,6 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
 
 @pytest.mark.parametrize("twin", TWINS, ids=name)
 def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path):
-    skip_missing(twin)
     if not is_sweep(twin):
         recipe = load_recipe(twin)
         train_and_sample(recipe, tmp_path / "run", [recipe])
