@@ -505,16 +505,10 @@ def write_reference(name: str, path: str, resolution: int, frames: int, num: int
     """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it, or
     `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
     from dfm_cli.data import build_dataset
+    from dfm_cli.train_eval import reference_images
 
     data = build_dataset(name, path, resolution, frames)
-    idx = np.linspace(0, len(data) - 1, num).round().astype(int) if num else np.arange(len(data))
-    if hasattr(data, "images"):
-        images = data.images[torch.from_numpy(idx)]
-    else:
-        images = torch.stack([((data[int(i)][0] + 1) * 127.5).round().clamp(0, 255).byte() for i in idx])
-    arr = images.movedim(1, -1).numpy()
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
+    arr = reference_images(data, num or len(data))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}")
     np.savez(tmp, arr_0=arr)  # the name ends in .npz, so numpy keeps it

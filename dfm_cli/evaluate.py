@@ -32,6 +32,7 @@ from dfm_cli import features as feats
 from dfm_cli import metrics
 from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, build_dataset, builtin, list_files
 from dfm_cli.errors import DfmError, reading
+from dfm_cli.media import as_rgb
 
 DATASETS = tuple(BUILTIN)
 MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
@@ -51,6 +52,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("DFM_CACHE", Path.home() / ".cache" / "dfm"))
 
 
+def content_cache(images: np.ndarray) -> Path:
+    """Where the features of these exact images are cached: a sweep's reference `.npz` and a
+    run's in-training reference with the same images share one set of features."""
+    return cache_root() / "npz" / hashlib.sha1(images.tobytes()).hexdigest()[:16]
+
+
 def load_source(spec: str, resolution: int | None = None) -> Source:
     """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
     if spec in BUILTIN:
@@ -68,8 +75,7 @@ def load_source(spec: str, resolution: int | None = None) -> Source:
             raise DfmError(f"{path}: arr_0 must be uint8 N H W C (or N T H W C), got {images.dtype} {images.shape}")
         # Features are cached by the images' content, so a reference .npz scored against many
         # sample sets (a sweep) runs its feature extractors once.
-        digest = hashlib.sha1(images.tobytes()).hexdigest()[:16] if images is not None else None
-        return Source(spec, images, stats, cache_dir=cache_root() / "npz" / digest if digest else None)
+        return Source(spec, images, stats, cache_dir=content_cache(images) if images is not None else None)
     if path.is_dir():
         arrays = []
         for f, _ in list_files(path, IMAGE_EXTENSIONS, what="image folder").files:
@@ -338,8 +344,8 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
         raise DfmError(f"{run} was trained on the latent store {d.path}, and FID compares pixels: pass the images "
                        f"it was encoded from ({meta.get('source', 'its source folder')} at {meta.get('resolution')} "
                        "px) with --ref, or their statistics (`dfm eval FOLDER --stats-out ref.npz`, then --ref ref.npz)")
-    if source.images is not None and source.images.shape[-1] == 1:
-        source.images = np.repeat(source.images, 3, axis=-1)
+    if source.images is not None:
+        source.images = as_rgb(source.images)
     if limit and source.images is not None and len(source.images) > limit:
         picks = np.linspace(0, len(source.images) - 1, limit).round().astype(int)
         source = Source(f"{source.name} ({limit} evenly spaced)", source.images[picks],

@@ -21,6 +21,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.movedim(1, -1).numpy()
 
 
+def as_rgb(images: np.ndarray) -> np.ndarray:
+    """Channels-last grey repeated to RGB, as reference `.npz` files store it (others unchanged)."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
 def signed_to_unit(x: torch.Tensor) -> torch.Tensor:
     """Map a signed band to [-1, 1] symmetrically around grey, so zero detail shows as grey."""
     peak = x.abs().amax().clamp_min(1e-12)

@@ -93,6 +93,7 @@ class TrainSection:
     eval_every: int = 0  # steps between in-training evaluations; 0 = none
     eval_num: int = 1000  # samples per in-training evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid"])  # "fid", "swd"
+    eval_reference_num: int = 0  # FID reference: 0 = up to 10,000 training images; N = N evenly spaced
 
 
 @dataclass
@@ -251,6 +252,7 @@ def _check_ranges(recipe: Recipe, fail) -> None:
                     ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("train.preview_every", t.preview_every),
                     ("train.peak_tflops", t.peak_tflops), ("train.warmup_steps", t.warmup_steps),
                     ("train.weight_decay", t.weight_decay), ("train.eval_every", t.eval_every),
+                    ("train.eval_reference_num", t.eval_reference_num),
                     ("train.seed", t.seed), ("data.frames", d.frames), ("data.num_workers", d.num_workers),
                     ("sample.cfg", s.cfg))
     for key, value in non_negative:

@@ -37,7 +37,7 @@ from PIL import Image
 
 from dfm_cli import distributed
 from dfm_cli.errors import DfmError
-from dfm_cli.media import to_uint8
+from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.runs import TrainedRun
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
 
@@ -87,10 +87,6 @@ def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
     os.replace(tmp, path)
-
-
-def _as_rgb(images: np.ndarray) -> np.ndarray:
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
@@ -190,7 +186,7 @@ def write_sample_set(
         if npz:
             target = work / f"part-{first:09d}-{last:09d}.npz"
             if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, num_classes):
-                images = _as_rgb(to_uint8(decode(generate(model, labels, decomposition, settings, seed=seed,
+                images = as_rgb(to_uint8(decode(generate(model, labels, decomposition, settings, seed=seed,
                                                           first_index=first).x)))
                 _atomic_save(target, lambda p, im=images, lb=labels: np.savez(p, arr_0=im, arr_1=lb.numpy()))
         else:

@@ -45,7 +45,8 @@ from dfm_cli.stats import Interval
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.milestone_every", "train.preview_every", "train.max_nonfinite_steps",
                      "train.batch_per_gpu", "train.compile", "train.peak_tflops", "data.num_workers",
-                     "train.eval_every", "train.eval_num", "train.eval_metrics"}
+                     "train.eval_every", "train.eval_num", "train.eval_metrics",
+                     "train.eval_reference_num"}
 PLAIN_PROGRESS_S = 30.0  # without a terminal, a progress line at least this often
 
 Hook = Callable[[int, torch.nn.Module], dict]

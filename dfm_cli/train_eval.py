@@ -23,7 +23,7 @@ from dfm_cli.autoencoders import from_config
 from dfm_cli.checkpoint import RunInfo
 from dfm_cli.data import TensorImages
 from dfm_cli.errors import DfmError
-from dfm_cli.media import to_uint8
+from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.recipe import Recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
 
@@ -32,13 +32,16 @@ REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read wit
 BATCH = 64
 
 
-def reference_images(dataset) -> np.ndarray:
-    """Up to `REFERENCE_MAX` training images, evenly strided, uint8 channels-last (`N H W C`)."""
+def reference_images(dataset, num: int = 0) -> np.ndarray:
+    """Training images as uint8 RGB `N H W 3`: `num` evenly spaced ones (a class-sorted set keeps
+    every class), or up to `REFERENCE_MAX` when `num` is 0."""
     n = len(dataset)
-    pick = np.linspace(0, n - 1, min(n, REFERENCE_MAX)).round().astype(int)
+    pick = np.linspace(0, n - 1, num or min(n, REFERENCE_MAX)).round().astype(int)
     if isinstance(dataset, TensorImages):
-        return dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
-    return to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
+        images = dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
+    else:
+        images = to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
+    return as_rgb(images)
 
 
 def swd_levels(size: int, patch: int = 7) -> int:
@@ -75,7 +78,11 @@ class TrainingEvaluation:
             resolve_inception_weights(None)
         self.reference = None
         if ctx.main:
-            if recipe.data.name in evaluate.DATASETS:  # shares dfm eval's feature cache
+            if t.eval_reference_num:  # the same images as `dfm ablate`'s reference_num: one feature cache
+                images = reference_images(dataset, t.eval_reference_num)
+                self.reference = evaluate.Source(f"{t.eval_reference_num} training images", images,
+                                                 cache_dir=evaluate.content_cache(images))
+            elif recipe.data.name in evaluate.DATASETS:  # shares dfm eval's feature cache
                 self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
             else:
                 self.reference = evaluate.Source(f"{run_dir} training data", reference_images(dataset),
@@ -97,7 +104,7 @@ class TrainingEvaluation:
             result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed,
                               first_index=first)
             out.append(to_uint8(decode(result.x)))
-        return np.concatenate(out)
+        return as_rgb(np.concatenate(out))
 
     def __call__(self, step: int, ema: torch.nn.Module) -> dict[str, float]:
         images = self.samples(ema)

@@ -220,3 +220,20 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     assert (part / "results.csv").read_text() == (whole / "results.csv").read_text()
     first, second = (np.load(next((d / "cells").glob("steps=8-cfg=3*/samples.npz")))["arr_0"] for d in (whole, part))
     assert np.array_equal(first, second)
+
+
+def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cache(tmp_path, monkeypatch):
+    from dfm_cli import evaluate
+    from dfm_cli.data import build_dataset
+    from dfm_cli.train_eval import reference_images
+
+    monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
+    target = tmp_path / "ref.npz"
+    ablate.write_reference("animal-mnist", "", 16, 0, 37, target)
+    swept = evaluate.load_source(str(target))
+    in_training = reference_images(build_dataset("animal-mnist", "", 16, 0), 37)
+    assert in_training.shape == (37, 16, 16, 3) and in_training.dtype == np.uint8
+    assert np.array_equal(swept.images, in_training)
+    assert swept.cache_dir == evaluate.content_cache(in_training)
+    labels = build_dataset("animal-mnist", "", 16, 0).labels
+    assert len(set(labels[np.linspace(0, len(labels) - 1, 37).round().astype(int)].tolist())) == len(set(labels.tolist()))

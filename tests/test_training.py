@@ -312,7 +312,8 @@ def test_progress_lines_reach_a_log_file_while_training_runs(tmp_path):
 
 
 def test_evaluation_during_training_writes_metric_rows(tmp_path):
-    recipe = load_recipe(TINY, ["train.eval_every=3", "train.eval_num=6", 'train.eval_metrics=["swd"]'])
+    recipe = load_recipe(TINY, ["train.eval_every=3", "train.eval_num=6", 'train.eval_metrics=["swd"]',
+                                "train.eval_reference_num=20"])
     train(recipe, tmp_path, console=Console(quiet=True))
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [(r["step"], r["images"]) for r in rows] == [(2, 16), (3, 24), (4, 32), (6, 48), (8, 64)]
