@@ -34,6 +34,7 @@ from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
 from dfm_cli.flow import Draws
+from dfm_cli.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
@@ -323,8 +324,6 @@ def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
 def data_level_statistics(recipe: Recipe, dataset) -> dict:
     """Per-level statistics for `flow.standardize`: the store's own when they were computed
     for this decomposition, else measured on (up to 4096 items spread over) the data."""
-    from dfm_cli.store import level_statistics, stored_level_statistics
-
     pyramid = plain_pyramid(recipe)
     stored = stored_level_statistics(getattr(dataset, "index", {}), pyramid)
     if stored and stored.get("decomposition", "laplacian") == recipe.flow.decomposition:
