@@ -329,9 +329,7 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
                         cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}")
     elif d.name == "folder":
         folder = ImageFolder(d.path, d.resolution)
-        images = np.stack([((folder[i][0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-                           for i in range(len(folder))])
-        source = Source(d.path, images,
+        source = Source(d.path, folder.raw_all(),
                         cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}")
     else:
         from dfm_cli.store import INDEX
