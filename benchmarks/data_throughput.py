@@ -24,7 +24,7 @@ from train_throughput import measure
 
 from dfm_cli import distributed
 from dfm_cli.autoencoders import build_autoencoder
-from dfm_cli.data import StreamBatches
+from dfm_cli.batches import StreamBatches
 from dfm_cli.sources import build_source
 from dfm_cli.store import EncodeSettings, LatentStore, encode_store
 

@@ -1,4 +1,4 @@
-"""The data layer: built-in datasets, one folder lister, one registry, and a resumable order.
+"""The data layer: built-in datasets, one folder lister and one registry.
 
 Built-in datasets (`BUILTIN`, the one registry that `train`, `encode` and `eval --ref` read):
 - `animal-mnist`: 10,000 real 28×28 animal silhouettes in 10 classes that ship inside the
@@ -11,9 +11,7 @@ Folders (`data.name = "folder"`, `dfm encode FOLDER`, `dfm eval DIR`) are all li
 `list_files`, with one rule: class subfolders (or a labels file) give the labels, and a file
 counts when its suffix is an image (or video) suffix and no part of its path is hidden.
 
-Images come out as float tensors in [-1, 1]. The order is a fixed function of the seed and
-the position in the stream (EDM2-style), so resuming at step k reads exactly the batches an
-uninterrupted run would have read: no sampler state needs saving.
+Images come out as float tensors in [-1, 1]. The order training reads them in is `batches.py`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import hashlib
 import importlib.util
 import pickle
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from dfm_cli.errors import DfmError
 from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
-from dfm_cli.seeding import DATA_ORDER, mix_seed
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SPRITE_CLASSES = ("square", "disc", "cross", "triangle")
@@ -395,31 +392,3 @@ def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict
     if name == "folder":
         return ImageFolder(path, resolution, strict)
     raise DfmError(f"data.name {name!r}: choose one of {', '.join(DATA_NAMES)}")
-
-
-class StreamBatches(Sampler[list[int]]):
-    """This rank's share of the batches of an endless stream of epochs, each a seeded
-    permutation of the dataset.
-
-    Item i of the stream is `perm(epoch = i // n)[i % n]`. Global batch k covers items
-    `[k B, (k + 1) B)`, and rank r of W takes the r-th contiguous B / W of them. Starting at
-    `start_batch` therefore resumes exactly, for any W that divides B.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.start_batch = n, batch_size, seed, start_batch
-        self.rank, self.local = rank, batch_size // world
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, DATA_ORDER, epoch))
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}
-        return self._perms[epoch]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        k = self.start_batch
-        while True:
-            first = k * self.batch_size + self.rank * self.local
-            yield [int(self._perm(i // self.n)[i % self.n]) for i in range(first, first + self.local)]
-            k += 1

@@ -11,7 +11,7 @@ With one level this is exactly Flow Matching with logit-normal timesteps.
 Stage indices are 0-based in code (`stage = k` means levels 0..k are active). All randomness
 is drawn up front by `FlowObjective.draw`, one seeded generator per sample, so a batch's
 maths does not depend on how it is split across devices or micro-batches. Training makes
-the draws in its data loader (`train.DrawnBatches`), off the step's critical path.
+the draws in its data loader (`batches.DrawnBatches`), off the step's critical path.
 """
 
 from __future__ import annotations

@@ -16,29 +16,30 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader
 
 from dfm_cli import distributed
 from dfm_cli.autoencoders import from_config
+from dfm_cli.batches import DrawnBatches, StepBatches, keep_batch, split_batch
 from dfm_cli.checkpoint import (RunInfo, complete_checkpoints, load_training_state, run_lock, save_training_state,
                                 truncate_stats)
-from dfm_cli.data import StreamBatches, build_dataset
+from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
-from dfm_cli.flow import Draws, FlowObjective
+from dfm_cli.flow import Draws
+from dfm_cli.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
-from dfm_cli.seeding import BATCH_STAGE, MODEL_INIT, SAMPLE_DRAWS, mix_seed
+from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.stats import Interval
 
 # Keys that may change between a run and its resumption without changing what is learned.
@@ -90,64 +91,6 @@ def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -
                         f"{old_path.parent} was trained with {name} = {old[section].get(key)!r}, not {value!r}; "
                         "use a new --out folder, or the run's own recipe.toml to continue it"
                     )
-
-
-def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
-    """(per-rank batch, micro-batch) for the global batch, or a clear error."""
-    b, micro = recipe.train.batch_size, recipe.train.batch_per_gpu
-    if b % world:
-        raise DfmError(f"train.batch_size = {b} does not split over {world} processes; use a multiple of {world}")
-    local = b // world
-    micro = micro or local
-    if local % micro:
-        raise DfmError(f"train.batch_per_gpu = {micro} does not divide the per-process batch {local} "
-                       f"(train.batch_size {b} / {world} processes)")
-    return local, micro
-
-
-@dataclass(frozen=True)
-class BatchKey:
-    """What the loader needs to build one step's batch on one rank."""
-
-    step: int
-    first: int  # position in the sample stream of this rank's first sample
-    indices: list[int]  # dataset items, in order
-
-
-class StepBatches(Sampler[BatchKey]):
-    """`StreamBatches` with each batch tagged by its step and stream position, the two things
-    the per-sample and per-batch seeds of the draws are made from."""
-
-    def __init__(self, n: int, recipe: Recipe, start: int, rank: int, world: int):
-        self.stream = StreamBatches(n, recipe.train.batch_size, recipe.train.seed, start, rank, world)
-        self.start, self.batch_size, self.rank, self.local = start, recipe.train.batch_size, rank, split_batch(
-            recipe, world)[0]
-
-    def __iter__(self) -> Iterator[BatchKey]:
-        for step, indices in enumerate(self.stream, self.start):
-            yield BatchKey(step, step * self.batch_size + self.rank * self.local, indices)
-
-
-class DrawnBatches(Dataset):
-    """The training data with every sample's draws (stage, timesteps, label dropout, noise)
-    attached. The `DataLoader` builds these batches, in its worker processes when
-    `data.num_workers > 0`, so the step does not wait for the draws; they are the same
-    draws, from the same seeds, as if the step made them itself."""
-
-    def __init__(self, dataset: Dataset, objective: FlowObjective, shapes: Sequence[Sequence[int]], seed: int,
-                 label_dropout: float):
-        self.dataset, self.objective, self.shapes = dataset, objective, shapes
-        self.seed, self.label_dropout = seed, label_dropout
-
-    def __getitems__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor, Draws]:
-        if hasattr(self.dataset, "__getitems__"):
-            x, y = self.dataset.__getitems__(key.indices)
-        else:
-            x, y = default_collate([self.dataset[i] for i in key.indices])
-        seeds = [mix_seed(self.seed, SAMPLE_DRAWS, key.first + i) for i in range(len(key.indices))]
-        draws = self.objective.draw(self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step),
-                                    self.label_dropout)
-        return x, y, draws
 
 
 class Step:
@@ -280,7 +223,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     loader = DataLoader(DrawnBatches(dataset, objective, step_fn.shapes, t.seed, recipe.model.class_dropout),
                         batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
                         num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda",
-                        collate_fn=_as_batch)
+                        collate_fn=keep_batch)
     flops = forward_flops(distributed.unwrap(model)) * 3
     peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32,
                        t.peak_tflops)
@@ -381,18 +324,11 @@ def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
 def data_level_statistics(recipe: Recipe, dataset) -> dict:
     """Per-level statistics for `flow.standardize`: the store's own when they were computed
     for this decomposition, else measured on (up to 4096 items spread over) the data."""
-    from dfm_cli.store import level_statistics, stored_level_statistics
-
     pyramid = plain_pyramid(recipe)
     stored = stored_level_statistics(getattr(dataset, "index", {}), pyramid)
     if stored and stored.get("decomposition", "laplacian") == recipe.flow.decomposition:
         return stored
     return {**level_statistics(dataset, pyramid), "decomposition": recipe.flow.decomposition}
-
-
-def _as_batch(batch):
-    """`DrawnBatches` returns whole batches from `__getitems__`; nothing to collate."""
-    return batch
 
 
 def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info: RunInfo,

@@ -15,7 +15,10 @@ import pytest
 from rich.console import Console
 
 from conftest import ROOT, run_dfm
-from dfm_cli import ablate
+from dfm_cli.ablate.compute import train_compute
+from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
+from dfm_cli.ablate.results import training_curves
+from dfm_cli.ablate.sweep import baseline_cells, load_sweep
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model
 from dfm_cli.perf import forward_flops
@@ -30,7 +33,7 @@ def write_sweep(tmp_path: Path, body: str, name: str = "sweep.toml") -> Path:
 
 
 def test_tiny_sweep_has_four_cells_on_two_runs():
-    sweep = ablate.load_sweep(TINY_SWEEP)
+    sweep = load_sweep(TINY_SWEEP)
     assert [c.name for c in sweep.cells] == ["steps=4 cfg=1", "steps=4 cfg=3", "steps=8 cfg=1", "steps=8 cfg=3"]
     runs = sweep.runs
     assert [len(r.cells) for r in runs] == [2, 2]
@@ -40,10 +43,10 @@ def test_tiny_sweep_has_four_cells_on_two_runs():
 
 
 def test_ids_follow_the_settings(tmp_path):
-    a = ablate.load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.0]\n', "a.toml")).cells
-    b = ablate.load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.5]\n', "b.toml")).cells
-    c = ablate.load_sweep(write_sweep(tmp_path, '[set]\n"train.lr" = 0.002\n[grid]\n"sample.cfg" = [1.0]\n',
-                                      "c.toml")).cells
+    a = load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.0]\n', "a.toml")).cells
+    b = load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.5]\n', "b.toml")).cells
+    c = load_sweep(write_sweep(tmp_path, '[set]\n"train.lr" = 0.002\n[grid]\n"sample.cfg" = [1.0]\n',
+                               "c.toml")).cells
     assert a[0].cell_id == b[0].cell_id and a[1].cell_id != b[1].cell_id  # only the changed cell moves
     assert a[0].run_id == a[1].run_id == b[1].run_id  # sampling keys share one run
     assert c[0].run_id != a[0].run_id and c[0].cell_id != a[0].cell_id  # a training key moves both
@@ -66,7 +69,7 @@ def test_ids_follow_the_settings(tmp_path):
 def test_mistakes_are_one_line_errors_naming_the_sweep(tmp_path, body, message):
     path = write_sweep(tmp_path, body)
     with pytest.raises(DfmError) as e:
-        ablate.load_sweep(path)
+        load_sweep(path)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -83,23 +86,23 @@ name = "dfm"
 [grid]
 "sample.cfg" = [1.0, 3.0]
 """)
-    sweep = ablate.load_sweep(path)
+    sweep = load_sweep(path)
     assert [c.name for c in sweep.cells] == ["fm cfg=1", "fm cfg=3", "dfm cfg=1", "dfm cfg=3"]
     assert [len(r.cells) for r in sweep.runs] == [2, 2]
-    bases = {k: v.name for k, v in ablate.baseline_cells(sweep).items()}
+    bases = {k: v.name for k, v in baseline_cells(sweep).items()}
     assert bases == {"fm cfg=1": "fm cfg=1", "fm cfg=3": "fm cfg=3", "dfm cfg=1": "fm cfg=1", "dfm cfg=3": "fm cfg=3"}
     # a table selects by value; a scalar matches the one-element list the recipe broadcasts to
-    tau = ablate.load_sweep(write_sweep(tmp_path, 'baseline = {"sample.tau" = 0.7}\n[grid]\n'
-                                                  '"sample.tau" = [0.5, 0.7]\n"sample.cfg" = [1.0, 2.0]\n', "t.toml"))
-    bases = {k: v.name for k, v in ablate.baseline_cells(tau).items()}
+    tau = load_sweep(write_sweep(tmp_path, 'baseline = {"sample.tau" = 0.7}\n[grid]\n'
+                                           '"sample.tau" = [0.5, 0.7]\n"sample.cfg" = [1.0, 2.0]\n', "t.toml"))
+    bases = {k: v.name for k, v in baseline_cells(tau).items()}
     assert bases["tau=0.5 cfg=2"] == "tau=0.7 cfg=2" and bases["tau=0.5 cfg=1"] == "tau=0.7 cfg=1"
 
 
 def test_training_compute_is_three_forwards_per_image():
-    sweep = ablate.load_sweep(TINY_SWEEP)
+    sweep = load_sweep(TINY_SWEEP)
     recipe = sweep.runs[1].recipe
     model = build_model(recipe, (1, 16, 16), 10)
-    images, flops = ablate.train_compute(recipe)
+    images, flops = train_compute(recipe)
     assert images == 8 * 8 and flops == 3 * forward_flops(model) * 64
 
 
@@ -108,7 +111,7 @@ def test_training_curves_keep_the_last_row_per_step(tmp_path):
     rows = [{"step": 2, "images_seen": 16, "loss": 1.0}, {"step": 4, "images": 32, "eval_fid": 90.0},
             {"step": 4, "images": 32, "eval_fid": 80.0, "eval_swd": 5.0}, {"step": 8, "images": 64, "eval_fid": 70.0}]
     stats.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert ablate.training_curves(stats) == {"eval_fid": [(32.0, 80.0), (64.0, 70.0)], "eval_swd": [(32.0, 5.0)]}
+    assert training_curves(stats) == {"eval_fid": [(32.0, 80.0), (64.0, 70.0)], "eval_swd": [(32.0, 5.0)]}
 
 
 class FakeDfm:
@@ -142,15 +145,15 @@ class FakeDfm:
 
 
 def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):
-    sweep = ablate.load_sweep(TINY_SWEEP)
+    sweep = load_sweep(TINY_SWEEP)
     out = tmp_path / "out"
     log = io.StringIO()
     broken = FakeDfm(fail_after=4)  # train, sample, eval, sample: stops before the second cell's eval
     with pytest.raises(KeyboardInterrupt):
-        ablate.run_sweep(sweep, out, Console(file=log), runner=broken)
+        run_sweep(sweep, out, Console(file=log), runner=broken)
     assert re.search(r"^ablate \[1/4\] steps=4 cfg=1: train ", log.getvalue(), re.M)  # plain lines off a terminal
     fake = FakeDfm()
-    rows = ablate.run_sweep(sweep, out, Console(file=io.StringIO()), runner=fake)
+    rows = run_sweep(sweep, out, Console(file=io.StringIO()), runner=fake)
     assert fake.calls == ["eval", "train", "sample", "eval", "sample", "eval"]  # only what was missing
     assert len(list(out.glob("runs/*/stats.jsonl"))) == 2
     assert [r["swd"] for r in rows] == [11.0, 13.0, 31.0, 33.0]
@@ -158,25 +161,25 @@ def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):
     with (out / "results.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 4 and float(table[3]["swd_vs_baseline"]) == pytest.approx(33 / 13)
-    assert float(table[2]["train_flops"]) == ablate.train_compute(sweep.runs[1].recipe)[1]
+    assert float(table[2]["train_flops"]) == train_compute(sweep.runs[1].recipe)[1]
     md = (out / "results.md").read_text()
     assert "| steps=8 cfg=3 | 8 | 3 | 64 |" in md and "2.538" in md
     assert {p.name for p in out.glob("*.png")} == {"plot_train.steps.png", "plot_sample.cfg.png", "curves.png",
                                                    "samples.png"}
     again = FakeDfm()
-    assert ablate.run_sweep(sweep, out, Console(file=io.StringIO()), runner=again) == rows and again.calls == []
+    assert run_sweep(sweep, out, Console(file=io.StringIO()), runner=again) == rows and again.calls == []
     # a changed metric re-scores the kept samples; nothing is trained or sampled again
     sweep.eval.swd_levels = 1
     rescore = FakeDfm()
-    ablate.run_sweep(sweep, out, Console(file=io.StringIO()), runner=rescore)
+    run_sweep(sweep, out, Console(file=io.StringIO()), runner=rescore)
     assert rescore.calls == ["eval"] * 4
 
 
 def test_a_failing_command_names_its_log(tmp_path):
     log = tmp_path / "x.log"
     with pytest.raises(DfmError, match=r"dfm sample for cell 'a' failed \(exit 2\): --class 12: bad; log: "):
-        ablate.run_command(["sh", "-c", "echo working; echo 'error: --class 12: bad' >&2; exit 2"], log,
-                           "dfm sample for cell 'a'")
+        run_command(["sh", "-c", "echo working; echo 'error: --class 12: bad' >&2; exit 2"], log,
+                    "dfm sample for cell 'a'")
 
 
 def test_cli_dry_run_lists_cells_runs_and_time():
@@ -204,17 +207,17 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     def interrupted(cmd, log, what):
         calls.append(cmd[3])
         if calls.count("train") == 2:  # the second run stops at its step-4 checkpoint
-            ablate.run_command(cmd + ["--set", "train.steps=4"], log, what)
+            run_command(cmd + ["--set", "train.steps=4"], log, what)
             raise KeyboardInterrupt
-        ablate.run_command(cmd, log, what)
+        run_command(cmd, log, what)
 
     part = tmp_path / "part"
-    sweep = ablate.load_sweep(TINY_SWEEP)
+    sweep = load_sweep(TINY_SWEEP)
     with pytest.raises(KeyboardInterrupt):
-        ablate.run_sweep(sweep, part, Console(file=io.StringIO()), runner=interrupted)
+        run_sweep(sweep, part, Console(file=io.StringIO()), runner=interrupted)
     calls.clear()
-    ablate.run_sweep(sweep, part, Console(file=io.StringIO()),
-                     runner=lambda c, log, what: (calls.append(c[3]), ablate.run_command(c, log, what)))
+    run_sweep(sweep, part, Console(file=io.StringIO()),
+              runner=lambda c, log, what: (calls.append(c[3]), run_command(c, log, what)))
     assert calls == ["train", "sample", "eval", "sample", "eval"]
     assert "resuming" in (part / "logs" / f"run-{sweep.runs[1].run_id}.log").read_text()
     assert (part / "results.csv").read_text() == (whole / "results.csv").read_text()
@@ -229,7 +232,7 @@ def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cac
 
     monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "ref.npz"
-    ablate.write_reference("animal-mnist", "", 16, 0, 37, target)
+    write_reference("animal-mnist", "", 16, 0, 37, target)
     swept = evaluate.load_source(str(target))
     in_training = reference_images(build_dataset("animal-mnist", "", 16, 0), 37)
     assert in_training.shape == (37, 16, 16, 3) and in_training.dtype == np.uint8

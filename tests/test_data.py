@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm_cli.data import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, StreamBatches, UnreadableImage,
-                          _NumpyOnly, animal_mnist, build_dataset, list_files, photo_crops)
+from dfm_cli.batches import StreamBatches
+from dfm_cli.data import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, UnreadableImage, _NumpyOnly,
+                          animal_mnist, build_dataset, list_files, photo_crops)
 from dfm_cli.errors import DfmError
 
 

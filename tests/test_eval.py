@@ -13,8 +13,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from conftest import TINY, run_dfm
 from dfm_cli import features as feats
 from dfm_cli.errors import DfmError
-from dfm_cli.evaluate import (Request, check_gates, check_thresholds, evaluate, load_source, run_reference,
-                              run_set_path, sample_warnings)
+from dfm_cli.evaluate import Request, evaluate, load_source, run_reference, run_set_path, sample_warnings
+from dfm_cli.gates import check_gates, check_thresholds
 from dfm_cli.metrics import feature_statistics, frechet_distance, precision_recall, swd
 
 

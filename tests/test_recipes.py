@@ -11,7 +11,8 @@ import torch
 from rich.console import Console
 
 from conftest import ROOT
-from dfm_cli import ablate
+from dfm_cli.ablate import compute
+from dfm_cli.ablate.sweep import load_sweep
 from dfm_cli.recipe import load_recipe
 
 RECIPES = ROOT / "recipes"
@@ -31,7 +32,7 @@ def name(path: Path) -> str:
 @pytest.mark.parametrize("path", ALL, ids=name)
 def test_every_recipe_and_sweep_validates(path):
     if is_sweep(path):
-        sweep = ablate.load_sweep(path)
+        sweep = load_sweep(path)
         assert sweep.cells and all(c.recipe.train.steps >= 1 for c in sweep.cells)
     else:
         load_recipe(path)
@@ -40,9 +41,9 @@ def test_every_recipe_and_sweep_validates(path):
 @pytest.mark.parametrize("path", [p for p in ALL if is_sweep(p)], ids=name)
 def test_every_sweep_plans_its_compute(path, monkeypatch):
     """What `dfm ablate --dry-run` lists (its step timing is tested on the CI sweep)."""
-    monkeypatch.setattr(ablate, "TIMING_BUDGET", 0.0)  # per-FLOP constants: no timing
-    sweep = ablate.load_sweep(path)
-    rows = ablate.plan(sweep)
+    monkeypatch.setattr(compute, "TIMING_BUDGET", 0.0)  # per-FLOP constants: no timing
+    sweep = load_sweep(path)
+    rows = compute.plan(sweep)
     assert [r["cell"] for r in rows] == [c.name for c in sweep.cells]
     assert all(r["train_flops"] > 0 and r["seconds"] > 0 for r in rows)
     shared = {r["run"]: r["shared"] for r in rows}
@@ -90,5 +91,5 @@ def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path):
         recipe = load_recipe(twin)
         train_and_sample(recipe, tmp_path / "run", [recipe])
         return
-    for k, run in enumerate(ablate.load_sweep(twin).runs):
+    for k, run in enumerate(load_sweep(twin).runs):
         train_and_sample(run.recipe, tmp_path / f"run{k}", [c.recipe for c in run.cells])

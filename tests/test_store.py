@@ -277,7 +277,7 @@ def test_a_shard_with_no_readable_item_never_counts_as_done(tmp_path):
 
 def test_level_statistics_cover_the_whole_class_sorted_store():
     from dfm_cli.data import TensorImages
-    from dfm_cli.store import level_statistics
+    from dfm_cli.level_stats import level_statistics
 
     images = torch.cat([torch.zeros(6, 1, 4, 4), torch.full((6, 1, 4, 4), 254.0)]).byte()
     sorted_by_class = TensorImages(images, torch.tensor([0] * 6 + [1] * 6), ("dark", "light"))
@@ -289,7 +289,7 @@ def test_level_statistics_cover_the_whole_class_sorted_store():
 
 def test_statistics_with_another_antialias_are_refused():
     from dfm_cli.errors import DfmError
-    from dfm_cli.store import stored_level_statistics
+    from dfm_cli.level_stats import stored_level_statistics
 
     stats = {"levels": 2, "factors": [2], "temporal_factors": [1], "antialias": False, "picked": "strided",
              "mean": [[0.0]], "std": [[1.0]]}

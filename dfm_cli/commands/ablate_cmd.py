@@ -1,4 +1,4 @@
-"""`dfm ablate`: parse, load the sweep, then list it (--dry-run) or run it (see `dfm_cli/ablate.py`)."""
+"""`dfm ablate`: parse, load the sweep, then list it (--dry-run) or run it (see `dfm_cli/ablate/`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def ablate(
     dry_run: Annotated[bool, typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing.")] = False,
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
-    from dfm_cli.ablate import load_sweep, plan, run_sweep
+    from dfm_cli.ablate.compute import plan
+    from dfm_cli.ablate.execute import run_sweep
+    from dfm_cli.ablate.sweep import load_sweep
 
     loaded = load_sweep(sweep)
     if not dry_run:

@@ -59,9 +59,10 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli.checkpoint import resolve_checkpoint
-    from dfm_cli.evaluate import (Request, check_gates, check_thresholds, default_eval_num, evaluate, load_source,
-                                  reference_statistics, run_reference, run_sample_set)
+    from dfm_cli.evaluate import (Request, default_eval_num, evaluate, load_source, reference_statistics,
+                                  run_reference, run_sample_set)
     from dfm_cli.factory import pick_device
+    from dfm_cli.gates import check_gates, check_thresholds
     from dfm_cli.metrics import save_statistics
 
     req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd, pr=pr,

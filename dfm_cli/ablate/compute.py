@@ -1,0 +1,130 @@
+"""What a sweep costs: training and sampling FLOPs per cell, and the `--dry-run` plan that
+turns them into an estimated time on this machine. The results table reports the same
+training compute, so both read it from here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfm_cli.ablate.sweep import Sweep
+from dfm_cli.recipe import Recipe
+
+STARTUP_S = 5.0  # per subprocess (Python + torch imports), for --dry-run estimates
+CPU_FLOPS = 5e10  # FLOP/s assumed for a model too big to time on the CPU
+GPU_MFU = 0.4  # share of the device's peak assumed for a model too big to time
+TIMING_BUDGET = 3e10  # largest training step (FLOPs) that --dry-run times for real
+
+
+def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
+    """`C [T] H W` of what the model sees, and a note when it had to be assumed."""
+    d = recipe.data
+    if d.name == "store":
+        index = Path(d.path) / "index.json"
+        if index.is_file():
+            return tuple(json.loads(index.read_text())["shape"]), ""
+        frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
+        return (16, *frames, d.resolution // 8, d.resolution // 8), \
+            "store not found: FLOPs assume 16-channel f8 latents (FLUX / CogVideoX autoencoders)"
+    channels = 1 if d.name == "animal-mnist" else 3
+    frames = ((d.frames or 8),) if d.name == "sprites" else ()
+    return (channels, *frames, d.resolution, d.resolution), ""
+
+
+def forward_flops_of(recipe: Recipe) -> float:
+    """Model FLOPs of one forward pass per image. Big models are built shape-only (on the meta
+    device, whose first use imports torch's compiler stack, seconds); small ones for real."""
+    from dfm_cli.factory import build_model
+    from dfm_cli.model import model_size
+    from dfm_cli.perf import forward_flops
+
+    m, f = recipe.model, recipe.flow
+    shape = data_shape(recipe)[0]
+    key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors))
+    if key not in _FLOPS:
+        size = model_size(m.name)
+        big = 12 * size.depth * size.hidden ** 2 > 2e7
+        with torch.device("meta" if big else "cpu"):
+            _FLOPS[key] = forward_flops(build_model(recipe, shape, 10))
+    return _FLOPS[key]
+
+
+_FLOPS: dict[tuple, float] = {}
+
+
+def train_compute(recipe: Recipe) -> tuple[int, float]:
+    """(training images, training FLOPs = 3 × forward × images)."""
+    images = recipe.train.steps * recipe.train.batch_size
+    return images, 3.0 * forward_flops_of(recipe) * images
+
+
+def sample_flops(recipe: Recipe, num: int) -> float:
+    """FLOPs of `num` samples: one forward per step, twice with guidance."""
+    s = recipe.sample
+    return forward_flops_of(recipe) * num * sum(s.steps) * (2 if s.cfg != 1.0 else 1)
+
+
+def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[float, float, str]:
+    """FLOP/s of training and of sampling this model here, and how they were obtained: timed
+    (one training step, one sampling forward) when a step is small, else a per-FLOP constant."""
+    from dfm_cli.factory import build_model, pick_device, plain_pyramid
+    from dfm_cli.perf import autocast_dtype, device_name, peak_tflops
+
+    device = pick_device()
+    shape = data_shape(recipe)[0]
+    fwd = forward_flops_of(recipe)
+    key = (recipe.model.name, shape, recipe.flow.levels, tuple(recipe.flow.factors), recipe.train.batch_size)
+    if key in cache:
+        return cache[key]
+    batch = min(recipe.train.batch_size, int(TIMING_BUDGET // (3 * fwd)))
+    if batch < 1:
+        peak = peak_tflops(device_name(device), autocast_dtype(device.type, recipe.train.precision),
+                           recipe.train.tf32) if device.type == "cuda" else None
+        rate, how = (GPU_MFU * peak * 1e12, f"per-FLOP constant: {GPU_MFU:.0%} of {device_name(device)}'s peak") \
+            if peak else (CPU_FLOPS, f"per-FLOP constant: {CPU_FLOPS / 1e9:.0f} GFLOP/s on the {device.type}")
+        cache[key] = (rate, rate, how)
+        return cache[key]
+    model = build_model(recipe, shape, 10).to(device)
+    sizes = plain_pyramid(recipe).level_sizes(shape[1:])
+
+    def step(b: int, train: bool) -> float:
+        levels = [torch.randn(b, shape[0], *s, device=device) for s in sizes]
+        t, y = torch.rand(b, len(sizes), device=device), torch.zeros(b, dtype=torch.long, device=device)
+        stage = torch.full((b,), len(sizes) - 1, device=device)
+        seconds = []
+        for _ in range(2):  # the first call warms up
+            start = time.perf_counter()
+            with torch.set_grad_enabled(train):
+                loss = sum(o.square().mean() for o in model(levels, t, y, stage))
+                if train:
+                    loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return seconds[-1]
+
+    sample_b = min(sample_batch, int(TIMING_BUDGET // fwd)) or 1
+    cache[key] = (3 * fwd * batch / step(batch, True), fwd * sample_b / step(sample_b, False),
+                  f"timed: one training step (batch {batch}) and one sampling forward on the {device.type}")
+    return cache[key]
+
+
+def plan(sweep: Sweep) -> list[dict[str, Any]]:
+    """One row per cell for `--dry-run`: its run, compute and estimated time."""
+    rows, rates = [], {}
+    for run in sweep.runs:
+        images, flops = train_compute(run.recipe)
+        train_rate, sample_rate, how = measured_rates(run.recipe, sweep.eval.batch, rates)
+        train_s = flops / train_rate + STARTUP_S
+        for k, cell in enumerate(run.cells):
+            cell_s = sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
+            rows.append({"cell": cell.name, "run": run.run_id, "shared": len(run.cells),
+                         "train_images": images, "train_flops": flops,
+                         "seconds": cell_s + (train_s if k == 0 else 0.0), "estimate": how,
+                         "note": data_shape(cell.recipe)[1]})
+    return rows

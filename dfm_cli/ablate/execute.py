@@ -1,0 +1,199 @@
+"""Running a sweep: each run trained once and each cell sampled and scored, through
+`python -m dfm_cli train|sample|eval` in subprocesses, with a manifest per folder so that an
+interrupted sweep, run again, does only what is missing. Ends by writing the results.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+
+from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
+from dfm_cli.ablate.results import collect, write_results
+from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
+from dfm_cli.errors import DfmError
+from dfm_cli.recipe import Recipe
+
+BUILTIN_REFERENCES = ("animal-mnist", "photo-crops")  # names `dfm eval --ref` knows
+WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")  # [eval] keys passed on as --KEY
+
+
+def dfm(*args: Any) -> list[str]:
+    return [sys.executable, "-m", "dfm_cli", *map(str, args)]
+
+
+def run_command(cmd: list[str], log: Path, what: str) -> None:
+    """Run one `dfm` command with its output in `log`; a failure is one line naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        last = (errors or lines or ["(no output)"])[-1]
+        raise DfmError(f"{what} failed (exit {code}): {last.removeprefix('error: ')}; log: {log}")
+
+
+def reference_for(sweep: Sweep, cell: Cell, out: Path) -> str:
+    """What `dfm eval --ref` gets: the given reference, a built-in dataset's name (`dfm eval`
+    loads it at the samples' resolution and caches its features), or an `.npz` of the
+    training data written once under `out/refs/`."""
+    spec, d = sweep.eval, cell.recipe.data
+    if spec.reference and not (spec.reference in BUILTIN_REFERENCES and spec.reference_num):
+        return spec.reference if spec.reference in BUILTIN_REFERENCES else str(Path(spec.reference).resolve())
+    name = spec.reference or d.name
+    if name in BUILTIN_REFERENCES and not spec.reference_num:
+        return name
+    path = d.path if name == d.name else ""
+    tag = f"{name}-{d.resolution}" + (f"-{d.frames}f" if d.frames else "") + \
+        (f"-{settings_hash(str(Path(path).resolve()))}" if path else "") + \
+        (f"-n{spec.reference_num}" if spec.reference_num else "")
+    target = out / "refs" / f"{tag}.npz"
+    if not target.is_file():
+        write_reference(name, path, d.resolution, d.frames, spec.reference_num, target)
+    return str(target.resolve())
+
+
+def write_reference(name: str, path: str, resolution: int, frames: int, num: int, target: Path) -> None:
+    """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it, or
+    `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
+    from dfm_cli.data import build_dataset
+    from dfm_cli.train_eval import reference_images
+
+    data = build_dataset(name, path, resolution, frames)
+    arr = reference_images(data, num or len(data))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}")
+    np.savez(tmp, arr_0=arr)  # the name ends in .npz, so numpy keeps it
+    tmp.replace(target)
+
+
+def sample_args(recipe: Recipe) -> list[str]:
+    s = recipe.sample
+    args = ["--steps", ",".join(map(str, s.steps)), "--cfg", repr(s.cfg),
+            "--interval", ",".join(map(repr, s.guidance_interval)), "--solver", s.solver]
+    return args + (["--tau", ",".join(map(repr, s.tau))] if s.tau else [])
+
+
+def eval_settings(sweep: Sweep, reference: str) -> dict:
+    spec = sweep.eval
+    return {"metrics": sorted(spec.metrics), "reference": reference, "swd_levels": spec.swd_levels,
+            **{key: str(Path(getattr(spec, key)).resolve()) for key in WEIGHTS if getattr(spec, key)}}
+
+
+class Progress:
+    """A rich progress line over cells on a terminal, plain log lines otherwise."""
+
+    def __init__(self, console: Console, total: int):
+        self.console, self.total, self.done = console, total, 0
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(TextColumn("ablate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.description}"), console=console)
+            self.task = self.bar.add_task("", total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def say(self, cell: Cell, what: str) -> None:
+        text = f"[{self.done + 1}/{self.total}] {cell.name}: {what}"
+        if self.bar:
+            self.bar.update(self.task, description=text)
+        else:
+            self.console.print(f"ablate {text}", markup=False, highlight=False, soft_wrap=True)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar:
+            self.bar.update(self.task, completed=self.done)
+
+
+def run_sweep(sweep: Sweep, out: Path, console: Console | None = None,
+              runner: Callable[[list[str], Path, str], None] | None = None) -> list[dict[str, Any]]:
+    """Train, sample and score every cell not already done; write the results. Returns the rows."""
+    console = console or Console()
+    runner = runner or run_command
+    out.mkdir(parents=True, exist_ok=True)
+    spec = sweep.eval  # fail before anything runs
+    for key in ("reference", *WEIGHTS):
+        value = getattr(spec, key)
+        if value and value not in BUILTIN_REFERENCES and not Path(value).exists():
+            raise DfmError(f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the "
+                           "current folder)")
+    runs = {run.run_id: run for run in sweep.runs}
+    with Progress(console, len(sweep.cells)) as progress:
+        for cell in sweep.cells:
+            train_run(runs[cell.run_id], out, progress, cell, runner)
+            score_cell(sweep, cell, out, progress, runner)
+            progress.advance()
+    rows = collect(sweep, out)
+    write_results(sweep, rows, out)
+    console.print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots "
+                  f"({len(sweep.cells)} cells, {len(runs)} runs)", markup=False, highlight=False, soft_wrap=True)
+    return rows
+
+
+def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner) -> None:
+    folder = run_dir(out, run.run_id)
+    manifest = claim(folder, run_settings(run.recipe))
+    if manifest.get("status") == "done":
+        return
+    overrides = manifest.setdefault("overrides", run.overrides)  # an unfinished run keeps its command
+    cmd = dfm("train", run.base, *[a for o in overrides for a in ("--set", o)], "--out", folder)
+    manifest.update(status="training", command=cmd[1:])
+    write_json(folder / MANIFEST, manifest)
+    progress.say(cell, f"train {folder}")
+    runner(cmd, out / "logs" / f"run-{run.run_id}.log", f"dfm train for run {run.run_id}")
+    manifest["status"] = "done"
+    write_json(folder / MANIFEST, manifest)
+
+
+def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) -> None:
+    folder = cell_dir(out, cell.cell_id)
+    manifest = claim(folder, cell_manifest_settings(cell.recipe, sweep.eval))
+    manifest.update(cell=cell.name, run=cell.run_id, values=cell.values)
+    samples = folder / SAMPLES
+    log = out / "logs" / f"cell-{cell.cell_id}.log"
+    if manifest.get("samples") != "done" or not samples.is_file():
+        manifest["samples"] = "sampling"
+        write_json(folder / MANIFEST, manifest)
+        progress.say(cell, f"sample {sweep.eval.num} → {samples}")
+        runner(dfm("sample", run_dir(out, cell.run_id), "--num", sweep.eval.num, "--batch", sweep.eval.batch,
+                   "--seed", sweep.eval.seed, *sample_args(cell.recipe), "--out", samples), log,
+               f"dfm sample for cell {cell.name!r}")
+        manifest["samples"] = "done"
+        write_json(folder / MANIFEST, manifest)
+    reference = reference_for(sweep, cell, out)
+    wanted = eval_settings(sweep, reference)
+    result = folder / EVAL
+    if manifest.get("eval") == wanted and result.is_file():
+        return
+    manifest["eval"] = None
+    write_json(folder / MANIFEST, manifest)
+    flags = [METRIC_FLAGS[m] for m in sweep.eval.metrics]
+    if "swd" in sweep.eval.metrics:
+        flags += ["--swd-levels", str(sweep.eval.swd_levels)]
+    for key in WEIGHTS:
+        if getattr(sweep.eval, key):
+            flags += [f"--{key.replace('_', '-')}", wanted[key]]
+    progress.say(cell, f"eval {' '.join(sweep.eval.metrics)} against {reference}")
+    runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log,
+           f"dfm eval for cell {cell.name!r}")
+    manifest["eval"] = wanted
+    write_json(folder / MANIFEST, manifest)
+

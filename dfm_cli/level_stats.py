@@ -1,0 +1,57 @@
+"""Per-level statistics of decomposed data: the mean and std per level and channel that
+`flow.standardize` and `flow.precondition` scale the levels by. `dfm encode` records them in
+a store's index; training uses a store's own when they match its decomposition, else
+measures them on the data (`train.data_level_statistics`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.errors import DfmError
+
+
+def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096, batch: int = 256) -> dict[str, Any]:
+    """Mean and std per level and channel of the decomposed data, from `limit` items spread
+    evenly over the whole set (a store is sorted by class, so its first items would see only
+    a few classes). Records the decomposition, antialias included, that they belong to."""
+    n = min(limit, len(data))
+    picks = [i * len(data) // n for i in range(n)]
+    sums = sq = None
+    count = torch.zeros(pyramid.levels, dtype=torch.float64)
+    for start in range(0, n, batch):
+        x = torch.stack([data[i][0] for i in picks[start:start + batch]]).double()
+        levels = pyramid.decompose(x)
+        dims = [0] + list(range(2, x.ndim))
+        s = torch.stack([lv.sum(dims) for lv in levels])
+        q = torch.stack([(lv**2).sum(dims) for lv in levels])
+        sums, sq = (s, q) if sums is None else (sums + s, sq + q)
+        count += torch.tensor([lv.numel() / lv.shape[1] for lv in levels], dtype=torch.float64)
+    mean = sums / count[:, None]
+    std = (sq / count[:, None] - mean**2).clamp_min(1e-12).sqrt()
+    return {"levels": pyramid.levels, "factors": pyramid.factors, "temporal_factors": pyramid.temporal_factors,
+            "antialias": bool(getattr(pyramid, "antialias", False)), "mean": mean.tolist(), "std": std.tolist(),
+            "items": n, "picked": "strided"}
+
+
+def stored_level_statistics(index: dict[str, Any], pyramid: LaplacianPyramid) -> dict[str, Any] | None:
+    """A store's statistics when they were computed for this decomposition, else None (then
+    they are measured on the data). Statistics of the same decomposition computed with another
+    `antialias` are refused: they would standardize the levels with the wrong scale."""
+    stored = index.get("level_stats")
+    if not stored or (stored["levels"], stored["factors"], stored["temporal_factors"]) != (
+            pyramid.levels, list(pyramid.factors), list(pyramid.temporal_factors)):
+        return None
+    theirs, antialias = bool(stored.get("antialias", False)), bool(pyramid.antialias)  # older stores: False
+    if theirs != antialias:
+        raise DfmError(f"flow.antialias = {str(antialias).lower()}, but the store's level statistics were computed "
+                       f"with antialias = {str(theirs).lower()}; re-encode it with "
+                       f"`dfm encode ... {'--antialias' if antialias else '--no-antialias'} --overwrite` or set "
+                       f"flow.antialias = {str(theirs).lower()}")
+    if stored.get("picked") != "strided":  # older stores measured only their first (class-sorted) items
+        return None
+    return stored
