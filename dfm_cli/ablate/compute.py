@@ -115,16 +115,17 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
 
 
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per cell for `--dry-run`: its run, compute and estimated time."""
-    rows, rates = [], {}
-    for run in sweep.runs:
+    """One row per cell for `--dry-run`, in the order the sweep runs them: its run, compute and
+    estimated time (a run's training is charged to the first cell that needs it)."""
+    rows, rates, runs, trained = [], {}, {run.run_id: run for run in sweep.runs}, set()
+    for cell in sweep.cells:
+        run = runs[cell.run_id]
         images, flops = train_compute(run.recipe)
         train_rate, sample_rate, how = measured_rates(run.recipe, sweep.eval.batch, rates)
-        train_s = flops / train_rate + STARTUP_S
-        for k, cell in enumerate(run.cells):
-            cell_s = sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
-            rows.append({"cell": cell.name, "run": run.run_id, "shared": len(run.cells),
-                         "train_images": images, "train_flops": flops,
-                         "seconds": cell_s + (train_s if k == 0 else 0.0), "estimate": how,
-                         "note": data_shape(cell.recipe)[1]})
+        train_s = 0.0 if run.run_id in trained else flops / train_rate + STARTUP_S
+        trained.add(run.run_id)
+        cell_s = sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
+        rows.append({"cell": cell.name, "run": run.run_id, "shared": len(run.cells),
+                     "train_images": images, "train_flops": flops, "seconds": cell_s + train_s,
+                     "estimate": how, "note": data_shape(cell.recipe)[1]})
     return rows
