@@ -1,6 +1,6 @@
 """DFM-DiT: a DiT (adaLN-Zero) that sees every level of a decomposition at once (docs/method.md §4).
 
-Sections, as in DiT's `models.py`: embedders → positions → block → per-level heads → model →
+Sections, as in DiT's `models.py` (positions live in `positions.py`): embedders → block → per-level heads → model →
 registry. What differs from DiT:
 - one patch embedding per level, with patch sizes chosen so that every level gives the same
   token grid; the embeddings are summed, so the sequence is as long as the FM baseline's;
@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError
+from dfm_cli.positions import apply_rope, rope_angles, rope_rotations, sincos_embedding
 
 # --------------------------------------------------------------------------- embedders
 
@@ -60,67 +61,6 @@ class PatchEmbed(nn.Module):
             x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p
         )
         return self.proj(x)
-
-
-# --------------------------------------------------------------------------- positions
-
-
-def _axis_freqs(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return positions[:, None].double() * freqs[None]
-
-
-def grid_positions(grid: tuple[int, int, int]) -> torch.Tensor:
-    """`(N, 3)` (t, h, w) integer positions of the token grid, in token order."""
-    axes = [torch.arange(n) for n in grid]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-
-
-def _axis_dims(dim: int, video: bool) -> list[int]:
-    """Split a feature size over (t, h, w); images give t nothing. Each part is even."""
-    if not video:
-        return [0, dim // 4 * 2, dim - dim // 4 * 2]
-    part = dim // 6 * 2
-    return [dim - 2 * part, part, part]
-
-
-def rope_angles(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
-    """Axial RoPE angles `(N, head_dim / 2)`: 2D for images, 3D for video."""
-    pos = grid_positions(grid)
-    dims = _axis_dims(head_dim, grid[0] > 1)
-    return torch.cat([_axis_freqs(d, pos[:, i]) for i, d in enumerate(dims) if d], -1).float()
-
-
-def rope_rotations(angles: torch.Tensor) -> torch.Tensor:
-    """Unit complex numbers `exp(i·angle)` `(N, D/2)`: computed once per token grid, not in
-    every block."""
-    return torch.polar(torch.ones_like(angles), angles)
-
-
-def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate each feature pair `(x_2i, x_2i+1)` of `x` (`... N D`) by its angle, as one
-    complex multiplication (one fused pass forward and one backward).
-
-    A rotation: norms are kept, and `q·k` after RoPE depends only on the positions' offset.
-
-    >>> import torch
-    >>> apply_rope(torch.tensor([[1.0, 0.0]]), rope_rotations(torch.tensor([[math.pi / 2]]))).abs().round(decimals=6).tolist()
-    [[0.0, 1.0]]
-    """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
-
-
-def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
-    """Fixed sin-cos absolute positions `(N, hidden)`, the DiT/SiT alternative to RoPE."""
-    pos = grid_positions(grid)
-    dims = _axis_dims(hidden, grid[0] > 1)
-    parts = []
-    for i, d in enumerate(dims):
-        if d:
-            a = _axis_freqs(d, pos[:, i])
-            parts += [torch.sin(a), torch.cos(a)]
-    return torch.cat(parts, -1).float()
 
 
 # --------------------------------------------------------------------------- block
