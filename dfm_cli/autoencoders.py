@@ -56,6 +56,7 @@ class DiffusersAE:
             import diffusers
         except ImportError:
             raise DfmError(f"--ae {name} needs diffusers: pip install 'dfm-cli[diffusers]'") from None
+        diffusers.utils.logging.set_verbosity_error()  # loading advice (accelerate) is noise to our users
         cls = diffusers.AutoencoderKLCogVideoX if name == "cogvideox" else diffusers.AutoencoderKL
         try:
             self.vae = cls.from_pretrained(weights, local_files_only=True).eval().requires_grad_(False).to(device)
@@ -63,7 +64,9 @@ class DiffusersAE:
             raise DfmError(f"--ae-weights {weights}: cannot load a {cls.__name__} from it offline "
                            f"({str(e).splitlines()[0][:150]}); pass a folder written by save_pretrained "
                            "(config.json + weights) or a repo id already in the hub cache") from None
-        self.name, self.weights, self.device = name, str(weights), device
+        local = Path(weights).expanduser()
+        # a local folder is recorded absolute, so a store or run decodes from any working directory
+        self.name, self.weights, self.device = name, str(local.resolve() if local.is_dir() else weights), device
         cfg = self.vae.config
         self.latent_channels = cfg.latent_channels
         self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)

@@ -103,8 +103,9 @@ class _NumpyOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def animal_mnist(resolution: int = 32) -> TensorImages:
-    """The 10,000 animal-mnist silhouettes, padded 28 → 32 and resized to `resolution`."""
+def animal_mnist(resolution: int = 32, num: int = 0) -> TensorImages:
+    """The 10,000 animal-mnist silhouettes, padded 28 → 32 and resized to `resolution`; with
+    `num`, that many evenly spaced over the (class-sorted) set, so every class stays in."""
     spec = importlib.util.find_spec("animal_mnist")
     if spec is None or not spec.submodule_search_locations:
         raise DfmError(
@@ -121,7 +122,11 @@ def animal_mnist(resolution: int = 32) -> TensorImages:
     if resolution != 32:
         images = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
                                antialias=True, align_corners=False).round().clamp(0, 255).byte()
-    return TensorImages(images, torch.from_numpy(arrays[1].astype(np.int64)), ANIMAL_CLASSES)
+    labels = torch.from_numpy(arrays[1].astype(np.int64))
+    if num and num < len(labels):
+        picks = torch.from_numpy(np.linspace(0, len(labels) - 1, num).round().astype(np.int64))
+        images, labels = images[picks], labels[picks]
+    return TensorImages(images, labels, ANIMAL_CLASSES)
 
 
 PHOTO_CLASSES = ("china", "flower")
@@ -229,7 +234,7 @@ class Builtin:
 
 
 BUILTIN: dict[str, Builtin] = {
-    "animal-mnist": Builtin(lambda resolution, frames, num: animal_mnist(resolution), channels=1),
+    "animal-mnist": Builtin(lambda resolution, frames, num: animal_mnist(resolution, num), channels=1),
     "photo-crops": Builtin(lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3),
     "sprites": Builtin(lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024),
                        channels=3, video=True),

@@ -80,6 +80,10 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, Ru
     """Rebuild a trained model from a run folder or checkpoint, on the best device, in eval mode."""
     ckpt = resolve_checkpoint(path)
     recipe = load_recipe(ckpt / "recipe.toml")
+    if recipe.model.kind == "autoencoder":
+        raise DfmError(f"{ckpt.parent.parent} is an autoencoder run, not a generator: encode data with it "
+                       f"(dfm encode SOURCE --ae kl --ae-weights {ckpt.parent.parent / 'autoencoder'} --out STORE) "
+                       "and train a DFM recipe on the store")
     name = "ema" if ema else "model"
     weights, state = load_checkpoint(ckpt, (name,))
     info = RunInfo.from_state(state, ckpt / STATE)

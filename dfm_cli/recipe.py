@@ -29,6 +29,7 @@ DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
 
 @dataclass
 class ModelSection:
+    kind: str = "dfm"  # "dfm" (the DiT, or FM with flow.levels = 1) or "autoencoder" (see [ae])
     name: str = "DFM-B/2"
     pos: str = "rope"
     class_dropout: float = 0.1
@@ -94,6 +95,23 @@ class TrainSection:
     eval_num: int = 1000  # samples per in-training evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid"])  # "fid", "swd"
     eval_reference_num: int = 0  # FID reference: 0 = up to 10,000 training images; N = N evenly spaced
+    init_from: str = ""  # start from these weights (an autoencoder: its diffusers folder or run folder)
+
+
+@dataclass
+class AESection:
+    """The autoencoder that `model.kind = "autoencoder"` trains: a diffusers `AutoencoderKL`."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # n blocks: factor 2^(n-1)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    mid_attention: bool = False
+    kl_weight: float = 1e-6
+    pyramid_weight: float = 1.0  # L1 on the Laplacian pyramid of the reconstruction (3 octaves)
+    scale_equivariance: bool = False  # also decode downsampled latents into downsampled images
+    se_factors: list[int] = field(default_factory=lambda: [2, 4])
+    se_weight: float = 1.0
+    stats_num: int = 4096  # training images (evenly spaced) for the latent scale and shift
 
 
 @dataclass
@@ -113,6 +131,7 @@ class Recipe:
     flow: FlowSection = field(default_factory=FlowSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    ae: AESection = field(default_factory=AESection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -223,6 +242,7 @@ def _broadcast(values: list, n: int) -> list:
 
 
 SPECIALIZE = ("none", "mlp", "all")
+MODEL_KINDS = ("dfm", "autoencoder")
 EVAL_METRICS = ("fid", "swd")
 DECOMPOSITION_NAMES = ("laplacian", "dwt", "dct")
 BATCH_MEMORY_LIMIT = 64 * 2**30  # bytes: one batch of pixels, float32, before the model runs
@@ -271,6 +291,8 @@ def _check_ranges(recipe: Recipe, fail) -> None:
         fail("train.ema_decay", t.ema_decay, "must be in [0, 1)")
     if not 0 <= m.class_dropout <= 1:
         fail("model.class_dropout", m.class_dropout, "must be in [0, 1] (the share of labels dropped for CFG)")
+    if m.kind not in MODEL_KINDS:
+        fail("model.kind", m.kind, f"choose one of {', '.join(MODEL_KINDS)}{_suggest(m.kind, MODEL_KINDS)}")
     if m.specialize not in SPECIALIZE:
         fail("model.specialize", m.specialize, f"choose one of {', '.join(SPECIALIZE)}{_suggest(m.specialize, SPECIALIZE)}")
     if not t.eval_metrics or any(x not in EVAL_METRICS for x in t.eval_metrics):
@@ -295,6 +317,30 @@ def _check_ranges(recipe: Recipe, fail) -> None:
              f"one batch of {t.batch_size} images at {d.resolution} px is {need / 2**30:,.0f} GiB as float32 "
              f"(batch x 3 x {'frames x ' if d.frames else ''}{d.resolution}^2 x 4 B), over the "
              f"{BATCH_MEMORY_LIMIT // 2**30} GiB limit; lower data.resolution or train.batch_size")
+
+
+def _check_autoencoder(recipe: Recipe, fail) -> None:
+    """`[ae]`: a diffusers AutoencoderKL that divides the resolution, with sensible losses."""
+    a, d = recipe.ae, recipe.data
+    if not a.block_out_channels or any(c < 1 for c in a.block_out_channels):
+        fail("ae.block_out_channels", a.block_out_channels, "needs one positive width per block, e.g. [32, 64, 64]")
+    for key, value in (("ae.layers_per_block", a.layers_per_block), ("ae.latent_channels", a.latent_channels),
+                       ("ae.stats_num", a.stats_num)):
+        if value < 1:
+            fail(key, value, "must be at least 1")
+    for key, value in (("ae.kl_weight", a.kl_weight), ("ae.pyramid_weight", a.pyramid_weight),
+                       ("ae.se_weight", a.se_weight)):
+        if not (value >= 0 and math.isfinite(value)):
+            fail(key, value, "must be 0 or more")
+    factor = 2 ** (len(a.block_out_channels) - 1)
+    if d.resolution % factor:
+        fail("data.resolution", d.resolution, f"must be divisible by the autoencoder's factor {factor} "
+             f"(2^(len(ae.block_out_channels) - 1))")
+    if not a.se_factors or any(f < 2 or (d.resolution // factor) % f for f in a.se_factors):
+        fail("ae.se_factors", a.se_factors, f"each factor must be at least 2 and divide the latent size "
+             f"{d.resolution // factor} (data.resolution / {factor})")
+    if d.name in ("store", "sprites") or d.frames:
+        fail("data.name", d.name, "an autoencoder trains on images: use animal-mnist, photo-crops or a folder")
 
 
 def validate(recipe: Recipe, source: str) -> None:
@@ -332,6 +378,8 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
              + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
     _check_ranges(recipe, fail)
+    if m.kind == "autoencoder":
+        _check_autoencoder(recipe, fail)
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
     if t.precision not in ("auto", "bf16", "fp32"):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dfm_cli.ablate.sweep import Sweep
+from dfm_cli.errors import DfmError
 from dfm_cli.recipe import Recipe
 
 STARTUP_S = 5.0  # per subprocess (Python + torch imports), for --dry-run estimates
@@ -28,12 +29,29 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
         index = Path(d.path) / "index.json"
         if index.is_file():
             return tuple(json.loads(index.read_text())["shape"]), ""
-        frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
-        return (16, *frames, d.resolution // 8, d.resolution // 8), \
-            "store not found: FLOPs assume 16-channel f8 latents (FLUX / CogVideoX autoencoders)"
+        return assumed_latent_shape(recipe)
     channels = 1 if d.name == "animal-mnist" else 3
     frames = ((d.frames or 8),) if d.name == "sprites" else ()
     return (channels, *frames, d.resolution, d.resolution), ""
+
+
+def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
+    """The latents of a store that does not exist yet: 16-channel f8 (FLUX, CogVideoX), or,
+    when the model cannot tile those, 4-channel f4 (a small autoencoder `dfm train` makes)."""
+    from dfm_cli.factory import plain_pyramid
+    from dfm_cli.model import level_patches, model_size
+
+    d = recipe.data
+    frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
+    for channels, factor, what in ((16, 8, "FLUX / CogVideoX autoencoders"), (4, 4, "a small trained autoencoder")):
+        shape = (channels, *frames, d.resolution // factor, d.resolution // factor)
+        try:
+            level_patches(plain_pyramid(recipe).level_sizes(shape[1:]), model_size(recipe.model.name).patch,
+                          recipe.model.temporal_patch)
+        except DfmError:
+            continue
+        return shape, f"store not found: FLOPs assume {channels}-channel f{factor} latents ({what})"
+    return shape, f"store not found, and the model tiles neither f8 nor f4 latents of {d.resolution} px"
 
 
 def forward_flops_of(recipe: Recipe) -> float:

@@ -251,8 +251,10 @@ def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe
 
 
 def run_settings(recipe: Recipe) -> dict:
-    """What a trained run depends on: every recipe section but `sample`."""
-    return {k: v for k, v in recipe.to_dict().items() if k != "sample"}
+    """What a trained run depends on: every recipe section but `sample` (and `ae`, unless the
+    run trains an autoencoder)."""
+    skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set())
+    return {k: v for k, v in recipe.to_dict().items() if k not in skip}
 
 
 def cell_manifest_settings(recipe: Recipe, spec: EvalSpec) -> dict:

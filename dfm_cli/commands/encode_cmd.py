@@ -33,7 +33,7 @@ def encode(
     factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
     temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
     antialias: Annotated[bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")] = False,
-    num_clips: Annotated[int, typer.Option(help="sprites, photo-crops: how many items (0 = the dataset's own count).")] = 0,
+    num_clips: Annotated[int, typer.Option(help="Built-in data: how many items (animal-mnist: evenly spaced; 0 = the dataset's own count).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start over when --out holds a store made with other settings.")] = False,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""

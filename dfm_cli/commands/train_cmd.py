@@ -26,9 +26,17 @@ def train(
     if dry_run:
         typer.echo(resolved.to_toml())
         return
+    run_dir = out or Path("runs") / recipe.stem
+    if resolved.model.kind == "autoencoder":
+        from dfm_cli.ae_train import EXPORT, train_autoencoder
+
+        report = train_autoencoder(resolved, run_dir, console)
+        console.print(f"reconstruction PSNR {report['psnr']:.2f} dB, scale equivariance {report['equivariance']:.3f}, "
+                      f"latents {tuple(report['latent_shape'])}")
+        console.print(f"run folder: {run_dir}  (autoencoder for --ae kl --ae-weights: {run_dir / EXPORT})")
+        return
     from dfm_cli.train import train as run_training
 
-    run_dir = out or Path("runs") / recipe.stem
     last = run_training(resolved, run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return
