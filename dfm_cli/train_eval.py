@@ -21,7 +21,7 @@ from rich.progress import Progress
 from dfm_cli import distributed, evaluate
 from dfm_cli.autoencoders import from_config
 from dfm_cli.checkpoint import RunInfo
-from dfm_cli.data import TensorImages
+from dfm_cli.data import TensorImages, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.recipe import Recipe
@@ -67,9 +67,14 @@ class TrainingEvaluation:
             raise DfmError(f"train.eval_metrics = {t.eval_metrics!r}: choose from {', '.join(METRICS)}")
         if t.eval_num < 2:
             raise DfmError(f"train.eval_num = {t.eval_num}: needs at least 2 samples per evaluation")
-        if recipe.data.name == "store":
-            raise DfmError("train.eval_every: the training data is a latent store, which has no images to "
-                           "compare with; set train.eval_every = 0 and evaluate with `dfm sample --num` and `dfm eval`")
+        images_of = dataset  # what FID compares with: the training images
+        if recipe.data.name == "store":  # a store of built-in data compares with the images it encoded
+            index = getattr(dataset, "index", {})
+            if index.get("source") not in evaluate.DATASETS:
+                raise DfmError("train.eval_every: the training data is a latent store of your own images, which "
+                               "holds no pixels to compare with; set train.eval_every = 0 and evaluate with "
+                               "`dfm sample --num` and `dfm eval --ref SOURCE`")
+            images_of = build_dataset(index["source"], "", index["resolution"])
         self.recipe, self.info, self.decomposition, self.ctx = recipe, info, decomposition, ctx
         self.request = evaluate.Request(fid="fid" in t.eval_metrics, device=ctx.device)
         if self.request.fid:  # fail now, not after the first thousand steps
@@ -79,11 +84,13 @@ class TrainingEvaluation:
         self.reference = None
         if ctx.main:
             if t.eval_reference_num:  # the same images as `dfm ablate`'s reference_num: one feature cache
-                images = reference_images(dataset, t.eval_reference_num)
+                images = reference_images(images_of, t.eval_reference_num)
                 self.reference = evaluate.Source(f"{t.eval_reference_num} training images", images,
                                                  cache_dir=evaluate.content_cache(images))
             elif recipe.data.name in evaluate.DATASETS:  # shares dfm eval's feature cache
                 self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
+            elif images_of is not dataset:
+                self.reference = evaluate.load_source(index["source"], index["resolution"])
             else:
                 self.reference = evaluate.Source(f"{run_dir} training data", reference_images(dataset),
                                                  cache_dir=run_dir / "eval-reference")

@@ -325,6 +325,22 @@ def test_evaluation_during_training_writes_metric_rows(tmp_path):
         load_recipe(TINY, ["train.eval_every=3", 'train.eval_metrics=["fdd"]'])  # refused before any run
 
 
+def test_evaluation_during_training_on_a_store_of_built_in_data_compares_with_its_source(tmp_path):
+    """A store remembers the built-in data it encoded; in-training metrics use those images.
+    A store of one's own folder has no pixels to compare with: refused before training."""
+    run_dfm("encode", "animal-mnist", "--num-clips", "40", "--resolution", "16", "--out", tmp_path / "S")
+    recipe = load_recipe(TINY, ["data.name=store", f"data.path={tmp_path / 'S'}", "train.steps=2",
+                                "train.eval_every=2", "train.eval_num=4", 'train.eval_metrics=["swd"]',
+                                "train.eval_reference_num=20"])
+    train(recipe, tmp_path / "run", console=Console(quiet=True))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert 0 < rows[-1]["eval_swd"] < float("inf")
+    index = tmp_path / "S" / "index.json"
+    index.write_text(index.read_text().replace('"source": "animal-mnist"', '"source": "/data/mine"'))
+    with pytest.raises(DfmError, match="latent store of your own images"):
+        train(recipe, tmp_path / "run2", console=Console(quiet=True))
+
+
 def test_a_state_without_run_info_is_a_one_line_error_naming_the_file(tmp_path):
     from dfm_cli.factory import load_trained
 

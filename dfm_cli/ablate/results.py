@@ -171,16 +171,18 @@ def training_curves(stats: Path) -> dict[str, list[tuple[float, float]]]:
 
 def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
     """Metric against training images for every run that evaluated while training."""
-    runs = {run.run_id: training_curves(run_dir(out, run.run_id) / "stats.jsonl") for run in sweep.runs}
+    # a run is labelled by the cells it serves: the names the sweep file gave them
+    runs = {" / ".join(c.name for c in run.cells): training_curves(run_dir(out, run.run_id) / "stats.jsonl")
+            for run in sweep.runs}
     metrics = sorted({m for curves in runs.values() for m in curves})
     if not metrics:
         return
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for run_id, curves in runs.items():
+        for label, curves in runs.items():
             if metric in curves:
-                ax.plot(*zip(*curves[metric]), marker=".", label=run_id.rsplit("-", 1)[0])
+                ax.plot(*zip(*curves[metric]), marker=".", label=label)
         ax.set_xlabel("training images")
         ax.set_ylabel(metric.removeprefix("eval_"))
         ax.grid(alpha=0.3)
