@@ -95,7 +95,8 @@ class TrainSection:
     eval_num: int = 1000  # samples per in-training evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid"])  # "fid", "swd"
     eval_reference_num: int = 0  # FID reference: 0 = up to 10,000 training images; N = N evenly spaced
-    init_from: str = ""  # start from these weights (an autoencoder: its diffusers folder or run folder)
+    init_from: str = ""  # start from a single-level (FM) run, or for an autoencoder its run or diffusers folder
+    per_level_only_steps: int = 0  # after init_from: steps that train only the per-level layers (paper: 4k)
 
 
 @dataclass
@@ -273,6 +274,7 @@ def _check_ranges(recipe: Recipe, fail) -> None:
                     ("train.peak_tflops", t.peak_tflops), ("train.warmup_steps", t.warmup_steps),
                     ("train.weight_decay", t.weight_decay), ("train.eval_every", t.eval_every),
                     ("train.eval_reference_num", t.eval_reference_num),
+                    ("train.per_level_only_steps", t.per_level_only_steps),
                     ("train.seed", t.seed), ("data.frames", d.frames), ("data.num_workers", d.num_workers),
                     ("sample.cfg", s.cfg))
     for key, value in non_negative:

@@ -34,6 +34,7 @@ from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
 from dfm_cli.flow import Draws
+from dfm_cli.init_from import convert_single_level, load_single_level, per_level_parameters
 from dfm_cli.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
@@ -104,6 +105,7 @@ class Step:
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
         inner = distributed.unwrap(model)
         self.shapes = [(inner.channels, *size) for size in inner.level_sizes]
+        self.per_level = per_level_parameters(inner)
 
     def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws,
                  interval: Interval) -> tuple[float, bool]:
@@ -122,6 +124,10 @@ class Step:
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
             outs.append(out)
+        if step < t.per_level_only_steps:  # after a conversion: only the per-level layers learn at first
+            for name, p in distributed.unwrap(self.model).named_parameters():
+                if name not in self.per_level:
+                    p.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -199,6 +205,9 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
     base = build_model(recipe, dataset.shape, dataset.num_classes,
                        precondition_rms(recipe, level_stats)).to(ctx.device)
+    if t.init_from and not found:  # a resumed run has its own weights
+        convert_single_level(base, load_single_level(t.init_from, info))
+        console.print(f"starting from the single-level model {t.init_from} (new levels zero-initialized)")
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,

@@ -17,12 +17,13 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/quickstart.toml.")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.steps=200 (repeatable).")] = [],  # noqa: B006
     out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe name>). Re-running resumes.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from this single-level (FM) run or checkpoint: its layers become the finest level's, new levels start at zero (same as --set train.init_from=PATH).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
     from dfm_cli.recipe import load_recipe
 
-    resolved = load_recipe(recipe, set_)
+    resolved = load_recipe(recipe, [*set_, *([f"train.init_from={str(init_from)!r}"] if init_from else [])])
     if dry_run:
         typer.echo(resolved.to_toml())
         return

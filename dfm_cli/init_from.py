@@ -1,0 +1,82 @@
+"""Starting a DFM model from a trained single-level (Flow Matching) model (paper §4.5).
+
+Most users already have a flow model. The paper finetunes it into DFM instead of training from
+scratch: the pretrained patch embedding, timestep embedder and head become the finest level's,
+and the new coarser levels get zero-initialized ones. A zero patch embedding adds nothing to
+the tokens, a zero timestep embedder adds nothing to the conditioning, and a zero head predicts
+nothing, so at step 0 the converted model predicts exactly what the pretrained one did. Every
+pretrained stage-embedding row is copied to every stage for the same reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dfm_cli.checkpoint import STATE, RunInfo, load_checkpoint, resolve_checkpoint
+from dfm_cli.errors import DfmError
+from dfm_cli.model import DFMDiT
+from dfm_cli.recipe import load_recipe
+
+PER_LEVEL = ("patch_embeds", "t_embedders", "heads")  # the layers each level has its own copy of
+
+
+def per_level_parameters(model: DFMDiT) -> set[str]:
+    """Names of the per-level layers' parameters: what trains first after a conversion."""
+    return {name for name, _ in model.named_parameters() if name.split(".", 1)[0] in PER_LEVEL}
+
+
+def load_single_level(path: str | Path, info: RunInfo) -> dict[str, torch.Tensor]:
+    """The EMA weights of a single-level run, checked against the data the new run trains on."""
+    ckpt = resolve_checkpoint(path)
+    recipe = load_recipe(ckpt / "recipe.toml")
+    if recipe.model.kind != "dfm" or recipe.flow.levels != 1:
+        raise DfmError(f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
+                       f"{recipe.flow.levels} levels" if recipe.model.kind == "dfm" else
+                       f"train.init_from = '{path}' is an autoencoder run, not a flow model")
+    weights, state = load_checkpoint(ckpt, ("ema",))
+    old = RunInfo.from_state(state, ckpt / STATE)
+    for what, have, want in (("data shape", list(old.shape), list(info.shape)),
+                             ("number of classes", old.num_classes, info.num_classes)):
+        if have != want:
+            raise DfmError(f"train.init_from = '{path}' was trained on {what} {have}, this run has {want}; "
+                           "finetune on data of the same shape and classes")
+    return weights["ema"]
+
+
+@torch.no_grad()
+def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor]) -> None:
+    """Load single-level weights into `model`: shared layers as they are, the per-level ones
+    into the finest level, zeros for the new levels' per-level layers."""
+    finest = model.levels - 1
+    own = model.state_dict()
+    new = dict(own)
+    for key, value in pretrained.items():
+        head, _, rest = key.partition(".")
+        if head in PER_LEVEL:
+            index, _, rest = rest.partition(".")
+            if index != "0":
+                raise DfmError(f"pretrained weight {key}: a single-level model has level 0 only")
+            target = f"{head}.{finest}.{rest}"
+        elif head == "stage_embedder":
+            target, value = key, value[:1].expand_as(own[key])
+        else:
+            target = key
+        if target not in own:
+            raise DfmError(f"pretrained weight {key} has no place in this model; was it trained with another "
+                           "model.name or model.pos?")
+        if own[target].shape != value.shape:
+            raise DfmError(f"pretrained weight {key} has shape {tuple(value.shape)}, this model's {target} has "
+                           f"{tuple(own[target].shape)}: the finest level must use the pretrained patch size "
+                           "(same model.name) and the same data shape")
+        new[target] = value.clone()
+    for level in range(finest):
+        for head in PER_LEVEL:
+            prefix = f"{head}.{level}."
+            zeroed = [k for k in own if k.startswith(prefix)]
+            if head == "t_embedders":  # zero the output layer: the embedder then adds nothing
+                zeroed = [k for k in zeroed if k.startswith(f"{prefix}mlp.2.")]
+            for k in zeroed:
+                new[k] = torch.zeros_like(own[k])
+    model.load_state_dict(new)
