@@ -348,6 +348,41 @@ class Standardized:
         return self.decomposition.upsample_to(x, size)
 
 
+class UpsampledCoarse:
+    """A decomposition whose coarsest level is carried at the next level's size: nearest
+    upsampling on the way in, the block mean on the way out, which undoes it exactly.
+
+    This is the paper's FLUX finetune (App. E). A pretrained single-level model, placed at
+    the coarse level, then sees its level upsampled before noise is added, at the size it
+    was trained at, with noise of its own size. Its output is brought back down at
+    recomposition. Images only.
+    """
+
+    def __init__(self, decomposition: TwoBandPyramid) -> None:
+        if decomposition.levels < 2:
+            raise DfmError("flow.upsample_coarse needs at least 2 levels")
+        if any(f != 1 for f in decomposition.temporal_factors):
+            raise DfmError("flow.upsample_coarse applies to spatial factors only; set flow.temporal_factors to 1")
+        self.decomposition, self.levels = decomposition, decomposition.levels
+        self.factors, self.temporal_factors = decomposition.factors, decomposition.temporal_factors
+
+    def level_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        sizes = self.decomposition.level_sizes(size)
+        return [sizes[1], *sizes[1:]]
+
+    def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
+        levels = self.decomposition.decompose(x)
+        return [_per_frame(levels[0], lambda v: F.interpolate(v, scale_factor=self.factors[0], mode="nearest")),
+                *levels[1:]]
+
+    def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        coarse = _per_frame(levels[0], lambda v: F.avg_pool2d(v, self.factors[0]))
+        return self.decomposition.recompose([coarse, *levels[1:]])
+
+    def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return self.decomposition.upsample_to(x, size)
+
+
 DECOMPOSITIONS = {"laplacian": LaplacianPyramid, "dwt": HaarWavelet, "dct": BlockDCT}
 
 
@@ -357,16 +392,20 @@ def build_decomposition(
     factors: Sequence[int] | None = None,
     temporal_factors: Sequence[int] | None = None,
     antialias: bool = False,
-) -> TwoBandPyramid:
-    """Look a decomposition up by its recipe name (`flow.decomposition`); the one registry."""
+    upsample_coarse: bool = False,
+) -> TwoBandPyramid | UpsampledCoarse:
+    """Look a decomposition up by its recipe name (`flow.decomposition`); the one registry.
+    `upsample_coarse` carries the coarsest level at the next level's size (`UpsampledCoarse`)."""
     if name not in DECOMPOSITIONS:
         raise DfmError(f"unknown decomposition {name!r}; choose one of {sorted(DECOMPOSITIONS)}")
     if name == "laplacian":
-        return LaplacianPyramid(levels, factors, temporal_factors, antialias)
-    if antialias:
+        pyramid = LaplacianPyramid(levels, factors, temporal_factors, antialias)
+    elif antialias:
         raise DfmError(f"flow.antialias applies to the 'laplacian' decomposition only; "
                        f"set it to false with flow.decomposition = {name!r}")
-    return DECOMPOSITIONS[name](levels, factors, temporal_factors)
+    else:
+        pyramid = DECOMPOSITIONS[name](levels, factors, temporal_factors)
+    return UpsampledCoarse(pyramid) if upsample_coarse else pyramid
 
 
 def energy_shares(levels: Sequence[torch.Tensor]) -> list[float]:

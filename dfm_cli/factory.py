@@ -18,7 +18,8 @@ from dfm_cli.recipe import Recipe, load_recipe
 
 def plain_pyramid(recipe: Recipe) -> TwoBandPyramid:
     f = recipe.flow
-    return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
+    return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias,
+                               f.upsample_coarse)
 
 
 def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposition:

@@ -1,10 +1,13 @@
 """Starting a DFM model from a trained single-level (Flow Matching) model (paper §4.5).
 
 Most users already have a flow model. The paper finetunes it into DFM instead of training from
-scratch: the pretrained patch embedding, timestep embedder and head become the finest level's,
-and the new coarser levels get zero-initialized ones. A zero patch embedding adds nothing to
+scratch. The pretrained patch embedding, timestep embedder and head become one level's: the
+finest by default, with the new coarser levels added below it; or, with
+`flow.upsample_coarse`, the coarsest, which is then carried at the pretrained size (paper
+App. E). The other levels get zero-initialized ones. A zero patch embedding adds nothing to
 the tokens, a zero timestep embedder adds nothing to the conditioning, and a zero head predicts
-nothing, so at step 0 the converted model predicts exactly what the pretrained one did. Every
+nothing, so at step 0 the converted model predicts, for its pretrained level, exactly what the pretrained
+one did. Every
 pretrained stage-embedding row is copied to every stage for the same reason.
 """
 
@@ -46,10 +49,11 @@ def load_single_level(path: str | Path, info: RunInfo) -> dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor]) -> None:
+def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor], level: int | None = None) -> None:
     """Load single-level weights into `model`: shared layers as they are, the per-level ones
-    into the finest level, zeros for the new levels' per-level layers."""
-    finest = model.levels - 1
+    into `level` (default the finest; the coarsest with `flow.upsample_coarse`, the paper's
+    placement), zeros for the other levels' per-level layers."""
+    target_level = model.levels - 1 if level is None else level
     own = model.state_dict()
     new = dict(own)
     for key, value in pretrained.items():
@@ -58,7 +62,7 @@ def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor]) -> 
             index, _, rest = rest.partition(".")
             if index != "0":
                 raise DfmError(f"pretrained weight {key}: a single-level model has level 0 only")
-            target = f"{head}.{finest}.{rest}"
+            target = f"{head}.{target_level}.{rest}"
         elif head == "stage_embedder":
             target, value = key, value[:1].expand_as(own[key])
         else:
@@ -68,12 +72,12 @@ def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor]) -> 
                            "model.name or model.pos?")
         if own[target].shape != value.shape:
             raise DfmError(f"pretrained weight {key} has shape {tuple(value.shape)}, this model's {target} has "
-                           f"{tuple(own[target].shape)}: the finest level must use the pretrained patch size "
+                           f"{tuple(own[target].shape)}: the level it goes to must use the pretrained patch size "
                            "(same model.name) and the same data shape")
         new[target] = value.clone()
-    for level in range(finest):
+    for other in (s for s in range(model.levels) if s != target_level):
         for head in PER_LEVEL:
-            prefix = f"{head}.{level}."
+            prefix = f"{head}.{other}."
             zeroed = [k for k in own if k.startswith(prefix)]
             if head == "t_embedders":  # zero the output layer: the embedder then adds nothing
                 zeroed = [k for k in zeroed if k.startswith(f"{prefix}mlp.2.")]

@@ -65,6 +65,7 @@ class FlowSection:
     mask_input: bool = True
     level_weights: list[float] = field(default_factory=list)
     precondition: bool = False  # EDM-style per-level input/output scaling (paper App. A.1)
+    upsample_coarse: bool = False  # carry the coarsest level at the next level's size (paper App. E)
 
 
 @dataclass
@@ -387,7 +388,8 @@ def validate(recipe: Recipe, source: str) -> None:
     if t.precision not in ("auto", "bf16", "fp32"):
         fail("train.precision", t.precision, "choose 'auto', 'bf16' or 'fp32'")
     try:
-        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias)
+        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias,
+                                      f.upsample_coarse)
         size = ((d.frames,) if d.frames else ()) + (d.resolution, d.resolution)
         sizes = None if d.name == "store" else pyramid.level_sizes(size)  # a store's size is known at train time
     except DfmError as e:

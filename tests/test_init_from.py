@@ -50,6 +50,36 @@ def test_converted_model_reproduces_the_single_level_velocity_at_step_0(levels):
     assert expected.abs().max() > 0.01
 
 
+def test_coarse_placement_reproduces_the_pretrained_velocity_on_the_upsampled_coarse_level():
+    """The paper's FLUX variant (App. E): the pretrained layers take the coarse level, carried
+    at the pretrained size; the finest level's new layers start at zero."""
+    recipe = load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16", "flow.upsample_coarse=true"])
+    fm = randomized(build_model(load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16", *FM]), SHAPE, CLASSES))
+    dfm = build_model(recipe, SHAPE, CLASSES).eval()
+    assert dfm.level_sizes == [(16, 16), (16, 16)]
+    convert_single_level(dfm, fm.state_dict(), level=0)
+    b = 4
+    x, fine = torch.randn(b, *SHAPE), torch.randn(b, *SHAPE)
+    t, y = torch.rand(b, 1), torch.randint(0, CLASSES + 1, (b,))
+    with torch.no_grad():
+        expected = fm([x], t, y, torch.zeros(b, dtype=torch.long))[0]
+        out = dfm([x, fine], torch.cat([t, torch.rand(b, 1)], 1), y, torch.zeros(b, dtype=torch.long))
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-6)
+    assert float(out[1].abs().max()) == 0
+
+
+def test_upsampled_coarse_decomposition_recomposes_exactly():
+    from dfm_cli.factory import plain_pyramid
+
+    pyramid = plain_pyramid(load_recipe(TINY, ["flow.upsample_coarse=true"]))
+    x = torch.randn(2, 1, 32, 32)
+    levels = pyramid.decompose(x)
+    assert [tuple(v.shape[2:]) for v in levels] == [(32, 32), (32, 32)]
+    torch.testing.assert_close(pyramid.recompose(levels), x, rtol=0, atol=1e-5)
+    blocks = levels[0].unfold(2, 2, 2).unfold(3, 2, 2)  # the coarse level is constant on 2x2 blocks
+    assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
+
+
 def test_conversion_refuses_a_model_of_another_patch_size():
     fm = build_model(load_recipe(TINY, ["model.name=DFM-N/2", "data.resolution=16", *FM]), SHAPE, CLASSES)
     dfm = build_model(load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16"]), SHAPE, CLASSES)
@@ -77,6 +107,9 @@ def test_cli_init_from_trains_and_samples_and_refuses_a_multi_level_source(tmp_p
     run_dfm("train", TINY, *[a for s in FM for a in ("--set", s)], "--set", "train.steps=2", "--out", tmp_path / "fm")
     run_dfm("train", TINY, "--init-from", tmp_path / "fm", "--set", "train.steps=2", "--out", tmp_path / "dfm")
     run_dfm("sample", tmp_path / "dfm", "--out", tmp_path / "grid.png")
-    assert (tmp_path / "grid.png").is_file()
+    run_dfm("train", TINY, "--init-from", tmp_path / "fm", "--set", "train.steps=2", "--set", "flow.upsample_coarse=true",
+            "--out", tmp_path / "coarse")
+    run_dfm("sample", tmp_path / "coarse", "--out", tmp_path / "coarse.png")
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "coarse.png").is_file()
     refused = run_dfm("train", TINY, "--init-from", tmp_path / "dfm", "--out", tmp_path / "again", check=False)
     assert refused.returncode != 0 and "flow.levels = 1" in refused.stderr and "Traceback" not in refused.stderr
