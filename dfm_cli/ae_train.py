@@ -121,7 +121,8 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
         with run_lock(run_dir):
             found = complete_checkpoints(run_dir)
             check_resumable(run_dir, recipe, found[-1] if found else None)
-            dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, strict=recipe.data.strict)
+            dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, strict=recipe.data.strict,
+                                    classes=recipe.data.classes)
             vae = build_vae(recipe, dataset.channels).to(ctx.device).train()
             ema = copy.deepcopy(vae).requires_grad_(False).eval()
             opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,

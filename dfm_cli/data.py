@@ -21,7 +21,7 @@ import hashlib
 import importlib.util
 import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,15 +385,36 @@ class ImageFolder(ImageDataset):
         return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
 
 
-def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict: bool = False) -> Dataset:
-    """`data.name`: a built-in dataset, `folder` (see `list_files`) or `store` (from `dfm encode`)."""
+def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict: bool = False,
+                  classes: Sequence[int] = ()) -> Dataset:
+    """`data.name`: a built-in dataset, `folder` (see `list_files`) or `store` (from `dfm encode`);
+    with `classes` (`data.classes`), only the items of those classes."""
     if name in BUILTIN:
         data = builtin(name, resolution, frames)
-        return data.in_memory() if isinstance(data, SpriteClips) else data
-    if name == "store":
+        data = data.in_memory() if isinstance(data, SpriteClips) else data
+    elif name == "store":
         from dfm_cli.store import LatentStore
 
-        return LatentStore(path)
-    if name == "folder":
-        return ImageFolder(path, resolution, strict)
-    raise DfmError(f"data.name {name!r}: choose one of {', '.join(DATA_NAMES)}")
+        data = LatentStore(path)
+    elif name == "folder":
+        data = ImageFolder(path, resolution, strict)
+    else:
+        raise DfmError(f"data.name {name!r}: choose one of {', '.join(DATA_NAMES)}")
+    return select_classes(data, classes) if classes else data
+
+
+def select_classes(data, classes: Sequence[int]):
+    """Only the items whose label is in `classes`. Labels keep their ids, so a model trained
+    on every class conditions the same way (a finetune on a subset, paper §4.5 stand-in)."""
+    bad = [c for c in classes if not 0 <= c < data.num_classes]
+    if bad:
+        raise DfmError(f"data.classes = {list(classes)}: {bad} out of range; the data has {data.num_classes} "
+                       f"classes (0 to {data.num_classes - 1}: {', '.join(data.class_names)})")
+    if isinstance(data, TensorImages):
+        keep = torch.isin(data.labels, torch.tensor(list(classes)))
+        return TensorImages(data.images[keep], data.labels[keep], data.class_names)
+    if isinstance(data, ImageFolder):
+        data.items = [item for item in data.items if item[1] in classes]
+        return data
+    raise DfmError("data.classes: a latent store holds the classes it was encoded with; encode a folder of only "
+                   "those classes instead, and leave data.classes empty")

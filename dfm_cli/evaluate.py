@@ -321,12 +321,17 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     from dfm_cli.data import ImageFolder
 
     d = recipe.data
-    if d.name in DATASETS:
-        source = load_source(d.name, d.resolution)
-    elif d.name == "sprites":
+    if d.classes and d.name != "store":  # a class subset: its own images, cached by content
+        from dfm_cli.train_eval import reference_images
+
+        images = reference_images(build_dataset(d.name, d.path, d.resolution, d.frames, classes=d.classes))
+        source = Source(f"{d.name or d.path} (classes {d.classes})", images, cache_dir=content_cache(images))
+    elif d.name == "sprites":  # clips at the run's own frame count, not dfm eval's default
         clips = build_dataset("sprites", "", d.resolution, d.frames).images
         source = Source("sprites", clips.permute(0, 2, 3, 4, 1).numpy(),
                         cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}")
+    elif d.name in DATASETS:
+        source = load_source(d.name, d.resolution)
     elif d.name == "folder":
         folder = ImageFolder(d.path, d.resolution)
         source = Source(d.path, folder.raw_all(),

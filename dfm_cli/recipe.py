@@ -45,6 +45,7 @@ class DataSection:
     frames: int = 0  # video clip length for sprites; 0 = images
     num_workers: int = 0
     strict: bool = False  # stop on an unreadable training image instead of skipping it
+    classes: list[int] = field(default_factory=list)  # train on these class ids only; empty = all
 
 
 @dataclass
@@ -377,6 +378,9 @@ def validate(recipe: Recipe, source: str) -> None:
     from dfm_cli.data import DATA_NAMES as names
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{_suggest(d.name, names)}")
+    if d.classes and (d.name == "store" or any(c < 0 for c in d.classes)):
+        fail("data.classes", d.classes, "takes class ids (0 or more) of built-in data or a folder; a latent store "
+             "keeps the classes it was encoded with")
     if d.name in ("folder", "store") and not d.path:
         fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
              + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))

@@ -1,6 +1,6 @@
 """Large sample sets for evaluation: sharded over processes, resumable, class-balanced, fingerprinted.
 
-Sample i has label `i % num_classes` and noise seeded by `(seed, i)` (see `sampler.generate`),
+Sample i has label `i % num_classes` (cycling through `data.classes` when a run trained on a subset) and noise seeded by `(seed, i)` (see `sampler.generate`),
 so a set is a function of the model, the sampler settings and the seed, sample by sample: any
 prefix of a larger set is the smaller set, whatever the batch size or number of processes.
 That is what makes resuming, shrinking and extending exact.
@@ -39,7 +39,7 @@ from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.runs import TrainedRun
-from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
+from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 
 MANIFEST = "manifest.json"
 _PNG = re.compile(r"^(\d{6})\.png$")
@@ -99,13 +99,13 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _good_rows(arrays: dict[str, np.ndarray] | None, first: int, last: int, shape: Sequence[int],
-               num_classes: int) -> bool:
+               classes: int | Sequence[int]) -> bool:
     """Whether `arrays` hold exactly samples first..last-1: uint8 images of `shape`, balanced labels."""
     if arrays is None or "arr_0" not in arrays or "arr_1" not in arrays:
         return False
     images, labels = arrays["arr_0"], arrays["arr_1"]
     return (images.dtype == np.uint8 and images.shape == (last - first, *shape)
-            and np.array_equal(labels, class_balanced_labels(last, num_classes)[first:].numpy()))
+            and np.array_equal(labels, class_balanced_labels(last, classes)[first:].numpy()))
 
 
 def _good_png(path: Path, shape: Sequence[int]) -> bool:
@@ -133,7 +133,7 @@ def write_sample_set(
     num: int,
     batch: int,
     seed: int,
-    num_classes: int,
+    classes: int | Sequence[int],
     source: dict[str, Any],
     ctx: distributed.Context,
     decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
@@ -156,7 +156,7 @@ def write_sample_set(
         raise DfmError(f"--out {out}: video samples are written to an .npz file, not a PNG folder")
     want = set_manifest(settings, seed=seed, num=num, shape=shape, source=source)
     work = out.with_name(out.name + ".parts") if npz else out
-    held, problem = _inspect(out, work, npz, want, num_classes, shape)
+    held, problem = _inspect(out, work, npz, want, classes, shape)
     if problem and not overwrite:
         raise DfmError(f"--out {out}: {problem}; pass --overwrite to start over, or choose another --out")
     distributed.barrier(ctx)
@@ -182,10 +182,10 @@ def write_sample_set(
         on_batch(kept)
     plan = [(a, min(a + batch, num)) for a in range(kept, num, batch)]
     for first, last in plan[ctx.rank::ctx.world]:
-        labels = class_balanced_labels(last, num_classes)[first:]
+        labels = class_balanced_labels(last, classes)[first:]
         if npz:
             target = work / f"part-{first:09d}-{last:09d}.npz"
-            if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, num_classes):
+            if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, classes):
                 images = as_rgb(to_uint8(decode(generate(model, labels, decomposition, settings, seed=seed,
                                                           first_index=first).x)))
                 _atomic_save(target, lambda p, im=images, lb=labels: np.savez(p, arr_0=im, arr_1=lb.numpy()))
@@ -206,7 +206,7 @@ def write_sample_set(
         labels = [held["arr_1"][:kept]] if kept else []
         for first, last in plan:
             part = _load_npz(work / f"part-{first:09d}-{last:09d}.npz")
-            if not _good_rows(part, first, last, shape, num_classes):
+            if not _good_rows(part, first, last, shape, classes):
                 raise DfmError(f"{work}: part {first}..{last - 1} changed while sampling; run the command again")
             images.append(part["arr_0"])
             labels.append(part["arr_1"])
@@ -236,12 +236,13 @@ def write_run_sample_set(
     info = trained.info
     source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
     return write_sample_set(trained.model, build_pyramid(trained.recipe, info.level_stats), settings, out,
-                            num=num, batch=batch, seed=seed, num_classes=info.num_classes, source=source,
+                            num=num, batch=batch, seed=seed, classes=sampled_classes(trained.recipe, info),
+                            source=source,
                             ctx=ctx, decode=from_config(info.autoencoder, ctx.device).decode,
                             overwrite=overwrite, on_batch=on_batch)
 
 
-def _inspect(out: Path, work: Path, npz: bool, want: dict, num_classes: int,
+def _inspect(out: Path, work: Path, npz: bool, want: dict, classes: int | Sequence[int],
              shape: Sequence[int]) -> tuple[dict[str, np.ndarray] | None, str]:
     """Read-only look at what `out` already holds: a finished, verified `.npz` (its arrays)
     and, when something there was made differently, why (empty when all agrees)."""
@@ -256,7 +257,7 @@ def _inspect(out: Path, work: Path, npz: bool, want: dict, num_classes: int,
             problems.append("the file there has no sample-set manifest (another tool or an older dfm wrote it)")
         elif diff := manifest_difference(old, want):
             problems.append(f"holds samples made with other settings ({diff})")
-        elif _good_rows(arrays, 0, len(arrays["arr_0"]), shape, num_classes):
+        elif _good_rows(arrays, 0, len(arrays["arr_0"]), shape, classes):
             held = arrays
     if work.is_dir():
         old = _read_manifest(work / MANIFEST)

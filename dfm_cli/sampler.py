@@ -202,14 +202,21 @@ def _csv(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def class_balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """Labels 0, 1, …, C-1, 0, 1, …: one class per grid column, and any prefix of a sample
-    set as balanced as it can be.
+def class_balanced_labels(n: int, classes: int | Sequence[int]) -> torch.Tensor:
+    """Labels 0, 1, …, C-1, 0, 1, … (or the given class ids in turn, for a run trained on a
+    subset, `data.classes`): one class per grid column, and any prefix of a sample set as
+    balanced as it can be.
 
-    >>> class_balanced_labels(5, 3).tolist()
-    [0, 1, 2, 0, 1]
+    >>> class_balanced_labels(5, 3).tolist(), class_balanced_labels(5, [8, 9]).tolist()
+    ([0, 1, 2, 0, 1], [8, 9, 8, 9, 8])
     """
-    return torch.arange(n) % num_classes
+    ids = torch.arange(classes) if isinstance(classes, int) else torch.tensor(list(classes))
+    return ids[torch.arange(n) % len(ids)]
+
+
+def sampled_classes(recipe, info) -> int | list[int]:
+    """What a run's samples are conditioned on: the classes it trained on."""
+    return list(recipe.data.classes) or info.num_classes
 
 
 # --------------------------------------------------------------------------- solver

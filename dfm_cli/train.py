@@ -39,7 +39,7 @@ from dfm_cli.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
 from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
-from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
+from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.stats import Interval
 
@@ -191,7 +191,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     check_resumable(run_dir, recipe, found[-1] if found else None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
-                            strict=recipe.data.strict)
+                            strict=recipe.data.strict, classes=recipe.data.classes)
     needs_stats = recipe.flow.standardize or recipe.flow.precondition
     level_stats = data_level_statistics(recipe, dataset) if needs_stats else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
@@ -346,11 +346,12 @@ def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info:
     autoencoder: `path`.png for images, `path`.gif for video. Every rank samples (a sharded
     EMA needs them all); rank 0 writes."""
     s = recipe.sample
-    num_classes = info.num_classes
+    classes = sampled_classes(recipe, info)
+    columns = classes if isinstance(classes, int) else len(classes)
     ema.eval()
     settings = SamplerSettings.resolve(recipe, recipe.flow.levels)
-    result = generate(ema, class_balanced_labels(s.n, num_classes), pyramid, settings, seed=recipe.train.seed)
+    result = generate(ema, class_balanced_labels(s.n, classes), pyramid, settings, seed=recipe.train.seed)
     if ctx.main:
         pixels = from_config(info.autoencoder, result.x.device).decode(result.x)
         suffix = ".gif" if pixels.ndim == 5 else ".png"
-        save_samples(pixels, path.with_suffix(suffix), nrow=num_classes if s.n % num_classes == 0 else None)
+        save_samples(pixels, path.with_suffix(suffix), nrow=columns if s.n % columns == 0 else None)

@@ -25,7 +25,7 @@ from dfm_cli.data import TensorImages, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.recipe import Recipe
-from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
+from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 
 METRICS = ("fid", "swd")
 REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
@@ -87,7 +87,7 @@ class TrainingEvaluation:
                 images = reference_images(images_of, t.eval_reference_num)
                 self.reference = evaluate.Source(f"{t.eval_reference_num} training images", images,
                                                  cache_dir=evaluate.content_cache(images))
-            elif recipe.data.name in evaluate.DATASETS:  # shares dfm eval's feature cache
+            elif recipe.data.name in evaluate.DATASETS and not recipe.data.classes:  # shares dfm eval's feature cache
                 self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
             elif images_of is not dataset:
                 self.reference = evaluate.load_source(index["source"], index["resolution"])
@@ -107,7 +107,7 @@ class TrainingEvaluation:
         decode = from_config(self.info.autoencoder, self.ctx.device).decode
         out = []
         for first in range(0, num, BATCH):
-            labels = class_balanced_labels(num, self.info.num_classes)[first:first + BATCH]
+            labels = class_balanced_labels(num, sampled_classes(self.recipe, self.info))[first:first + BATCH]
             result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed,
                               first_index=first)
             out.append(to_uint8(decode(result.x)))

@@ -49,6 +49,29 @@ def test_image_folder(tmp_path):
         ImageFolder(tmp_path / "missing", 16)
 
 
+def test_class_subsets_keep_label_ids_and_refuse_what_they_cannot_do(tmp_path):
+    from dfm_cli.ablate.execute import write_reference
+    from dfm_cli.recipe import load_recipe
+
+    ds = build_dataset("animal-mnist", "", 16, classes=[2, 7])
+    assert len(ds) == 2000 and set(ds.labels.tolist()) == {2, 7} and ds.num_classes == 10
+    assert len(animal_mnist(16, num=30)) == 30 and len(set(animal_mnist(16, num=30).labels.tolist())) == 10
+    for c, name in enumerate(["cats", "dogs"]):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((8, 8, 3), 40 * c, np.uint8)).save(tmp_path / name / "0.png")
+    folder = build_dataset("folder", str(tmp_path), 8, classes=[1])
+    assert len(folder) == 1 and int(folder[0][1]) == 1
+    with pytest.raises(DfmError, match=r"data.classes = \[10\]: \[10\] out of range; the data has 10 classes"):
+        build_dataset("animal-mnist", "", 16, classes=[10])
+    with pytest.raises(DfmError, match="data.classes"):
+        load_recipe(None, ["data.name=store", "data.path=s", "data.classes=[1]"])
+    write_reference("animal-mnist", "", 16, 0, 50, tmp_path / "ref.npz", [2, 7])  # a sweep's reference
+    with np.load(tmp_path / "ref.npz") as ref:
+        assert ref["arr_0"].shape == (50, 16, 16, 3)
+        picks = np.linspace(0, 1999, 50).round().astype(int)
+        assert np.array_equal(ref["arr_0"][..., 0], ds.images[picks, 0].numpy())
+
+
 def test_stream_order_is_a_permutation_per_epoch_and_resumes_exactly():
     full = StreamBatches(10, 4, seed=3)
     it = iter(full)

@@ -35,7 +35,7 @@ def model():
 
 
 def make(model, out, num, batch=4, settings=SETTINGS, seed=0, source=SOURCE, **kw):
-    return write_sample_set(model, PYR, settings, out, num=num, batch=batch, seed=seed, num_classes=10,
+    return write_sample_set(model, PYR, settings, out, num=num, batch=batch, seed=seed, classes=10,
                             source=source, ctx=distributed.Context(), **kw)
 
 
@@ -243,3 +243,19 @@ def test_non_finite_weights_are_an_error_not_a_black_grid(trained, tmp_path):
     assert got.exit_code == 2 and "hold NaN or inf" in got.stderr and "--no-ema" in got.stderr
     assert not (tmp_path / "g.png").exists()
     assert cli("sample", run, "--no-ema", "--n", "2", "--out", tmp_path / "g.png").exit_code == 0
+
+
+def test_a_run_trained_on_some_classes_samples_only_those(tmp_path):
+    """`data.classes = [8, 9]`: the grid, `dfm sample --num` and evaluation draw classes 8 and 9
+    in turn (a finetune on a subset is scored against that subset)."""
+    from rich.console import Console
+
+    from dfm_cli.recipe import load_recipe
+    from dfm_cli.train import train
+
+    run = tmp_path / "run"
+    train(load_recipe(TINY, ["data.classes=[8, 9]", "train.steps=2"]), run, console=Console(quiet=True))
+    result = CliRunner().invoke(app, ["sample", str(run), "--num", "5", "--batch", "5", "--out", str(tmp_path / "s.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as d:
+        assert d["arr_1"].tolist() == [8, 9, 8, 9, 8]

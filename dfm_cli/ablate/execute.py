@@ -49,25 +49,28 @@ def reference_for(sweep: Sweep, cell: Cell, out: Path) -> str:
     if spec.reference and not (spec.reference in BUILTIN_REFERENCES and spec.reference_num):
         return spec.reference if spec.reference in BUILTIN_REFERENCES else str(Path(spec.reference).resolve())
     name = spec.reference or d.name
-    if name in BUILTIN_REFERENCES and not spec.reference_num:
+    classes = d.classes if name == d.name else []  # a named reference is taken whole
+    if name in BUILTIN_REFERENCES and not spec.reference_num and not classes:
         return name
     path = d.path if name == d.name else ""
     tag = f"{name}-{d.resolution}" + (f"-{d.frames}f" if d.frames else "") + \
         (f"-{settings_hash(str(Path(path).resolve()))}" if path else "") + \
+        (f"-c{'.'.join(map(str, classes))}" if classes else "") + \
         (f"-n{spec.reference_num}" if spec.reference_num else "")
     target = out / "refs" / f"{tag}.npz"
     if not target.is_file():
-        write_reference(name, path, d.resolution, d.frames, spec.reference_num, target)
+        write_reference(name, path, d.resolution, d.frames, spec.reference_num, target, classes)
     return str(target.resolve())
 
 
-def write_reference(name: str, path: str, resolution: int, frames: int, num: int, target: Path) -> None:
-    """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it, or
-    `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
+def write_reference(name: str, path: str, resolution: int, frames: int, num: int, target: Path,
+                    classes: list[int] | None = None) -> None:
+    """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it (or
+    only `classes`), or `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
     from dfm_cli.data import build_dataset
     from dfm_cli.train_eval import reference_images
 
-    data = build_dataset(name, path, resolution, frames)
+    data = build_dataset(name, path, resolution, frames, classes=classes or ())
     arr = reference_images(data, num or len(data))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}")

@@ -101,12 +101,13 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
     from dfm_cli.autoencoders import from_config
     from dfm_cli.factory import build_pyramid
     from dfm_cli.media import save_samples
-    from dfm_cli.sampler import class_balanced_labels, generate
+    from dfm_cli.sampler import class_balanced_labels, generate, sampled_classes
 
     model, info = trained.model, trained.info
-    num_classes = info.num_classes
+    classes = sampled_classes(trained.recipe, info)
+    num_classes = classes if isinstance(classes, int) else len(classes)
     decode = from_config(info.autoencoder, next(model.parameters()).device).decode
-    labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, num_classes)
+    labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
     result = generate(model, labels, build_pyramid(trained.recipe, info.level_stats), settings,
                       seed=seed, previews=previews)
