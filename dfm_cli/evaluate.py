@@ -28,9 +28,9 @@ from PIL import Image
 
 from dfm_cli import features as feats
 from dfm_cli import metrics
-from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, build_dataset, builtin, list_files
+from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, TensorImages, build_dataset, builtin, list_files
 from dfm_cli.errors import DfmError, reading
-from dfm_cli.media import as_rgb
+from dfm_cli.media import as_rgb, to_uint8
 
 DATASETS = tuple(BUILTIN)
 MIN_SAMPLES = 2048  # below this, FID-style covariances are rank-deficient and biased
@@ -315,6 +315,21 @@ def _folder_key(dataset) -> str:
     return h.hexdigest()[:12]
 
 
+REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
+
+
+def reference_images(dataset, num: int = 0) -> np.ndarray:
+    """Training images as uint8 RGB `N H W 3`: `num` evenly spaced ones (a class-sorted set keeps
+    every class), or up to `REFERENCE_MAX` when `num` is 0."""
+    n = len(dataset)
+    pick = np.linspace(0, n - 1, num or min(n, REFERENCE_MAX)).round().astype(int)
+    if isinstance(dataset, TensorImages):
+        images = dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
+    else:
+        images = to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
+    return as_rgb(images)
+
+
 def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     """The images `run` was trained on, at its resolution (grey repeated to RGB, as samples are);
     with `limit`, that many evenly spaced over the whole set (a class-sorted set keeps every class)."""
@@ -322,8 +337,6 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
 
     d = recipe.data
     if d.classes and d.name != "store":  # a class subset: its own images, cached by content
-        from dfm_cli.train_eval import reference_images
-
         images = reference_images(build_dataset(d.name, d.path, d.resolution, d.frames, classes=d.classes))
         source = Source(f"{d.name or d.path} (classes {d.classes})", images, cache_dir=content_cache(images))
     elif d.name == "sprites":  # clips at the run's own frame count, not dfm eval's default

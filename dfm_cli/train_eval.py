@@ -4,7 +4,7 @@ Every `train.eval_every` steps (and at the last step) the EMA model generates
 `train.eval_num` class-balanced samples with the recipe's sampler settings and the same
 noise each time, so successive points differ only by the weights. They are scored with
 `dfm eval`'s own functions against the run's training data: FID against (up to
-`REFERENCE_MAX` of) its images, whose Inception features are computed once and cached, and
+`evaluate.REFERENCE_MAX` of) its images, whose Inception features are computed once and cached, and
 SWD against a fixed subset as large as the sample set. The stats line gets `eval_fid` /
 `eval_swd` next to `step` and `images`, so a curve of metric against training images is
 one read of the file.
@@ -19,29 +19,17 @@ import torch
 from rich.progress import Progress
 
 from dfm_cli import distributed, evaluate
+from dfm_cli.evaluate import reference_images
 from dfm_cli.autoencoders import from_config
 from dfm_cli.checkpoint import RunInfo
-from dfm_cli.data import TensorImages, build_dataset
+from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.recipe import Recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 
 METRICS = ("fid", "swd")
-REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
 BATCH = 64
-
-
-def reference_images(dataset, num: int = 0) -> np.ndarray:
-    """Training images as uint8 RGB `N H W 3`: `num` evenly spaced ones (a class-sorted set keeps
-    every class), or up to `REFERENCE_MAX` when `num` is 0."""
-    n = len(dataset)
-    pick = np.linspace(0, n - 1, num or min(n, REFERENCE_MAX)).round().astype(int)
-    if isinstance(dataset, TensorImages):
-        images = dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
-    else:
-        images = to_uint8(torch.stack([dataset[int(i)][0] for i in pick]))
-    return as_rgb(images)
 
 
 def swd_levels(size: int, patch: int = 7) -> int:

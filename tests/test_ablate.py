@@ -228,7 +228,7 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
 def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cache(tmp_path, monkeypatch):
     from dfm_cli import evaluate
     from dfm_cli.data import build_dataset
-    from dfm_cli.train_eval import reference_images
+    from dfm_cli.evaluate import reference_images
 
     monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "ref.npz"

@@ -68,7 +68,7 @@ def write_reference(name: str, path: str, resolution: int, frames: int, num: int
     """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it (or
     only `classes`), or `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
     from dfm_cli.data import build_dataset
-    from dfm_cli.train_eval import reference_images
+    from dfm_cli.evaluate import reference_images
 
     data = build_dataset(name, path, resolution, frames, classes=classes or ())
     arr = reference_images(data, num or len(data))
