@@ -48,6 +48,7 @@ REPORT_NUM = 1000  # evenly spaced training images for the final PSNR and equiva
 
 def build_vae(recipe: Recipe, channels: int):
     """A fresh `AutoencoderKL` from `[ae]`, or the one `train.init_from` names (checked to match)."""
+    import diffusers
     from diffusers import AutoencoderKL
 
     a = recipe.ae
@@ -61,6 +62,7 @@ def build_vae(recipe: Recipe, channels: int):
         torch.manual_seed(mix_seed(recipe.train.seed, MODEL_INIT, 0))
         return AutoencoderKL(**config)
     folder = exported_folder(recipe.train.init_from)
+    diffusers.utils.logging.set_verbosity_error()  # loading advice (accelerate) is noise to our users
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
     for key in ("in_channels", "block_out_channels", "layers_per_block", "latent_channels",
                 "mid_block_add_attention"):
