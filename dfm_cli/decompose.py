@@ -313,41 +313,6 @@ def _block_transform(x: torch.Tensor, b_in: int, b_out: int, gain: float) -> tor
     return out.reshape(*x.shape[:-2], h * b_out, w * b_out)
 
 
-class Standardized:
-    """A decomposition whose levels have zero mean and unit std per level and channel.
-
-    docs/method.md §2.4: off for FLUX-like latents (the small detail band then carries less
-    loss weight, paper Table 1c), on for video. `mean`/`std` are `[level][channel]` lists, as
-    the store keeps them.
-    """
-
-    def __init__(self, decomposition: Decomposition, mean: Sequence[Sequence[float]],
-                 std: Sequence[Sequence[float]]) -> None:
-        self.decomposition, self.levels = decomposition, decomposition.levels
-        self.mean = [torch.tensor(m, dtype=torch.float32) for m in mean]
-        self.std = [torch.tensor(s, dtype=torch.float32) for s in std]
-        if len(self.mean) != decomposition.levels:
-            raise DfmError(f"standardization statistics cover {len(self.mean)} levels, the decomposition has "
-                           f"{decomposition.levels}; re-run `dfm encode` with matching --levels/--factors")
-
-    def _shape(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.ndim - 2)))
-
-    def level_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
-        return self.decomposition.level_sizes(size)
-
-    def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [(lv - self._shape(m, lv)) / self._shape(s, lv)
-                for lv, m, s in zip(self.decomposition.decompose(x), self.mean, self.std)]
-
-    def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.decomposition.recompose([lv * self._shape(s, lv) + self._shape(m, lv)
-                                             for lv, m, s in zip(levels, self.mean, self.std)])
-
-    def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        return self.decomposition.upsample_to(x, size)
-
-
 class UpsampledCoarse:
     """A decomposition whose coarsest level is carried at the next level's size: nearest
     upsampling on the way in, the block mean on the way out, which undoes it exactly.
@@ -406,30 +371,3 @@ def build_decomposition(
     else:
         pyramid = DECOMPOSITIONS[name](levels, factors, temporal_factors)
     return UpsampledCoarse(pyramid) if upsample_coarse else pyramid
-
-
-def energy_shares(levels: Sequence[torch.Tensor]) -> list[float]:
-    """Each level's share of the total energy (sum of squares), in the order given."""
-    energy = [float(level.double().pow(2).sum()) for level in levels]
-    total = sum(energy) or 1.0
-    return [e / total for e in energy]
-
-
-def equivariance(image_shares: Sequence[float], latent_shares: Sequence[float]) -> float:
-    """1 − total-variation distance between two per-level energy splits: 1 when an
-    autoencoder's latent spreads energy over scales as the image does (scale equivariance)."""
-    return 1 - 0.5 * sum(abs(a - b) for a, b in zip(image_shares, latent_shares))
-
-
-def crop_to_multiple(x: torch.Tensor, decomposition: TwoBandPyramid, extra: int = 1) -> torch.Tensor:
-    """Centre-crop `x` to the largest size the decomposition's factors (times `extra`, e.g.
-    an autoencoder's downsampling) divide."""
-    spatial = math.prod(decomposition.factors) * extra
-    temporal = math.prod(decomposition.temporal_factors)
-    mults = ([temporal] if x.ndim == 5 else []) + [spatial, spatial]
-    for axis, m in zip(range(2, x.ndim), mults):
-        n = x.shape[axis] // m * m
-        if n == 0:
-            raise DfmError(f"size {tuple(x.shape[2:])} is smaller than the factors' product {m}")
-        x = x.narrow(axis, (x.shape[axis] - n) // 2, n)
-    return x

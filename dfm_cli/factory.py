@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from dfm_cli.checkpoint import STATE, RunInfo, load_checkpoint, resolve_checkpoint
-from dfm_cli.decompose import Decomposition, Standardized, TwoBandPyramid, build_decomposition
+from dfm_cli.decompose import Decomposition, TwoBandPyramid, build_decomposition
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import FlowObjective
+from dfm_cli.level_stats import Standardized
 from dfm_cli.model import DFMDiT, model_size
 from dfm_cli.recipe import Recipe, load_recipe
 

@@ -7,7 +7,8 @@ without a terminal.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,36 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from dfm_cli.decompose import Decomposition, energy_shares, equivariance
+from dfm_cli.decompose import Decomposition, TwoBandPyramid
+from dfm_cli.errors import DfmError
 from dfm_cli.media import save_grid, signed_to_unit
+
+
+def energy_shares(levels: Sequence[torch.Tensor]) -> list[float]:
+    """Each level's share of the total energy (sum of squares), in the order given."""
+    energy = [float(level.double().pow(2).sum()) for level in levels]
+    total = sum(energy) or 1.0
+    return [e / total for e in energy]
+
+
+def equivariance(image_shares: Sequence[float], latent_shares: Sequence[float]) -> float:
+    """1 − total-variation distance between two per-level energy splits: 1 when an
+    autoencoder's latent spreads energy over scales as the image does (scale equivariance)."""
+    return 1 - 0.5 * sum(abs(a - b) for a, b in zip(image_shares, latent_shares))
+
+
+def crop_to_multiple(x: torch.Tensor, decomposition: TwoBandPyramid, extra: int = 1) -> torch.Tensor:
+    """Centre-crop `x` to the largest size the decomposition's factors (times `extra`, e.g.
+    an autoencoder's downsampling) divide."""
+    spatial = math.prod(decomposition.factors) * extra
+    temporal = math.prod(decomposition.temporal_factors)
+    mults = ([temporal] if x.ndim == 5 else []) + [spatial, spatial]
+    for axis, m in zip(range(2, x.ndim), mults):
+        n = x.shape[axis] // m * m
+        if n == 0:
+            raise DfmError(f"size {tuple(x.shape[2:])} is smaller than the factors' product {m}")
+        x = x.narrow(axis, (x.shape[axis] - n) // 2, n)
+    return x
 
 
 @dataclass

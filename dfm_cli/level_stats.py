@@ -1,17 +1,19 @@
 """Per-level statistics of decomposed data: the mean and std per level and channel that
-`flow.standardize` and `flow.precondition` scale the levels by. `dfm encode` records them in
+`flow.standardize` and `flow.precondition` scale the levels by, and `Standardized`, the
+decomposition that applies them. `dfm encode` records them in
 a store's index; training uses a store's own when they match its decomposition, else
 measures them on the data (`train.data_level_statistics`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.decompose import Decomposition, LaplacianPyramid
 from dfm_cli.errors import DfmError
 
 
@@ -55,3 +57,38 @@ def stored_level_statistics(index: dict[str, Any], pyramid: LaplacianPyramid) ->
     if stored.get("picked") != "strided":  # older stores measured only their first (class-sorted) items
         return None
     return stored
+
+
+class Standardized:
+    """A decomposition whose levels have zero mean and unit std per level and channel.
+
+    docs/method.md §2.4: off for FLUX-like latents (the small detail band then carries less
+    loss weight, paper Table 1c), on for video. `mean`/`std` are `[level][channel]` lists, as
+    the store keeps them.
+    """
+
+    def __init__(self, decomposition: Decomposition, mean: Sequence[Sequence[float]],
+                 std: Sequence[Sequence[float]]) -> None:
+        self.decomposition, self.levels = decomposition, decomposition.levels
+        self.mean = [torch.tensor(m, dtype=torch.float32) for m in mean]
+        self.std = [torch.tensor(s, dtype=torch.float32) for s in std]
+        if len(self.mean) != decomposition.levels:
+            raise DfmError(f"standardization statistics cover {len(self.mean)} levels, the decomposition has "
+                           f"{decomposition.levels}; re-run `dfm encode` with matching --levels/--factors")
+
+    def _shape(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.ndim - 2)))
+
+    def level_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        return self.decomposition.level_sizes(size)
+
+    def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [(lv - self._shape(m, lv)) / self._shape(s, lv)
+                for lv, m, s in zip(self.decomposition.decompose(x), self.mean, self.std)]
+
+    def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decomposition.recompose([lv * self._shape(s, lv) + self._shape(m, lv)
+                                             for lv, m, s in zip(levels, self.mean, self.std)])
+
+    def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        return self.decomposition.upsample_to(x, size)

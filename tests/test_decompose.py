@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dfm_cli.decompose import (BlockDCT, Decomposition, HaarWavelet, LaplacianPyramid, build_decomposition,
-                                crop_to_multiple, dct_matrix, energy_shares)
+from dfm_cli.decompose import BlockDCT, Decomposition, HaarWavelet, LaplacianPyramid, build_decomposition, dct_matrix
+from dfm_cli.level_report import crop_to_multiple, energy_shares
 from dfm_cli.errors import DfmError
 
 CASES = [

@@ -26,8 +26,8 @@ def decompose(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("decomposed"),
 ) -> None:
     """Split an image or video into levels; write PNGs, levels.npz and the recomposition."""
-    from dfm_cli.decompose import build_decomposition, crop_to_multiple
-    from dfm_cli.level_report import analyse, report_table, write_report
+    from dfm_cli.decompose import build_decomposition
+    from dfm_cli.level_report import analyse, crop_to_multiple, report_table, write_report
     from dfm_cli.media import default_photo, load_media
 
     split = build_decomposition(decomposition, levels, parse_list(factors, int, "--factors"),
