@@ -28,7 +28,8 @@ from PIL import Image
 
 from dfm_cli import features as feats
 from dfm_cli import metrics
-from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, TensorImages, build_dataset, builtin, list_files
+from dfm_cli.data import BUILTIN, TensorImages, build_dataset, builtin
+from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
 from dfm_cli.errors import DfmError, reading
 from dfm_cli.media import as_rgb, to_uint8
 

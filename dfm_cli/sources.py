@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dfm_cli.autoencoders import build_autoencoder
-from dfm_cli.data import BUILTIN, IMAGE_EXTENSIONS, ImageDataset, builtin, list_files
+from dfm_cli.data import BUILTIN, ImageDataset, builtin
+from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
 from dfm_cli.errors import DfmError
 from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
 from dfm_cli.store import EncodeSettings

@@ -8,7 +8,8 @@ from PIL import Image
 
 from dfm_cli.batches import StreamBatches
 from dfm_cli.data import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, UnreadableImage, _NumpyOnly,
-                          animal_mnist, build_dataset, list_files, photo_crops)
+                          animal_mnist, build_dataset, photo_crops)
+from dfm_cli.listing import list_files
 from dfm_cli.errors import DfmError
 
 
