@@ -10,9 +10,10 @@ boundary (`commands/common.user_errors`) do the same for the ones that carry a f
 
 from __future__ import annotations
 
+import difflib
 import errno
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -100,3 +101,9 @@ def reading(path: str | Path, what: str = "file") -> Iterator[None]:
     except (OSError, ValueError, *FORMAT_ERRORS) as e:
         named = file_error_message(e) if isinstance(e, OSError) and e.filename is not None else None
         raise DfmError(named or f"{path}: not a readable {what} ({_first_line(e)})") from None
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    """'; did you mean X?' for the nearest of `options`, or nothing."""
+    near = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {near[0]!r}?" if near else ""

@@ -22,8 +22,8 @@ from typing import Any
 
 import tomli_w
 
-from dfm_cli.errors import DfmError
-from dfm_cli.recipe import SECTIONS, Recipe, _check_type, _suggest, load_recipe
+from dfm_cli.errors import DfmError, suggest
+from dfm_cli.recipe import SECTIONS, Recipe, _check_type, load_recipe
 
 METRIC_FLAGS = {"fid": "--fid", "kid": "--kid", "isc": "--isc", "fdd": "--fdd", "fvd": "--fvd",
                 "swd": "--swd", "pr": "--pr"}
@@ -137,7 +137,7 @@ def _flatten(where: str, table: dict[str, Any], keep: tuple[str, ...] = ()) -> d
             raise DfmError(f"{where}: {key.split('.')[0]!r} belongs at the top of the sweep file, before the "
                            "first [table] (TOML puts a key under the table above it)")
         if key not in keep and key not in RECIPE_KEYS:
-            raise DfmError(f"{where}: {key!r} is not a recipe key{_suggest(key, RECIPE_KEYS)}")
+            raise DfmError(f"{where}: {key!r} is not a recipe key{suggest(key, RECIPE_KEYS)}")
     return flat
 
 
@@ -176,7 +176,7 @@ def load_sweep(path: str | Path) -> Sweep:
                        f"with recipe = \"BASE.toml\" and a [grid] or [[cell]] list")
     for key in raw:
         if key not in TOP_KEYS:
-            raise DfmError(f"{path}: unknown key {key!r}{_suggest(key, TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})")
+            raise DfmError(f"{path}: unknown key {key!r}{suggest(key, TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})")
     if not isinstance(raw.get("recipe"), str):
         raise DfmError(f"{path}: recipe = \"BASE.toml\" is missing: name the base recipe, relative to the sweep file")
     base = (path.parent / raw["recipe"]).resolve()
@@ -208,12 +208,12 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, value in raw.get("eval", {}).items():
         hints = typing.get_type_hints(EvalSpec)
         if key not in hints:
-            raise DfmError(f"{path}: eval.{key} is not a known key{_suggest(key, hints)} "
+            raise DfmError(f"{path}: eval.{key} is not a known key{suggest(key, hints)} "
                            f"(keys: {', '.join(hints)})")
         setattr(spec, key, _check_type(f"{path}: eval.{key}", value, hints[key]))
     for metric in spec.metrics:
         if metric not in METRIC_FLAGS:
-            raise DfmError(f"{path}: eval.metrics: unknown metric {metric!r}{_suggest(metric, METRIC_FLAGS)} "
+            raise DfmError(f"{path}: eval.metrics: unknown metric {metric!r}{suggest(metric, METRIC_FLAGS)} "
                            f"(choose from {', '.join(METRIC_FLAGS)})")
     for key in ("num", "batch", "swd_levels"):
         if getattr(spec, key) < 1:
@@ -288,7 +288,7 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
     if isinstance(b, str):
         chosen = [c for c in sweep.cells if b in (c.label, c.name)]
         if not chosen:
-            raise DfmError(f"{sweep.path}: baseline = {b!r} names no cell{_suggest(b, [c.name for c in sweep.cells])}")
+            raise DfmError(f"{sweep.path}: baseline = {b!r} names no cell{suggest(b, [c.name for c in sweep.cells])}")
         keys: set[str] = set()
     elif isinstance(b, dict):
         b = _flatten(f"{sweep.path}: baseline", b)
