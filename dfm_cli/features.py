@@ -251,6 +251,21 @@ class DinoV2Features:
 # --------------------------------------------------------------------------- CLIP
 
 
+def load_open_clip(model: str, weights: Path, flag: str) -> tuple[torch.nn.Module, Callable]:
+    """An open_clip model (an architecture name, or a config JSON for custom sizes) with local
+    weights, frozen in eval mode, and its tokenizer (whose vocabulary ships with open_clip)."""
+    import open_clip
+
+    if model.endswith(".json"):
+        open_clip.add_model_config(model)
+        model = Path(model).stem
+    if model not in open_clip.list_models():
+        raise DfmError(f"{flag} {model!r} is not an open_clip architecture (e.g. ViT-L-14) or config JSON")
+    net = open_clip.create_model(model, pretrained=None)
+    net.load_state_dict(_load_weights(weights, "CLIP", f"pass the open_clip checkpoint for {flag} {model}"))
+    return net.eval().requires_grad_(False), open_clip.get_tokenizer(model)
+
+
 class ClipFeatures:
     """open_clip image and text embeddings; `model` is an open_clip name or a config JSON."""
 
@@ -262,15 +277,8 @@ class ClipFeatures:
         if weights is None:
             raise DfmError("the CLIP score needs CLIP weights; pass --clip-weights PATH (an open_clip checkpoint, "
                            "e.g. ViT-L-14 open_clip_pytorch_model.bin) and --clip-model NAME")
-        if model.endswith(".json"):
-            open_clip.add_model_config(model)
-            model = Path(model).stem
-        if model not in open_clip.list_models():
-            raise DfmError(f"--clip-model {model!r} is not an open_clip architecture (e.g. ViT-L-14) or config JSON")
-        self.net = open_clip.create_model(model, pretrained=None)
-        self.net.load_state_dict(_load_weights(weights, "CLIP", "pass the open_clip checkpoint for --clip-model"))
-        self.net = self.net.eval().requires_grad_(False).to(device)
-        self.tokenizer = open_clip.get_tokenizer(model)
+        self.net, self.tokenizer = load_open_clip(model, Path(weights), "--clip-model")
+        self.net = self.net.to(device)
         size = self.net.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else size
         self.mean = getattr(self.net.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN

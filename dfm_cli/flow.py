@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dfm_cli.text_cond import Cond, where_dropped
+
 Velocity = Callable[..., list[torch.Tensor]]
 """`velocity(levels, t, y, stage) -> per-level velocities`; the DFM-DiT is one."""
 
@@ -112,21 +114,22 @@ class FlowObjective:
         self,
         velocity: Velocity,
         x1: Sequence[torch.Tensor],
-        y: torch.Tensor,
+        y: Cond,
         draws: Draws,
-        null_class: int | None = None,
+        null: int | Cond | None = None,
     ) -> dict[str, torch.Tensor]:
         """The training loss on the decomposed clean batch `x1` (coarsest level first).
 
         Returns `loss` (scalar: per-level MSEs summed, averaged over samples), `per_sample`
         (`B`: each sample's summed loss, for exact gradient accumulation), `level_mse`
         (`B, S`, masked levels included so they can be logged), `active`, `stage` and `t`.
-        Labels in `draws.drop` become `null_class` (classifier-free guidance).
+        Conditions in `draws.drop` become `null` (classifier-free guidance): the null class,
+        or the model's `null_condition` for the batch (the empty caption).
         """
         device = x1[0].device
         d = draws.to(device)
-        if null_class is not None:
-            y = torch.where(d.drop, torch.full_like(y, null_class), y)
+        if null is not None:
+            y = where_dropped(d.drop, null, y)
         active = torch.arange(self.levels, device=device)[None, :] <= d.stage[:, None]
         xt = [
             _bcast(d.t[:, s], level) * level + (1 - _bcast(d.t[:, s], level)) * noise

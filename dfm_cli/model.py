@@ -4,8 +4,9 @@ Sections, as in DiT's `models.py` (positions live in `positions.py`): embedders 
 registry. What differs from DiT:
 - one patch embedding per level, with patch sizes chosen so that every level gives the same
   token grid; the embeddings are summed, so the sequence is as long as the FM baseline's;
-- one timestep embedder per level (summed), plus the class embedding, plus a learned
-  stage-index embedding, form the adaLN conditioning;
+- one timestep embedder per level (summed), plus the class embedding (or, for text, the
+  pooled caption embedding), plus a learned stage-index embedding, form the adaLN conditioning;
+- with text, each block also cross-attends to the caption's tokens (PixArt-α's layout);
 - one zero-initialised output head per level, each predicting that level's velocity;
 - 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional;
 - optional EDM-style per-level pre/post-conditioning (paper App. A.1, `flow.precondition`).
@@ -26,6 +27,7 @@ from torch import nn
 
 from dfm_cli.errors import DfmError
 from dfm_cli.positions import apply_rope, rope_angles, rope_rotations, sincos_embedding
+from dfm_cli.text_cond import Cond, NullText, TextCond
 
 # --------------------------------------------------------------------------- embedders
 
@@ -88,13 +90,36 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero)."""
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption's tokens (already projected to the model width);
+    padding is masked out. Its output projection starts at zero, so a fresh text model starts
+    as the unconditional DiT and learns how much to listen."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        mask = mask | ~mask.any(dim=1, keepdim=True)  # a caption with no token attends to all (no NaN)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero),
+    with cross-attention to the caption between attention and MLP when the model has text."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, text: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads)
+        self.cross = CrossAttention(hidden, heads) if text else None
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp = int(hidden * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -102,9 +127,12 @@ class DiTBlock(nn.Module):
         )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None,
+                text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        if self.cross is not None:
+            x = x + self.cross(x, *text)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
@@ -179,7 +207,9 @@ class DFMDiT(nn.Module):
 
     `levels`: list of `B C H W` (or `B C T H W`) tensors, coarsest first, later levels already
     zeroed by the caller; `t`: `B S` timesteps; `y`: `B` labels (the null class is
-    `num_classes`); `stage`: `B` 0-based stage indices.
+    `num_classes`), or with `text_dims = (max_tokens, token_dim, pooled_dim)` a `TextCond` of
+    encoded captions (the null is the empty caption's, `null_text`); `stage`: `B` 0-based
+    stage indices.
 
     `level_rms` turns on the per-level pre/post-conditioning (docs/method.md §4.5): the
     root-mean-square of each level of the data, kept as a buffer so a checkpoint carries it.
@@ -195,6 +225,7 @@ class DFMDiT(nn.Module):
         pos: str = "rope",
         temporal_patch: int = 1,
         level_rms: Sequence[float] | None = None,
+        text_dims: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
         if size.hidden % size.heads:
@@ -215,10 +246,19 @@ class DFMDiT(nn.Module):
         levels = len(self.level_sizes)
         self.patch_embeds = nn.ModuleList(PatchEmbed(channels, p, size.hidden) for p in patches)
         self.t_embedders = nn.ModuleList(TimestepEmbedder(size.hidden) for _ in range(levels))
-        self.y_embedder = nn.Embedding(num_classes + 1, size.hidden)
+        self.text_dims = tuple(text_dims) if text_dims else None
+        if self.text_dims:
+            _, token_dim, pooled_dim = self.text_dims
+            self.null_text = NullText(*self.text_dims)
+            self.text_pooled = nn.Sequential(nn.Linear(pooled_dim, size.hidden), nn.SiLU(),
+                                             nn.Linear(size.hidden, size.hidden))
+            self.text_tokens = nn.Sequential(nn.Linear(token_dim, size.hidden), nn.GELU(approximate="tanh"),
+                                             nn.Linear(size.hidden, size.hidden))
+        else:
+            self.y_embedder = nn.Embedding(num_classes + 1, size.hidden)
         self.stage_embedder = nn.Embedding(levels, size.hidden)
         self.blocks = nn.ModuleList(
-            DiTBlock(size.hidden, size.heads, size.mlp_ratio) for _ in range(size.depth)
+            DiTBlock(size.hidden, size.heads, size.mlp_ratio, text=bool(self.text_dims)) for _ in range(size.depth)
         )
         self.final_norm = nn.LayerNorm(size.hidden, elementwise_affine=False, eps=1e-6)
         self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
@@ -249,6 +289,12 @@ class DFMDiT(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
+    def null_condition(self, n: int) -> Cond:
+        """The unconditional input for `n` samples: the null class, or the empty caption."""
+        if self.text_dims:
+            return self.null_text(n)
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.stage_embedder.weight.device)
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -257,11 +303,13 @@ class DFMDiT(nn.Module):
         for emb in self.t_embedders:
             nn.init.normal_(emb.mlp[0].weight, std=0.02)
             nn.init.normal_(emb.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if not self.text_dims:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.stage_embedder.weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+            for layer in (block.ada[-1], *([block.cross.proj] if block.cross is not None else [])):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         for head in self.heads:
             for layer in (head.ada[-1], head.linear):
                 nn.init.zeros_(layer.weight)
@@ -271,7 +319,7 @@ class DFMDiT(nn.Module):
         self,
         levels: Sequence[torch.Tensor],
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Cond,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
         if self.level_rms is None:
@@ -286,7 +334,7 @@ class DFMDiT(nn.Module):
         self,
         levels: Sequence[torch.Tensor],
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: Cond,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
         """The transformer itself, without pre/post-conditioning."""
@@ -296,9 +344,14 @@ class DFMDiT(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
         c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
-        c = c + self.y_embedder(y) + self.stage_embedder(stage)
+        text = None
+        if isinstance(y, TextCond):
+            c = c + self.text_pooled(y.pooled.to(c.dtype)) + self.stage_embedder(stage)
+            text = (self.text_tokens(y.tokens.to(x.dtype)), y.mask.bool())
+        else:
+            c = c + self.y_embedder(y) + self.stage_embedder(stage)
         for block in self.blocks:
-            x = block(x, c, self.rope)
+            x = block(x, c, self.rope, text)
         x = self.final_norm(x)
         return [head(x, c, self.grid, self.video) for head in self.heads]
 

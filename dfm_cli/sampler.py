@@ -25,6 +25,7 @@ import torch
 from dfm_cli.errors import DfmError
 from dfm_cli.flow import Velocity, mask_later_levels
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
+from dfm_cli.text_cond import Cond, cat_cond
 
 SOLVERS = ("euler", "heun")
 
@@ -237,9 +238,10 @@ class GuidedVelocity:
     the unconditional half is skipped. Both halves run as one forward of twice the batch.
     """
 
-    def __init__(self, velocity: Velocity, cfg: float, null_class: int,
+    def __init__(self, velocity: Velocity, cfg: float, null: int | Callable[[int], Cond],
                  interval: tuple[float, float] = (0.0, 1.0)) -> None:
-        self.velocity, self.cfg, self.null_class, self.interval = velocity, cfg, null_class, interval
+        """`null`: the null class, or a function giving the null condition for n samples."""
+        self.velocity, self.cfg, self.null, self.interval = velocity, cfg, null, interval
 
     def guided_levels(self, t: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
         """`(B, S)`: which level of which sample gets guidance at times `t`."""
@@ -250,7 +252,7 @@ class GuidedVelocity:
         """Whether this call runs the batch twice (counts as a guided NFE)."""
         return bool(self.guided_levels(t, stage).any())
 
-    def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: torch.Tensor,
+    def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: Cond,
                  stage: torch.Tensor) -> list[torch.Tensor]:
         guide = self.guided_levels(t, stage)
         if not bool(guide.any()):
@@ -258,7 +260,7 @@ class GuidedVelocity:
         out = self.velocity(
             [torch.cat([x, x]) for x in xs],
             torch.cat([t, t]),
-            torch.cat([y, torch.full_like(y, self.null_class)]),
+            cat_cond([y, torch.full_like(y, self.null) if isinstance(self.null, int) else self.null(len(y))]),
             torch.cat([stage, stage]),
         )
         res = []
@@ -273,7 +275,7 @@ class GuidedVelocity:
 def sample(
     velocity: Velocity,
     noise: Sequence[torch.Tensor],
-    y: torch.Tensor,
+    y: Cond,
     schedule: Schedule,
     recompose: Callable[[Sequence[torch.Tensor]], torch.Tensor],
     solver: str = "euler",
@@ -297,7 +299,7 @@ def sample(
     stages = schedule.t.shape[1]
     if stages > levels:
         raise DfmError(f"schedule has {stages} stages but the model has {levels} levels")
-    b, device = y.shape[0], y.device
+    b, device = len(y), y.device
     xs = [n.clone() for n in noise]
     t_all = torch.zeros(len(schedule.t), levels, dtype=torch.float64)
     t_all[:, :stages] = schedule.t
@@ -346,7 +348,7 @@ def sample_noise(model: torch.nn.Module, seed: int, indices: Sequence[int]) -> l
 
 def generate(
     model: torch.nn.Module,
-    labels: torch.Tensor,
+    labels: Cond,
     decomposition,
     settings: SamplerSettings,
     *,
@@ -354,12 +356,13 @@ def generate(
     first_index: int = 0,
     previews: bool = False,
 ) -> SampleResult:
-    """Sample a DFM model for `labels` with `settings`; `decomposition` recomposes the levels.
+    """Sample a DFM model for `labels` (or encoded prompts) with `settings`; `decomposition`
+    recomposes the levels.
 
     Sample j of the batch is sample `first_index + j` of the seed: its noise comes from its
     own generator (see `sample_noise`), so an image depends only on its index, not on the
     batch size, the device or the number of processes that share the work. `model` needs
-    `levels`, `level_sizes`, `channels` and `null_class`.
+    `levels`, `level_sizes`, `channels` and `null_condition`.
     """
     if settings.stages > model.levels:
         raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")
@@ -367,7 +370,7 @@ def generate(
     noise = sample_noise(model, seed, range(first_index, first_index + len(labels)))
     full = model.level_sizes[-1]
     return sample(
-        GuidedVelocity(model, settings.cfg, model.null_class, settings.interval),
+        GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval),
         [n.to(device) for n in noise],
         labels.to(device),
         settings.schedule(),

@@ -120,7 +120,7 @@ class Step:
             sl = slice(lo, lo + self.micro)
             with distributed.no_grad_sync(self.model, skip=j < len(chunks) - 1), self.autocast():
                 out = self.objective.loss(self.forward, self.pyramid.decompose(x[sl]), y[sl], draws[sl],
-                                          null_class=distributed.unwrap(self.model).null_class)
+                                          null=distributed.unwrap(self.model).null_condition(len(x[sl])))
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
             outs.append(out)

@@ -143,5 +143,5 @@ def test_mask_and_label_dropout():
         return [torch.zeros_like(x) for x in xs]
 
     y = torch.arange(10000) % 10
-    obj.loss(spy, [torch.zeros(10000, 1)], y, d, null_class=10)
+    obj.loss(spy, [torch.zeros(10000, 1)], y, d, null=10)
     assert ((seen["y"] == 10) == d.drop).all() and (seen["y"][~d.drop] == y[~d.drop]).all()

@@ -221,7 +221,7 @@ class Spy(torch.nn.Module):
         super().__init__()
         self.model, self.calls = model, []
         self.levels, self.level_sizes = model.levels, model.level_sizes
-        self.channels, self.null_class = model.channels, model.null_class
+        self.channels, self.null_condition = model.channels, model.null_condition
 
     def forward(self, xs, t, y, stage):
         self.calls.append(([x.clone() for x in xs], t.clone(), stage.clone()))
