@@ -23,7 +23,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -36,6 +35,7 @@ from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import plain_pyramid
 from dfm_cli.level_report import analyse
+from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
 from dfm_cli.recipe import Recipe
 from dfm_cli.seeding import MODEL_INIT, SAMPLE_DRAWS, mix_seed
@@ -178,9 +178,9 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
         distributed.shutdown(ctx)
 
 
-def evenly_spaced(dataset, num: int) -> torch.Tensor:
+def evenly_spaced_images(dataset, num: int) -> torch.Tensor:
     """`num` images spread over the whole (often class-sorted) set, so every class is in."""
-    return gather(dataset, np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int).tolist())
+    return gather(dataset, evenly_spaced(len(dataset), num).tolist())
 
 
 def gather(dataset, indices: list[int]) -> torch.Tensor:
@@ -200,16 +200,16 @@ def latent_statistics(vae, images: torch.Tensor, batch: int = 256) -> tuple[floa
 
 def export(recipe: Recipe, ema, dataset, run_dir: Path) -> None:
     """Write `run_dir/autoencoder` (diffusers, with the data's latent scale and shift) and the report."""
-    shift, std = latent_statistics(ema, evenly_spaced(dataset, recipe.ae.stats_num))
+    shift, std = latent_statistics(ema, evenly_spaced_images(dataset, recipe.ae.stats_num))
     ema.register_to_config(scaling_factor=1.0 / std, shift_factor=shift)
     tmp, final = run_dir / f".{EXPORT}-tmp", run_dir / EXPORT
     shutil.rmtree(tmp, ignore_errors=True)
     ema.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    report = autoencoder_report(recipe, final, evenly_spaced(dataset, REPORT_NUM))
+    report = autoencoder_report(recipe, final, evenly_spaced_images(dataset, REPORT_NUM))
     (run_dir / REPORT).write_text(json.dumps(report, indent=1))
-    x = evenly_spaced(dataset, 16)
+    x = evenly_spaced_images(dataset, 16)
     coder = DiffusersAE("kl", str(final))
     save_samples(torch.cat([x, coder.decode(coder.encode(x))]), run_dir / "samples" / "reconstruction.png", nrow=16)
 

@@ -39,7 +39,9 @@ class RunInfo:
 
     `shape` is one item of the training data (`C H W`, or `C T H W` for video; a store's
     latents, not pixels), `autoencoder` the config that decodes samples back to pixels, and
-    `level_stats` the per-level statistics of a standardized decomposition (else None).
+    `level_stats` the per-level statistics of a standardized decomposition (else None), and
+    `text` the caption encoder of a text-conditioned run (its settings and `dims`; else None),
+    which `dfm sample --prompt` runs again on the prompts.
 
     >>> info = RunInfo((1, 32, 32), 2, ("cat", "dog"), {"name": "pixel", "channels": 1})
     >>> RunInfo.from_state(info.to_state(), Path("state.json")) == info
@@ -51,6 +53,7 @@ class RunInfo:
     class_names: tuple[str, ...]
     autoencoder: dict[str, Any]
     level_stats: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
 
     def to_state(self) -> dict[str, Any]:
         return {**asdict(self), "shape": list(self.shape), "class_names": list(self.class_names)}
@@ -63,7 +66,7 @@ class RunInfo:
             raise DfmError(f"{where}: lacks {', '.join(missing)}; it was not written by this version of "
                            "`dfm train`; retrain the run, or add the keys by hand")
         return cls(tuple(state["shape"]), int(state["num_classes"]), tuple(state["class_names"]),
-                   dict(state["autoencoder"]), state.get("level_stats"))
+                   dict(state["autoencoder"]), state.get("level_stats"), state.get("text"))
 
 
 def _fsync_path(path: Path) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dfm_cli.errors import DfmError
-from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
+from dfm_cli.listing import IMAGE_EXTENSIONS, evenly_spaced, list_files
 from dfm_cli.media import adm_center_crop
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -123,7 +123,7 @@ def animal_mnist(resolution: int = 32, num: int = 0) -> TensorImages:
                                antialias=True, align_corners=False).round().clamp(0, 255).byte()
     labels = torch.from_numpy(arrays[1].astype(np.int64))
     if num and num < len(labels):
-        picks = torch.from_numpy(np.linspace(0, len(labels) - 1, num).round().astype(np.int64))
+        picks = torch.from_numpy(evenly_spaced(len(labels), num))
         images, labels = images[picks], labels[picks]
     return TensorImages(images, labels, ANIMAL_CLASSES)
 

@@ -29,7 +29,7 @@ from PIL import Image
 from dfm_cli import features as feats
 from dfm_cli import metrics
 from dfm_cli.data import BUILTIN, TensorImages, build_dataset, builtin
-from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
+from dfm_cli.listing import IMAGE_EXTENSIONS, evenly_spaced, list_files
 from dfm_cli.errors import DfmError, reading
 from dfm_cli.media import as_rgb, to_uint8
 
@@ -323,7 +323,7 @@ def reference_images(dataset, num: int = 0) -> np.ndarray:
     """Training images as uint8 RGB `N H W 3`: `num` evenly spaced ones (a class-sorted set keeps
     every class), or up to `REFERENCE_MAX` when `num` is 0."""
     n = len(dataset)
-    pick = np.linspace(0, n - 1, num or min(n, REFERENCE_MAX)).round().astype(int)
+    pick = evenly_spaced(n, num or REFERENCE_MAX)
     if isinstance(dataset, TensorImages):
         images = dataset.images[torch.from_numpy(pick)].movedim(1, -1).numpy()
     else:
@@ -362,7 +362,7 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     if source.images is not None:
         source.images = as_rgb(source.images)
     if limit and source.images is not None and len(source.images) > limit:
-        picks = np.linspace(0, len(source.images) - 1, limit).round().astype(int)
+        picks = evenly_spaced(len(source.images), limit)
         source = Source(f"{source.name} ({limit} evenly spaced)", source.images[picks],
                         cache_dir=source.cache_dir.with_name(f"{source.cache_dir.name}-n{limit}") if source.cache_dir else None)
     return source

@@ -34,9 +34,10 @@ def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposit
 
 
 def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
-                level_rms: Sequence[float] | None = None) -> DFMDiT:
+                level_rms: Sequence[float] | None = None, text: dict | None = None) -> DFMDiT:
     """The model for data of shape `C [T] H W` (pixels, or a store's latents); `level_rms`
-    (see `precondition_rms`) is required when `flow.precondition` is on."""
+    (see `precondition_rms`) is required when `flow.precondition` is on; `text` (a store's
+    caption encoder record, with `dims`) makes it text-conditioned."""
     if recipe.flow.precondition and level_rms is None:
         raise DfmError("flow.precondition needs the per-level RMS of the data (from the store or the data)")
     return DFMDiT(
@@ -47,6 +48,7 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
         pos=recipe.model.pos,
         temporal_patch=recipe.model.temporal_patch,
         level_rms=level_rms if recipe.flow.precondition else None,
+        text_dims=tuple(text["dims"]) if text else None,
     )
 
 
@@ -90,7 +92,7 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, Ru
     weights, state = load_checkpoint(ckpt, (name,))
     info = RunInfo.from_state(state, ckpt / STATE)
     rms = weights[name].get("level_rms")
-    model = build_model(recipe, info.shape, info.num_classes, None if rms is None else rms.tolist())
+    model = build_model(recipe, info.shape, info.num_classes, None if rms is None else rms.tolist(), info.text)
     model.load_state_dict(weights[name])
     return model.to(pick_device()).eval(), recipe, info
 

@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from dfm_cli.errors import DfmError
 from dfm_cli.media import VIDEO_SUFFIXES
 
@@ -79,3 +81,13 @@ def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_f
         raise DfmError(f"{what} {str(root)!r} holds no {kinds} files (expected {root}/<class>/<file> "
                        f"or {root}/<file>)")
     return Listing(tuple((f, 0) for f in top), ("all",))
+
+
+def evenly_spaced(n: int, num: int) -> np.ndarray:
+    """`min(num, n)` indices spread over `0..n-1`, first and last included: a class-sorted set
+    keeps every class in any such pick.
+
+    >>> evenly_spaced(10, 4).tolist()
+    [0, 3, 6, 9]
+    """
+    return np.linspace(0, n - 1, min(num, n)).round().astype(np.int64)

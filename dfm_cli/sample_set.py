@@ -40,6 +40,8 @@ from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.runs import TrainedRun
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.text import Prompts
+from dfm_cli.text_cond import Cond
 
 MANIFEST = "manifest.json"
 _PNG = re.compile(r"^(\d{6})\.png$")
@@ -139,11 +141,15 @@ def write_sample_set(
     decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     overwrite: bool = False,
     on_batch: Callable[[int], None] = lambda n: None,
+    condition: Callable[[torch.Tensor], Cond] = lambda labels: labels,
 ) -> Path:
     """Make (or resume, shrink, extend) the set of samples 0..num-1 in `out` (`.npz` or folder).
 
     Samples are decoded to pixels by `decode`; `source` identifies the model in the manifest
-    (see `set_manifest`). Batch k of the missing samples goes to rank `k % world`.
+    (see `set_manifest`). Batch k of the missing samples goes to rank `k % world`. Sample i's
+    label is the i-th balanced one of `classes`; `condition` turns labels into what the model
+    takes (for a text run: prompt indices into the encoded prompts, with `classes` = the prompt
+    count, so sample i has prompt `i % P` and `arr_1` holds prompt indices).
     """
     if num < 1 or batch < 1:
         raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
@@ -186,14 +192,14 @@ def write_sample_set(
         if npz:
             target = work / f"part-{first:09d}-{last:09d}.npz"
             if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, classes):
-                images = as_rgb(to_uint8(decode(generate(model, labels, decomposition, settings, seed=seed,
+                images = as_rgb(to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
                                                           first_index=first).x)))
                 _atomic_save(target, lambda p, im=images, lb=labels: np.savez(p, arr_0=im, arr_1=lb.numpy()))
         else:
             targets = [work / f"{i:06d}.png" for i in range(first, last)]
             bad = [t for t in targets if not _good_png(t, shape)]
             if bad:
-                images = to_uint8(decode(generate(model, labels, decomposition, settings, seed=seed,
+                images = to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
                                                   first_index=first).x))
                 for target, image in zip(targets, images):
                     if target in bad:
@@ -227,19 +233,24 @@ def write_run_sample_set(
     ctx: distributed.Context,
     overwrite: bool = False,
     on_batch: Callable[[int], None] = lambda n: None,
+    prompts: Prompts | None = None,
 ) -> Path:
     """`write_sample_set` for a loaded run: its decomposition, its autoencoder as the decoder,
-    and its weights' digest in the manifest. What `dfm sample --num` and evaluation call."""
+    and its weights' digest in the manifest. What `dfm sample --num` and evaluation call.
+    A text run samples `prompts` in turn (their digest joins the manifest)."""
     from dfm_cli.autoencoders import from_config
     from dfm_cli.factory import build_pyramid
 
     info = trained.info
     source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
+    text = {} if prompts is None else {"classes": len(prompts.texts), "condition": prompts.condition}
+    if prompts is not None:
+        source["prompts"] = prompts.digest
     return write_sample_set(trained.model, build_pyramid(trained.recipe, info.level_stats), settings, out,
-                            num=num, batch=batch, seed=seed, classes=sampled_classes(trained.recipe, info),
-                            source=source,
+                            num=num, batch=batch, seed=seed, source=source,
                             ctx=ctx, decode=from_config(info.autoencoder, ctx.device).decode,
-                            overwrite=overwrite, on_batch=on_batch)
+                            overwrite=overwrite, on_batch=on_batch,
+                            **{"classes": sampled_classes(trained.recipe, info), **text})
 
 
 def _inspect(out: Path, work: Path, npz: bool, want: dict, classes: int | Sequence[int],

@@ -215,9 +215,9 @@ def class_balanced_labels(n: int, classes: int | Sequence[int]) -> torch.Tensor:
     return ids[torch.arange(n) % len(ids)]
 
 
-def sampled_classes(recipe, info) -> int | list[int]:
+def sampled_classes(recipe, info) -> list[int]:
     """What a run's samples are conditioned on: the classes it trained on."""
-    return list(recipe.data.classes) or info.num_classes
+    return list(recipe.data.classes) or list(range(info.num_classes))
 
 
 # --------------------------------------------------------------------------- solver

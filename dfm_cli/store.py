@@ -27,7 +27,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,10 @@ from dfm_cli import distributed
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
 from dfm_cli.level_stats import level_statistics
+from dfm_cli.text import Captioner, TextSettings
+from dfm_cli.text_cond import TextCond
 
-INDEX, REPORT, MANIFEST = "index.json", "report.json", "manifest.json"
+INDEX, REPORT, MANIFEST, NULL_TEXT = "index.json", "report.json", "manifest.json", "null_text.safetensors"
 
 
 class EncodeFailed(DfmError):
@@ -79,6 +81,8 @@ class EncodeSettings:
     temporal_factors: tuple[int, ...] | None = None
     antialias: bool = False
     overwrite: bool = False
+    captions: Path | None = None  # CSV/JSONL of path,caption: store encoded captions (text conditioning)
+    text: TextSettings | None = None  # the caption encoder
 
     def __post_init__(self) -> None:
         at_least = {"--shard-size": (self.shard_size, 1), "--batch": (self.batch, 1),
@@ -89,6 +93,10 @@ class EncodeSettings:
                 raise DfmError(f"{flag} {value}: must be at least {low}")
         if not (math.isfinite(self.fps) and self.fps >= 0):
             raise DfmError(f"--fps {self.fps}: must be 0 (off) or a positive frame rate")
+        if (self.captions is None) != (self.text is None):
+            raise DfmError("--captions FILE and --text-encoder go together: the captions are encoded into the store"
+                           if self.captions is None else "--captions needs --text-encoder (clip, t5 or clip+t5) "
+                           "and its local weights (--clip-weights / --t5-weights)")
         if self.out.exists() and not self.out.is_dir():
             raise DfmError(f"--out {self.out} is a file; pass a folder for the store")
         self.decomposition()  # bad --levels/--factors fail here
@@ -154,6 +162,8 @@ def manifest(settings: EncodeSettings, source: Dataset, ae) -> dict[str, Any]:
         "shard_size": s.shard_size, "autoencoder": ae.config(), "weights_digest": weights_digest(s.ae_weights),
         "levels": pyramid.levels, "factors": pyramid.factors, "temporal_factors": pyramid.temporal_factors,
         "antialias": s.antialias,
+        "captions": None if s.captions is None else {"file": str(Path(s.captions).resolve()),
+                                                      "sha256": _sha256(Path(s.captions)), **s.text.to_dict()},
     }
 
 
@@ -228,12 +238,14 @@ def prepare_store(source: Dataset, ae, settings: EncodeSettings, ctx: distribute
 
 
 def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed.Context,
-                 on_items: Callable[[int], None] = lambda n: None, plan: StorePlan | None = None) -> dict[str, Any]:
+                 on_items: Callable[[int], None] = lambda n: None, plan: StorePlan | None = None,
+                 captioner: Captioner | None = None) -> dict[str, Any]:
     """Encode `source` into shards under `settings.out`; rank 0 writes the index, with the
     per-level statistics of the latents under `settings.decomposition()`. Returns the index.
 
     `source` yields `Item`s (see `sources.py`) and says its `channels` and `class_names`;
-    `plan` is what `prepare_store` returned (it is called here when not given)."""
+    `plan` is what `prepare_store` returned (it is called here when not given); `captioner`
+    (with `settings.captions`) encodes each item's caption into the shard beside its latent."""
     s, out = settings, Path(settings.out)
     plan = plan or prepare_store(source, ae, settings, ctx)
     shape, wanted, pyramid = plan.shape, plan.manifest, s.decomposition()
@@ -249,7 +261,7 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
                                    "without --strict: pass --overwrite to start over)")
             on_items(len(span))
             continue
-        failures = _encode_shard(source, ae, s, out, k, span, on_items)
+        failures = _encode_shard(source, ae, s, out, k, span, on_items, captioner)
         if failures is not None:
             empty[k] = failures
     empty_all = {k: v for per_rank in distributed.gather_objects(ctx, empty) for k, v in per_rank.items()}
@@ -270,6 +282,10 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
         index = {"version": 2, "num": sum(x["count"] for x in shards), "shape": list(shape), "flip": s.flip,
                  "shards": shards, "autoencoder": ae.config(), "source": s.source, "resolution": s.resolution,
                  "frames": s.frames, "class_names": list(source.class_names), "manifest": wanted}
+        if captioner is not None:
+            index["text"] = {**captioner.settings.to_dict(), "dims": list(captioner.dims)}
+            null = captioner.null()
+            save_file({"tokens": null.tokens, "mask": null.mask, "pooled": null.pooled}, out / NULL_TEXT)
         (out / INDEX).write_text(json.dumps(index, indent=1))
         index["level_stats"] = level_statistics(LatentStore(out), pyramid)
         (out / INDEX).write_text(json.dumps(index, indent=1))
@@ -278,11 +294,11 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
 
 
 def _encode_shard(source: Dataset, ae, s: EncodeSettings, out: Path, k: int, span: range,
-                  on_items: Callable[[int], None]) -> list[dict[str, str]] | None:
+                  on_items: Callable[[int], None], captioner: Captioner | None) -> list[dict[str, str]] | None:
     """Write shard k and its record; returns the failures instead when no item was readable."""
     loader = DataLoader(torch.utils.data.Subset(source, list(span)), batch_size=s.batch, num_workers=s.workers,
                         collate_fn=_collate)
-    latents, flipped, labels, failures = [], [], [], []
+    latents, flipped, labels, failures, texts = [], [], [], [], []
     for items in loader:
         good = [it for it in items if not it.error]
         for it in items:
@@ -296,6 +312,8 @@ def _encode_shard(source: Dataset, ae, s: EncodeSettings, out: Path, k: int, spa
             if s.flip:
                 flipped.append(ae.encode(x.flip(-1)).float().cpu())
             labels += [it.label for it in good]
+            if captioner is not None:
+                texts.append(captioner([it.name for it in good]))
         on_items(len(items))
     for name in (_shard_name(k), _record_name(k)):
         (out / name).unlink(missing_ok=True)
@@ -304,6 +322,10 @@ def _encode_shard(source: Dataset, ae, s: EncodeSettings, out: Path, k: int, spa
     tensors = {"labels": torch.tensor(labels, dtype=torch.long), "latents": torch.cat(latents)}
     if s.flip:
         tensors["latents_flip"] = torch.cat(flipped)
+    if texts:
+        tensors.update({f"text_{key}": torch.cat([getattr(t, key) for t in texts]).to(dtype)
+                        for key, dtype in (("tokens", torch.float16), ("mask", torch.bool),
+                                           ("pooled", torch.float16))})
     tmp = out / f".tmp-{os.getpid()}-{_shard_name(k)}"
     save_file({key: v.contiguous() for key, v in tensors.items()}, tmp)
     record = {"file": _shard_name(k), "count": len(labels), "shape": list(tensors["latents"].shape[1:]),
@@ -328,13 +350,14 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "BOOL": np.bool_}
 
 
 class LatentStore(Dataset):
     """A store as a dataset of `(latent, label)`; shards are memory-mapped, never loaded whole.
 
-    With a flip augmentation stored, item i's flipped copy is item `num + i`.
+    With a flip augmentation stored, item i's flipped copy is item `num + i` (same caption).
+    A store encoded with captions (`text`) gives batches of `(latents, TextCond)` instead.
     """
 
     def __init__(self, root: str | Path):
@@ -367,10 +390,36 @@ class LatentStore(Dataset):
         return self._maps[(shard, key)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        flip, j = divmod(i, self.num)
-        k = int(np.searchsorted(self.starts, j, side="right") - 1)
-        shard = self.index["shards"][k]["file"]
-        local = j - int(self.starts[k])
+        flip = i >= self.num
+        shard, local = self._locate(i)
         latent = self._map(shard, "latents_flip" if flip else "latents")[local]
         label = self._map(shard, "labels")[local]
         return torch.from_numpy(np.array(latent)), torch.tensor(int(label))
+
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """The caption encoder's settings and `dims`, for a store encoded with captions."""
+        return self.index.get("text")
+
+    def _locate(self, i: int) -> tuple[str, int]:
+        j = i % self.num
+        k = int(np.searchsorted(self.starts, j, side="right") - 1)
+        return self.index["shards"][k]["file"], j - int(self.starts[k])
+
+    def text_rows(self, indices: Sequence[int]) -> TextCond:
+        """The encoded captions of items `indices`, as float32."""
+        rows = [self._locate(i) for i in indices]
+        parts = [torch.from_numpy(np.stack([self._map(shard, f"text_{key}")[local] for shard, local in rows]))
+                 for key in ("tokens", "mask", "pooled")]
+        return TextCond(parts[0].float(), parts[1], parts[2].float())
+
+    def null_text(self) -> TextCond:
+        """The empty caption's encoding (the null condition for dropout and CFG)."""
+        from safetensors.torch import load_file
+
+        null = load_file(self.root / NULL_TEXT)
+        return TextCond(null["tokens"], null["mask"], null["pooled"])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | TextCond]:
+        x, y = zip(*(self[i] for i in indices))
+        return torch.stack(x), self.text_rows(indices) if self.text else torch.stack(y)

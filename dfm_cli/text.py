@@ -154,3 +154,61 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise DfmError(f"--prompts {path}: holds no prompt (one per line)")
     return prompts
+
+
+class Captioner:
+    """Each source item's caption, encoded: `dfm encode --captions` calls it on a batch of
+    item names (file paths), which it looks up relative to the source folder."""
+
+    def __init__(self, captions: Path, root: Path, encoder: TextEncoder) -> None:
+        self.table, self.root, self.encoder = read_captions(Path(captions)), Path(root).resolve(), encoder
+        self.file = captions
+
+    @property
+    def settings(self) -> TextSettings:
+        return self.encoder.settings
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return self.encoder.dims
+
+    def key(self, name: str) -> str:
+        try:
+            return Path(name).resolve().relative_to(self.root).as_posix()
+        except ValueError:  # not under the source folder: look it up as written
+            return name
+
+    def check(self, names: list[str]) -> None:
+        """Every item needs a caption: refuse before any work starts, naming a few that lack one."""
+        missing = [self.key(n) for n in names if self.key(n) not in self.table]
+        if missing:
+            raise DfmError(f"--captions {self.file}: {len(missing)} of {len(names)} files have no caption, e.g. "
+                           f"{', '.join(missing[:3])}; add a 'path,caption' line for each (paths relative to "
+                           f"{self.root})")
+
+    def __call__(self, names: list[str]) -> TextCond:
+        return self.encoder([self.table[self.key(n)] for n in names])
+
+    def null(self) -> TextCond:
+        return self.encoder([""])
+
+
+@dataclass
+class Prompts:
+    """Prompts for `dfm sample`, encoded once with the run's own caption encoder."""
+
+    texts: list[str]
+    encoded: TextCond
+    digest: str
+
+    @classmethod
+    def encode(cls, texts: list[str], text_record: dict, device: torch.device) -> Prompts:
+        import hashlib
+
+        settings = TextSettings(**{k: v for k, v in text_record.items() if k != "dims"})
+        encoded = TextEncoder(settings, device)(texts)
+        return cls(texts, encoded, hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16])
+
+    def condition(self, indices: torch.Tensor) -> TextCond:
+        """The encoded prompts at `indices` (sample i of a set has prompt `i % len(texts)`)."""
+        return self.encoded[indices.cpu()]

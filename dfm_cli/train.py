@@ -41,7 +41,9 @@ from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
 from dfm_cli.recipe import Recipe, load_recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 from dfm_cli.seeding import MODEL_INIT, mix_seed
+from dfm_cli.listing import evenly_spaced
 from dfm_cli.stats import Interval
+from dfm_cli.text_cond import TextCond
 
 # Keys that may change between a run and its resumption without changing what is learned.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -197,14 +199,19 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
     info = RunInfo(tuple(dataset.shape), dataset.num_classes, tuple(dataset.class_names),
                    getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel", "channels": dataset.channels}),
-                   level_stats)
+                   level_stats, getattr(dataset, "text", None))
+    if info.text and t.eval_every:
+        raise DfmError("train.eval_every: in-training FID is for class-conditional runs; for a text-conditioned "
+                       "run use `dfm sample RUN --prompts FILE --num N --out S` and `dfm eval S --clip ...`")
     if t.eval_every:
         from dfm_cli.train_eval import TrainingEvaluation
 
         hooks = [*hooks, (t.eval_every, TrainingEvaluation(recipe, dataset, info, pyramid, ctx, run_dir))]
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
     base = build_model(recipe, dataset.shape, dataset.num_classes,
-                       precondition_rms(recipe, level_stats)).to(ctx.device)
+                       precondition_rms(recipe, level_stats), info.text).to(ctx.device)
+    if info.text:
+        base.null_text.set(dataset.null_text())
     if t.init_from and not found:  # a resumed run has its own weights
         convert_single_level(base, load_single_level(t.init_from, info), 0 if recipe.flow.upsample_coarse else None)
         console.print(f"starting from the single-level model {t.init_from} (new levels zero-initialized)")
@@ -222,12 +229,14 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
         (run_dir / "recipe.toml").write_text(recipe.to_toml())
 
     step_fn = Step(recipe, ctx, model, model, ema, opt, objective, pyramid)
+    # a text run's grids show the captions of evenly spaced training items
+    captions = dataset.text_rows(evenly_spaced(dataset.num, recipe.sample.n).tolist()) if info.text else None
     if t.compile:
         def probe(fn):
             with torch.no_grad(), step_fn.autocast():
                 xs = [torch.zeros(1, *s, device=ctx.device) for s in step_fn.shapes]
                 zeros = torch.zeros(1, dtype=torch.long, device=ctx.device)
-                fn(xs, torch.zeros(1, len(xs), device=ctx.device), zeros, zeros)
+                fn(xs, torch.zeros(1, len(xs), device=ctx.device), base.null_condition(1), zeros)
         step_fn.forward = compiled(model, probe, console)
     loader = DataLoader(DrawnBatches(dataset, objective, step_fn.shapes, t.seed, recipe.model.class_dropout),
                         batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
@@ -289,7 +298,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
                 if done % every == 0 or done == t.steps:
                     row.update(hook(done, ema))
             if t.preview_every and done % t.preview_every == 0:
-                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}", info, ctx)
+                sample_grid(recipe, ema, pyramid, run_dir / "samples" / f"preview-{done:09d}", info, ctx, captions)
             interval.exclude(time.perf_counter() - paused)  # evaluation and previews are not training speed
             if logged:
                 interval.reset()
@@ -308,7 +317,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
             if done % t.checkpoint_every == 0 or done == t.steps:
                 checkpoint(done)
     if start < t.steps or not list((run_dir / "samples").glob("grid.*")):
-        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid", info, ctx)
+        sample_grid(recipe, ema, pyramid, run_dir / "samples" / "grid", info, ctx, captions)
     return last
 
 
@@ -341,16 +350,17 @@ def data_level_statistics(recipe: Recipe, dataset) -> dict:
 
 
 def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info: RunInfo,
-                ctx: distributed.Context) -> None:
-    """A grid with the recipe's sampler settings, one class per column, decoded by the data's
-    autoencoder: `path`.png for images, `path`.gif for video. Every rank samples (a sharded
-    EMA needs them all); rank 0 writes."""
+                ctx: distributed.Context, captions: TextCond | None = None) -> None:
+    """A grid with the recipe's sampler settings, one class per column (or, for a text run,
+    one of `captions` per cell), decoded by the data's autoencoder: `path`.png for images,
+    `path`.gif for video. Every rank samples (a sharded EMA needs them all); rank 0 writes."""
     s = recipe.sample
     classes = sampled_classes(recipe, info)
-    columns = classes if isinstance(classes, int) else len(classes)
+    columns = len(classes) if captions is None else int(len(captions) ** 0.5)
     ema.eval()
     settings = SamplerSettings.resolve(recipe, recipe.flow.levels)
-    result = generate(ema, class_balanced_labels(s.n, classes), pyramid, settings, seed=recipe.train.seed)
+    result = generate(ema, class_balanced_labels(s.n, classes) if captions is None else captions, pyramid, settings,
+                      seed=recipe.train.seed)
     if ctx.main:
         pixels = from_config(info.autoencoder, result.x.device).decode(result.x)
         suffix = ".gif" if pixels.ndim == 5 else ".png"

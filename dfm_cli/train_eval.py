@@ -24,6 +24,7 @@ from dfm_cli.autoencoders import from_config
 from dfm_cli.checkpoint import RunInfo
 from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
+from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.recipe import Recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
@@ -84,7 +85,7 @@ class TrainingEvaluation:
                                                  cache_dir=run_dir / "eval-reference")
             ref = self.reference.images
             self.swd_reference = evaluate.Source(
-                "training data (SWD subset)", ref[np.linspace(0, len(ref) - 1, min(len(ref), t.eval_num)).astype(int)])
+                "training data (SWD subset)", ref[evenly_spaced(len(ref), t.eval_num)])
 
     @torch.no_grad()
     def samples(self, ema: torch.nn.Module) -> np.ndarray:

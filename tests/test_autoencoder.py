@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_dfm
 from dfm_cli.ae_losses import downsample, pyramid_l1, scale_equivariance_loss
-from dfm_cli.ae_train import EXPORT, build_vae, evenly_spaced, train_autoencoder
+from dfm_cli.ae_train import EXPORT, build_vae, evenly_spaced_images, train_autoencoder
 from dfm_cli.autoencoders import build_autoencoder
 from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
@@ -37,7 +37,7 @@ def test_trained_autoencoder_reloads_through_the_encode_path_with_the_same_laten
     ema = build_vae(recipe, 1)
     ema.load_state_dict(load_file(tmp_path / "A" / "checkpoints" / "step-000000003" / "ema.safetensors"))
     coder = build_autoencoder("kl", str(folder))
-    x = evenly_spaced(build_dataset("animal-mnist", "", 32), 64)
+    x = evenly_spaced_images(build_dataset("animal-mnist", "", 32), 64)
     with torch.no_grad():
         raw = ema.encode(x).latent_dist.mean
     torch.testing.assert_close(coder.encode(x), (raw - coder.shift) * coder.scale, rtol=0, atol=1e-6)

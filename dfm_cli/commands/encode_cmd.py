@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from dfm_cli.commands.common import app, console, parse_list, user_errors
+from dfm_cli.errors import DfmError
 
 
 @app.command()
@@ -35,6 +36,12 @@ def encode(
     antialias: Annotated[bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")] = False,
     num_clips: Annotated[int, typer.Option(help="Built-in data: how many items (animal-mnist: evenly spaced; 0 = the dataset's own count).")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Start over when --out holds a store made with other settings.")] = False,
+    captions: Annotated[Optional[Path], typer.Option(help="Captions for text conditioning: CSV 'path,caption' or JSONL {path, caption}, paths relative to SOURCE.")] = None,
+    text_encoder: Annotated[Optional[str], typer.Option(help="Caption encoder: clip (open_clip), t5 (transformers folder) or clip+t5 (FLUX's pair).")] = None,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON of the CLIP text tower.")] = "ViT-L-14",
+    clip_weights: Annotated[Optional[Path], typer.Option(help="Local open_clip checkpoint for --text-encoder clip.")] = None,
+    t5_weights: Annotated[Optional[Path], typer.Option(help="Local transformers folder (T5 encoder + tokenizer) for --text-encoder t5.")] = None,
+    text_tokens: Annotated[int, typer.Option(help="Caption tokens kept per item (CLIP reads at most 77).")] = 77,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -42,6 +49,7 @@ def encode(
     from dfm_cli import distributed
     from dfm_cli.sources import open_encode
     from dfm_cli.store import INDEX, REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
+    from dfm_cli.text import Captioner, TextEncoder, TextSettings
 
     listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
                                                               (temporal_factors, "--temporal-factors"))]
@@ -50,10 +58,21 @@ def encode(
                               shard_size=shard_size, strict=strict, workers=workers, batch=batch, levels=levels,
                               factors=None if listed[0] is None else tuple(listed[0]),
                               temporal_factors=None if listed[1] is None else tuple(listed[1]),
-                              antialias=antialias, overwrite=overwrite)
+                              antialias=antialias, overwrite=overwrite, captions=captions,
+                              text=None if text_encoder is None else TextSettings(
+                                  text_encoder,
+                                  str(Path(clip_model).resolve()) if clip_model.endswith(".json") else clip_model,
+                                  str(clip_weights.resolve()) if clip_weights else "",
+                                  str(t5_weights.resolve()) if t5_weights else "", text_tokens))
     ctx = distributed.init()
     try:
         data, coder = open_encode(settings, ctx.device)
+        captioner = None
+        if settings.text is not None:
+            if not hasattr(data, "files"):
+                raise DfmError(f"--captions: {source} is a built-in dataset; captions go with a folder of files")
+            captioner = Captioner(captions, Path(source), TextEncoder(settings.text, ctx.device))
+            captioner.check([str(path) for path, _ in data.files])
         plan = prepare_store(data, coder, settings, ctx)
         start, done = time.perf_counter(), [0]
         progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -66,7 +85,7 @@ def encode(
         with progress:
             task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
             try:
-                index = encode_store(data, coder, settings, ctx, advance, plan)
+                index = encode_store(data, coder, settings, ctx, advance, plan, captioner)
             except EncodeFailed as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None

@@ -37,6 +37,8 @@ def sample(
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
     overwrite: Annotated[bool, typer.Option(help="With --num: start the set over when --out holds one made with other settings.")] = False,
+    prompt: Annotated[Optional[list[str]], typer.Option(help="Text-conditioned run: the prompt (repeat the flag for several; samples cycle through them).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Text-conditioned run: a file of prompts, one per line; sample i gets prompt i mod P.")] = None,
 ) -> None:
     """Generate progressively (level 1 first, finer levels joining at tau): a grid, or with --num an eval set."""
     for flag, value in (("--n", n), ("--batch", batch), ("--num", num)):
@@ -52,6 +54,7 @@ def sample(
 
     from dfm_cli.runs import load_for_sampling, newest_run
     from dfm_cli.sampler import SamplerSettings
+    from dfm_cli.text import Prompts, read_prompts
 
     if run is None:
         run = newest_run()
@@ -60,17 +63,28 @@ def sample(
     model, info = trained.model, trained.info
     settings = SamplerSettings.resolve(trained.recipe, model.levels, stages=stages, steps=step_list, tau=tau_list,
                                        cfg=cfg, interval=interval_list, solver=solver)
+    texts = read_prompts(prompts) if prompts is not None else list(prompt or [])
+    if prompts is not None and prompt:
+        raise DfmError("give --prompt or --prompts, not both")
+    if info.text is None and texts:
+        raise DfmError(f"{run} is class-conditional (no captions in its data); use --class, or train on a store "
+                       "encoded with `dfm encode ... --captions FILE --text-encoder clip`")
+    if info.text is not None and not texts:
+        raise DfmError(f"{run} is text-conditioned: pass --prompt \"a photo of ...\" or --prompts FILE")
+    if info.text is not None and class_ is not None:
+        raise DfmError(f"--class: {run} is text-conditioned; pass --prompt instead")
+    encoded = Prompts.encode(texts, info.text, next(model.parameters()).device) if texts else None
     num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})")
     if num is not None:
-        write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite)
+        write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite, encoded)
     else:
         out = out or Path("grid.gif" if model.video else "grid.png")
         if out.suffix.lower() not in GRID_SUFFIXES[model.video]:
             raise DfmError(f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
                            f"{' or '.join(GRID_SUFFIXES[model.video])}")
-        write_grid(trained, settings, out, n, class_, seed, previews)
+        write_grid(trained, settings, out, n, class_, seed, previews, encoded)
 
 
 def check_out(out: Path, for_set: bool) -> None:
@@ -94,8 +108,9 @@ def check_out(out: Path, for_set: bool) -> None:
         raise DfmError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
 
 
-def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool) -> None:
-    """`dfm sample`: one grid (one class per column by default), plus a preview per stage."""
+def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool,
+               prompts=None) -> None:
+    """`dfm sample`: one grid (one class, or one prompt, per column by default), plus a preview per stage."""
     import torch
 
     from dfm_cli.autoencoders import from_config
@@ -104,12 +119,12 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
     from dfm_cli.sampler import class_balanced_labels, generate, sampled_classes
 
     model, info = trained.model, trained.info
-    classes = sampled_classes(trained.recipe, info)
-    num_classes = classes if isinstance(classes, int) else len(classes)
+    classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
+    num_classes = len(classes)
     decode = from_config(info.autoencoder, next(model.parameters()).device).decode
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
-    result = generate(model, labels, build_pyramid(trained.recipe, info.level_stats), settings,
+    result = generate(model, labels if prompts is None else prompts.condition(labels), build_pyramid(trained.recipe, info.level_stats), settings,
                       seed=seed, previews=previews)
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
@@ -121,7 +136,7 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
                   f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}")
 
 
-def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, overwrite: bool) -> None:
+def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, overwrite: bool, prompts=None) -> None:
     """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -142,7 +157,7 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
             progress, advance = None, PlainProgress(total, quiet=not ctx.main)
         with progress or nullcontext():
             write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=seed, ctx=ctx,
-                                 overwrite=overwrite, on_batch=advance)
+                                 overwrite=overwrite, on_batch=advance, prompts=prompts)
         if ctx.main:
             console.print(f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
                           f"({ctx.world} process{'es' if ctx.world > 1 else ''})")
