@@ -305,19 +305,23 @@ class ImageFolder(ImageDataset):
                       "in its place (data.strict = true stops instead)", file=sys.stderr, flush=True)
             return None
 
-    def _first_readable(self, i: int) -> tuple[Image.Image, int]:
-        """Item i, or the next readable one after it (wrapping around), and its label."""
+    def _first_readable(self, i: int) -> tuple[Image.Image, int, int]:
+        """Item i, or the next readable one after it (wrapping around), its label and index."""
         for j in range(i, i + len(self.items)):
             im = self._open(j % len(self.items))
             if im is not None:
-                return im, self.items[j % len(self.items)][1]
+                return im, self.items[j % len(self.items)][1], j % len(self.items)
         raise DfmError(f"data.path {str(self.root)!r}: none of its {len(self.items)} images can be read")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        im, label = self._first_readable(i)
+        return self.item(i)[:2]
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Item i (or the readable one that stands in for it), its label, and its index."""
+        im, label, j = self._first_readable(i)
         im = adm_center_crop(im.convert("L" if self.channels == 1 else "RGB"), self.resolution)
         arr = np.asarray(im, dtype=np.float32).reshape(self.resolution, self.resolution, -1)
-        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label)
+        return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label), j
 
 
 def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict: bool = False,

@@ -43,6 +43,7 @@ class DataSection:
     num_workers: int = 0
     strict: bool = False  # stop on an unreadable training image instead of skipping it
     classes: list[int] = field(default_factory=list)  # train on these class ids only; empty = all
+    captions: str = ""  # folder data: CSV/JSONL of path,caption; the captions are encoded once with [text]
 
 
 @dataclass
@@ -115,6 +116,17 @@ class AESection:
 
 
 @dataclass
+class TextSection:
+    """The caption encoder for `data.captions` (a store encoded with captions carries its own)."""
+
+    encoder: str = ""  # "clip" (open_clip), "t5" (transformers folder) or "clip+t5" (FLUX's pair)
+    clip_model: str = "ViT-L-14"  # open_clip architecture name, or a config JSON
+    clip_weights: str = ""  # local open_clip checkpoint
+    t5_weights: str = ""  # local transformers folder: T5 encoder and tokenizer
+    max_tokens: int = 77
+
+
+@dataclass
 class SampleSection:
     steps: list[int] = field(default_factory=lambda: [30, 10])
     tau: list[float] = field(default_factory=lambda: [0.9])
@@ -132,6 +144,7 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
     ae: AESection = field(default_factory=AESection)
+    text: TextSection = field(default_factory=TextSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -125,6 +125,27 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
         fail("data.name", d.name, "an autoencoder trains on images: use animal-mnist, photo-crops or a folder")
 
 
+def _check_text(recipe: Recipe, fail) -> None:
+    """`data.captions` and `[text]` go together, on folder data; a store brings its own captions."""
+    d, x = recipe.data, recipe.text
+    if d.captions and d.name != "folder":
+        fail("data.captions", d.captions, "goes with data.name = 'folder'" + (
+            "; a store carries the captions it was encoded with (dfm encode --captions)" if d.name == "store" else ""))
+    if d.captions and not x.encoder:
+        fail("text.encoder", x.encoder, "data.captions needs a caption encoder: 'clip' (with text.clip_weights), "
+             "'t5' (with text.t5_weights) or 'clip+t5'")
+    if x.encoder and not d.captions:
+        fail("data.captions", d.captions, f"text.encoder = '{x.encoder}' needs captions: a CSV (path,caption) or "
+             "JSONL file for the folder in data.path")
+    if x.encoder and x.encoder not in ("clip", "t5", "clip+t5"):
+        fail("text.encoder", x.encoder, "choose 'clip', 't5' or 'clip+t5'")
+    for key, needed in (("clip_weights", "clip"), ("t5_weights", "t5")):
+        if needed in x.encoder and not getattr(x, key):
+            fail(f"text.{key}", "", f"text.encoder = '{x.encoder}' needs local weights here")
+    if x.max_tokens < 1:
+        fail("text.max_tokens", x.max_tokens, "must be at least 1")
+
+
 def validate(recipe: Recipe, source: str) -> None:
     """Range and cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
     from dfm_cli.decompose import build_decomposition
@@ -162,6 +183,7 @@ def validate(recipe: Recipe, source: str) -> None:
     if d.name in ("folder", "store") and not d.path:
         fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
              + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
+    _check_text(recipe, fail)
     _check_ranges(recipe, fail)
     if m.kind == "autoencoder":
         _check_autoencoder(recipe, fail)

@@ -194,6 +194,10 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
                             strict=recipe.data.strict, classes=recipe.data.classes)
+    if recipe.data.captions:  # encoded once into the run folder
+        from dfm_cli.captioned import captioned_folder
+
+        dataset = captioned_folder(dataset, recipe, run_dir, ctx)
     needs_stats = recipe.flow.standardize or recipe.flow.precondition
     level_stats = data_level_statistics(recipe, dataset) if needs_stats else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)

@@ -219,3 +219,60 @@ def test_prompts_on_a_class_conditional_run_are_refused(tmp_path):
     run_dfm("train", TINY, "--set", "train.steps=1", "--set", "sample.n=2", "--out", tmp_path / "R")
     proc = run_dfm("sample", tmp_path / "R", "--prompt", "a cat", "--out", tmp_path / "g.png", check=False)
     assert proc.returncode == 2 and "class-conditional" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_path, tiny_clip):
+    """`data.captions` + `[text]`: no store needed; a resumed run reuses the encoded captions."""
+    config, weights, _ = tiny_clip
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"path": k, "caption": v}) + "\n"
+                                                 for k, v in CAPTIONS.items()))
+    sets = ["--set", "data.name=folder", "--set", f"data.path={tmp_path / 'imgs'}",
+            "--set", f"data.captions={tmp_path / 'caps.jsonl'}", "--set", "text.encoder=clip",
+            "--set", f"text.clip_model={config}", "--set", f"text.clip_weights={weights}",
+            "--set", "text.max_tokens=8", "--set", "sample.n=4"]
+    run = tmp_path / "R"
+    run_dfm("train", TINY, *sets, "--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--out", run)
+    encoded = run / "captions.safetensors"
+    stamp = encoded.stat().st_mtime_ns
+    run_dfm("train", TINY, *sets, "--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--out", run)
+    assert encoded.stat().st_mtime_ns == stamp  # read back, not encoded again
+    newest = sorted(run.glob("**/state.json"))[-1]
+    assert json.loads(newest.read_text())["text"]["dims"] == [8, 32, 16]
+    run_dfm("sample", run, "--prompt", "a blue square", "--n", "2", "--out", tmp_path / "g.png")
+    assert (tmp_path / "g.png").is_file()
+
+
+def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_clip):
+    from dfm_cli import distributed
+    from dfm_cli.captioned import captioned_folder
+    from dfm_cli.data import ImageFolder
+    from dfm_cli.recipe import load_recipe
+
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "blue" / "1.png").write_bytes(b"not a png")  # stands in: the next readable item
+    (tmp_path / "caps.csv").write_text("".join(f"{k},{v}\n" for k, v in CAPTIONS.items()))
+    config, weights, _ = tiny_clip
+    recipe = load_recipe(TINY, ["data.name=folder", f"data.path={tmp_path / 'imgs'}",
+                                f"data.captions={tmp_path / 'caps.csv'}", "text.encoder=clip",
+                                f"text.clip_model={config}", f"text.clip_weights={weights}", "text.max_tokens=8"])
+    ctx = distributed.Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    data = captioned_folder(ImageFolder(tmp_path / "imgs", 16), recipe, tmp_path / "R", ctx)
+    enc = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))
+    _, y = data.__getitems__([0, 1, 2])  # blue/0, blue/1 (unreadable -> red/0), red/0
+    want = enc(["a blue square", "a red square", "a red square"])
+    torch.testing.assert_close(y.pooled, want.pooled, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["data.name=store", "data.path=S", "data.captions=c.csv", "text.encoder=clip", "text.clip_weights=w"],
+     "data.captions"),
+    (["data.name=folder", "data.path=F", "text.encoder=clip", "text.clip_weights=w"], "data.captions"),
+    (["data.name=folder", "data.path=F", "data.captions=c.csv"], "text.encoder"),
+    (["data.name=folder", "data.path=F", "data.captions=c.csv", "text.encoder=t5"], "text.t5_weights"),
+])
+def test_caption_recipe_keys_are_checked_together(sets, key):
+    from dfm_cli.recipe import load_recipe
+
+    with pytest.raises(DfmError, match=key.replace(".", r"\.")):
+        load_recipe(TINY, sets)
