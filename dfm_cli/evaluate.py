@@ -243,11 +243,15 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
             raise DfmError(f"--swd needs reference images; {ref.name} holds only statistics")
         out.update(metrics.swd(_frames(samples.images), _frames(ref.images), req.swd_levels))
     if req.clip:
-        if req.captions is None or not Path(req.captions).is_file():
+        if req.captions is None:
             raise DfmError("--clip needs --captions FILE: one caption per line, in sample order")
-        captions = Path(req.captions).read_text().splitlines()
-        if len(captions) != len(samples.images):
-            raise DfmError(f"{req.captions}: {len(captions)} captions for {len(samples.images)} samples")
+        from dfm_cli.text import read_prompts
+
+        captions, n = read_prompts(Path(req.captions)), len(samples.images)
+        if n % len(captions):
+            raise DfmError(f"{req.captions}: {len(captions)} captions for {n} samples; give one per sample, or the "
+                           "P prompts of `dfm sample --prompts` (sample i has prompt i mod P) when P divides the count")
+        captions = [captions[i % len(captions)] for i in range(n)]
         clip = feats.ClipFeatures(req.clip_model, req.clip_weights, req.device)
         image_f = s_cache.get(clip, f"clip-{_weights_key(req.clip_weights)}")["image"]
         text_f = np.concatenate([clip.text(captions[i: i + req.batch]) for i in range(0, len(captions), req.batch)])

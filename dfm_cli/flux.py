@@ -153,9 +153,9 @@ class DFMFlux(nn.Module):
         self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: TextCond, stage: torch.Tensor
     ) -> list[torch.Tensor]:
         _, gh, gw = self.grid
-        x = sum(embed(rearrange(level, "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=p, pw=p))
+        x = sum(embed(rearrange(level, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p))
                 for embed, level, p in zip(self.patch_embeds, levels, self.patches))
-        sigma = 1 - t  # FLUX's noise level
+        sigma = t  # FLUX's noise level
         temb = sum(emb(self._time_features(sigma[:, s], x.dtype)) for s, emb in enumerate(self.t_embedders))
         if self.guidance_embedder is not None:  # FLUX-dev is guidance-distilled: a constant scale
             g = torch.full((x.shape[0],), self.guidance, device=x.device)

@@ -203,6 +203,12 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     run_dfm("sample", run, "--prompts", tmp_path / "p.txt", "--num", "4", "--out", tmp_path / "set.npz")
     arrays = np.load(tmp_path / "set.npz")
     assert arrays["arr_0"].shape == (4, 16, 16, 3) and arrays["arr_1"].tolist() == [0, 1, 0, 1]
+    clip = ("--clip", "--clip-model", config, "--clip-weights", weights)
+    run_dfm("eval", tmp_path / "set.npz", *clip, "--captions", tmp_path / "p.txt", "--json", tmp_path / "c.json")
+    assert 0 <= json.loads((tmp_path / "c.json").read_text())["metrics"]["clip_score"] <= 100
+    (tmp_path / "p3.txt").write_text("a\nb\nc\n")
+    odd = run_dfm("eval", tmp_path / "set.npz", *clip, "--captions", tmp_path / "p3.txt", check=False)
+    assert odd.returncode == 2 and "3 captions for 4 samples" in odd.stderr
 
     missing = run_dfm("sample", run, "--out", tmp_path / "h.png", check=False)
     assert missing.returncode == 2 and "is text-conditioned: pass --prompt" in missing.stderr

@@ -44,7 +44,7 @@ def eval_(
     dinov2_weights: Annotated[Optional[Path], typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")] = None,
     clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON.")] = "ViT-L-14",
     clip_weights: Annotated[Optional[Path], typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
-    captions: Annotated[Optional[Path], typer.Option(help="Text file, one caption per sample, for --clip.")] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="Text file for --clip: one caption per sample, or the prompts given to `dfm sample --prompts` (sample i has prompt i mod P).")] = None,
     i3d_weights: Annotated[Optional[Path], typer.Option(help="i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file you trust; dfm never looks one up itself.")] = None,
     swd_levels: Annotated[int, typer.Option(help="Pyramid levels for --swd.")] = 3,
     batch: Annotated[int, typer.Option(help="Feature-extraction batch size (results do not depend on it); also the sampling batch for a run.")] = 50,
