@@ -26,7 +26,7 @@ from dfm_cli.recipe_checks import validate
 
 @dataclass
 class ModelSection:
-    kind: str = "dfm"  # "dfm" (the DiT, or FM with flow.levels = 1) or "autoencoder" (see [ae])
+    kind: str = "dfm"  # "dfm" (the DiT, or FM with flow.levels = 1), "flux" (see [flux]) or "autoencoder" (see [ae])
     name: str = "DFM-B/2"
     pos: str = "rope"
     class_dropout: float = 0.1
@@ -116,6 +116,22 @@ class AESection:
 
 
 @dataclass
+class FluxSection:
+    """A FLUX-style transformer for `model.kind = "flux"` (diffusers' `FluxTransformer2DModel`
+    with per-level input, timestep and output layers); text-conditioned data only."""
+
+    config: str = ""  # a local FLUX transformer folder or its config.json; empty = the sizes below
+    num_layers: int = 2  # double-stream blocks (FLUX.1: 19)
+    num_single_layers: int = 4  # single-stream blocks (FLUX.1: 38)
+    attention_head_dim: int = 32  # FLUX.1: 128
+    num_attention_heads: int = 4  # FLUX.1: 24
+    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])  # sums to attention_head_dim
+    guidance_embeds: bool = False  # FLUX.1-dev is guidance-distilled: true
+    guidance: float = 3.5  # the embedded guidance value when guidance_embeds is on
+    patch: int = 2  # the finest level's patch (FLUX packs 2x2 latent patches)
+
+
+@dataclass
 class TextSection:
     """The caption encoder for `data.captions` (a store encoded with captions carries its own)."""
 
@@ -145,6 +161,7 @@ class Recipe:
     sample: SampleSection = field(default_factory=SampleSection)
     ae: AESection = field(default_factory=AESection)
     text: TextSection = field(default_factory=TextSection)
+    flux: FluxSection = field(default_factory=FluxSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

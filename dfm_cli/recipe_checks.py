@@ -22,7 +22,7 @@ def _broadcast(values: list, n: int) -> list:
 
 
 SPECIALIZE = ("none", "mlp", "all")
-MODEL_KINDS = ("dfm", "autoencoder")
+MODEL_KINDS = ("dfm", "flux", "autoencoder")
 EVAL_METRICS = ("fid", "swd")
 DECOMPOSITION_NAMES = ("laplacian", "dwt", "dct")
 BATCH_MEMORY_LIMIT = 64 * 2**30  # bytes: one batch of pixels, float32, before the model runs

@@ -251,10 +251,15 @@ def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe
 
 
 def run_settings(recipe: Recipe) -> dict:
-    """What a trained run depends on: every recipe section but `sample` (and `ae`, unless the
-    run trains an autoencoder)."""
-    skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set())
-    return {k: v for k, v in recipe.to_dict().items() if k not in skip}
+    """What a trained run depends on: every recipe section but `sample`, and `ae`, `flux` and
+    `text` (and `data.captions`) only where they are used, so that adding them left the ids of
+    earlier runs unchanged."""
+    skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set()) \
+        | ({"flux"} if recipe.model.kind != "flux" else set()) | ({"text"} if not recipe.data.captions else set())
+    settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
+    if not recipe.data.captions:
+        del settings["data"]["captions"]
+    return settings
 
 
 def cell_manifest_settings(recipe: Recipe, spec: EvalSpec) -> dict:
