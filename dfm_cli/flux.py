@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import FluxTransformer2DModel
 from einops import rearrange
 from torch import nn
 
@@ -88,6 +87,8 @@ class DFMFlux(nn.Module):
         text_dims: tuple[int, int, int] = FLUX_DEV_TEXT,
         guidance: float = 3.5,
     ) -> None:
+        from diffusers import FluxTransformer2DModel  # heavy: imported when a FLUX model is built
+
         super().__init__()
         self.level_sizes = [tuple(s) for s in level_sizes]
         if any(len(s) != 2 for s in self.level_sizes):
@@ -155,7 +156,7 @@ class DFMFlux(nn.Module):
         _, gh, gw = self.grid
         x = sum(embed(rearrange(level, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p))
                 for embed, level, p in zip(self.patch_embeds, levels, self.patches))
-        sigma = t  # FLUX's noise level
+        sigma = 1 - t  # FLUX's noise level
         temb = sum(emb(self._time_features(sigma[:, s], x.dtype)) for s, emb in enumerate(self.t_embedders))
         if self.guidance_embedder is not None:  # FLUX-dev is guidance-distilled: a constant scale
             g = torch.full((x.shape[0],), self.guidance, device=x.device)
@@ -184,10 +185,10 @@ class DFMFlux(nn.Module):
 
         flops = sum(linear(e, n) for e in self.patch_embeds) + sum(linear(h, n) for h in self.heads)
         flops += linear(self.context_embedder, l) + linear(self.norm_out.linear)
-        vectors = [*self.text_embedder.children(), *(e.mlp for e in self.t_embedders)]
+        embedders = [self.text_embedder, *self.t_embedders]
         if self.guidance_embedder is not None:
-            vectors.append(self.guidance_embedder)
-        flops += sum(linear(m) for v in vectors for m in v.modules() if isinstance(m, nn.Linear))
+            embedders.append(self.guidance_embedder)
+        flops += sum(linear(m) for e in embedders for m in e.modules() if isinstance(m, nn.Linear))
         attention = 2 * 2 * tokens * tokens * d  # q k^T and the weighted sum of v
         for b in self.transformer_blocks:
             mlp = b.ff.net[0].proj.out_features

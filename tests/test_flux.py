@@ -126,6 +126,8 @@ def test_text_dims_must_fit_the_config():
         DFMFlux(config(), [(16, 16)], C, text_dims=(6, 64, 16))
     with pytest.raises(DfmError, match="pooled_projection_dim = 16"):
         DFMFlux(config(), [(16, 16)], C, text_dims=(6, 32, 8))
+    with pytest.raises(DfmError, match="not a FluxTransformer2DModel config.*num_layer"):
+        DFMFlux({**config(), "num_layer": 2}, [(16, 16)], C, text_dims=TEXT)
     with pytest.raises(DfmError, match="in_channels = 64"):  # FLUX's 16-channel packing, 4-channel data
         DFMFlux({**config(), "in_channels": 64}, [(16, 16)], C, text_dims=TEXT)
 
