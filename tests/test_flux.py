@@ -18,8 +18,8 @@ from dfm_cli.errors import DfmError
 from dfm_cli.flow import FlowObjective
 from dfm_cli.flux import DFMFlux, flux_single_level_state, load_flux_transformer
 from dfm_cli.init_from import convert_single_level
-from dfm_cli.sampler import progressive_schedule, sample
-from dfm_cli.text_cond import TextCond, where_dropped
+from dfm_cli.sampler import SamplerSettings, generate
+from dfm_cli.text_cond import TextCond
 
 C, TEXT = 4, (6, 32, 16)  # latent channels; (max tokens, token width, pooled width)
 
@@ -100,8 +100,7 @@ def test_trains_with_the_flow_objective_and_samples_progressively():
     for step in range(2):
         x1 = pyramid.decompose(torch.randn(b, C, 16, 16))
         draws = objective.draw([v.shape[1:] for v in x1], range(step * b, (step + 1) * b), step, label_dropout=0.5)
-        y = where_dropped(draws.drop, model.null_condition(b), captions(b))  # caption dropout, done by the caller
-        loss = objective.loss(model, x1, y, draws)["loss"]
+        loss = objective.loss(model, x1, captions(b), draws, null=model.null_condition(b))["loss"]
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
@@ -112,13 +111,10 @@ def test_trains_with_the_flow_objective_and_samples_progressively():
                  "guidance_embedder.linear_1.weight", "context_embedder.weight"):
         assert not torch.equal(before[name], after[name]), name
 
-    # the sampler's `sample` with the text condition closed over: its `y` only gives the batch size and device
-    cond = captions(2)
-    noise = [torch.randn(2, C, *size) for size in sizes]
-    result = sample(lambda xs, t, _, stage: model(xs, t, cond, stage), noise, torch.zeros(2),
-                    progressive_schedule([2, 2], [0.5]), pyramid.recompose, previews=True)
+    settings = SamplerSettings(steps=(2, 2), tau=(0.5,), cfg=2.0)  # CFG against the model's null caption
+    result = generate(model.eval(), captions(2), pyramid, settings, seed=0, previews=True)
     assert result.x.shape == (2, C, 16, 16) and torch.isfinite(result.x).all()
-    assert result.nfe == 4 and len(result.previews) == 2
+    assert result.nfe == result.guided_nfe == 4 and len(result.previews) == 2
 
 
 def test_text_dims_must_fit_the_config():
