@@ -40,6 +40,14 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
     caption encoder record, with `dims`) makes it text-conditioned."""
     if recipe.flow.precondition and level_rms is None:
         raise DfmError("flow.precondition needs the per-level RMS of the data (from the store or the data)")
+    if recipe.model.kind == "flux":
+        from dfm_cli.flux import DFMFlux, flux_config
+
+        if not text:
+            raise DfmError("model.kind = 'flux' is text-conditioned: train on a store encoded with "
+                           "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]")
+        return DFMFlux(flux_config(recipe.flux, text["dims"]), plain_pyramid(recipe).level_sizes(shape[1:]),
+                       shape[0], recipe.flux.patch, tuple(text["dims"]), recipe.flux.guidance)
     return DFMDiT(
         model_size(recipe.model.name),
         plain_pyramid(recipe).level_sizes(shape[1:]),

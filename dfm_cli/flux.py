@@ -252,3 +252,28 @@ def load_flux_transformer(folder: str | Path) -> dict[str, torch.Tensor]:
         with reading(file, "safetensors file"):
             weights.update(load_file(file))
     return weights
+
+
+def flux_config(section, text_dims: Sequence[int]) -> dict:
+    """The FLUX architecture a recipe's `[flux]` section names: a local transformer folder's (or
+    config.json's) config as it is, or the section's sizes with the text widths of the data."""
+    if section.config:
+        path = Path(section.config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise DfmError(f"flux.config = '{section.config}': no config.json there; {GET_WEIGHTS}")
+        with reading(path, "diffusers config (JSON)"):
+            return json.loads(path.read_text())
+    return {"num_layers": section.num_layers, "num_single_layers": section.num_single_layers,
+            "attention_head_dim": section.attention_head_dim, "num_attention_heads": section.num_attention_heads,
+            "axes_dims_rope": tuple(section.axes_dims_rope), "guidance_embeds": section.guidance_embeds,
+            "joint_attention_dim": int(text_dims[1]), "pooled_projection_dim": int(text_dims[2])}
+
+
+def is_flux_folder(path: str | Path) -> bool:
+    """Whether `path` is a diffusers FLUX transformer folder (rather than a `dfm` run)."""
+    config = Path(path) / "config.json"
+    try:
+        return config.is_file() and json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
+    except (OSError, ValueError):
+        return False

@@ -54,7 +54,10 @@ def device_name(device: torch.device) -> str:
 
 
 def forward_flops(model: torch.nn.Module) -> float:
-    """FLOPs of one forward pass for one sample of a `DFMDiT` (2 per multiply-add)."""
+    """FLOPs of one forward pass for one sample of a `DFMDiT` (2 per multiply-add); a model
+    that counts its own (`DFMFlux`) is asked."""
+    if hasattr(model, "flops_per_sample"):
+        return model.flops_per_sample()
     t, h, w = model.grid
     n = t * h * w
     d = model.blocks[0].attn.qkv.in_features

@@ -187,6 +187,17 @@ def validate(recipe: Recipe, source: str) -> None:
     _check_ranges(recipe, fail)
     if m.kind == "autoencoder":
         _check_autoencoder(recipe, fail)
+    if m.kind == "flux":
+        if f.precondition:
+            fail("flow.precondition", True, "is for model.kind = 'dfm'; FLUX's pretrained layers expect raw inputs")
+        if d.frames:
+            fail("data.frames", d.frames, "model.kind = 'flux' generates images; use model.kind = 'dfm' for video")
+        if d.name not in ("folder", "store"):
+            fail("data.name", d.name, "model.kind = 'flux' is text-conditioned: use a store encoded with captions "
+                 "(dfm encode --captions) or a folder with data.captions")
+        if sum(recipe.flux.axes_dims_rope) != recipe.flux.attention_head_dim and not recipe.flux.config:
+            fail("flux.axes_dims_rope", recipe.flux.axes_dims_rope,
+                 f"must sum to flux.attention_head_dim ({recipe.flux.attention_head_dim})")
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
     if t.precision not in ("auto", "bf16", "fp32"):

@@ -217,7 +217,8 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     if info.text:
         base.null_text.set(dataset.null_text())
     if t.init_from and not found:  # a resumed run has its own weights
-        convert_single_level(base, load_single_level(t.init_from, info), 0 if recipe.flow.upsample_coarse else None)
+        convert_single_level(base, load_single_level(t.init_from, info, recipe.model.kind),
+                             0 if recipe.flow.upsample_coarse else None)
         console.print(f"starting from the single-level model {t.init_from} (new levels zero-initialized)")
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
