@@ -26,3 +26,77 @@ def run_dfm(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+TINY_TEXT_CAPTIONS = {"red/0.png": "a red square", "red/1.png": "a small red square",
+                      "blue/0.png": "a blue square", "blue/1.png": "a big blue square"}
+
+
+def write_captioned_folder(root: Path) -> None:
+    """Four 16 px images in class folders (red, blue) and `captions.csv` for them."""
+    import numpy as np
+    from PIL import Image
+
+    for name, caption in TINY_TEXT_CAPTIONS.items():
+        color = (200, 30, 30) if name.startswith("red") else (30, 30, 200)
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        noise = np.random.default_rng(len(caption)).normal(0, 20, (16, 16, 3))
+        Image.fromarray(np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)).save(root / "images" / name)
+    (root / "captions.csv").write_text("".join(f"{k},{v}\n" for k, v in TINY_TEXT_CAPTIONS.items()))
+
+
+def write_tiny_clip(root: Path) -> tuple[Path, Path]:
+    """A random open_clip model with a 32-wide text tower (pooled width 16): config JSON, weights."""
+    import json
+
+    import open_clip
+
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                              "patch_size": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dfm-tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(root / "dfm-tiny-clip.json")
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("dfm-tiny-clip", pretrained=None).state_dict(), root / "clip.pt")
+    return root / "dfm-tiny-clip.json", root / "clip.pt"
+
+
+def write_tiny_t5(root: Path) -> Path:
+    """A random T5 encoder (width 24) with a word-level tokenizer, as a transformers folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "square", "small", "big"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
+                            num_heads=2)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    """A folder holding `tiny-text/`, what the text recipes (`recipes/tiny/flux.toml`,
+    `recipes/tiny/flux_finetune.toml`) read relative to where `dfm` runs: a captioned image
+    folder, a tiny CLIP and T5, a pixel store of the images with CLIP+T5 captions (8 tokens),
+    and a random FLUX transformer folder sized for that store (12 = 3 channels x 2 x 2 in,
+    T5's 24-wide tokens, CLIP's 16-wide pooled vector, guidance embedding on)."""
+    from diffusers import FluxTransformer2DModel
+
+    base = tmp_path_factory.mktemp("text")
+    root = base / "tiny-text"
+    write_captioned_folder(root)
+    config, weights = write_tiny_clip(root)
+    t5 = write_tiny_t5(root / "t5")
+    run_dfm("encode", root / "images", "--resolution", "16", "--captions", root / "captions.csv",
+            "--text-encoder", "clip+t5", "--clip-model", config, "--clip-weights", weights, "--t5-weights", t5,
+            "--text-tokens", "8", "--out", root / "store")
+    torch.manual_seed(0)
+    FluxTransformer2DModel(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                           num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
+                           guidance_embeds=True, axes_dims_rope=(2, 2, 4)).save_pretrained(root / "flux")
+    return base

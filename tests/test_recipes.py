@@ -54,7 +54,7 @@ def keys(path: Path) -> set[str]:
     return {f"{s}.{k}" for s, body in tomllib.loads(path.read_text()).items() for k in body}
 
 
-@pytest.mark.parametrize("paper, twin", zip(PAPER, TWINS), ids=[p.name for p in PAPER])
+@pytest.mark.parametrize("paper, twin", list(zip(PAPER, TWINS)), ids=[p.name for p in PAPER])
 def test_every_paper_experiment_has_a_tiny_twin_with_the_same_keys(paper, twin):
     assert twin.is_file(), f"{name(paper)} has no tiny twin {name(twin)}"
     assert is_sweep(paper) == is_sweep(twin)
@@ -79,14 +79,22 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     assert len((run / "stats.jsonl").read_text().splitlines()) >= 1
     model, trained, info = load_trained(run)
     decomposition = build_pyramid(trained, info.level_stats)
+    if info.text:  # a text-conditioned twin samples from prompts, encoded by the run's own encoder
+        from dfm_cli.text import Prompts
+
+        condition = Prompts.encode(["a red square", "a big blue square"] * 2, info.text, torch.device("cpu")).encoded
+    else:
+        condition = class_balanced_labels(4, info.num_classes)
     for r in sample_recipes:
         settings = SamplerSettings.resolve(r, model.levels)
-        x = generate(model, class_balanced_labels(4, info.num_classes), decomposition, settings, seed=0).x
+        x = generate(model, condition, decomposition, settings, seed=0).x
         assert x.shape[0] == 4 and torch.isfinite(x).all()
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=name)
-def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path):
+def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path, request, monkeypatch):
+    if "tiny-text/" in twin.read_text():  # text twins read the tests' tiny-text/ folder
+        monkeypatch.chdir(request.getfixturevalue("tiny_text"))
     if not is_sweep(twin):
         recipe = load_recipe(twin)
         train_and_sample(recipe, tmp_path / "run", [recipe])

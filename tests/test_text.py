@@ -10,48 +10,30 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, run_dfm
+from conftest import TINY, TINY_TEXT_CAPTIONS, run_dfm, write_captioned_folder, write_tiny_clip, write_tiny_t5
 from dfm_cli.errors import DfmError
 from dfm_cli.model import DFMDiT, model_size
 from dfm_cli.sampler import GuidedVelocity
 from dfm_cli.text import Captioner, TextEncoder, TextSettings, read_captions
 from dfm_cli.text_cond import TextCond, cat_cond, where_dropped
 
-CAPTIONS = {"red/0.png": "a red square", "red/1.png": "a small red square", "blue/0.png": "a blue square",
-            "blue/1.png": "a big blue square"}
+CAPTIONS = TINY_TEXT_CAPTIONS
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random open_clip model with a 32-wide text tower; its config and weights on disk."""
+    """The tiny random CLIP's config and weights, and the model itself for reference outputs."""
     import open_clip
 
-    root = tmp_path_factory.mktemp("clip")
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                                              "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (root / "dfm-text-clip.json").write_text(json.dumps(config))
-    open_clip.add_model_config(root / "dfm-text-clip.json")
-    net = open_clip.create_model("dfm-text-clip", pretrained=None)
-    torch.save(net.state_dict(), root / "clip.pt")
-    return root / "dfm-text-clip.json", root / "clip.pt", net
+    config, weights = write_tiny_clip(tmp_path_factory.mktemp("clip"))
+    net = open_clip.create_model("dfm-tiny-clip", pretrained=None)
+    net.load_state_dict(torch.load(weights))
+    return config, weights, net.eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    """A random T5 encoder with a word-level tokenizer, saved as a transformers folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("t5")
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "square", "small", "big"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root)
-    T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
-                            num_heads=2)).save_pretrained(root)
-    return root
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"))
 
 
 def clip_settings(tiny_clip, tokens: int = 8) -> TextSettings:
@@ -67,7 +49,7 @@ def test_clip_encoder_matches_open_clip_and_masks_padding(tiny_clip):
     assert enc.dims == (8, 32, 16) and cond.tokens.shape == (2, 8, 32) and cond.pooled.shape == (2, 16)
     # pooled is open_clip's own text embedding; the mask marks start, words and end (a cat: 4 tokens)
     with torch.no_grad():
-        ref = tiny_clip[2].encode_text(open_clip.get_tokenizer("dfm-text-clip")(["a cat"]))
+        ref = tiny_clip[2].encode_text(open_clip.get_tokenizer("dfm-tiny-clip")(["a cat"]))
     torch.testing.assert_close(cond.pooled[:1], ref, atol=1e-5, rtol=1e-5)
     assert cond.mask[0].tolist() == [True] * 4 + [False] * 4 and bool(cond.mask[1].all())
 
@@ -164,24 +146,14 @@ def test_null_text_is_kept_in_the_checkpoint_state():
     torch.testing.assert_close(again.null_condition(2).tokens[1], null.tokens[0])
 
 
-def write_folder(root):
-    for name in CAPTIONS:
-        color = (200, 30, 30) if name.startswith("red") else (30, 30, 200)
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(len(name))
-        img = np.clip(np.array(color) + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(root / name)
-
-
 def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     """The CLI path: encode captions into a store, train 2 steps on it, sample from a prompt."""
     from dfm_cli.store import LatentStore
 
     config, weights, _ = tiny_clip
-    write_folder(tmp_path / "imgs")
-    (tmp_path / "caps.csv").write_text("".join(f"{k},{v}\n" for k, v in CAPTIONS.items()))
+    write_captioned_folder(tmp_path)
     store = tmp_path / "S"
-    run_dfm("encode", tmp_path / "imgs", "--resolution", "16", "--captions", tmp_path / "caps.csv",
+    run_dfm("encode", tmp_path / "images", "--resolution", "16", "--captions", tmp_path / "captions.csv",
             "--text-encoder", "clip", "--clip-model", config, "--clip-weights", weights, "--text-tokens", "8",
             "--out", store)
     data = LatentStore(store)
@@ -214,7 +186,7 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert missing.returncode == 2 and "is text-conditioned: pass --prompt" in missing.stderr
     assert "Traceback" not in missing.stderr
     (tmp_path / "short.csv").write_text("red/0.png,a red square\n")
-    short = run_dfm("encode", tmp_path / "imgs", "--resolution", "16", "--captions", tmp_path / "short.csv",
+    short = run_dfm("encode", tmp_path / "images", "--resolution", "16", "--captions", tmp_path / "short.csv",
                     "--text-encoder", "clip", "--clip-model", config, "--clip-weights", weights,
                     "--out", tmp_path / "S2", check=False)
     assert short.returncode == 2 and "3 of 4 files have no caption" in short.stderr
@@ -230,10 +202,10 @@ def test_prompts_on_a_class_conditional_run_are_refused(tmp_path):
 def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_path, tiny_clip):
     """`data.captions` + `[text]`: no store needed; a resumed run reuses the encoded captions."""
     config, weights, _ = tiny_clip
-    write_folder(tmp_path / "imgs")
+    write_captioned_folder(tmp_path)
     (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"path": k, "caption": v}) + "\n"
                                                  for k, v in CAPTIONS.items()))
-    sets = ["--set", "data.name=folder", "--set", f"data.path={tmp_path / 'imgs'}",
+    sets = ["--set", "data.name=folder", "--set", f"data.path={tmp_path / 'images'}",
             "--set", f"data.captions={tmp_path / 'caps.jsonl'}", "--set", "text.encoder=clip",
             "--set", f"text.clip_model={config}", "--set", f"text.clip_weights={weights}",
             "--set", "text.max_tokens=8", "--set", "sample.n=4"]
@@ -255,15 +227,15 @@ def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_cli
     from dfm_cli.data import ImageFolder
     from dfm_cli.recipe import load_recipe
 
-    write_folder(tmp_path / "imgs")
-    (tmp_path / "imgs" / "blue" / "1.png").write_bytes(b"not a png")  # stands in: the next readable item
-    (tmp_path / "caps.csv").write_text("".join(f"{k},{v}\n" for k, v in CAPTIONS.items()))
+    write_captioned_folder(tmp_path)
+    (tmp_path / "images" / "blue" / "1.png").write_bytes(b"not a png")  # stands in: the next readable item
+    (tmp_path / "captions.csv").write_text("".join(f"{k},{v}\n" for k, v in CAPTIONS.items()))
     config, weights, _ = tiny_clip
-    recipe = load_recipe(TINY, ["data.name=folder", f"data.path={tmp_path / 'imgs'}",
-                                f"data.captions={tmp_path / 'caps.csv'}", "text.encoder=clip",
+    recipe = load_recipe(TINY, ["data.name=folder", f"data.path={tmp_path / 'images'}",
+                                f"data.captions={tmp_path / 'captions.csv'}", "text.encoder=clip",
                                 f"text.clip_model={config}", f"text.clip_weights={weights}", "text.max_tokens=8"])
     ctx = distributed.Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    data = captioned_folder(ImageFolder(tmp_path / "imgs", 16), recipe, tmp_path / "R", ctx)
+    data = captioned_folder(ImageFolder(tmp_path / "images", 16), recipe, tmp_path / "R", ctx)
     enc = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))
     _, y = data.__getitems__([0, 1, 2])  # blue/0, blue/1 (unreadable -> red/0), red/0
     want = enc(["a blue square", "a red square", "a red square"])
