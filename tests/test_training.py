@@ -218,7 +218,11 @@ def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_inta
     while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(first.pid)):
         assert first.poll() is None and time.time() < deadline, "the first run never took the folder"
         time.sleep(0.01)
-    second = run_dfm("train", TINY, *args, check=False)
+    os.kill(first.pid, signal.SIGSTOP)  # the first run holds the folder for as long as the second takes to start
+    try:
+        second = run_dfm("train", TINY, *args, check=False)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert second.stderr.strip() == (f"error: {run} is in use by another dfm process (PID {first.pid}); wait for it "
                                      "to finish or stop it, or train into another --out folder")
