@@ -102,7 +102,9 @@ def wrap(model: nn.Module, ctx: Context, parallel: str) -> nn.Module:
     if parallel == "fsdp":
         return _fully_shard(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # a stage missing from a rank's batch leaves its experts (model.specialize) without gradient
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                               find_unused_parameters=bool(getattr(model, "experts", None)))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -57,6 +57,7 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
         temporal_patch=recipe.model.temporal_patch,
         level_rms=level_rms if recipe.flow.precondition else None,
         text_dims=tuple(text["dims"]) if text else None,
+        specialize_weights=recipe.model.specialize,
     )
 
 

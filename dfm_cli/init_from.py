@@ -77,6 +77,8 @@ def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor], lev
             target, value = key, value[:1].expand_as(own[key])
         else:
             target = key
+        if target not in own and f"{target.rpartition('.')[0]}.base.{target.rpartition('.')[2]}" in own:
+            target = f"{target.rpartition('.')[0]}.base.{target.rpartition('.')[2]}"  # a layer with per-stage experts
         if target not in own:
             raise DfmError(f"pretrained weight {key} has no place in this model; was it trained with another "
                            "model.name or model.pos?")
@@ -94,3 +96,5 @@ def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor], lev
             for k in zeroed:
                 new[k] = torch.zeros_like(own[k])
     model.load_state_dict(new)
+    for expert in getattr(model, "experts", []):  # per-stage experts start as the pretrained shared weights
+        expert.sync()

@@ -92,3 +92,26 @@ class Standardized:
 
     def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return self.decomposition.upsample_to(x, size)
+
+
+def precondition_scales(t: torch.Tensor, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's `c_in`, `c_skip`, `c_out` (Karras et al. 2022) for the path `x_t = t x1 + (1-t) x0`
+    and the velocity target `x1 - x0`, per sample and level (`B S`), from the level RMS σ.
+
+    With `a = t²σ² + (1-t)²`, the second moment of `x_t`: `c_in = a^-1/2` gives the network a
+    unit-variance input, `c_skip = (tσ² - (1-t)) / a` is the best linear guess of the
+    velocity from `x_t`, and `c_out = σ a^-1/2` makes what is left for the network to predict
+    unit-variance too (docs/method.md §4.5).
+
+    >>> c_in, c_skip, c_out = precondition_scales(torch.tensor([[0.0, 1.0]]), torch.tensor([2.0, 2.0]))
+    >>> c_in.tolist(), c_skip.tolist(), c_out.tolist()
+    ([[1.0, 0.5]], [[-1.0, 1.0]], [[2.0, 1.0]])
+    """
+    t = t.float()
+    var = rms.to(t.device, torch.float32).pow(2)
+    a = t.pow(2) * var + (1 - t).pow(2)
+    return a.rsqrt(), (t * var - (1 - t)) / a, var.sqrt() * a.rsqrt()
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)

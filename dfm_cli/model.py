@@ -9,7 +9,8 @@ registry. What differs from DiT:
 - with text, each block also cross-attends to the caption's tokens (PixArt-α's layout);
 - one zero-initialised output head per level, each predicting that level's velocity;
 - 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional;
-- optional EDM-style per-level pre/post-conditioning (paper App. A.1, `flow.precondition`).
+- optional EDM-style per-level pre/post-conditioning (paper App. A.1, `flow.precondition`);
+- optional per-stage experts (paper Table 1d, `model.specialize`, see `experts.py`).
 
 With one level the model is a plain DiT of the same size: the Flow Matching baseline.
 """
@@ -26,6 +27,8 @@ from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError
+from dfm_cli.experts import specialize
+from dfm_cli.level_stats import per_sample, precondition_scales
 from dfm_cli.positions import apply_rope, rope_angles, rope_rotations, sincos_embedding
 from dfm_cli.text_cond import Cond, NullText, TextCond
 
@@ -226,6 +229,7 @@ class DFMDiT(nn.Module):
         temporal_patch: int = 1,
         level_rms: Sequence[float] | None = None,
         text_dims: tuple[int, int, int] | None = None,
+        specialize_weights: str = "none",
     ) -> None:
         super().__init__()
         if size.hidden % size.heads:
@@ -280,6 +284,7 @@ class DFMDiT(nn.Module):
         else:
             self.level_rms = None
         self._init_weights()
+        self.experts = specialize(self.blocks, specialize_weights, levels)  # copies of the initialized weights
 
     @property
     def levels(self) -> int:
@@ -325,9 +330,9 @@ class DFMDiT(nn.Module):
         if self.level_rms is None:
             return self.network(levels, t, y, stage)
         c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
-        scaled = [x * _per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
+        scaled = [x * per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
         out = self.network(scaled, t, y, stage)
-        return [_per_sample(c_skip[:, s], x) * x + _per_sample(c_out[:, s], x) * o
+        return [per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o
                 for s, (x, o) in enumerate(zip(levels, out))]
 
     def network(
@@ -350,33 +355,12 @@ class DFMDiT(nn.Module):
             text = (self.text_tokens(y.tokens.to(x.dtype)), y.mask.bool())
         else:
             c = c + self.y_embedder(y) + self.stage_embedder(stage)
+        for expert in self.experts:
+            expert.stage = stage
         for block in self.blocks:
             x = block(x, c, self.rope, text)
         x = self.final_norm(x)
         return [head(x, c, self.grid, self.video) for head in self.heads]
-
-
-def precondition_scales(t: torch.Tensor, rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EDM's `c_in`, `c_skip`, `c_out` (Karras et al. 2022) for the path `x_t = t x1 + (1-t) x0`
-    and the velocity target `x1 - x0`, per sample and level (`B S`), from the level RMS σ.
-
-    With `a = t²σ² + (1-t)²`, the second moment of `x_t`: `c_in = a^-1/2` gives the network a
-    unit-variance input, `c_skip = (tσ² - (1-t)) / a` is the best linear guess of the
-    velocity from `x_t`, and `c_out = σ a^-1/2` makes what is left for the network to predict
-    unit-variance too (docs/method.md §4.5).
-
-    >>> c_in, c_skip, c_out = precondition_scales(torch.tensor([[0.0, 1.0]]), torch.tensor([2.0, 2.0]))
-    >>> c_in.tolist(), c_skip.tolist(), c_out.tolist()
-    ([[1.0, 0.5]], [[-1.0, 1.0]], [[2.0, 1.0]])
-    """
-    t = t.float()
-    var = rms.to(t.device, torch.float32).pow(2)
-    a = t.pow(2) * var + (1 - t).pow(2)
-    return a.rsqrt(), (t * var - (1 - t)) / a, var.sqrt() * a.rsqrt()
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
 # --------------------------------------------------------------------------- registry

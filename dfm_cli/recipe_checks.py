@@ -12,6 +12,7 @@ import typing
 from typing import Any
 
 from dfm_cli.errors import DfmError, suggest
+from dfm_cli.experts import SPECIALIZE
 
 # Paper defaults for the stage probabilities (docs/method.md §3.1); S = 3 is a guess to ablate.
 DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
@@ -21,7 +22,6 @@ def _broadcast(values: list, n: int) -> list:
     return values * n if len(values) == 1 and n > 1 else values
 
 
-SPECIALIZE = ("none", "mlp", "all")
 MODEL_KINDS = ("dfm", "flux", "autoencoder")
 EVAL_METRICS = ("fid", "swd")
 DECOMPOSITION_NAMES = ("laplacian", "dwt", "dct")
@@ -188,6 +188,8 @@ def validate(recipe: Recipe, source: str) -> None:
     if m.kind == "autoencoder":
         _check_autoencoder(recipe, fail)
     if m.kind == "flux":
+        if m.specialize != "none":
+            fail("model.specialize", m.specialize, "per-stage experts are built for model.kind = 'dfm'")
         if f.precondition:
             fail("flow.precondition", True, "is for model.kind = 'dfm'; FLUX's pretrained layers expect raw inputs")
         if d.frames:

@@ -27,11 +27,12 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("levels", [2, 3])
-def test_converted_model_reproduces_the_single_level_velocity_at_step_0(levels):
-    recipe = load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16"] if levels == 2 else
-                         ["model.name=DFM-N/4", "data.resolution=16", "flow.levels=3", "flow.factors=[2, 2]",
-                          "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"])
+@pytest.mark.parametrize("levels, specialize", [(2, "none"), (3, "none"), (2, "all")])
+def test_converted_model_reproduces_the_single_level_velocity_at_step_0(levels, specialize):
+    """Also with per-stage experts: they start as copies of the pretrained shared weights."""
+    recipe = load_recipe(TINY, [f"model.specialize={specialize}", "model.name=DFM-N/4", "data.resolution=16"]
+                         + ([] if levels == 2 else ["flow.levels=3", "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]",
+                                                    "flow.p_stage=[0.4, 0.3, 0.3]"]))
     fm = randomized(build_model(load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16", *FM]), SHAPE, CLASSES))
     dfm = build_model(recipe, SHAPE, CLASSES).eval()
     convert_single_level(dfm, fm.state_dict())
