@@ -134,14 +134,18 @@ class TwoBandPyramid(ABC):
         """Split `x` into `levels` tensors, coarsest first; the last has `x`'s resolution."""
         if x.ndim not in (4, 5):
             raise DfmError(f"expected B C H W or B C T H W, got shape {tuple(x.shape)}")
-        sizes = self.level_sizes(x.shape[2:])
-        lows = [x]
-        for size in reversed(sizes[:-1]):
-            lows.insert(0, self._down(lows[0], size))
+        lows = self.lowpasses(x)
         levels = [lows[0]]
         for coarse, fine in zip(lows[:-1], lows[1:]):
             levels.append(fine - self._up(coarse, tuple(fine.shape[2:])))
         return levels
+
+    def lowpasses(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """`x` at every level's size, coarsest first: the low bands (a Gaussian pyramid)."""
+        lows = [x]
+        for size in reversed(self.level_sizes(x.shape[2:])[:-1]):
+            lows.insert(0, self._down(lows[0], size))
+        return lows
 
     def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of `decompose`; fewer levels than `self.levels` give the coarser approximation."""

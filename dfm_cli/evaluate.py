@@ -304,7 +304,7 @@ def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: No
     from dfm_cli.sampler import SamplerSettings
 
     trained = load_for_sampling(checkpoint)
-    settings = SamplerSettings.resolve(trained.recipe, trained.model.levels)
+    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels)
     with torch.no_grad():
         write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=0,
                              ctx=Context(device=next(trained.model.parameters()).device), on_batch=on_batch)

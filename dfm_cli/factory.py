@@ -23,9 +23,20 @@ def plain_pyramid(recipe: Recipe) -> TwoBandPyramid:
                                f.upsample_coarse)
 
 
+def model_level_sizes(recipe: Recipe, size: Sequence[int]) -> list[tuple[int, ...]]:
+    """The sizes the model's levels are built for: every level for DFM, the finest only for
+    Pyramidal Flow (one single-level DiT that also reads the earlier stages' smaller grids)."""
+    sizes = plain_pyramid(recipe).level_sizes(size)
+    return sizes[-1:] if recipe.flow.method == "pyramidal" else sizes
+
+
 def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposition:
     """The recipe's decomposition, standardized per level when `flow.standardize` is on."""
     pyramid = plain_pyramid(recipe)
+    if recipe.flow.method == "pyramidal":
+        from dfm_cli.pyramidal import GaussianStack
+
+        return GaussianStack(pyramid, recipe.flow.gamma)
     if recipe.flow.standardize:
         if level_stats is None:
             raise DfmError("flow.standardize needs per-level statistics (from the store or the data)")
@@ -46,11 +57,11 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
         if not text:
             raise DfmError("model.kind = 'flux' is text-conditioned: train on a store encoded with "
                            "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]")
-        return DFMFlux(flux_config(recipe.flux, text["dims"]), plain_pyramid(recipe).level_sizes(shape[1:]),
+        return DFMFlux(flux_config(recipe.flux, text["dims"]), model_level_sizes(recipe, shape[1:]),
                        shape[0], recipe.flux.patch, tuple(text["dims"]), recipe.flux.guidance)
     return DFMDiT(
         model_size(recipe.model.name),
-        plain_pyramid(recipe).level_sizes(shape[1:]),
+        model_level_sizes(recipe, shape[1:]),
         shape[0],
         num_classes,
         pos=recipe.model.pos,
@@ -76,6 +87,11 @@ def precondition_rms(recipe: Recipe, level_stats: dict | None) -> list[float] | 
 
 def build_objective(recipe: Recipe) -> FlowObjective:
     f = recipe.flow
+    if f.method == "pyramidal":
+        from dfm_cli.pyramidal import PyramidalObjective, PyramidalSchedule
+
+        return PyramidalObjective(PyramidalSchedule(tuple(f.factors), f.gamma), p_stage=tuple(f.p_stage),
+                                  per_batch_stage=f.per_batch_stage, t_loc=f.t_loc, t_scale=f.t_scale)
     return FlowObjective(
         p_stage=tuple(f.p_stage),
         per_batch_stage=f.per_batch_stage,

@@ -342,12 +342,17 @@ class DFMDiT(nn.Module):
         y: Cond,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
-        """The transformer itself, without pre/post-conditioning."""
+        """The transformer itself, without pre/post-conditioning. Inputs smaller than the
+        model's size (Pyramidal Flow's early stages) give a smaller token grid, with positions
+        for that grid."""
         if not self.video:  # images are one-frame videos for the patch embeddings
             levels = [x[:, :, None] for x in levels]
+        head = self.heads[-1]
+        grid = (levels[-1].shape[2] // head.pt, levels[-1].shape[3] // head.p, levels[-1].shape[4] // head.p)
+        rope, pos = (self.rope, self.pos_embed) if grid == self.grid else self._positions(grid, x=levels[-1])
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
-        if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
+        if pos is not None:
+            x = x + pos.to(x.dtype)
         c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
         text = None
         if isinstance(y, TextCond):
@@ -358,9 +363,19 @@ class DFMDiT(nn.Module):
         for expert in self.experts:
             expert.stage = stage
         for block in self.blocks:
-            x = block(x, c, self.rope, text)
+            x = block(x, c, rope, text)
         x = self.final_norm(x)
-        return [head(x, c, self.grid, self.video) for head in self.heads]
+        return [head(x, c, grid, self.video) for head in self.heads]
+
+    def _positions(self, grid: tuple[int, int, int], x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """RoPE rotations or sin-cos embedding for another token grid, made on first use."""
+        cache = self.__dict__.setdefault("_grid_positions", {})
+        if grid not in cache:
+            head_dim = self.blocks[0].attn.qkv.in_features // self.blocks[0].attn.heads
+            hidden = self.blocks[0].attn.qkv.in_features
+            cache[grid] = (rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
+                           sincos_embedding(grid, hidden).to(x.device) if self.pos_embed is not None else None)
+        return cache[grid]
 
 
 # --------------------------------------------------------------------------- registry

@@ -53,12 +53,12 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def forward_flops(model: torch.nn.Module) -> float:
+def forward_flops(model: torch.nn.Module, grid: tuple[int, int, int] | None = None) -> float:
     """FLOPs of one forward pass for one sample of a `DFMDiT` (2 per multiply-add); a model
-    that counts its own (`DFMFlux`) is asked."""
+    that counts its own (`DFMFlux`) is asked. `grid` is another token grid than the model's own."""
     if hasattr(model, "flops_per_sample"):
         return model.flops_per_sample()
-    t, h, w = model.grid
+    t, h, w = grid or model.grid
     n = t * h * w
     d = model.blocks[0].attn.qkv.in_features
     mlp = model.blocks[0].mlp[0].out_features
@@ -67,6 +67,18 @@ def forward_flops(model: torch.nn.Module) -> float:
     heads = sum(2 * n * d * hd.linear.out_features + 2 * d * 2 * d for hd in model.heads)
     timesteps = sum(2 * (e.mlp[0].in_features * d + d * d) for e in model.t_embedders)
     return float(len(model.blocks) * per_block + embeds + heads + timesteps)
+
+
+def training_forward_flops(recipe, model: torch.nn.Module) -> float:
+    """Forward FLOPs per training image: the model's, or for Pyramidal Flow the average over
+    its stages, each at its own token grid, weighted by `p_stage`."""
+    if recipe.flow.method != "pyramidal":
+        return forward_flops(model)
+    from dfm_cli.factory import plain_pyramid
+
+    patch = model.heads[-1].p
+    sizes = plain_pyramid(recipe).level_sizes(model.level_sizes[-1])
+    return sum(p * forward_flops(model, (1, h // patch, w // patch)) for p, (h, w) in zip(recipe.flow.p_stage, sizes))
 
 
 def train_flops(model: torch.nn.Module, images: int) -> float:

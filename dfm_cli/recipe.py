@@ -65,6 +65,8 @@ class FlowSection:
     level_weights: list[float] = field(default_factory=list)
     precondition: bool = False  # EDM-style per-level input/output scaling (paper App. A.1)
     upsample_coarse: bool = False  # carry the coarsest level at the next level's size (paper App. E)
+    method: str = "dfm"  # "dfm" (FM with levels = 1) or "pyramidal" (Pyramidal Flow over the levels' sizes)
+    gamma: float = 1 / 3  # pyramidal: the renoising's block-noise correlation at each stage jump
 
 
 @dataclass

@@ -125,6 +125,28 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
         fail("data.name", d.name, "an autoencoder trains on images: use animal-mnist, photo-crops or a folder")
 
 
+def _check_method(recipe: Recipe, fail) -> None:
+    """`flow.method`: DFM (FM with one level) or the Pyramidal Flow baseline, which uses the
+    levels' sizes only (no bands, no per-level model layers)."""
+    f, m = recipe.flow, recipe.model
+    if f.method == "cascaded":
+        fail("flow.method", f.method, "the Cascaded baseline is not built yet; use 'dfm' or 'pyramidal'")
+    if f.method not in ("dfm", "pyramidal"):
+        fail("flow.method", f.method, "choose 'dfm' (FM with flow.levels = 1) or 'pyramidal'")
+    if f.method != "pyramidal":
+        return
+    if f.levels < 2:
+        fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
+    for key, value, why in (("flow.standardize", f.standardize, "true"), ("flow.precondition", f.precondition, "true"),
+                            ("flow.upsample_coarse", f.upsample_coarse, "true"), ("model.kind", m.kind != "dfm", m.kind),
+                            ("model.specialize", m.specialize != "none", m.specialize),
+                            ("flow.decomposition", f.decomposition != "laplacian", f.decomposition),
+                            ("data.frames", recipe.data.frames > 0, recipe.data.frames)):
+        if value:
+            fail(key, why, "is not used by flow.method = 'pyramidal' (one DiT over a Gaussian pyramid of "
+                 "images); leave it at its default")
+
+
 def _check_text(recipe: Recipe, fail) -> None:
     """`data.captions` and `[text]` go together, on folder data; a store brings its own captions."""
     d, x = recipe.data, recipe.text
@@ -184,6 +206,7 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
              + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
     _check_text(recipe, fail)
+    _check_method(recipe, fail)
     _check_ranges(recipe, fail)
     if m.kind == "autoencoder":
         _check_autoencoder(recipe, fail)

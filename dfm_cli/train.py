@@ -37,7 +37,7 @@ from dfm_cli.flow import Draws
 from dfm_cli.init_from import convert_single_level, load_single_level, per_level_parameters
 from dfm_cli.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
-from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_tflops
+from dfm_cli.perf import autocast_dtype, device_name, peak_tflops, training_forward_flops
 from dfm_cli.recipe import Recipe, load_recipe
 from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 from dfm_cli.seeding import MODEL_INIT, mix_seed
@@ -106,7 +106,7 @@ class Step:
         dtype = autocast_dtype(ctx.device.type, recipe.train.precision)
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
         inner = distributed.unwrap(model)
-        self.shapes = [(inner.channels, *size) for size in inner.level_sizes]
+        self.shapes = [(inner.channels, *size) for size in pyramid.level_sizes(inner.level_sizes[-1])]
         self.per_level = per_level_parameters(inner)
 
     def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws,
@@ -247,7 +247,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
                         batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
                         num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda",
                         collate_fn=keep_batch)
-    flops = forward_flops(distributed.unwrap(model)) * 3
+    flops = training_forward_flops(recipe, distributed.unwrap(model)) * 3
     peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32,
                        t.peak_tflops)
     interval, last = Interval(recipe.flow.levels), {}

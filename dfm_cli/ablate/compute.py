@@ -59,16 +59,17 @@ def forward_flops_of(recipe: Recipe) -> float:
     device, whose first use imports torch's compiler stack, seconds); small ones for real."""
     from dfm_cli.factory import build_model
     from dfm_cli.model import model_size
-    from dfm_cli.perf import forward_flops
+    from dfm_cli.perf import training_forward_flops
 
     m, f = recipe.model, recipe.flow
     shape = data_shape(recipe)[0]
-    key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors))
+    key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors), f.method,
+           tuple(f.p_stage) if f.method == "pyramidal" else (), m.specialize)
     if key not in _FLOPS:
         size = model_size(m.name)
         big = 12 * size.depth * size.hidden ** 2 > 2e7
         with torch.device("meta" if big else "cpu"):
-            _FLOPS[key] = forward_flops(build_model(recipe, shape, 10))
+            _FLOPS[key] = training_forward_flops(recipe, build_model(recipe, shape, 10))
     return _FLOPS[key]
 
 

@@ -61,7 +61,7 @@ def sample(
         console.print(f"sampling the newest run under runs/: {run}")
     trained = load_for_sampling(run, ema=ema)
     model, info = trained.model, trained.info
-    settings = SamplerSettings.resolve(trained.recipe, model.levels, stages=stages, steps=step_list, tau=tau_list,
+    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels, stages=stages, steps=step_list, tau=tau_list,
                                        cfg=cfg, interval=interval_list, solver=solver)
     texts = read_prompts(prompts) if prompts is not None else list(prompt or [])
     if prompts is not None and prompt:
