@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import TINY, TINY_TEXT_CAPTIONS, run_dfm, write_captioned_folder, write_tiny_clip, write_tiny_t5
 from dfm_cli.errors import DfmError

@@ -91,13 +91,14 @@ def sample_flops(recipe: Recipe, num: int) -> float:
 def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[float, float, str]:
     """FLOP/s of training and of sampling this model here, and how they were obtained: timed
     (one training step, one sampling forward) when a step is small, else a per-FLOP constant."""
-    from dfm_cli.factory import build_model, pick_device, plain_pyramid
+    from dfm_cli.factory import build_model, pick_device
     from dfm_cli.perf import autocast_dtype, device_name, peak_tflops
 
     device = pick_device()
     shape = data_shape(recipe)[0]
     fwd = forward_flops_of(recipe)
-    key = (recipe.model.name, shape, recipe.flow.levels, tuple(recipe.flow.factors), recipe.train.batch_size)
+    key = (recipe.model.name, shape, recipe.flow.levels, tuple(recipe.flow.factors), recipe.train.batch_size,
+           recipe.flow.method)
     if key in cache:
         return cache[key]
     batch = min(recipe.train.batch_size, int(TIMING_BUDGET // (3 * fwd)))
@@ -109,7 +110,7 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
         cache[key] = (rate, rate, how)
         return cache[key]
     model = build_model(recipe, shape, 10).to(device)
-    sizes = plain_pyramid(recipe).level_sizes(shape[1:])
+    sizes = model.level_sizes  # what the model is built for (Pyramidal Flow: its finest stage)
 
     def step(b: int, train: bool) -> float:
         levels = [torch.randn(b, shape[0], *s, device=device) for s in sizes]

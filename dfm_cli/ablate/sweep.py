@@ -250,15 +250,22 @@ def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe
     return Cell(name, label, values, overrides, recipe, run_id, f"{slug(name)}-{settings_hash(cell_settings)}")
 
 
+# Keys added after sweeps were first run: left out of a run's id while at their defaults.
+LATER_KEYS = {("model", "kind"): "dfm", ("data", "classes"): [], ("data", "captions"): "",
+              ("flow", "upsample_coarse"): False, ("flow", "method"): "dfm", ("flow", "gamma"): 1 / 3,
+              ("train", "init_from"): "", ("train", "per_level_only_steps"): 0}
+
+
 def run_settings(recipe: Recipe) -> dict:
-    """What a trained run depends on: every recipe section but `sample`, and `ae`, `flux` and
-    `text` (and `data.captions`) only where they are used, so that adding them left the ids of
+    """What a trained run depends on: every recipe section but `sample`, and `ae`, `flux`,
+    `text` and the `LATER_KEYS` only where they are used, so that adding them left the ids of
     earlier runs unchanged."""
     skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set()) \
         | ({"flux"} if recipe.model.kind != "flux" else set()) | ({"text"} if not recipe.data.captions else set())
     settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
-    if not recipe.data.captions:
-        del settings["data"]["captions"]
+    for (section, key), default in LATER_KEYS.items():
+        if settings[section][key] == default:
+            del settings[section][key]
     return settings
 
 
