@@ -137,14 +137,13 @@ def _check_method(recipe: Recipe, fail) -> None:
         return
     if f.levels < 2:
         fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
-    for key, value, why in (("flow.standardize", f.standardize, "true"), ("flow.precondition", f.precondition, "true"),
-                            ("flow.upsample_coarse", f.upsample_coarse, "true"), ("model.kind", m.kind != "dfm", m.kind),
-                            ("model.specialize", m.specialize != "none", m.specialize),
-                            ("flow.decomposition", f.decomposition != "laplacian", f.decomposition),
-                            ("data.frames", recipe.data.frames > 0, recipe.data.frames)):
-        if value:
-            fail(key, why, "is not used by flow.method = 'pyramidal' (one DiT over a Gaussian pyramid of "
-                 "images); leave it at its default")
+    for key, value, default in (("flow.standardize", f.standardize, False), ("flow.precondition", f.precondition, False),
+                                ("flow.upsample_coarse", f.upsample_coarse, False), ("model.kind", m.kind, "dfm"),
+                                ("model.specialize", m.specialize, "none"),
+                                ("flow.decomposition", f.decomposition, "laplacian"), ("data.frames", recipe.data.frames, 0)):
+        if value != default:
+            fail(key, value, f"is not used by flow.method = 'pyramidal' (one DiT over a Gaussian pyramid of "
+                 f"images); leave it at {default!r}")
 
 
 def _check_text(recipe: Recipe, fail) -> None:

@@ -149,3 +149,21 @@ def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
         load_recipe(path)
     proc = run_dfm("train", path, "--dry-run", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "latin1.toml" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["flow.method=cascaded"], r"flow.method = 'cascaded': the Cascaded baseline is not built yet"),
+    (["flow.method=pyramid"], r"flow.method = 'pyramid': choose 'dfm' \(FM with flow.levels = 1\) or 'pyramidal'"),
+    (["flow.method=pyramidal", "flow.standardize=true"],
+     r"flow.standardize = True: is not used by flow.method = 'pyramidal' .*leave it at False"),
+    (["flow.method=pyramidal", "flow.levels=1", "flow.p_stage=[1.0]", "flow.factors=[]", "sample.steps=[5]",
+      "sample.tau=[]"], r"flow.levels = 1: Pyramidal Flow needs at least 2 stages"),
+    (["model.kind=flux"], r"data.name = 'animal-mnist': model.kind = 'flux' is text-conditioned"),
+    (["model.kind=flux", "data.name=folder", "data.path=x", "model.specialize=mlp"],
+     r"model.specialize = 'mlp': per-stage experts are built for model.kind = 'dfm'"),
+    (["model.kind=flux", "data.name=folder", "data.path=x", "flux.axes_dims_rope=[2, 2, 2]"],
+     r"flux.axes_dims_rope = \[2, 2, 2\]: must sum to flux.attention_head_dim \(32\)"),
+])
+def test_methods_and_model_kinds_refuse_what_they_do_not_use(tmp_path, overrides, message):
+    with pytest.raises(DfmError, match=message):
+        load_recipe(write(tmp_path, ""), overrides)
