@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError, reading
-from dfm_cli.model import level_patches
+from dfm_cli.positions import level_patches
 from dfm_cli.text_cond import NullText, TextCond
 
 FLUX_DEV_TEXT = (512, 4096, 768)  # FLUX-dev's T5 tokens (max length, width) and CLIP pooled width

@@ -29,7 +29,7 @@ from torch import nn
 from dfm_cli.errors import DfmError
 from dfm_cli.experts import specialize
 from dfm_cli.level_stats import per_sample, precondition_scales
-from dfm_cli.positions import apply_rope, rope_angles, rope_rotations, sincos_embedding
+from dfm_cli.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
 from dfm_cli.text_cond import Cond, NullText, TextCond
 
 # --------------------------------------------------------------------------- embedders
@@ -177,34 +177,6 @@ class DiTSize:
     mlp_ratio: float = 4.0
 
 
-def level_patches(
-    level_sizes: Sequence[tuple[int, ...]], patch: int, temporal_patch: int = 1
-) -> list[tuple[int, int]]:
-    """Per-level `(pt, p)` so that every level gives the finest level's token grid.
-
-    The finest level uses `patch` (and `temporal_patch`); a level at half the resolution uses
-    half the patch. A level too small for that grid is an error that says which patch works.
-    """
-    finest = level_sizes[-1]
-    video = len(finest) == 3
-    if finest[-1] % patch or finest[-2] % patch or (video and finest[0] % temporal_patch):
-        raise DfmError(f"patch {patch} does not divide the finest level's size {finest}")
-    grid_h = finest[-2] // patch
-    grid_t = finest[0] // temporal_patch if video else 1
-    out = []
-    for s, size in enumerate(level_sizes, 1):
-        h, t = size[-2], size[0] if video else 1
-        if h % grid_h or t % grid_t:
-            need = max(patch, finest[-2] // h)
-            raise DfmError(
-                f"level {s} ({'x'.join(map(str, size))}) cannot give the {grid_h}x{grid_h} "
-                f"token grid of patch {patch}; use a model with patch >= {need} "
-                "(e.g. DFM-B/4) or fewer levels"
-            )
-        out.append((t // grid_t, h // grid_h))
-    return out
-
-
 class DFMDiT(nn.Module):
     """The DFM-DiT. `forward(levels, t, y, stage)` returns one velocity per level.
 
@@ -341,10 +313,14 @@ class DFMDiT(nn.Module):
         t: torch.Tensor,
         y: Cond,
         stage: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
+        extra_c: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The transformer itself, without pre/post-conditioning. Inputs smaller than the
         model's size (Pyramidal Flow's early stages) give a smaller token grid, with positions
-        for that grid."""
+        for that grid. `extra_tokens` (`B N D`, one per image token, e.g. a cascade's
+        conditioning image) join the sequence at the same positions and are dropped before the
+        heads; `extra_c` joins the adaLN conditioning."""
         if not self.video:  # images are one-frame videos for the patch embeddings
             levels = [x[:, :, None] for x in levels]
         head = self.heads[-1]
@@ -353,6 +329,10 @@ class DFMDiT(nn.Module):
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
         if pos is not None:
             x = x + pos.to(x.dtype)
+        n = x.shape[1]
+        if extra_tokens is not None:
+            x = torch.cat([x, extra_tokens + (0 if pos is None else pos.to(x.dtype))], 1)
+            rope = None if rope is None else torch.cat([rope, rope])
         c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
         text = None
         if isinstance(y, TextCond):
@@ -360,11 +340,13 @@ class DFMDiT(nn.Module):
             text = (self.text_tokens(y.tokens.to(x.dtype)), y.mask.bool())
         else:
             c = c + self.y_embedder(y) + self.stage_embedder(stage)
+        if extra_c is not None:
+            c = c + extra_c
         for expert in self.experts:
             expert.stage = stage
         for block in self.blocks:
             x = block(x, c, rope, text)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, :n])
         return [head(x, c, grid, self.video) for head in self.heads]
 
     def _positions(self, grid: tuple[int, int, int], x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

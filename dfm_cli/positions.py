@@ -1,10 +1,15 @@
 """Token positions for the DFM-DiT: axial RoPE (2D for images, 3D for video) and the fixed
 sin-cos alternative (docs/method.md §4.4). Every level shares the finest level's token grid,
-so one table of positions serves all of them."""
+so one table of positions serves all of them; `level_patches` picks the per-level patch
+sizes that give every level that grid."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from dfm_cli.errors import DfmError
 
 
 def _axis_freqs(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
@@ -63,3 +68,31 @@ def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
             a = _axis_freqs(d, pos[:, i])
             parts += [torch.sin(a), torch.cos(a)]
     return torch.cat(parts, -1).float()
+
+
+def level_patches(
+    level_sizes: Sequence[tuple[int, ...]], patch: int, temporal_patch: int = 1
+) -> list[tuple[int, int]]:
+    """Per-level `(pt, p)` so that every level gives the finest level's token grid.
+
+    The finest level uses `patch` (and `temporal_patch`); a level at half the resolution uses
+    half the patch. A level too small for that grid is an error that says which patch works.
+    """
+    finest = level_sizes[-1]
+    video = len(finest) == 3
+    if finest[-1] % patch or finest[-2] % patch or (video and finest[0] % temporal_patch):
+        raise DfmError(f"patch {patch} does not divide the finest level's size {finest}")
+    grid_h = finest[-2] // patch
+    grid_t = finest[0] // temporal_patch if video else 1
+    out = []
+    for s, size in enumerate(level_sizes, 1):
+        h, t = size[-2], size[0] if video else 1
+        if h % grid_h or t % grid_t:
+            need = max(patch, finest[-2] // h)
+            raise DfmError(
+                f"level {s} ({'x'.join(map(str, size))}) cannot give the {grid_h}x{grid_h} "
+                f"token grid of patch {patch}; use a model with patch >= {need} "
+                "(e.g. DFM-B/4) or fewer levels"
+            )
+        out.append((t // grid_t, h // grid_h))
+    return out

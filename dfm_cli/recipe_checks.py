@@ -170,7 +170,8 @@ def _check_text(recipe: Recipe, fail) -> None:
 def validate(recipe: Recipe, source: str) -> None:
     """Range and cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
     from dfm_cli.decompose import build_decomposition
-    from dfm_cli.model import level_patches, model_size
+    from dfm_cli.model import model_size
+    from dfm_cli.positions import level_patches
 
     def fail(key: str, value: Any, why: str) -> typing.NoReturn:
         raise DfmError(f"{source}: {key} = {value!r}: {why}")

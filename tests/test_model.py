@@ -3,7 +3,8 @@ import torch
 
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.model import MODELS, DFMDiT, level_patches, model_size
+from dfm_cli.model import MODELS, DFMDiT, model_size
+from dfm_cli.positions import level_patches
 from dfm_cli.positions import apply_rope, grid_positions, rope_angles, rope_rotations
 
 

@@ -39,7 +39,8 @@ def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
     """The latents of a store that does not exist yet: 16-channel f8 (FLUX, CogVideoX), or,
     when the model cannot tile those, 4-channel f4 (a small autoencoder `dfm train` makes)."""
     from dfm_cli.factory import plain_pyramid
-    from dfm_cli.model import level_patches, model_size
+    from dfm_cli.model import model_size
+    from dfm_cli.positions import level_patches
 
     d = recipe.data
     frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
