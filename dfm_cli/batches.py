@@ -101,7 +101,7 @@ class DrawnBatches(Dataset):
             x, y = default_collate([self.dataset[i] for i in key.indices])
         seeds = [mix_seed(self.seed, SAMPLE_DRAWS, key.first + i) for i in range(len(key.indices))]
         draws = self.objective.draw(self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step),
-                                    self.label_dropout)
+                                    self.label_dropout, step=key.step)
         return x, y, draws
 
 

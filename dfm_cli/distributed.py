@@ -102,9 +102,10 @@ def wrap(model: nn.Module, ctx: Context, parallel: str) -> nn.Module:
     if parallel == "fsdp":
         return _fully_shard(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # a stage missing from a rank's batch leaves its experts (model.specialize) without gradient
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                               find_unused_parameters=bool(getattr(model, "experts", None)))
+    # a stage missing from a rank's batch leaves its experts (model.specialize), or a cascade's idle
+    # model, without gradient
+    unused = bool(getattr(model, "experts", None)) or getattr(model, "unused_parameters", False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

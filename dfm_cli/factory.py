@@ -34,9 +34,13 @@ def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposit
     """The recipe's decomposition, standardized per level when `flow.standardize` is on."""
     pyramid = plain_pyramid(recipe)
     if recipe.flow.method == "pyramidal":
-        from dfm_cli.pyramidal import GaussianStack
+        from dfm_cli.pyramidal import PyramidStages
 
-        return GaussianStack(pyramid, recipe.flow.gamma)
+        return PyramidStages(pyramid, recipe.flow.gamma)
+    if recipe.flow.method == "cascaded":
+        from dfm_cli.cascaded import CascadeStack
+
+        return CascadeStack(pyramid, cascade_settings(recipe))
     if recipe.flow.standardize:
         if level_stats is None:
             raise DfmError("flow.standardize needs per-level statistics (from the store or the data)")
@@ -59,6 +63,11 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
                            "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]")
         return DFMFlux(flux_config(recipe.flux, text["dims"]), model_level_sizes(recipe, shape[1:]),
                        shape[0], recipe.flux.patch, tuple(text["dims"]), recipe.flux.guidance)
+    if recipe.model.kind == "dfm" and recipe.flow.method == "cascaded":
+        from dfm_cli.cascaded import CascadedDiT
+
+        return CascadedDiT(model_size(recipe.model.name), plain_pyramid(recipe).level_sizes(shape[1:]), shape[0],
+                           num_classes, recipe.model.pos, tuple(text["dims"]) if text else None)
     return DFMDiT(
         model_size(recipe.model.name),
         model_level_sizes(recipe, shape[1:]),
@@ -85,8 +94,20 @@ def precondition_rms(recipe: Recipe, level_stats: dict | None) -> list[float] | 
             for mean, std in zip(level_stats["mean"], level_stats["std"])]
 
 
+def cascade_settings(recipe: Recipe):
+    from dfm_cli.cascaded import CascadeSettings
+
+    loc, scale = recipe.flow.cascade_aug
+    return CascadeSettings(recipe.flow.cascade_split, loc, scale, recipe.sample.cond_noise)
+
+
 def build_objective(recipe: Recipe) -> FlowObjective:
     f = recipe.flow
+    if f.method == "cascaded":
+        from dfm_cli.cascaded import CascadedObjective
+
+        return CascadedObjective(cascade_settings(recipe), recipe.train.steps, p_stage=tuple(f.p_stage),
+                                 t_loc=f.t_loc, t_scale=f.t_scale)
     if f.method == "pyramidal":
         from dfm_cli.pyramidal import PyramidalObjective, PyramidalSchedule
 

@@ -70,8 +70,14 @@ def forward_flops(model: torch.nn.Module, grid: tuple[int, int, int] | None = No
 
 
 def training_forward_flops(recipe, model: torch.nn.Module) -> float:
-    """Forward FLOPs per training image: the model's, or for Pyramidal Flow the average over
-    its stages, each at its own token grid, weighted by `p_stage`."""
+    """Forward FLOPs per training image: the model's; for Pyramidal Flow the average over its
+    stages, each at its own token grid, weighted by `p_stage`; for the cascade, each model's
+    for its share of the steps."""
+    if recipe.flow.method == "cascaded":
+        from dfm_cli.cascaded import cascade_flops
+
+        stage1, stage2 = cascade_flops(model)
+        return recipe.flow.cascade_split * stage1 + (1 - recipe.flow.cascade_split) * stage2
     if recipe.flow.method != "pyramidal":
         return forward_flops(model)
     from dfm_cli.factory import plain_pyramid

@@ -40,15 +40,13 @@ from dfm_cli.text_cond import Cond, where_dropped
 
 
 class GaussianStack:
-    """The data at every stage's size (coarsest first), for `flow.method = "pyramidal"`:
-    `decompose` gives the low bands of the recipe's pyramid, `recompose` the finest one given;
-    it carries the stage schedule the sampler needs."""
+    """The data at every stage's size (coarsest first), for the multi-stage baselines:
+    `decompose` gives the low bands of the recipe's pyramid, `recompose` the finest one given."""
 
-    def __init__(self, pyramid: TwoBandPyramid, gamma: float) -> None:
+    def __init__(self, pyramid: TwoBandPyramid) -> None:
         if any(f != 1 for f in pyramid.temporal_factors):
-            raise DfmError("flow.method = 'pyramidal' is for images; set flow.temporal_factors to 1")
+            raise DfmError("the Pyramidal and Cascaded baselines are for images; set flow.temporal_factors to 1")
         self.pyramid, self.levels, self.factors = pyramid, pyramid.levels, pyramid.factors
-        self.schedule = PyramidalSchedule(tuple(pyramid.factors), gamma)
 
     def level_sizes(self, size: Sequence[int]) -> list[tuple[int, ...]]:
         return self.pyramid.level_sizes(size)
@@ -61,6 +59,20 @@ class GaussianStack:
 
     def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return self.pyramid.upsample_to(x, size)
+
+
+class PyramidStages(GaussianStack):
+    """The Gaussian pyramid with Pyramidal Flow's stage schedule; generates stage by stage."""
+
+    def __init__(self, pyramid: TwoBandPyramid, gamma: float) -> None:
+        super().__init__(pyramid)
+        self.schedule = PyramidalSchedule(tuple(pyramid.factors), gamma)
+
+    def generate(self, velocity: Velocity, y: Cond, model, steps: Sequence[int], seed: int,
+                 indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+        sizes = self.level_sizes(model.level_sizes[-1])
+        return sample_pyramidal(velocity, y, self.schedule, sizes[:len(steps)], model.channels, steps, seed, indices,
+                                device)
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,11 @@ class FlowSection:
     level_weights: list[float] = field(default_factory=list)
     precondition: bool = False  # EDM-style per-level input/output scaling (paper App. A.1)
     upsample_coarse: bool = False  # carry the coarsest level at the next level's size (paper App. E)
-    method: str = "dfm"  # "dfm" (FM with levels = 1) or "pyramidal" (Pyramidal Flow over the levels' sizes)
+    method: str = "dfm"  # "dfm" (FM with levels = 1), "pyramidal" (Pyramidal Flow) or "cascaded" (2 models)
     gamma: float = 1 / 3  # pyramidal: the renoising's block-noise correlation at each stage jump
+    cascade_split: float = 0.8  # cascaded: share of train.steps that train stage 1 (then stage 2)
+    cascade_aug: list[float] = field(default_factory=lambda: [1.5, 1.0])  # cascaded: logit-normal loc, scale of
+    # the conditioning's signal level in training
 
 
 @dataclass
@@ -152,6 +155,7 @@ class SampleSection:
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     solver: str = "euler"
     n: int = 64
+    cond_noise: float = 0.025  # cascaded: the conditioning image's noise level at sampling
 
 
 @dataclass

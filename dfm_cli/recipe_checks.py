@@ -126,24 +126,31 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
 
 
 def _check_method(recipe: Recipe, fail) -> None:
-    """`flow.method`: DFM (FM with one level) or the Pyramidal Flow baseline, which uses the
-    levels' sizes only (no bands, no per-level model layers)."""
+    """`flow.method`: DFM (FM with one level), or the Pyramidal Flow and Cascaded baselines,
+    which use the levels' sizes only (no bands, no per-level model layers)."""
     f, m = recipe.flow, recipe.model
-    if f.method == "cascaded":
-        fail("flow.method", f.method, "the Cascaded baseline is not built yet; use 'dfm' or 'pyramidal'")
-    if f.method not in ("dfm", "pyramidal"):
-        fail("flow.method", f.method, "choose 'dfm' (FM with flow.levels = 1) or 'pyramidal'")
-    if f.method != "pyramidal":
+    if f.method not in ("dfm", "pyramidal", "cascaded"):
+        fail("flow.method", f.method, "choose 'dfm' (FM with flow.levels = 1), 'pyramidal' or 'cascaded'")
+    if f.method == "dfm":
         return
-    if f.levels < 2:
+    if f.method == "pyramidal" and f.levels < 2:
         fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
+    if f.method == "cascaded":
+        if f.levels != 2:
+            fail("flow.levels", f.levels, "the cascade has 2 stages (2 models)")
+        if not 0 < f.cascade_split < 1:
+            fail("flow.cascade_split", f.cascade_split, "must lie in (0, 1): the share of steps for stage 1")
+        if len(f.cascade_aug) != 2 or not f.cascade_aug[1] > 0:
+            fail("flow.cascade_aug", f.cascade_aug, "needs [loc, scale] with scale > 0")
+        if not 0 <= recipe.sample.cond_noise < 1:
+            fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
     for key, value, default in (("flow.standardize", f.standardize, False), ("flow.precondition", f.precondition, False),
                                 ("flow.upsample_coarse", f.upsample_coarse, False), ("model.kind", m.kind, "dfm"),
                                 ("model.specialize", m.specialize, "none"),
                                 ("flow.decomposition", f.decomposition, "laplacian"), ("data.frames", recipe.data.frames, 0)):
         if value != default:
-            fail(key, value, f"is not used by flow.method = 'pyramidal' (one DiT over a Gaussian pyramid of "
-                 f"images); leave it at {default!r}")
+            fail(key, value, f"is not used by flow.method = '{f.method}' (a Gaussian pyramid of images, no "
+                 f"per-level layers); leave it at {default!r}")
 
 
 def _check_text(recipe: Recipe, fail) -> None:

@@ -366,13 +366,9 @@ def generate(
     """
     device = next(model.parameters()).device
     guided = GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)
-    schedule = getattr(decomposition, "schedule", None)
-    if schedule is not None:  # Pyramidal Flow: one model, stage by stage
-        from dfm_cli.pyramidal import sample_pyramidal
-
-        sizes = decomposition.level_sizes(model.level_sizes[-1])
-        x, nfe = sample_pyramidal(guided, labels.to(device), schedule, sizes[:settings.stages], model.channels,
-                                  settings.steps, seed, range(first_index, first_index + len(labels)), device)
+    if hasattr(decomposition, "generate"):  # the Pyramidal and Cascaded baselines sample their own way
+        x, nfe = decomposition.generate(guided, labels.to(device), model, settings.steps, seed,
+                                        range(first_index, first_index + len(labels)), device)
         return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
     if settings.stages > model.levels:
         raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")

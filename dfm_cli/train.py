@@ -89,7 +89,8 @@ def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -
         for section, body in new.items():
             for key, value in body.items():
                 name = f"{section}.{key}"
-                if section != "sample" and name not in RESUMABLE_CHANGES and old[section].get(key) != value:
+                resumable = RESUMABLE_CHANGES - ({"train.steps"} if recipe.flow.method == "cascaded" else set())
+                if section != "sample" and name not in resumable and old[section].get(key) != value:
                     raise DfmError(
                         f"{old_path.parent} was trained with {name} = {old[section].get(key)!r}, not {value!r}; "
                         "use a new --out folder, or the run's own recipe.toml to continue it"
@@ -191,6 +192,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     t = recipe.train
     found = complete_checkpoints(run_dir)
     check_resumable(run_dir, recipe, found[-1] if found else None)
+    split = recipe.flow.method == "cascaded" and round(recipe.flow.cascade_split * t.steps)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
                             strict=recipe.data.strict, classes=recipe.data.classes)
@@ -275,6 +277,9 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
         batches = iter(loader)
         for step in range(start, t.steps):
             wait = time.perf_counter()
+            if split and step == split:  # the cascade's stage 2 starts from stage 1 (in the EMA too)
+                for m in (distributed.unwrap(model), ema):
+                    m.start_stage2()
             x, y, draws = next(batches)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             wait = time.perf_counter() - wait

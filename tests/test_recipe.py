@@ -152,8 +152,9 @@ def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["flow.method=cascaded"], r"flow.method = 'cascaded': the Cascaded baseline is not built yet"),
-    (["flow.method=pyramid"], r"flow.method = 'pyramid': choose 'dfm' \(FM with flow.levels = 1\) or 'pyramidal'"),
+    (["flow.method=cascaded", "flow.precondition=true"],
+     r"flow.precondition = True: is not used by flow.method = 'cascaded'"),
+    (["flow.method=pyramid"], r"flow.method = 'pyramid': choose 'dfm' \(FM with flow.levels = 1\), 'pyramidal' or"),
     (["flow.method=pyramidal", "flow.standardize=true"],
      r"flow.standardize = True: is not used by flow.method = 'pyramidal' .*leave it at False"),
     (["flow.method=pyramidal", "flow.levels=1", "flow.p_stage=[1.0]", "flow.factors=[]", "sample.steps=[5]",

@@ -111,12 +111,13 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
         cache[key] = (rate, rate, how)
         return cache[key]
     model = build_model(recipe, shape, 10).to(device)
-    sizes = model.level_sizes  # what the model is built for (Pyramidal Flow: its finest stage)
+    # what the model is built for (Pyramidal Flow: its finest stage; a cascade also reads its conditioning)
+    sizes = [*model.level_sizes, *model.level_sizes[-1:] * (recipe.flow.method == "cascaded")]
 
     def step(b: int, train: bool) -> float:
         levels = [torch.randn(b, shape[0], *s, device=device) for s in sizes]
         t, y = torch.rand(b, len(sizes), device=device), torch.zeros(b, dtype=torch.long, device=device)
-        stage = torch.full((b,), len(sizes) - 1, device=device)
+        stage = torch.full((b,), len(model.level_sizes) - 1, device=device)
         seconds = []
         for _ in range(2):  # the first call warms up
             start = time.perf_counter()

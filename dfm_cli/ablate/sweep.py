@@ -253,7 +253,8 @@ def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe
 # Keys added after sweeps were first run: left out of a run's id while at their defaults.
 LATER_KEYS = {("model", "kind"): "dfm", ("data", "classes"): [], ("data", "captions"): "",
               ("flow", "upsample_coarse"): False, ("flow", "method"): "dfm", ("flow", "gamma"): 1 / 3,
-              ("train", "init_from"): "", ("train", "per_level_only_steps"): 0}
+              ("train", "init_from"): "", ("train", "per_level_only_steps"): 0,
+              ("flow", "cascade_split"): 0.8, ("flow", "cascade_aug"): [1.5, 1.0]}
 
 
 def run_settings(recipe: Recipe) -> dict:
