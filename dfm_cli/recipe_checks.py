@@ -133,6 +133,9 @@ def _check_method(recipe: Recipe, fail) -> None:
         fail("flow.method", f.method, "choose 'dfm' (FM with flow.levels = 1), 'pyramidal' or 'cascaded'")
     if f.method == "dfm":
         return
+    if recipe.train.init_from:
+        fail("train.init_from", recipe.train.init_from, f"starting from a trained model is for flow.method = 'dfm'; "
+             f"a '{f.method}' run trains from scratch")
     if f.method == "pyramidal" and f.levels < 2:
         fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
     if f.method == "cascaded":

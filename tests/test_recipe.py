@@ -154,6 +154,8 @@ def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["flow.method=cascaded", "flow.precondition=true"],
      r"flow.precondition = True: is not used by flow.method = 'cascaded'"),
+    (["flow.method=pyramidal", "train.init_from=runs/fm"],
+     r"train.init_from = 'runs/fm': starting from a trained model is for flow.method = 'dfm'"),
     (["flow.method=pyramid"], r"flow.method = 'pyramid': choose 'dfm' \(FM with flow.levels = 1\), 'pyramidal' or"),
     (["flow.method=pyramidal", "flow.standardize=true"],
      r"flow.standardize = True: is not used by flow.method = 'pyramidal' .*leave it at False"),
