@@ -88,6 +88,10 @@ class CascadedDiT(nn.Module):
         own.update({k: v for k, v in self.stage1.state_dict().items() if k.startswith(SHARED) and k in own})
         self.stage2.load_state_dict(own)
 
+    def stage2_parameters(self) -> list[nn.Parameter]:
+        """What trains after the switch: stage 2 and its conditioning's embeddings."""
+        return [*self.stage2.parameters(), *self.cond_embed.parameters(), *self.aug_embedder.parameters()]
+
     def forward(self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: Cond,
                 stage: torch.Tensor) -> list[torch.Tensor]:
         coarse, fine, cond = levels
@@ -103,6 +107,15 @@ class CascadedDiT(nn.Module):
                                     extra_c=self.aug_embedder(t[rows, 2]))[0]
             out[1] = out[1].index_put((rows,), v)
         return out
+
+
+@torch.no_grad()
+def switch_to_stage2(model: CascadedDiT, ema: CascadedDiT) -> None:
+    """The switch: stage 2 starts from stage 1, and its EMA starts from what it starts with
+    (not from its unused initial weights, which a slow EMA would carry for long)."""
+    model.start_stage2()
+    for e, p in zip(ema.stage2_parameters(), model.stage2_parameters()):
+        e.copy_(p)
 
 
 def cascade_flops(model: CascadedDiT) -> tuple[float, float]:

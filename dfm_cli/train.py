@@ -277,9 +277,10 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
         batches = iter(loader)
         for step in range(start, t.steps):
             wait = time.perf_counter()
-            if split and step == split:  # the cascade's stage 2 starts from stage 1 (in the EMA too)
-                for m in (distributed.unwrap(model), ema):
-                    m.start_stage2()
+            if split and step == split:  # the cascade's stage 2 starts from stage 1
+                from dfm_cli.cascaded import switch_to_stage2
+
+                switch_to_stage2(distributed.unwrap(model), ema)
             x, y, draws = next(batches)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             wait = time.perf_counter() - wait

@@ -76,9 +76,19 @@ def test_sampling_conditions_stage_2_on_stage_1_at_the_fixed_noise_level():
         assert abs(float(residual.mean())) < 0.05 and abs(float(residual.std()) - 1) < 0.05
 
 
-def test_stage_2_starts_from_stage_1_and_both_count_towards_compute():
+def test_stage_2_starts_from_stage_1_in_the_model_and_its_ema_and_both_count_towards_compute():
+    import copy
+
+    from dfm_cli.cascaded import switch_to_stage2
+
     model = cascade()
-    model.start_stage2()
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.stage1.parameters():  # stage 1 trained on; the EMA lags behind
+            p.add_(1.0)
+    switch_to_stage2(model, ema)
+    for a, b in zip(ema.stage2_parameters(), model.stage2_parameters()):
+        assert torch.equal(a, b)  # no initial weights left in stage 2's EMA
     for a, b in zip(model.stage1.blocks.parameters(), model.stage2.blocks.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(model.stage1.y_embedder.weight, model.stage2.y_embedder.weight)
