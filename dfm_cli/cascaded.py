@@ -118,19 +118,6 @@ def switch_to_stage2(model: CascadedDiT, ema: CascadedDiT) -> None:
         e.copy_(p)
 
 
-def cascade_flops(model: CascadedDiT) -> tuple[float, float]:
-    """Forward FLOPs per image of stage 1 and of stage 2 (twice the tokens through the blocks,
-    the conditioning's patch embedding and timestep embedder; the head on the image tokens)."""
-    from dfm_cli.perf import forward_flops
-
-    t, h, w = model.stage2.grid
-    d = model.stage2.blocks[0].attn.qkv.in_features
-    head = model.stage2.heads[0].linear.out_features
-    stage2 = forward_flops(model.stage2, (2 * t, h, w)) - 2 * t * h * w * d * head  # heads read the image tokens only
-    aug = 2 * (model.aug_embedder.mlp[0].in_features * d + d * d)
-    return forward_flops(model.stage1), stage2 + aug
-
-
 class CascadedObjective(FlowObjective):
     """Flow Matching for stage 1 on the coarse data, then for stage 2 on the full data given the
     augmented coarse image: the step decides the stage (`draw(..., step=)`)."""

@@ -69,13 +69,22 @@ def forward_flops(model: torch.nn.Module, grid: tuple[int, int, int] | None = No
     return float(len(model.blocks) * per_block + embeds + heads + timesteps)
 
 
+def cascade_flops(model: torch.nn.Module) -> tuple[float, float]:
+    """Forward FLOPs per image of stage 1 and of stage 2 (twice the tokens through the blocks,
+    the conditioning's patch embedding and timestep embedder; the head on the image tokens)."""
+    t, h, w = model.stage2.grid
+    d = model.stage2.blocks[0].attn.qkv.in_features
+    head = model.stage2.heads[0].linear.out_features
+    stage2 = forward_flops(model.stage2, (2 * t, h, w)) - 2 * t * h * w * d * head  # heads read the image tokens only
+    aug = 2 * (model.aug_embedder.mlp[0].in_features * d + d * d)
+    return forward_flops(model.stage1), stage2 + aug
+
+
 def training_forward_flops(recipe, model: torch.nn.Module) -> float:
     """Forward FLOPs per training image: the model's; for Pyramidal Flow the average over its
     stages, each at its own token grid, weighted by `p_stage`; for the cascade, each model's
     for its share of the steps."""
     if recipe.flow.method == "cascaded":
-        from dfm_cli.cascaded import cascade_flops
-
         stage1, stage2 = cascade_flops(model)
         return recipe.flow.cascade_split * stage1 + (1 - recipe.flow.cascade_split) * stage2
     if recipe.flow.method != "pyramidal":

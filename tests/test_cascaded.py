@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_dfm
-from dfm_cli.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, cascade_flops, sample_cascaded
+from dfm_cli.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, sample_cascaded
 from dfm_cli.model import model_size
+from dfm_cli.perf import cascade_flops
 
 TINY_CASCADE = ROOT / "recipes" / "tiny" / "cascaded.toml"
 
