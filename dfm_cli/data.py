@@ -332,7 +332,7 @@ def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict
         data = builtin(name, resolution, frames)
         data = data.in_memory() if isinstance(data, SpriteClips) else data
     elif name == "store":
-        from dfm_cli.store import LatentStore
+        from dfm_cli.latent_store import LatentStore
 
         data = LatentStore(path)
     elif name == "folder":

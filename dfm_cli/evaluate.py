@@ -355,7 +355,7 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
         source = Source(d.path, folder.raw_all(),
                         cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}")
     else:
-        from dfm_cli.store import INDEX
+        from dfm_cli.latent_store import INDEX
 
         index = Path(d.path) / INDEX
         with reading(index, "store index"):

@@ -175,7 +175,7 @@ def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tin
     from dfm_cli.factory import build_model
     from dfm_cli.init_from import load_single_level
     from dfm_cli.recipe import load_recipe
-    from dfm_cli.store import LatentStore
+    from dfm_cli.latent_store import LatentStore
 
     root = tiny_text / "tiny-text"
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "flux_finetune.toml",

@@ -12,7 +12,7 @@ from conftest import ROOT, run_dfm
 from dfm_cli.autoencoders import PixelAE, build_autoencoder
 from dfm_cli.decompose import LaplacianPyramid
 from dfm_cli.data import sprite_clip
-from dfm_cli.store import LatentStore
+from dfm_cli.latent_store import LatentStore
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ def test_null_text_is_kept_in_the_checkpoint_state():
 
 def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     """The CLI path: encode captions into a store, train 2 steps on it, sample from a prompt."""
-    from dfm_cli.store import LatentStore
+    from dfm_cli.latent_store import LatentStore
 
     config, weights, _ = tiny_clip
     write_captioned_folder(tmp_path)

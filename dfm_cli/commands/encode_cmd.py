@@ -48,7 +48,8 @@ def encode(
 
     from dfm_cli import distributed
     from dfm_cli.sources import open_encode
-    from dfm_cli.store import INDEX, REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
+    from dfm_cli.latent_store import INDEX
+    from dfm_cli.store import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
     from dfm_cli.text import Captioner, TextEncoder, TextSettings
 
     listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
