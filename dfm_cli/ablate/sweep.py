@@ -251,10 +251,9 @@ def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe
 
 
 # Keys added after sweeps were first run: left out of a run's id while at their defaults.
-LATER_KEYS = {("model", "kind"): "dfm", ("data", "classes"): [], ("data", "captions"): "",
-              ("flow", "upsample_coarse"): False, ("flow", "method"): "dfm", ("flow", "gamma"): 1 / 3,
-              ("train", "init_from"): "", ("train", "per_level_only_steps"): 0,
-              ("flow", "cascade_split"): 0.8, ("flow", "cascade_aug"): [1.5, 1.0]}
+LATER_KEYS = (("model", "kind"), ("data", "classes"), ("data", "captions"), ("flow", "upsample_coarse"),
+              ("flow", "method"), ("flow", "gamma"), ("flow", "cascade_split"), ("flow", "cascade_aug"),
+              ("train", "init_from"), ("train", "per_level_only_steps"))
 
 
 def run_settings(recipe: Recipe) -> dict:
@@ -264,8 +263,9 @@ def run_settings(recipe: Recipe) -> dict:
     skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set()) \
         | ({"flux"} if recipe.model.kind != "flux" else set()) | ({"text"} if not recipe.data.captions else set())
     settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
-    for (section, key), default in LATER_KEYS.items():
-        if settings[section][key] == default:
+    defaults = Recipe().to_dict()
+    for section, key in LATER_KEYS:
+        if settings[section][key] == defaults[section][key]:
             del settings[section][key]
     return settings
 
