@@ -65,7 +65,8 @@ def forward_flops_of(recipe: Recipe) -> float:
     m, f = recipe.model, recipe.flow
     shape = data_shape(recipe)[0]
     key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors), f.method,
-           tuple(f.p_stage) if f.method == "pyramidal" else (), m.specialize)
+           tuple(f.p_stage) if f.method == "pyramidal" else (), f.cascade_split if f.method == "cascaded" else None,
+           m.specialize)
     if key not in _FLOPS:
         size = model_size(m.name)
         big = 12 * size.depth * size.hidden ** 2 > 2e7
