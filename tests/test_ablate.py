@@ -17,7 +17,7 @@ from rich.console import Console
 from conftest import ROOT, run_dfm
 from dfm_cli.ablate.compute import train_compute
 from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
-from dfm_cli.ablate.results import training_curves
+from dfm_cli.ablate.results import curve_series, training_curves
 from dfm_cli.ablate.sweep import baseline_cells, load_sweep
 from dfm_cli.errors import DfmError
 from dfm_cli.factory import build_model
@@ -142,6 +142,22 @@ class FakeDfm:
         else:
             mean = float(np.load(cmd[4])["arr_0"].mean())
             Path(arg["--json"]).write_text(json.dumps({"metrics": {"swd": mean, "num_samples": 64.0}}))
+
+
+def test_curves_are_against_flops_when_images_cost_different_compute(tmp_path):
+    from dfm_cli.ablate.layout import run_dir
+
+    body = '[[cell]]\nname = "a"\n[[cell]]\nname = "b"\n"{key}" = {value}\n'
+    for key, value, axis in (("sample.cfg", 2.0, "training images"), ("model.name", '"DFM-T/4"', "training FLOPs")):
+        sweep, out = load_sweep(write_sweep(tmp_path, body.format(key=key, value=value))), tmp_path / key
+        for run in sweep.runs:
+            run_dir(out, run.run_id).mkdir(parents=True)
+            (run_dir(out, run.run_id) / "stats.jsonl").write_text('{"step": 1, "images": 8, "eval_fid": 50.0}\n')
+        xlabel, curves = curve_series(sweep, out)
+        assert xlabel == axis
+        per_image = [train_compute(run.recipe)[1] / train_compute(run.recipe)[0] for run in sweep.runs]
+        expected = [8.0] if axis == "training images" else [8 * f for f in per_image]
+        assert sorted({x for c in curves.values() for x, _ in c["eval_fid"]}) == sorted(expected)
 
 
 def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):

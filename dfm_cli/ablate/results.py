@@ -169,28 +169,36 @@ def training_curves(stats: Path) -> dict[str, list[tuple[float, float]]]:
     return {k: sorted(v) for k, v in curves.items()}
 
 
-def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
-    """Metric against training images for every run that evaluated while training; against
-    training FLOPs when the runs' images cost different compute (Pyramidal Flow, a cascade), so
-    that points at one x had equal compute."""
-    # a run is labelled by the cells it serves: the names the sweep file gave them
+def curve_series(sweep: Sweep, out: Path) -> tuple[str, dict[str, dict[str, list[tuple[float, float]]]]]:
+    """The in-training `eval_*` curves of every run, labelled by the cells it serves, and their
+    x axis: training images, or training FLOPs when the runs' images cost different compute
+    (Pyramidal Flow, a cascade), so that points at one x had equal compute."""
     runs = {" / ".join(c.name for c in run.cells): (training_curves(run_dir(out, run.run_id) / "stats.jsonl"),
                                                      train_compute(run.recipe))
             for run in sweep.runs}
-    metrics = sorted({m for curves, _ in runs.values() for m in curves})
+    runs = {label: (curves, flops / images) for label, (curves, (images, flops)) in runs.items() if curves}
+    if not runs:
+        return "training images", {}
+    per_image = [f for _, f in runs.values()]
+    by_flops = max(per_image) > 1.02 * min(per_image)
+    return ("training FLOPs" if by_flops else "training images",
+            {label: {m: [(x * (f if by_flops else 1.0), v) for x, v in points] for m, points in curves.items()}
+             for label, (curves, f) in runs.items()})
+
+
+def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
+    """Metric along training for every run that evaluated while training."""
+    xlabel, runs = curve_series(sweep, out)
+    metrics = sorted({m for curves in runs.values() for m in curves})
     if not metrics:
         return
-    per_image = {label: flops / images for label, (curves, (images, flops)) in runs.items() if curves}
-    by_flops = max(per_image.values()) > 1.02 * min(per_image.values())
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for label, (curves, _) in runs.items():
+        for label, curves in runs.items():
             if metric in curves:
-                scale = per_image[label] if by_flops else 1.0
-                ax.plot([x * scale for x, _ in curves[metric]], [v for _, v in curves[metric]], marker=".",
-                        label=label)
-        ax.set_xlabel("training FLOPs" if by_flops else "training images")
+                ax.plot(*zip(*curves[metric]), marker=".", label=label)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric.removeprefix("eval_"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
