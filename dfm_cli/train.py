@@ -65,9 +65,18 @@ def lr_at(recipe: Recipe, step: int) -> float:
     return t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
 
 
+def stage2_start(recipe: Recipe) -> int:
+    """The step at which a cascade switches to stage 2 (0: not a cascade)."""
+    return round(recipe.flow.cascade_split * recipe.train.steps) if recipe.flow.method == "cascaded" else 0
+
+
 def ema_decay_at(recipe: Recipe, step: int) -> float:
-    """EMA decay with a warm-up, so short runs are not dominated by the random init."""
-    return min(recipe.train.ema_decay, (1 + step) / (10 + step))
+    """EMA decay with a warm-up, so short runs are not dominated by the random init. A cascade
+    warms up again at the switch: stage 2 is a new model whose early weights are poor (stage 1,
+    which no longer trains, only settles on its last weights)."""
+    switch = stage2_start(recipe)
+    since = step - switch if switch and step >= switch else step
+    return min(recipe.train.ema_decay, (1 + since) / (10 + since))
 
 
 @torch.no_grad()
@@ -192,7 +201,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     t = recipe.train
     found = complete_checkpoints(run_dir)
     check_resumable(run_dir, recipe, found[-1] if found else None)
-    split = recipe.flow.method == "cascaded" and round(recipe.flow.cascade_split * t.steps)
+    split = stage2_start(recipe)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
     dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
                             strict=recipe.data.strict, classes=recipe.data.classes)

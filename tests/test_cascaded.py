@@ -145,3 +145,17 @@ def test_the_split_changes_the_cascades_compute():
 
     late, early = (forward_flops_of(load_recipe(TINY_CASCADE, [f"flow.cascade_split={s}"])) for s in (0.8, 0.5))
     assert 1.2 * late < early
+
+
+def test_the_ema_warms_up_again_at_the_switch():
+    """Stage 2's early weights are poor: its EMA averages from the switch with a fresh warm-up,
+    as a new run's does; other methods keep one warm-up."""
+    from dfm_cli.recipe import load_recipe
+    from dfm_cli.train import ema_decay_at, stage2_start
+
+    recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8", "train.ema_decay=0.999"])
+    assert stage2_start(recipe) == 80
+    assert ema_decay_at(recipe, 79) == pytest.approx(80 / 89) and ema_decay_at(recipe, 80) == pytest.approx(0.1)
+    assert ema_decay_at(recipe, 90) == pytest.approx(11 / 20)
+    plain = load_recipe(ROOT / "recipes" / "tiny.toml", ["train.steps=100", "train.ema_decay=0.999"])
+    assert stage2_start(plain) == 0 and ema_decay_at(plain, 80) == pytest.approx(81 / 90)
