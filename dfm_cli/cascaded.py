@@ -6,14 +6,12 @@ It trains for the first `flow.cascade_split` (0.8) of the steps. Stage 2 is then
 from stage 1 and trained at the full size. It reads the upsampled coarse image through its own
 patch embedding, as tokens concatenated to its own, at the same positions.
 
-"Initialized from stage 1" covers the parts whose shape differs too. Stage 2's patch is
-`factor` times stage 1's, so its patch embedding starts as stage 1's applied to the
-`factor`-pooled patch, and its output head as stage 1's with each output pixel repeated
-`factor x factor` times: at the switch, stage 2 computes stage 1's velocity for the pooled input,
-upsampled. The conditioning's patch embedding starts the same way, and the augmentation-level
-embedder at zero, so the switch leaves stage 1's conditioning untouched. (A fresh embedding and
-a zero head would make stage 2 relearn to read and write pixels with only the last 20% of the
-steps; at 165 steps on 2 CPU cores that left its samples noise, FID 430.)
+Stage 2's patch embedding and head have another patch size than stage 1's, so they start
+fresh (the head at zero); the augmentation-level embedder starts at zero too, so the switch
+leaves stage 1's conditioning of the blocks untouched. (Starting them as stage 1's resized to
+the finer patch, which makes stage 2 compute stage 1's upsampled velocity at the switch, was
+measured and is worse: the averaging embedding hides the fine noise that stage 2 must predict,
+and its loss stalls; docs/baselines.md.)
 
 The coarse image is noise-augmented: `a up(L) + (1 - a) n`, with the augmentation's signal
 level `a` drawn logit-normal (`flow.cascade_aug`, loc 1.5 and scale 1) in training, and fixed
@@ -31,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError
@@ -83,7 +80,6 @@ class CascadedDiT(nn.Module):
         self.aug_embedder = TimestepEmbedder(size.hidden)
         nn.init.zeros_(self.aug_embedder.mlp[2].weight)  # a new input starts silent (adaLN-Zero's reasoning)
         nn.init.zeros_(self.aug_embedder.mlp[2].bias)
-        self.factor = factor
         self.level_sizes, self.channels, self.num_classes = [coarse, fine], channels, num_classes
         self.grid = self.stage2.grid
 
@@ -96,23 +92,10 @@ class CascadedDiT(nn.Module):
 
     @torch.no_grad()
     def start_stage2(self) -> None:
-        """Stage 2 takes stage 1's transformer, embeddings of time, class or text, and stage;
-        its patch embeddings (own and conditioning's) and head are stage 1's resized to its patch."""
+        """Stage 2 takes stage 1's transformer, embeddings of time, class or text, and stage."""
         own = self.stage2.state_dict()
         own.update({k: v for k, v in self.stage1.state_dict().items() if k.startswith(SHARED) and k in own})
         self.stage2.load_state_dict(own)
-        f, c = self.factor, self.channels
-        embed = self.stage1.patch_embeds[0].proj
-        weight = rearrange(embed.weight, "d (p q c) -> d p q c", p=self.stage1.patch_embeds[0].p, c=c)
-        weight = weight.repeat_interleave(f, 1).repeat_interleave(f, 2).flatten(1) / f ** 2  # mean over f x f
-        for target in (self.stage2.patch_embeds[0].proj, self.cond_embed.proj):
-            target.weight.copy_(weight)
-            target.bias.copy_(embed.bias)
-        head, new = self.stage1.heads[0], self.stage2.heads[0]
-        new.ada.load_state_dict(head.ada.state_dict())
-        for name in ("weight", "bias"):
-            out = rearrange(getattr(head.linear, name), "(p q c) ... -> p q c ...", p=head.p, c=c)
-            getattr(new.linear, name).copy_(out.repeat_interleave(f, 0).repeat_interleave(f, 1).flatten(0, 2))
 
     def stage2_parameters(self) -> list[nn.Parameter]:
         """What trains after the switch: stage 2 and its conditioning's embeddings."""
