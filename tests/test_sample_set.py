@@ -84,18 +84,27 @@ def test_a_file_without_a_manifest_is_not_trusted(model, tmp_path):
 
 
 # ----------------------------------------------------------------- shrink, extend, resume
+def same_samples(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding: a sample's noise does not depend on the batch, but on some
+    CPUs a matmul over another batch size rounds differently in the last bit, which can move
+    a few uint8 pixels by one level."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1 and (a != b).mean() < 1e-3
+
+
 def test_shrinking_holds_exactly_num_and_extending_keeps_the_first_samples(model, tmp_path):
     whole, labels, _ = arrays(make(model, tmp_path / "whole.npz", 10, batch=3))
     out = tmp_path / "s.npz"
     make(model, out, 7, batch=4)
     first = arrays(out)[0]
-    assert np.array_equal(first, whole[:7])
+    assert same_samples(first, whole[:7])
     make(model, out, 3)
     images, lab, manifest = arrays(out)
     assert images.shape[0] == 3 and lab.tolist() == [0, 1, 2] and manifest["num"] == 3
+    assert np.array_equal(images, first[:3])  # shrinking keeps the stored samples, bit for bit
     make(model, out, 10, batch=2)
     images, lab, manifest = arrays(out)
-    assert np.array_equal(images, whole) and np.array_equal(lab, labels) and manifest["num"] == 10
+    assert np.array_equal(images[:3], first[:3])  # extending does not regenerate what is kept
+    assert same_samples(images, whole) and np.array_equal(lab, labels) and manifest["num"] == 10
 
     folder = tmp_path / "pngs"
     make(model, folder, 7)
@@ -104,7 +113,7 @@ def test_shrinking_holds_exactly_num_and_extending_keeps_the_first_samples(model
     assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
     make(model, folder, 10, batch=3)
     assert len(list(folder.glob("*.png"))) == 10 and (folder / "000002.png").stat().st_mtime_ns == stamp
-    assert np.array_equal(np.asarray(Image.open(folder / "000009.png")), whole[9, ..., 0])
+    assert same_samples(np.asarray(Image.open(folder / "000009.png")), whole[9, ..., 0])
 
 
 def test_an_interrupted_set_resumed_smaller_never_holds_more_than_num(model, tmp_path):
