@@ -32,7 +32,8 @@ from dfm_cli.checkpoint import (RunInfo, complete_checkpoints, load_training_sta
                                 truncate_stats)
 from dfm_cli.data import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model, build_objective, build_pyramid, plain_pyramid, precondition_rms
+from dfm_cli.factory import (build_model, build_objective, build_pyramid, cascade_settings, plain_pyramid,
+                             precondition_rms)
 from dfm_cli.flow import Draws
 from dfm_cli.init_from import convert_single_level, load_single_level, per_level_parameters
 from dfm_cli.level_stats import level_statistics, stored_level_statistics
@@ -67,7 +68,7 @@ def lr_at(recipe: Recipe, step: int) -> float:
 
 def stage2_start(recipe: Recipe) -> int:
     """The step at which a cascade switches to stage 2 (0: not a cascade)."""
-    return round(recipe.flow.cascade_split * recipe.train.steps) if recipe.flow.method == "cascaded" else 0
+    return cascade_settings(recipe).split_step(recipe.train.steps) if recipe.flow.method == "cascaded" else 0
 
 
 def ema_decay_at(recipe: Recipe, step: int) -> float:
@@ -75,7 +76,7 @@ def ema_decay_at(recipe: Recipe, step: int) -> float:
     warms up again at the switch: stage 2 is a new model whose early weights are poor (stage 1,
     which no longer trains, only settles on its last weights)."""
     switch = stage2_start(recipe)
-    since = step - switch if switch and step >= switch else step
+    since = step - switch if step >= switch else step
     return min(recipe.train.ema_decay, (1 + since) / (10 + since))
 
 
