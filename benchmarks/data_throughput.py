@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 from train_throughput import measure
 
 from dfm_cli import distributed
-from dfm_cli.autoencoders import build_autoencoder
-from dfm_cli.batches import StreamBatches
-from dfm_cli.sources import build_source
-from dfm_cli.store import EncodeSettings, LatentStore, encode_store
+from dfm_cli.data.autoencoders import build_autoencoder
+from dfm_cli.training.batches import StreamBatches
+from dfm_cli.data.sources import build_source
+from dfm_cli.data.encode import EncodeSettings, LatentStore, encode_store
 
 
 def encode_rate(source, ae, out: Path) -> float:

@@ -2,7 +2,7 @@
 
 The step is a DiT-S/2 on one level (Flow Matching), 256 tokens (32×32×4 latents, patch 2),
 batch 8, on the CPU: forward, MSE on the velocity, backward and an AdamW update. "before"
-is `dfm_cli/model.py` as it was at `--before` (cos/sin of the angles in every block, for q and
+is `dfm_cli/models/dit.py` as it was at `--before` (cos/sin of the angles in every block, for q and
 for k, strided pairs rotated through `stack`); "after" is the working tree (unit complex
 rotations once per token grid, q and k rotated together by one complex multiplication). Configurations run in
 interleaved rounds so that machine noise hits all of them alike; the table gives the median
@@ -31,18 +31,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import dfm_cli.model as after
+import dfm_cli.models.dit as after
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_at(rev: str) -> types.ModuleType:
-    """`dfm_cli/model.py` as committed at `rev`, imported under its own name."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dfm_cli/model.py"],
+    """`dfm_cli/models/dit.py` as committed at `rev`, imported under its own name."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dfm_cli/models/dit.py"],
                             check=True, capture_output=True, text=True).stdout
     module = types.ModuleType(f"model_{rev}")
     sys.modules[module.__name__] = module  # dataclasses resolve their module by name
-    exec(compile(source, f"{rev}:dfm_cli/model.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:dfm_cli/models/dit.py", "exec"), module.__dict__)
     return module
 
 

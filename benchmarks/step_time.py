@@ -3,7 +3,7 @@
 `python benchmarks/step_time.py` compares DFM and Flow Matching at equal tokens (paper
 Table 2: +1.2% on a GPU). Both models share the size and the token grid: DFM's coarse level
 uses half the patch, so the sequence length is the FM baseline's. The step is the real one
-from `dfm_cli.train`, timed in interleaved rounds so that machine noise hits both sides
+from `dfm_cli.training.loop`, timed in interleaved rounds so that machine noise hits both sides
 equally (see train_throughput.py, which this reuses, for more sizes, MFU and memory).
 
 `python benchmarks/step_time.py --loop` runs the whole training loop (data loader, draws,
@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.table import Table
 from train_throughput import measure
 
-from dfm_cli.factory import build_objective, pick_device
-from dfm_cli.recipe import load_recipe
+from dfm_cli.methods.factory import build_objective, pick_device
+from dfm_cli.config.recipe import load_recipe
 from dfm_cli.seeding import SAMPLE_DRAWS, mix_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def draw_time(recipe, repeats: int = 5) -> float:
 
 def loop_rows(steps: int, workers: list[int]) -> list[dict]:
     """Train each LOOPS entry for `steps` steps, logging every step; the first is warm-up."""
-    from dfm_cli.train import train
+    from dfm_cli.training.loop import train
 
     rows = []
     for label, path, overrides in LOOPS:

@@ -1,7 +1,7 @@
 """Train throughput of DFM and Flow Matching side by side: step time, images/s, MFU, memory.
 
 For each (model, resolution) it builds the FM baseline (S = 1) and DFM (S = 2) at equal
-tokens, runs the real training step from `dfm_cli.train` (decompose, objective, backward,
+tokens, runs the real training step from `dfm_cli.training.loop` (decompose, objective, backward,
 clip, AdamW, EMA) on synthetic latents in interleaved rounds, and prints one table with the
 DFM/FM ratio. On CUDA it defaults to DFM-B/2 and DFM-XL/2 at 256 and 512 px (SD-VAE-like
 4-channel latents at 1/8 resolution), bf16 autocast; on the CPU to tiny sizes in pixels.
@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli import distributed
-from dfm_cli.factory import build_model, build_objective, build_pyramid, pick_device
-from dfm_cli.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
-from dfm_cli.recipe import load_recipe
-from dfm_cli.stats import Interval
-from dfm_cli.train import Step, compiled
+from dfm_cli.methods.factory import build_model, build_objective, build_pyramid, pick_device
+from dfm_cli.training.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.training.stats import Interval
+from dfm_cli.training.loop import Step, compiled
 
 CUDA_CONFIGS = "DFM-B/2@256,DFM-B/2@512,DFM-XL/2@256,DFM-XL/2@512"
 CPU_CONFIGS = "DFM-N/2@16,DFM-T/4@32"

@@ -20,8 +20,8 @@ from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
 from dfm_cli.ablate.results import curve_series, training_curves
 from dfm_cli.ablate.sweep import baseline_cells, load_sweep
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model
-from dfm_cli.perf import forward_flops
+from dfm_cli.methods.factory import build_model
+from dfm_cli.training.perf import forward_flops
 
 TINY_SWEEP = ROOT / "recipes" / "tiny" / "ablate.toml"
 
@@ -242,9 +242,9 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cache(tmp_path, monkeypatch):
-    from dfm_cli import evaluate
-    from dfm_cli.data import build_dataset
-    from dfm_cli.evaluate import reference_images
+    from dfm_cli.evaluation import evaluate
+    from dfm_cli.data.datasets import build_dataset
+    from dfm_cli.evaluation.evaluate import reference_images
 
     monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "ref.npz"

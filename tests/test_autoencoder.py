@@ -12,12 +12,12 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_dfm
-from dfm_cli.ae_losses import downsample, pyramid_l1, scale_equivariance_loss
-from dfm_cli.ae_train import EXPORT, build_vae, evenly_spaced_images, train_autoencoder
-from dfm_cli.autoencoders import build_autoencoder
-from dfm_cli.data import build_dataset
+from dfm_cli.training.autoencoder_losses import downsample, pyramid_l1, scale_equivariance_loss
+from dfm_cli.training.autoencoder import EXPORT, build_vae, evenly_spaced_images, train_autoencoder
+from dfm_cli.data.autoencoders import build_autoencoder
+from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.recipe import load_recipe
+from dfm_cli.config.recipe import load_recipe
 
 TINY_AE = ROOT / "recipes" / "tiny" / "ae.toml"
 QUIET = Console(quiet=True)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_dfm
-from dfm_cli.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, sample_cascaded
-from dfm_cli.model import model_size
-from dfm_cli.perf import cascade_flops
+from dfm_cli.baselines.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, sample_cascaded
+from dfm_cli.models.dit import model_size
+from dfm_cli.training.perf import cascade_flops
 
 TINY_CASCADE = ROOT / "recipes" / "tiny" / "cascaded.toml"
 
@@ -80,7 +80,7 @@ def test_sampling_conditions_stage_2_on_stage_1_at_the_fixed_noise_level():
 def test_stage_2_starts_from_stage_1_in_the_model_and_its_ema_and_both_count_towards_compute():
     import copy
 
-    from dfm_cli.cascaded import switch_to_stage2
+    from dfm_cli.baselines.cascaded import switch_to_stage2
 
     model = cascade()
     ema = copy.deepcopy(model)
@@ -117,7 +117,7 @@ def test_tiny_cascaded_recipe_trains_both_stages_and_samples(tmp_path):
 @pytest.mark.parametrize("key", ["flow.levels=3", "flow.cascade_split=1.0"])
 def test_cascade_settings_are_checked(key):
     from dfm_cli.errors import DfmError
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     with pytest.raises(DfmError, match=key.split("=")[0].replace(".", r"\.")):
         load_recipe(TINY_CASCADE, [key, "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"]
@@ -128,7 +128,7 @@ def test_the_split_changes_the_cascades_compute():
     """Stage 2 costs about twice stage 1 per image, so a later switch costs less per image (and
     sweep planning must not reuse one split's figure for another)."""
     from dfm_cli.ablate.compute import forward_flops_of
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     late, early = (forward_flops_of(load_recipe(TINY_CASCADE, [f"flow.cascade_split={s}"])) for s in (0.8, 0.5))
     assert 1.2 * late < early
@@ -137,8 +137,8 @@ def test_the_split_changes_the_cascades_compute():
 def test_the_ema_warms_up_again_at_the_switch():
     """Stage 2's early weights are poor: its EMA averages from the switch with a fresh warm-up,
     as a new run's does; other methods keep one warm-up."""
-    from dfm_cli.recipe import load_recipe
-    from dfm_cli.train import ema_decay_at, stage2_start
+    from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.training.loop import ema_decay_at, stage2_start
 
     recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8", "train.ema_decay=0.999"])
     assert stage2_start(recipe) == 80

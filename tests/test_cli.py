@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, run_dfm
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 
 
 def test_train_writes_a_complete_run_folder(tmp_path):

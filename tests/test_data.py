@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm_cli.batches import StreamBatches
-from dfm_cli.data import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, UnreadableImage, _NumpyOnly,
+from dfm_cli.training.batches import StreamBatches
+from dfm_cli.data.datasets import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, UnreadableImage, _NumpyOnly,
                           animal_mnist, build_dataset, photo_crops)
 from dfm_cli.listing import list_files
 from dfm_cli.errors import DfmError
@@ -52,7 +52,7 @@ def test_image_folder(tmp_path):
 
 def test_class_subsets_keep_label_ids_and_refuse_what_they_cannot_do(tmp_path):
     from dfm_cli.ablate.execute import write_reference
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     ds = build_dataset("animal-mnist", "", 16, classes=[2, 7])
     assert len(ds) == 2000 and set(ds.labels.tolist()) == {2, 7} and ds.num_classes == 10
@@ -155,8 +155,8 @@ def test_photo_crops_are_deterministic_real_and_everywhere_a_builtin_is():
 
 
 def test_every_builtin_is_a_train_dataset_an_encode_source_and_an_eval_reference():
-    from dfm_cli.evaluate import load_source
-    from dfm_cli.sources import build_source
+    from dfm_cli.evaluation.evaluate import load_source
+    from dfm_cli.data.sources import build_source
 
     for name, entry in BUILTIN.items():
         frames = 8 if entry.video else 0  # eval's reference clips have 8 frames
@@ -175,7 +175,7 @@ def test_every_builtin_is_a_train_dataset_an_encode_source_and_an_eval_reference
 
 
 def test_eval_reads_a_folder_through_the_same_lister(tmp_path):
-    from dfm_cli.evaluate import load_source
+    from dfm_cli.evaluation.evaluate import load_source
 
     for i in range(3):
         Image.fromarray(np.full((4, 4), 10 * i, np.uint8)).save(tmp_path / f"{i:06d}.png")

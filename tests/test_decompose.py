@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from dfm_cli.decompose import BlockDCT, Decomposition, HaarWavelet, LaplacianPyramid, build_decomposition, dct_matrix
-from dfm_cli.level_report import crop_to_multiple, energy_shares
+from dfm_cli.method.decompose import BlockDCT, Decomposition, HaarWavelet, LaplacianPyramid, build_decomposition, dct_matrix
+from dfm_cli.method.level_report import crop_to_multiple, energy_shares
 from dfm_cli.errors import DfmError
 
 CASES = [
@@ -148,7 +148,7 @@ def test_factor_four_low_band_is_the_block_mean_not_the_centre_samples():
 
 
 def test_level_report_writes_every_level_and_its_table(tmp_path):
-    from dfm_cli.level_report import analyse, report_table, write_report
+    from dfm_cli.method.level_report import analyse, report_table, write_report
 
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     report = analyse(x, build_decomposition("dwt", 3, [2, 2]), encode=lambda im: im[:, :2, ::2, ::2])

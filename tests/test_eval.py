@@ -11,11 +11,11 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from conftest import TINY, run_dfm
-from dfm_cli import features as feats
+from dfm_cli.evaluation import features as feats
 from dfm_cli.errors import DfmError
-from dfm_cli.evaluate import Request, evaluate, load_source, run_reference, run_set_path, sample_warnings
-from dfm_cli.gates import check_gates, check_thresholds
-from dfm_cli.metrics import feature_statistics, frechet_distance, precision_recall, swd
+from dfm_cli.evaluation.evaluate import Request, evaluate, load_source, run_reference, run_set_path, sample_warnings
+from dfm_cli.evaluation.gates import check_gates, check_thresholds
+from dfm_cli.evaluation.metrics import feature_statistics, frechet_distance, precision_recall, swd
 
 
 # ----------------------------------------------------------------- Fréchet distance
@@ -118,7 +118,7 @@ class _NoProgress:
 
 
 def load_source_arrays(arr):
-    from dfm_cli.evaluate import Source
+    from dfm_cli.evaluation.evaluate import Source
 
     return Source("array", arr)
 
@@ -419,7 +419,7 @@ def test_eval_without_samples_scores_the_newest_run_and_reuses_its_set(tmp_path)
 
 
 def test_a_runs_reference_is_its_training_data_at_its_resolution(tmp_path):
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     ref = run_reference(load_recipe(TINY), tmp_path)
     assert ref.images.shape == (10000, 16, 16, 3) and ref.images.dtype == np.uint8

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY, run_dfm
-from dfm_cli.experts import StageLinear
-from dfm_cli.model import DFMDiT, model_size
+from dfm_cli.models.experts import StageLinear
+from dfm_cli.models.dit import DFMDiT, model_size
 
 SIZES = [(8, 8), (16, 16)]
 
@@ -82,7 +82,7 @@ def test_a_stage_never_reads_another_stages_experts(kind):
 
 def test_experts_train_apart_through_the_cli(tmp_path):
     run_dfm("train", TINY, "--set", "model.specialize=mlp", "--set", "train.steps=4", "--out", tmp_path / "R")
-    from dfm_cli.factory import load_trained
+    from dfm_cli.methods.factory import load_trained
 
     model, _, _ = load_trained(tmp_path / "R", ema=False)
     expert = next(e for e in model.experts if isinstance(e, StageLinear))

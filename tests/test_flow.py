@@ -1,8 +1,8 @@
 import torch
 
-from dfm_cli.decompose import LaplacianPyramid
-from dfm_cli.flow import FlowObjective, mask_later_levels
-from dfm_cli.model import DFMDiT, model_size
+from dfm_cli.method.decompose import LaplacianPyramid
+from dfm_cli.method.flow import FlowObjective, mask_later_levels
+from dfm_cli.models.dit import DFMDiT, model_size
 
 
 def tiny_model(levels: int = 2) -> DFMDiT:

@@ -1,4 +1,4 @@
-"""DFM-FLUX (`dfm_cli.flux`): a one-level model is the diffusers FLUX transformer itself, a
+"""DFM-FLUX (`dfm_cli.models.flux`): a one-level model is the diffusers FLUX transformer itself, a
 conversion to more levels keeps the pretrained velocity at step 0, and the model trains and
 samples with the repo's own objective and sampler. Tiny random configs, CPU, seconds."""
 
@@ -13,13 +13,13 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.flow import FlowObjective
-from dfm_cli.flux import DFMFlux, flux_single_level_state, load_flux_transformer
-from dfm_cli.init_from import convert_single_level
-from dfm_cli.sampler import SamplerSettings, generate
-from dfm_cli.text_cond import TextCond
+from dfm_cli.method.flow import FlowObjective
+from dfm_cli.models.flux import DFMFlux, flux_single_level_state, load_flux_transformer
+from dfm_cli.models.conversion import convert_single_level
+from dfm_cli.method.sampler import SamplerSettings, generate
+from dfm_cli.method.cond import TextCond
 
 from conftest import ROOT, run_dfm
 
@@ -172,10 +172,10 @@ def test_tiny_flux_recipe_trains_2_steps_and_samples_from_a_prompt(tiny_text, tm
 def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tiny_text):
     """`train.init_from` = a FLUX transformer folder (the paper's placement): at step 0 the DFM
     model's coarse level predicts what the pretrained FLUX predicts on the upsampled input."""
-    from dfm_cli.factory import build_model
-    from dfm_cli.init_from import load_single_level
-    from dfm_cli.recipe import load_recipe
-    from dfm_cli.latent_store import LatentStore
+    from dfm_cli.methods.factory import build_model
+    from dfm_cli.models.conversion import load_single_level
+    from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.data.store import LatentStore
 
     root = tiny_text / "tiny-text"
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "flux_finetune.toml",

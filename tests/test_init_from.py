@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_dfm
 from dfm_cli.errors import DfmError
-from dfm_cli.factory import build_model
-from dfm_cli.init_from import convert_single_level, per_level_parameters
-from dfm_cli.recipe import load_recipe
-from dfm_cli.train import train
+from dfm_cli.methods.factory import build_model
+from dfm_cli.models.conversion import convert_single_level, per_level_parameters
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.training.loop import train
 
 FM = ["flow.levels=1", "flow.p_stage=[1.0]", "flow.factors=[]", "sample.steps=[5]", "sample.tau=[]"]
 SHAPE, CLASSES = (1, 16, 16), 10
@@ -70,7 +70,7 @@ def test_coarse_placement_reproduces_the_pretrained_velocity_on_the_upsampled_co
 
 
 def test_upsampled_coarse_decomposition_recomposes_exactly():
-    from dfm_cli.factory import plain_pyramid
+    from dfm_cli.methods.factory import plain_pyramid
 
     pyramid = plain_pyramid(load_recipe(TINY, ["flow.upsample_coarse=true"]))
     x = torch.randn(2, 1, 32, 32)

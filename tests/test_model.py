@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.model import MODELS, DFMDiT, model_size
-from dfm_cli.positions import level_patches
-from dfm_cli.positions import apply_rope, grid_positions, rope_angles, rope_rotations
+from dfm_cli.models.dit import MODELS, DFMDiT, model_size
+from dfm_cli.models.positions import level_patches
+from dfm_cli.models.positions import apply_rope, grid_positions, rope_angles, rope_rotations
 
 
 def build(levels, res=32, name="DFM-N/4", **kw):
@@ -157,8 +157,8 @@ def test_precondition_is_off_by_default_and_rides_in_the_state_dict():
 
 
 def test_precondition_rms_comes_from_the_level_statistics():
-    from dfm_cli.factory import build_model, precondition_rms
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.methods.factory import build_model, precondition_rms
+    from dfm_cli.config.recipe import load_recipe
 
     recipe = load_recipe("recipes/tiny.toml", ["flow.precondition=true"])
     stats = {"mean": [[0.5, -0.5], [0.0, 0.0]], "std": [[0.5, 0.5], [0.1, 0.3]]}

@@ -2,10 +2,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.perf import autocast_dtype, forward_flops, peak_memory_gb, peak_tflops, train_flops
+from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.training.perf import autocast_dtype, forward_flops, peak_memory_gb, peak_tflops, train_flops
 
 
 @pytest.mark.parametrize("levels,name,res", [(1, "DFM-N/2", 16), (2, "DFM-N/4", 32), (3, "DFM-T/4", 32)])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_dfm
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.pyramidal import PyramidalSchedule, block_noise, renoise, sample_pyramidal, up
+from dfm_cli.baselines.pyramidal import PyramidalSchedule, block_noise, renoise, sample_pyramidal, up
 
 
 def matrix(fn, n_in: int) -> torch.Tensor:
@@ -99,9 +99,9 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data(factors):
 
 
 def test_tiny_pyramidal_recipe_trains_and_samples_and_counts_each_stages_flops(tmp_path):
-    from dfm_cli.factory import build_model
-    from dfm_cli.perf import forward_flops, training_forward_flops
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.methods.factory import build_model
+    from dfm_cli.training.perf import forward_flops, training_forward_flops
+    from dfm_cli.config.recipe import load_recipe
 
     recipe_path = ROOT / "recipes" / "tiny" / "pyramidal.toml"
     run_dfm("train", recipe_path, "--out", tmp_path / "R")

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import ROOT, run_dfm
 from dfm_cli.errors import DfmError
-from dfm_cli.recipe import load_recipe
+from dfm_cli.config.recipe import load_recipe
 
 
 def write(tmp_path, text):

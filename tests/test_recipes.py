@@ -13,7 +13,7 @@ from rich.console import Console
 from conftest import ROOT
 from dfm_cli.ablate import compute
 from dfm_cli.ablate.sweep import load_sweep
-from dfm_cli.recipe import load_recipe
+from dfm_cli.config.recipe import load_recipe
 
 RECIPES = ROOT / "recipes"
 ALL = sorted(RECIPES.rglob("*.toml"))
@@ -70,9 +70,9 @@ def test_every_paper_experiment_has_a_tiny_twin_with_the_same_keys(paper, twin):
 
 def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     """Train `recipe` in-process, then draw 4 samples with each of `sample_recipes`' settings."""
-    from dfm_cli.factory import build_pyramid, load_trained
-    from dfm_cli.sampler import SamplerSettings, class_balanced_labels, generate
-    from dfm_cli.train import train
+    from dfm_cli.methods.factory import build_pyramid, load_trained
+    from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate
+    from dfm_cli.training.loop import train
 
     assert recipe.train.steps == 2, "tiny twins train 2 steps"
     train(recipe, run, console=Console(quiet=True))
@@ -80,7 +80,7 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     model, trained, info = load_trained(run)
     decomposition = build_pyramid(trained, info.level_stats)
     if info.text:  # a text-conditioned twin samples from prompts, encoded by the run's own encoder
-        from dfm_cli.text import Prompts
+        from dfm_cli.data.text_encoders import Prompts
 
         condition = Prompts.encode(["a red square", "a big blue square"] * 2, info.text, torch.device("cpu")).encoded
     else:

@@ -14,11 +14,11 @@ from typer.testing import CliRunner
 from conftest import TINY, run_dfm
 from dfm_cli import distributed
 from dfm_cli.cli import app
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.sample_set import write_sample_set
-from dfm_cli.sampler import SamplerSettings
+from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.sampling.sample_set import write_sample_set
+from dfm_cli.method.sampler import SamplerSettings
 
 PYR = LaplacianPyramid(2, [2])
 SETTINGS = SamplerSettings((2, 1), (0.7,), cfg=1.5)
@@ -259,8 +259,8 @@ def test_a_run_trained_on_some_classes_samples_only_those(tmp_path):
     in turn (a finetune on a subset is scored against that subset)."""
     from rich.console import Console
 
-    from dfm_cli.recipe import load_recipe
-    from dfm_cli.train import train
+    from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.training.loop import train
 
     run = tmp_path / "run"
     train(load_recipe(TINY, ["data.classes=[8, 9]", "train.steps=2"]), run, console=Console(quiet=True))

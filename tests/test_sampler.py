@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from dfm_cli.decompose import LaplacianPyramid
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.sampler import GuidedVelocity, SamplerSettings, generate, progressive_schedule, sample
+from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.method.sampler import GuidedVelocity, SamplerSettings, generate, progressive_schedule, sample
 
 
 def check_schedule(steps, tau):
@@ -166,7 +166,7 @@ def test_generate_counts_nfe_previews_and_partial_stages():
 
 # ----------------------------------------------------------------- settings: one place for the knobs
 def recipe_with(**flow):
-    from dfm_cli.recipe import Recipe
+    from dfm_cli.config.recipe import Recipe
 
     r = Recipe()
     r.sample.steps, r.sample.tau, r.sample.cfg = [6, 4, 2], [0.6, 0.8], 2.0
@@ -230,7 +230,7 @@ class Spy(torch.nn.Module):
 
 @torch.no_grad()
 def test_without_input_masking_later_levels_are_fed_as_their_noise():
-    from dfm_cli.sampler import sample_noise
+    from dfm_cli.method.sampler import sample_noise
 
     pyr, labels = LaplacianPyramid(2, [2]), torch.arange(4)
     noise = sample_noise(random_model(), 3, range(4))
@@ -251,7 +251,7 @@ def test_without_input_masking_later_levels_are_fed_as_their_noise():
 
 @torch.no_grad()
 def test_tied_sampler_moves_all_active_levels_with_one_t():
-    from dfm_cli.sampler import sample_noise
+    from dfm_cli.method.sampler import sample_noise
 
     pyr, labels = LaplacianPyramid(3, [2, 2]), torch.arange(4)
     settings = SamplerSettings.resolve(recipe_with(tied_timesteps=True), 3)

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, run_dfm
-from dfm_cli.autoencoders import PixelAE, build_autoencoder
-from dfm_cli.decompose import LaplacianPyramid
-from dfm_cli.data import sprite_clip
-from dfm_cli.latent_store import LatentStore
+from dfm_cli.data.autoencoders import PixelAE, build_autoencoder
+from dfm_cli.method.decompose import LaplacianPyramid
+from dfm_cli.data.datasets import sprite_clip
+from dfm_cli.data.store import LatentStore
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_a_failed_encode_rerun_at_another_resolution_is_refused_or_restarts_clea
 
 def test_bad_encode_flags_fail_before_any_work(tmp_path):
     from dfm_cli.errors import DfmError
-    from dfm_cli.store import EncodeSettings
+    from dfm_cli.data.encode import EncodeSettings
 
     proc = run_dfm("encode", "sprites", "--shard-size", "0", "--out", tmp_path / "s", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --shard-size 0: must be at least 1"
@@ -197,8 +197,8 @@ def test_bad_encode_flags_fail_before_any_work(tmp_path):
 
 def encode_api(tmp_path, **changes):
     from dfm_cli.distributed import Context
-    from dfm_cli.sources import open_encode
-    from dfm_cli.store import EncodeSettings, encode_store
+    from dfm_cli.data.sources import open_encode
+    from dfm_cli.data.encode import EncodeSettings, encode_store
 
     settings = EncodeSettings(**{"source": "photo-crops", "out": tmp_path / "store", "resolution": 8, "num": 7,
                                  "shard_size": 3, **changes})
@@ -230,7 +230,7 @@ def test_only_finished_verified_shards_are_reused(tmp_path):
 def test_a_shard_of_the_wrong_shape_is_redone_even_with_a_matching_record(tmp_path):
     from safetensors.torch import save_file
 
-    from dfm_cli.store import _sha256
+    from dfm_cli.data.encode import _sha256
 
     encode_api(tmp_path)
     store = tmp_path / "store"
@@ -257,8 +257,8 @@ def test_a_store_made_with_other_settings_is_refused_in_one_line(tmp_path):
 
 def test_a_shard_with_no_readable_item_never_counts_as_done(tmp_path):
     from dfm_cli.distributed import Context
-    from dfm_cli.sources import open_encode
-    from dfm_cli.store import EncodeSettings, encode_store
+    from dfm_cli.data.sources import open_encode
+    from dfm_cli.data.encode import EncodeSettings, encode_store
 
     src = image_folder(tmp_path / "imgs", n=4)  # cats/0, cats/1, dogs/0, dogs/1
     for name in ("0.png", "1.png"):
@@ -276,8 +276,8 @@ def test_a_shard_with_no_readable_item_never_counts_as_done(tmp_path):
 
 
 def test_level_statistics_cover_the_whole_class_sorted_store():
-    from dfm_cli.data import TensorImages
-    from dfm_cli.level_stats import level_statistics
+    from dfm_cli.data.datasets import TensorImages
+    from dfm_cli.method.level_stats import level_statistics
 
     images = torch.cat([torch.zeros(6, 1, 4, 4), torch.full((6, 1, 4, 4), 254.0)]).byte()
     sorted_by_class = TensorImages(images, torch.tensor([0] * 6 + [1] * 6), ("dark", "light"))
@@ -289,7 +289,7 @@ def test_level_statistics_cover_the_whole_class_sorted_store():
 
 def test_statistics_with_another_antialias_are_refused():
     from dfm_cli.errors import DfmError
-    from dfm_cli.level_stats import stored_level_statistics
+    from dfm_cli.method.level_stats import stored_level_statistics
 
     stats = {"levels": 2, "factors": [2], "temporal_factors": [1], "antialias": False, "picked": "strided",
              "mean": [[0.0]], "std": [[1.0]]}
@@ -304,8 +304,8 @@ def test_statistics_with_another_antialias_are_refused():
 
 def test_training_refuses_a_store_whose_statistics_used_another_antialias(tmp_path):
     from dfm_cli.errors import DfmError
-    from dfm_cli.recipe import load_recipe
-    from dfm_cli.train import data_level_statistics
+    from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.training.loop import data_level_statistics
 
     encode_api(tmp_path, resolution=16, levels=2)
     store = LatentStore(tmp_path / "store")

@@ -11,10 +11,10 @@ import torch
 
 from conftest import TINY, TINY_TEXT_CAPTIONS, run_dfm, write_captioned_folder, write_tiny_clip, write_tiny_t5
 from dfm_cli.errors import DfmError
-from dfm_cli.model import DFMDiT, model_size
-from dfm_cli.sampler import GuidedVelocity
-from dfm_cli.text import Captioner, TextEncoder, TextSettings, read_captions
-from dfm_cli.text_cond import TextCond, cat_cond, where_dropped
+from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.method.sampler import GuidedVelocity
+from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings, read_captions
+from dfm_cli.method.cond import TextCond, cat_cond, where_dropped
 
 CAPTIONS = TINY_TEXT_CAPTIONS
 
@@ -147,7 +147,7 @@ def test_null_text_is_kept_in_the_checkpoint_state():
 
 def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     """The CLI path: encode captions into a store, train 2 steps on it, sample from a prompt."""
-    from dfm_cli.latent_store import LatentStore
+    from dfm_cli.data.store import LatentStore
 
     config, weights, _ = tiny_clip
     write_captioned_folder(tmp_path)
@@ -222,9 +222,9 @@ def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_p
 
 def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_clip):
     from dfm_cli import distributed
-    from dfm_cli.captioned import captioned_folder
-    from dfm_cli.data import ImageFolder
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.data.captions import captioned_folder
+    from dfm_cli.data.datasets import ImageFolder
+    from dfm_cli.config.recipe import load_recipe
 
     write_captioned_folder(tmp_path)
     (tmp_path / "images" / "blue" / "1.png").write_bytes(b"not a png")  # stands in: the next readable item
@@ -249,7 +249,7 @@ def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_cli
     (["data.name=folder", "data.path=F", "data.captions=c.csv", "text.encoder=t5"], "text.t5_weights"),
 ])
 def test_caption_recipe_keys_are_checked_together(sets, key):
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     with pytest.raises(DfmError, match=key.replace(".", r"\.")):
         load_recipe(TINY, sets)

@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import TINY, run_dfm
-from dfm_cli import checkpoint as ckpt_io
+from dfm_cli.data import checkpoints as ckpt_io
 from dfm_cli.cli import app
-from dfm_cli.data import TensorImages
+from dfm_cli.data.datasets import TensorImages
 from dfm_cli.errors import DfmError
-from dfm_cli.recipe import load_recipe
-from dfm_cli.train import compiled, train
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.training.loop import compiled, train
 
 
 def weights(run, step=None, names=("model", "ema", "optimizer")):
@@ -280,7 +280,7 @@ def test_resume_compares_the_recipe_of_the_newest_checkpoint(tmp_path):
 
 
 def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkeypatch):
-    import dfm_cli.train as training
+    import dfm_cli.training.loop as training
 
     original = training.update_ema
 
@@ -346,7 +346,7 @@ def test_evaluation_during_training_on_a_store_of_built_in_data_compares_with_it
 
 
 def test_a_state_without_run_info_is_a_one_line_error_naming_the_file(tmp_path):
-    from dfm_cli.factory import load_trained
+    from dfm_cli.methods.factory import load_trained
 
     run = tmp_path / "run"
     train(load_recipe(TINY, ["train.steps=2", "train.checkpoint_every=2"]), run, console=Console(quiet=True))

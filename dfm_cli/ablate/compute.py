@@ -14,7 +14,7 @@ import torch
 
 from dfm_cli.ablate.sweep import Sweep
 from dfm_cli.errors import DfmError
-from dfm_cli.recipe import Recipe
+from dfm_cli.config.recipe import Recipe
 
 STARTUP_S = 5.0  # per subprocess (Python + torch imports), for --dry-run estimates
 CPU_FLOPS = 5e10  # FLOP/s assumed for a model too big to time on the CPU
@@ -38,9 +38,9 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
 def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
     """The latents of a store that does not exist yet: 16-channel f8 (FLUX, CogVideoX), or,
     when the model cannot tile those, 4-channel f4 (a small autoencoder `dfm train` makes)."""
-    from dfm_cli.factory import plain_pyramid
-    from dfm_cli.model import model_size
-    from dfm_cli.positions import level_patches
+    from dfm_cli.methods.factory import plain_pyramid
+    from dfm_cli.models.dit import model_size
+    from dfm_cli.models.positions import level_patches
 
     d = recipe.data
     frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
@@ -58,9 +58,9 @@ def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
 def forward_flops_of(recipe: Recipe) -> float:
     """Model FLOPs of one forward pass per image. Big models are built shape-only (on the meta
     device, whose first use imports torch's compiler stack, seconds); small ones for real."""
-    from dfm_cli.factory import build_model
-    from dfm_cli.model import model_size
-    from dfm_cli.perf import training_forward_flops
+    from dfm_cli.methods.factory import build_model
+    from dfm_cli.models.dit import model_size
+    from dfm_cli.training.perf import training_forward_flops
 
     m, f = recipe.model, recipe.flow
     shape = data_shape(recipe)[0]
@@ -93,8 +93,8 @@ def sample_flops(recipe: Recipe, num: int) -> float:
 def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[float, float, str]:
     """FLOP/s of training and of sampling this model here, and how they were obtained: timed
     (one training step, one sampling forward) when a step is small, else a per-FLOP constant."""
-    from dfm_cli.factory import build_model, pick_device
-    from dfm_cli.perf import autocast_dtype, device_name, peak_tflops
+    from dfm_cli.methods.factory import build_model, pick_device
+    from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
 
     device = pick_device()
     shape = data_shape(recipe)[0]

@@ -17,7 +17,7 @@ from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_
 from dfm_cli.ablate.results import collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
 from dfm_cli.errors import DfmError
-from dfm_cli.recipe import Recipe
+from dfm_cli.config.recipe import Recipe
 
 BUILTIN_REFERENCES = ("animal-mnist", "photo-crops")  # names `dfm eval --ref` knows
 WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")  # [eval] keys passed on as --KEY
@@ -67,8 +67,8 @@ def write_reference(name: str, path: str, resolution: int, frames: int, num: int
                     classes: list[int] | None = None) -> None:
     """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it (or
     only `classes`), or `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
-    from dfm_cli.data import build_dataset
-    from dfm_cli.evaluate import reference_images
+    from dfm_cli.data.datasets import build_dataset
+    from dfm_cli.evaluation.evaluate import reference_images
 
     data = build_dataset(name, path, resolution, frames, classes=classes or ())
     arr = reference_images(data, num or len(data))

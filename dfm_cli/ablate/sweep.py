@@ -23,7 +23,7 @@ from typing import Any
 import tomli_w
 
 from dfm_cli.errors import DfmError, suggest
-from dfm_cli.recipe import SECTIONS, Recipe, _check_type, load_recipe
+from dfm_cli.config.recipe import SECTIONS, Recipe, _check_type, load_recipe
 
 METRIC_FLAGS = {"fid": "--fid", "kid": "--kid", "isc": "--isc", "fdd": "--fdd", "fvd": "--fvd",
                 "swd": "--swd", "pr": "--pr"}

@@ -26,15 +26,15 @@ def decompose(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("decomposed"),
 ) -> None:
     """Split an image or video into levels; write PNGs, levels.npz and the recomposition."""
-    from dfm_cli.decompose import build_decomposition
-    from dfm_cli.level_report import analyse, crop_to_multiple, report_table, write_report
+    from dfm_cli.method.decompose import build_decomposition
+    from dfm_cli.method.level_report import analyse, crop_to_multiple, report_table, write_report
     from dfm_cli.media import default_photo, load_media
 
     split = build_decomposition(decomposition, levels, parse_list(factors, int, "--factors"),
                                 parse_list(temporal_factors, int, "--temporal-factors"), antialias)
     coder = None
     if ae is not None:
-        from dfm_cli.autoencoders import build_autoencoder
+        from dfm_cli.data.autoencoders import build_autoencoder
 
         coder = build_autoencoder(ae, ae_weights)
     if path is None:

@@ -47,10 +47,10 @@ def encode(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
-    from dfm_cli.sources import open_encode
-    from dfm_cli.latent_store import INDEX
-    from dfm_cli.store import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
-    from dfm_cli.text import Captioner, TextEncoder, TextSettings
+    from dfm_cli.data.sources import open_encode
+    from dfm_cli.data.store import INDEX
+    from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
+    from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings
 
     listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
                                                               (temporal_factors, "--temporal-factors"))]

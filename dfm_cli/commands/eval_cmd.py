@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli.commands.common import app, console, user_errors
-from dfm_cli.runs import newest_run
+from dfm_cli.sampling.runs import newest_run
 from dfm_cli.errors import DfmError, reading
 
 
@@ -58,12 +58,12 @@ def eval_(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dfm_cli.checkpoint import resolve_checkpoint
-    from dfm_cli.evaluate import (Request, default_eval_num, evaluate, load_source, reference_statistics,
+    from dfm_cli.data.checkpoints import resolve_checkpoint
+    from dfm_cli.evaluation.evaluate import (Request, default_eval_num, evaluate, load_source, reference_statistics,
                                   run_reference, run_sample_set)
-    from dfm_cli.factory import pick_device
-    from dfm_cli.gates import check_gates, check_thresholds
-    from dfm_cli.metrics import save_statistics
+    from dfm_cli.methods.factory import pick_device
+    from dfm_cli.evaluation.gates import check_gates, check_thresholds
+    from dfm_cli.evaluation.metrics import save_statistics
 
     req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd, pr=pr,
                   inception_weights=inception_weights, dinov2_weights=dinov2_weights, clip_model=clip_model,
@@ -92,7 +92,7 @@ def eval_(
         run = newest_run() if samples is None else Path(samples)
         checkpoint = resolve_checkpoint(run)
         num = num or default_eval_num(req.device)
-        from dfm_cli.recipe import load_recipe
+        from dfm_cli.config.recipe import load_recipe
 
         if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
             limit = 0 if req.device.type == "cuda" else default_eval_num(req.device)

@@ -52,9 +52,9 @@ def sample(
     if out is not None:
         check_out(out, num is not None)
 
-    from dfm_cli.runs import load_for_sampling, newest_run
-    from dfm_cli.sampler import SamplerSettings
-    from dfm_cli.text import Prompts, read_prompts
+    from dfm_cli.sampling.runs import load_for_sampling, newest_run
+    from dfm_cli.method.sampler import SamplerSettings
+    from dfm_cli.data.text_encoders import Prompts, read_prompts
 
     if run is None:
         run = newest_run()
@@ -113,10 +113,10 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
     """`dfm sample`: one grid (one class, or one prompt, per column by default), plus a preview per stage."""
     import torch
 
-    from dfm_cli.autoencoders import from_config
-    from dfm_cli.factory import build_pyramid
+    from dfm_cli.data.autoencoders import from_config
+    from dfm_cli.methods.factory import build_pyramid
     from dfm_cli.media import save_samples
-    from dfm_cli.sampler import class_balanced_labels, generate, sampled_classes
+    from dfm_cli.method.sampler import class_balanced_labels, generate, sampled_classes
 
     model, info = trained.model, trained.info
     classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
@@ -141,7 +141,7 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
-    from dfm_cli.sample_set import write_run_sample_set
+    from dfm_cli.sampling.sample_set import write_run_sample_set
 
     ctx = distributed.init()
     try:

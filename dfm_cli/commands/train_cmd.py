@@ -21,7 +21,7 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
-    from dfm_cli.recipe import load_recipe
+    from dfm_cli.config.recipe import load_recipe
 
     resolved = load_recipe(recipe, [*set_, *([f"train.init_from={str(init_from)!r}"] if init_from else [])])
     if dry_run:
@@ -29,14 +29,14 @@ def train(
         return
     run_dir = out or Path("runs") / recipe.stem
     if resolved.model.kind == "autoencoder":
-        from dfm_cli.ae_train import EXPORT, train_autoencoder
+        from dfm_cli.training.autoencoder import EXPORT, train_autoencoder
 
         report = train_autoencoder(resolved, run_dir, console)
         console.print(f"reconstruction PSNR {report['psnr']:.2f} dB, scale equivariance {report['equivariance']:.3f}, "
                       f"latents {tuple(report['latent_shape'])}")
         console.print(f"run folder: {run_dir}  (autoencoder for --ae kl --ae-weights: {run_dir / EXPORT})")
         return
-    from dfm_cli.train import train as run_training
+    from dfm_cli.training.loop import train as run_training
 
     last = run_training(resolved, run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports

@@ -1,0 +1,213 @@
+"""The Cascaded baseline (paper §4.4, App. B) in the same framework (`flow.method = "cascaded"`).
+
+Two DiTs of the same size. Stage 1 is Flow Matching on the data at the coarse size (2 levels:
+the pyramid's first), with the patch shrunk by the factor so it sees as many tokens as stage 2.
+It trains for the first `flow.cascade_split` (0.8) of the steps. Stage 2 is then initialized
+from stage 1 and trained at the full size. It reads the upsampled coarse image through its own
+patch embedding, as tokens concatenated to its own, at the same positions.
+
+Stage 2's patch embedding and head have another patch size than stage 1's, so they start
+fresh (the head at zero); the augmentation-level embedder starts at zero too, so the switch
+leaves stage 1's conditioning of the blocks untouched. (Starting them as stage 1's resized to
+the finer patch, which makes stage 2 compute stage 1's upsampled velocity at the switch, was
+measured and is worse: the averaging embedding hides the fine noise that stage 2 must predict,
+and its loss stalls; docs/baselines.md.)
+
+The coarse image is noise-augmented: `a up(L) + (1 - a) n`, with the augmentation's signal
+level `a` drawn logit-normal (`flow.cascade_aug`, loc 1.5 and scale 1) in training, and fixed
+at `1 - sample.cond_noise` (noise 0.025) when sampling. Stage 2 is told `a` through its own
+timestep embedder. Sampling runs stage 1 in `sample.steps[0]` Euler steps, then stage 2 in
+`sample.steps[1]` (20 + 20 in the paper).
+
+Both models count towards compute: stage 1's FLOPs for its share of the steps, stage 2's
+(with its doubled sequence) for the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from dfm_cli.errors import DfmError
+from dfm_cli.method.flow import Draws, FlowObjective, Velocity
+from dfm_cli.models.dit import DFMDiT, DiTSize, PatchEmbed, TimestepEmbedder
+from dfm_cli.baselines.pyramidal import GaussianStack, up
+from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
+from dfm_cli.method.cond import Cond, where_dropped
+
+SHARED = ("blocks.", "t_embedders.", "y_embedder.", "text_", "stage_embedder.", "null_text.")  # stage 1 -> 2
+
+
+@dataclass(frozen=True)
+class CascadeSettings:
+    split: float = 0.8  # share of the training steps that train stage 1
+    aug_loc: float = 1.5  # logit-normal of the conditioning's signal level, in training
+    aug_scale: float = 1.0
+    cond_noise: float = 0.025  # the conditioning's noise level when sampling
+
+    def split_step(self, steps: int) -> int:
+        return round(self.split * steps)
+
+
+class CascadedDiT(nn.Module):
+    """`stage1` (coarse size, patch / factor) and `stage2` (full size, patch) with the
+    conditioning's patch embedding and augmentation-level embedder.
+
+    `forward(levels, t, y, stage)` follows the DFM model's signature so the training step and
+    classifier-free guidance treat it alike: `levels = [coarse x_t, fine x_t, conditioning]`,
+    `t` `B 3` (coarse t, fine t, augmentation level); each sample runs the model of its
+    stage and gets its velocity at that stage's level (the other level's output is zero)."""
+
+    video = False
+    level_rms = None
+    unused_parameters = True  # one model idles in each phase (DDP must not wait for its gradients)
+
+    def __init__(self, size: DiTSize, level_sizes: Sequence[tuple[int, int]], channels: int, num_classes: int,
+                 pos: str = "rope", text_dims: tuple[int, int, int] | None = None) -> None:
+        super().__init__()
+        coarse, fine = (tuple(s) for s in level_sizes)
+        factor = fine[-1] // coarse[-1]
+        if size.patch % factor:
+            raise DfmError(f"flow.method = 'cascaded': stage 1 needs patch {size.patch} / {factor} to see as many "
+                           "tokens as stage 2; use a model whose patch the factor divides (e.g. DFM-B/4)")
+        self.stage1 = DFMDiT(replace(size, patch=size.patch // factor), [coarse], channels, num_classes, pos,
+                             text_dims=text_dims)
+        self.stage2 = DFMDiT(size, [fine], channels, num_classes, pos, text_dims=text_dims)
+        self.cond_embed = PatchEmbed(channels, (1, size.patch), size.hidden)
+        self.aug_embedder = TimestepEmbedder(size.hidden)
+        nn.init.zeros_(self.aug_embedder.mlp[2].weight)  # a new input starts silent (adaLN-Zero's reasoning)
+        nn.init.zeros_(self.aug_embedder.mlp[2].bias)
+        self.level_sizes, self.channels, self.num_classes = [coarse, fine], channels, num_classes
+        self.grid = self.stage2.grid
+
+    @property
+    def levels(self) -> int:
+        return 2
+
+    def null_condition(self, n: int) -> Cond:
+        return self.stage1.null_condition(n)
+
+    @torch.no_grad()
+    def start_stage2(self) -> None:
+        """Stage 2 takes stage 1's transformer, embeddings of time, class or text, and stage."""
+        own = self.stage2.state_dict()
+        own.update({k: v for k, v in self.stage1.state_dict().items() if k.startswith(SHARED) and k in own})
+        self.stage2.load_state_dict(own)
+
+    def stage2_parameters(self) -> list[nn.Parameter]:
+        """What trains after the switch: stage 2 and its conditioning's embeddings."""
+        return [*self.stage2.parameters(), *self.cond_embed.parameters(), *self.aug_embedder.parameters()]
+
+    def forward(self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: Cond,
+                stage: torch.Tensor) -> list[torch.Tensor]:
+        coarse, fine, cond = levels
+        out = [torch.zeros_like(coarse), torch.zeros_like(fine)]
+        zeros = torch.zeros_like(stage)
+        for k in stage.unique().tolist():
+            rows = stage == k
+            if k == 0:
+                out[0] = out[0].index_put((rows,), self.stage1([coarse[rows]], t[rows, :1], y[rows], zeros[rows])[0])
+                continue
+            extra = self.cond_embed(cond[rows][:, :, None])
+            v = self.stage2.network([fine[rows]], t[rows, 1:2], y[rows], zeros[rows], extra_tokens=extra,
+                                    extra_c=self.aug_embedder(t[rows, 2]))[0]
+            out[1] = out[1].index_put((rows,), v)
+        return out
+
+
+@torch.no_grad()
+def switch_to_stage2(model: CascadedDiT, ema: CascadedDiT) -> None:
+    """The switch: stage 2 starts from stage 1, and its EMA starts from what it starts with
+    (not from its unused initial weights, which a slow EMA would carry for long)."""
+    model.start_stage2()
+    for e, p in zip(ema.stage2_parameters(), model.stage2_parameters()):
+        e.copy_(p)
+
+
+class CascadedObjective(FlowObjective):
+    """Flow Matching for stage 1 on the coarse data, then for stage 2 on the full data given the
+    augmented coarse image: the step decides the stage (`draw(..., step=)`)."""
+
+    def __init__(self, cascade: CascadeSettings, steps: int, **kw) -> None:
+        super().__init__(**kw)
+        self.cascade, self.steps = cascade, steps
+
+    def draw(self, level_shapes: Sequence[Sequence[int]], sample_seeds: Sequence[int], batch_seed: int,
+             label_dropout: float = 0.0, step: int = 0) -> Draws:
+        stage = int(step >= self.cascade.split_step(self.steps))
+        t, drop, noise = [], [], [[] for _ in range(3)]
+        for seed in sample_seeds:
+            g = torch.Generator().manual_seed(seed)
+            z = torch.randn(2, generator=g)
+            active = torch.sigmoid(self.t_loc + self.t_scale * z[0])
+            aug = torch.sigmoid(self.cascade.aug_loc + self.cascade.aug_scale * z[1])
+            t.append(torch.stack([active, active, aug]))
+            drop.append(bool(torch.rand(1, generator=g) < label_dropout))
+            for j, shape in enumerate([*level_shapes, level_shapes[-1]]):
+                noise[j].append(torch.randn(*shape, generator=g))
+        n = len(sample_seeds)
+        return Draws(torch.full((n,), stage), torch.stack(t), torch.tensor(drop), [torch.stack(v) for v in noise])
+
+    def loss(self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws,
+             null: int | Cond | None = None) -> dict[str, torch.Tensor]:
+        d = draws.to(x1[0].device)
+        if null is not None:
+            y = where_dropped(d.drop, null, y)
+        coarse, fine = x1
+        t = d.t.reshape(*d.t.shape, 1, 1, 1)
+        xt = [t[:, 0] * coarse + (1 - t[:, 0]) * d.noise[0], t[:, 1] * fine + (1 - t[:, 1]) * d.noise[1]]
+        factor = fine.shape[-1] // coarse.shape[-1]
+        cond = t[:, 2] * up(coarse, factor) + (1 - t[:, 2]) * d.noise[2]
+        pred = velocity([*xt, cond], d.t, y, d.stage)
+        level_mse = torch.stack([((p.float() - (a - n).float()) ** 2).flatten(1).mean(1)
+                                 for p, a, n in zip(pred, x1, d.noise)], 1)
+        active = torch.nn.functional.one_hot(d.stage, 2).bool()
+        per_sample = (level_mse * active).sum(1)
+        return {"loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse,
+                "active": active, "stage": d.stage, "t": d.t[:, :2]}
+
+
+class CascadeStack(GaussianStack):
+    """The coarse and full-size data for the cascade (a 2-level Gaussian pyramid); it carries
+    the cascade's settings, and generates with `sample_cascaded`."""
+
+    def __init__(self, pyramid, cascade: CascadeSettings) -> None:
+        super().__init__(pyramid)
+        self.cascade = cascade
+
+    def generate(self, velocity: Velocity, y: Cond, model: CascadedDiT, steps: Sequence[int], seed: int,
+                 indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+        return sample_cascaded(velocity, y, model, steps, self.cascade.cond_noise, seed, indices, device)
+
+
+@torch.no_grad()
+def sample_cascaded(velocity: Velocity, y: Cond, model: CascadedDiT, steps: Sequence[int], cond_noise: float,
+                    seed: int, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Stage 1 from noise in `steps[0]` Euler steps; with one stage asked, its image. Else stage 2
+    from noise in `steps[1]` steps, given the upsampled stage-1 image at noise `cond_noise`.
+    Sample j's noise comes from its own generator seeded by `(seed, j)`."""
+    coarse_size, fine_size = model.level_sizes
+    gens = [torch.Generator().manual_seed(mix_seed(seed, SAMPLE_NOISE, j)) for j in indices]
+    draw = lambda size: torch.stack([torch.randn(model.channels, *size, generator=g) for g in gens]).to(device)  # noqa: E731
+    b, nfe = len(indices), 0
+    coarse, fine, cond = draw(coarse_size), torch.zeros(b, model.channels, *fine_size, device=device), None
+    for k, n in enumerate(steps):
+        if k == 1:
+            factor = fine_size[-1] // coarse_size[-1]
+            cond = (1 - cond_noise) * up(coarse, factor) + cond_noise * draw(fine_size)
+            fine = draw(fine_size)
+        for i in range(n):
+            t = torch.full((b, 3), i / n, device=device)
+            t[:, 2] = 1 - cond_noise
+            v = velocity([coarse, fine, cond if cond is not None else fine], t, y,
+                         torch.full((b,), k, device=device, dtype=torch.long))[k]
+            if k == 0:
+                coarse = coarse + v / n
+            else:
+                fine = fine + v / n
+            nfe += 1
+    return (coarse if len(steps) == 1 else fine), nfe
+

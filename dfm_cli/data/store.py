@@ -1,0 +1,102 @@
+"""Reading a latent store (what `dfm encode` writes, see `store.py`): a dataset of latents and
+labels, or of latents and encoded captions, memory-mapped shard by shard."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dfm_cli.errors import DfmError
+from dfm_cli.method.cond import TextCond
+
+INDEX, NULL_TEXT = "index.json", "null_text.safetensors"
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header["__offset__"] = 8 + n
+    return header
+
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "I64": np.int64, "BOOL": np.bool_}
+
+
+class LatentStore(Dataset):
+    """A store as a dataset of `(latent, label)`; shards are memory-mapped, never loaded whole.
+
+    With a flip augmentation stored, item i's flipped copy is item `num + i` (same caption).
+    A store encoded with captions (`text`) gives batches of `(latents, TextCond)` instead.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / INDEX).is_file():
+            raise DfmError(f"{root}: not a latent store (no {INDEX}); write one with `dfm encode SOURCE --out {root}`")
+        self.index = json.loads((self.root / INDEX).read_text())
+        self.shape = tuple(self.index["shape"])
+        self.channels = self.shape[0]
+        self.class_names = tuple(self.index.get("class_names", ()))
+        self._maps: dict[tuple[str, str], np.ndarray] = {}
+        counts = [s["count"] for s in self.index["shards"]]
+        self.starts = np.cumsum([0] + counts)
+        self.num = int(self.starts[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.num * (2 if self.index.get("flip") else 1)
+
+    def _map(self, shard: str, key: str) -> np.ndarray:
+        if (shard, key) not in self._maps:
+            header = read_header(self.root / shard)
+            info = header[key]
+            begin, end = info["data_offsets"]
+            self._maps[(shard, key)] = np.memmap(self.root / shard, dtype=_DTYPES[info["dtype"]], mode="r",
+                                                 offset=header["__offset__"] + begin, shape=tuple(info["shape"]))
+        return self._maps[(shard, key)]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flip = i >= self.num
+        shard, local = self._locate(i)
+        latent = self._map(shard, "latents_flip" if flip else "latents")[local]
+        label = self._map(shard, "labels")[local]
+        return torch.from_numpy(np.array(latent)), torch.tensor(int(label))
+
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """The caption encoder's settings and `dims`, for a store encoded with captions."""
+        return self.index.get("text")
+
+    def _locate(self, i: int) -> tuple[str, int]:
+        j = i % self.num
+        k = int(np.searchsorted(self.starts, j, side="right") - 1)
+        return self.index["shards"][k]["file"], j - int(self.starts[k])
+
+    def text_rows(self, indices: Sequence[int]) -> TextCond:
+        """The encoded captions of items `indices`, as float32."""
+        rows = [self._locate(i) for i in indices]
+        parts = [torch.from_numpy(np.stack([self._map(shard, f"text_{key}")[local] for shard, local in rows]))
+                 for key in ("tokens", "mask", "pooled")]
+        return TextCond(parts[0].float(), parts[1], parts[2].float())
+
+    def null_text(self) -> TextCond:
+        """The empty caption's encoding (the null condition for dropout and CFG)."""
+        from safetensors.torch import load_file
+
+        null = load_file(self.root / NULL_TEXT)
+        return TextCond(null["tokens"], null["mask"], null["pooled"])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | TextCond]:
+        x, y = zip(*(self[i] for i in indices))
+        return torch.stack(x), self.text_rows(indices) if self.text else torch.stack(y)

@@ -1,0 +1,387 @@
+"""Progressive sampling (docs/method.md §5): generate level 1, then bring in finer levels.
+
+`progressive_schedule` is the single source of truth for every level's time at every step.
+Segment k has `steps[k]` steps on a linear grid: level k moves 0 → tau_k (the last level
+moves to 1), each earlier level moves tau_{k-1} → tau_k (→ 1 in the last segment), and later
+levels stay at t = 0. Unlike the official `MultiscaleScheduler`, no level ever moves
+backwards, for any number of levels.
+
+`SamplerSettings` is the single place where the recipe's `[sample]` section, the model's
+level count and the command-line flags become one validated set of sampler knobs; `tau` is
+broadcast and sliced there and nowhere else.
+
+The solver integrates from t = 0 (noise) to t = 1 (data). CFG runs the conditional and
+unconditional passes as one batched forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from dfm_cli.errors import DfmError
+from dfm_cli.method.flow import Velocity, mask_later_levels
+from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
+from dfm_cli.method.cond import Cond, cat_cond
+
+SOLVERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """`t[i, s]`: level s's time before step i (`N+1` rows); `stage[i]`: active stage of step i."""
+
+    t: torch.Tensor
+    stage: torch.Tensor
+
+    @property
+    def stage_ends(self) -> list[int]:
+        """Index of the row at which each stage ends (where its preview is taken)."""
+        changes = (self.stage[1:] != self.stage[:-1]).nonzero().flatten() + 1
+        return [*changes.tolist(), len(self.stage)]
+
+
+def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool = False) -> Schedule:
+    """Per-level times for `len(steps)` stages with thresholds `tau` (one per transition).
+
+    With `tied` (the `flow.tied_timesteps` ablation, paper Table 1) every active level shares
+    one time, as in that model's training: segment k moves the shared t from tau_{k-1} to
+    tau_k, and level k joins at tau_{k-1} instead of 0.
+
+    >>> progressive_schedule([2, 2], [0.5]).t.tolist()
+    [[0.0, 0.0], [0.25, 0.0], [0.5, 0.0], [0.75, 0.5], [1.0, 1.0]]
+    >>> progressive_schedule([2, 2], [0.5], tied=True).t.tolist()
+    [[0.0, 0.0], [0.25, 0.0], [0.5, 0.5], [0.75, 0.75], [1.0, 1.0]]
+    """
+    stages = len(steps)
+    tau = list(tau)
+    if stages < 1 or any(int(n) != n or n < 1 for n in steps):
+        raise DfmError(f"steps must be positive integers, one per stage; got {list(steps)}")
+    if len(tau) != stages - 1:
+        raise DfmError(f"{stages} stages need {stages - 1} tau values, got {tau}")
+    if any(not 0 < v < 1 for v in tau) or any(a > b for a, b in zip(tau, tau[1:])):
+        raise DfmError(f"tau must lie in (0, 1) and never decrease, got {tau}")
+    ends = [*tau, 1.0]
+    rows, stage = [torch.zeros(stages, dtype=torch.float64)], []
+    for k, n in enumerate(steps):
+        start = ends[k - 1] if k else 0.0
+        for j in range(1, n + 1):
+            u = j / n
+            row = torch.zeros(stages, dtype=torch.float64)
+            row[: k + 1 if tied else k] = start + u * (ends[k] - start)
+            if not tied:
+                row[k] = u * ends[k]
+            if tied and j == n and k + 1 < stages:
+                row[k + 1] = ends[k]  # the next level joins at the shared time
+            rows.append(row)
+            stage.append(k)
+    return Schedule(torch.stack(rows), torch.tensor(stage))
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything that decides what the sampler draws, besides the model, labels and seed.
+
+    `mask_input` and `tied_timesteps` mirror the model's `flow.*` training ablations, so that
+    sampling feeds the model what it was trained on.
+
+    >>> SamplerSettings(steps=(30, 10), tau=(0.7,), cfg=1.5).stages
+    2
+    >>> SamplerSettings(steps=(3, 2), tau=(1.2,))
+    Traceback (most recent call last):
+    dfm_cli.errors.DfmError: tau (1.2,): values must lie in (0, 1) and increase
+    """
+
+    steps: tuple[int, ...]
+    tau: tuple[float, ...] = ()
+    cfg: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    solver: str = "euler"
+    mask_input: bool = True
+    tied_timesteps: bool = False
+
+    def __post_init__(self) -> None:
+        for name, why in _problems(self.steps, self.tau, self.cfg, self.interval, self.solver):
+            raise DfmError(f"{name} {getattr(self, name)!r}: {why}")
+
+    @property
+    def stages(self) -> int:
+        return len(self.steps)
+
+    def schedule(self) -> Schedule:
+        return progressive_schedule(self.steps, self.tau, tied=self.tied_timesteps)
+
+    @classmethod
+    def resolve(
+        cls,
+        recipe: "dfm_cli.config.recipe.Recipe",  # named, not imported: the recipe module imports this one
+        levels: int,
+        *,
+        stages: int | None = None,
+        steps: Sequence[int] | None = None,
+        tau: Sequence[float] | None = None,
+        cfg: float | None = None,
+        interval: Sequence[float] | None = None,
+        solver: str | None = None,
+    ) -> SamplerSettings:
+        """The settings for a model of `levels` levels: each flag given wins over its recipe key.
+
+        `stages` defaults to the number of `steps` given, else to every level. One `tau`
+        value serves every transition; the recipe's steps and tau are cut to the stages asked.
+        Errors name the flag when one was given, else the recipe key.
+
+        >>> from dfm_cli.config.recipe import Recipe
+        >>> r = Recipe()
+        >>> r.sample.steps, r.sample.tau = [10, 6, 4], [0.9]
+        >>> SamplerSettings.resolve(r, 3, stages=2).steps, SamplerSettings.resolve(r, 3).tau
+        ((10, 6), (0.9, 0.9))
+        >>> SamplerSettings.resolve(r, 3, steps=[5, 5], tau=[0.8]).tau
+        (0.8,)
+        >>> SamplerSettings.resolve(r, 3, stages=4)
+        Traceback (most recent call last):
+        dfm_cli.errors.DfmError: --stages 4: the model has 3 levels; pick 1..3
+        """
+        s = recipe.sample
+        if stages is None:
+            stages = len(steps) if steps else levels
+        if not 1 <= stages <= levels:
+            raise DfmError(f"--stages {stages}: the model has {levels} levels; pick 1..{levels}")
+        if steps is not None and len(steps) != stages:
+            raise DfmError(f"--steps {_csv(steps)}: give {stages} step count{'s' * (stages != 1)}, "
+                           f"one per stage (--stages {stages})")
+        if steps is None and len(s.steps) < stages:
+            raise DfmError(f"sample.steps = {s.steps}: {stages} stages need {stages} step counts")
+        tau_values = list(s.tau if tau is None else tau)
+        needed = stages - 1
+        if tau is not None and len(tau_values) not in (1, needed) and needed:
+            raise DfmError(f"--tau {_csv(tau)}: give one threshold, or {needed} (one per stage transition)")
+        if len(tau_values) != 1 and len(tau_values) < needed:
+            raise DfmError(f"sample.tau = {s.tau}: {stages} stages need {needed} thresholds (or one for all)")
+        values = dict(
+            steps=tuple(steps if steps is not None else s.steps[:stages]),
+            tau=tuple((tau_values * needed if len(tau_values) == 1 else tau_values)[:needed]),
+            cfg=s.cfg if cfg is None else cfg,
+            interval=tuple(s.guidance_interval if interval is None else interval),
+            solver=s.solver if solver is None else solver,
+        )
+        flags = {"steps": steps, "tau": tau, "cfg": cfg, "interval": interval, "solver": solver}
+        keys = {"interval": "sample.guidance_interval"}
+        for name, why in _problems(**values, raw_tau=tau_values):
+            given = flags[name] is not None
+            label = f"--{name}" if given else keys.get(name, f"sample.{name}")
+            shown = flags[name] if given else values[name]
+            raise DfmError(f"{label} {_csv(shown) if isinstance(shown, (list, tuple)) else shown}: {why}")
+        return cls(**values, mask_input=recipe.flow.mask_input, tied_timesteps=recipe.flow.tied_timesteps)
+
+
+def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str, str]]:
+    """What is wrong with a set of sampler values, as (field, reason) pairs."""
+    out = []
+    if not steps or any(isinstance(n, bool) or int(n) != n or n < 1 for n in steps):
+        out.append(("steps", "every stage needs a whole number of steps, at least 1"))
+    tau_all = list(tau if raw_tau is None else raw_tau)
+    if any(not 0 < v < 1 for v in tau_all) or any(a > b for a, b in zip(tau, tau[1:])):
+        out.append(("tau", "values must lie in (0, 1) and increase"))
+    elif len(tau) != max(len(steps) - 1, 0):
+        out.append(("tau", f"{len(steps)} stages need {len(steps) - 1} thresholds"))
+    if not math.isfinite(cfg):
+        out.append(("cfg", "the guidance scale must be a finite number (1 = no guidance)"))
+    if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
+        out.append(("interval", "give low,high with 0 <= low <= high <= 1"))
+    if solver not in SOLVERS:
+        out.append(("solver", f"choose {' or '.join(SOLVERS)}"))
+    return out
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def class_balanced_labels(n: int, classes: int | Sequence[int]) -> torch.Tensor:
+    """Labels 0, 1, …, C-1, 0, 1, … (or the given class ids in turn, for a run trained on a
+    subset, `data.classes`): one class per grid column, and any prefix of a sample set as
+    balanced as it can be.
+
+    >>> class_balanced_labels(5, 3).tolist(), class_balanced_labels(5, [8, 9]).tolist()
+    ([0, 1, 2, 0, 1], [8, 9, 8, 9, 8])
+    """
+    ids = torch.arange(classes) if isinstance(classes, int) else torch.tensor(list(classes))
+    return ids[torch.arange(n) % len(ids)]
+
+
+def sampled_classes(recipe, info) -> list[int]:
+    """What a run's samples are conditioned on: the classes it trained on."""
+    return list(recipe.data.classes) or list(range(info.num_classes))
+
+
+# --------------------------------------------------------------------------- solver
+
+
+@dataclass
+class SampleResult:
+    x: torch.Tensor
+    previews: list[torch.Tensor] = field(default_factory=list)
+    nfe: int = 0
+    guided_nfe: int = 0
+
+
+class GuidedVelocity:
+    """Classifier-free guidance of scale `cfg` on every active level of `velocity`.
+
+    A level is guided only while its own t lies in `interval`; when none does (or cfg == 1)
+    the unconditional half is skipped. Both halves run as one forward of twice the batch.
+    """
+
+    def __init__(self, velocity: Velocity, cfg: float, null: int | Callable[[int], Cond],
+                 interval: tuple[float, float] = (0.0, 1.0)) -> None:
+        """`null`: the null class, or a function giving the null condition for n samples."""
+        self.velocity, self.cfg, self.null, self.interval = velocity, cfg, null, interval
+
+    def guided_levels(self, t: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
+        """`(B, S)`: which level of which sample gets guidance at times `t`."""
+        active = torch.arange(t.shape[1], device=t.device)[None] <= stage[:, None]
+        return (t >= self.interval[0]) & (t <= self.interval[1]) & active & (self.cfg != 1.0)
+
+    def doubles(self, t: torch.Tensor, stage: torch.Tensor) -> bool:
+        """Whether this call runs the batch twice (counts as a guided NFE)."""
+        return bool(self.guided_levels(t, stage).any())
+
+    def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: Cond,
+                 stage: torch.Tensor) -> list[torch.Tensor]:
+        guide = self.guided_levels(t, stage)
+        if not bool(guide.any()):
+            return self.velocity(xs, t, y, stage)
+        out = self.velocity(
+            [torch.cat([x, x]) for x in xs],
+            torch.cat([t, t]),
+            cat_cond([y, torch.full_like(y, self.null) if isinstance(self.null, int) else self.null(len(y))]),
+            torch.cat([stage, stage]),
+        )
+        res = []
+        for s, v in enumerate(out):
+            cond, uncond = v.chunk(2)
+            g = guide[:, s].reshape(-1, *([1] * (cond.ndim - 1)))
+            res.append(torch.where(g, uncond + self.cfg * (cond - uncond), cond))
+        return res
+
+
+@torch.no_grad()
+def sample(
+    velocity: Velocity,
+    noise: Sequence[torch.Tensor],
+    y: Cond,
+    schedule: Schedule,
+    recompose: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    solver: str = "euler",
+    previews: bool = False,
+    upsample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask_input: bool = True,
+) -> SampleResult:
+    """Integrate every level from its noise `noise[s]` (t = 0) along `schedule`.
+
+    `velocity` follows the model's signature (wrap it in `GuidedVelocity` for CFG). Levels not
+    yet started are zeroed at the model input, or with `mask_input=False` fed as their noise
+    at t = 0, as the model saw them in training (docs/method.md §2). A level whose schedule
+    starts at t > 0 (the tied sampler) joins as `(1 - t) × noise`: x_t with 0, the mean of a
+    detail level, as its data guess. The schedule may cover fewer stages than the model has
+    levels; the result is the recomposition of the generated levels only, and `upsample`
+    maps a partial recomposition to full size for the previews.
+    """
+    if solver not in SOLVERS:
+        raise DfmError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    levels = len(noise)
+    stages = schedule.t.shape[1]
+    if stages > levels:
+        raise DfmError(f"schedule has {stages} stages but the model has {levels} levels")
+    b, device = len(y), y.device
+    xs = [n.clone() for n in noise]
+    t_all = torch.zeros(len(schedule.t), levels, dtype=torch.float64)
+    t_all[:, :stages] = schedule.t
+    result = SampleResult(x=xs[0])
+    doubles = velocity.doubles if isinstance(velocity, GuidedVelocity) else None
+
+    def evaluate(x: list[torch.Tensor], row: int, k: torch.Tensor) -> list[torch.Tensor]:
+        t = t_all[row].to(device=device, dtype=torch.float32).expand(b, levels)
+        result.nfe += 1
+        result.guided_nfe += int(doubles(t, k)) if doubles else 0
+        return velocity(mask_later_levels(x, k) if mask_input else x, t, y, k)
+
+    ends, started = set(schedule.stage_ends), 0
+    for i, k_int in enumerate(schedule.stage.tolist()):
+        if k_int == started + 1:
+            started = k_int
+            xs[k_int] = xs[k_int] * (1 - float(t_all[i, k_int]))
+        k = torch.full((b,), k_int, device=device, dtype=torch.long)
+        dt = (t_all[i + 1] - t_all[i]).tolist()
+        v = evaluate(xs, i, k)
+        new = [x + dt[s] * v[s] if s <= k_int else x for s, x in enumerate(xs)]
+        if solver == "heun":
+            v2 = evaluate(new, i + 1, k)
+            v = [(a + c) / 2 for a, c in zip(v, v2)]
+            new = [x + dt[s] * v[s] if s <= k_int else x for s, x in enumerate(xs)]
+        xs = new
+        if previews and (i + 1) in ends:
+            t_end = t_all[i + 1].tolist()
+            clean = [xs[s] + (1 - t_end[s]) * v[s] for s in range(k_int + 1)]
+            image = recompose(clean)
+            result.previews.append(upsample(image) if upsample else image)
+    result.x = recompose(xs[:stages])
+    return result
+
+
+def sample_noise(model: torch.nn.Module, seed: int, indices: Sequence[int]) -> list[torch.Tensor]:
+    """Per-level noise for the samples `indices`: sample j's from its own CPU generator
+    seeded by `(seed, j)`, so it depends on nothing but its index."""
+    noise: list[list[torch.Tensor]] = [[] for _ in model.level_sizes]
+    for j in indices:
+        g = torch.Generator().manual_seed(mix_seed(seed, SAMPLE_NOISE, j))
+        for s, size in enumerate(model.level_sizes):
+            noise[s].append(torch.randn(model.channels, *size, generator=g))
+    return [torch.stack(n) for n in noise]
+
+
+def generate(
+    model: torch.nn.Module,
+    labels: Cond,
+    decomposition,
+    settings: SamplerSettings,
+    *,
+    seed: int,
+    first_index: int = 0,
+    previews: bool = False,
+) -> SampleResult:
+    """Sample a DFM model for `labels` (or encoded prompts) with `settings`; `decomposition`
+    recomposes the levels.
+
+    Sample j of the batch is sample `first_index + j` of the seed: its noise comes from its
+    own generator (see `sample_noise`), so an image depends only on its index, not on the
+    batch size, the device or the number of processes that share the work. `model` needs
+    `levels`, `level_sizes`, `channels` and `null_condition`.
+    """
+    device = next(model.parameters()).device
+    guided = GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)
+    if hasattr(decomposition, "generate"):  # the Pyramidal and Cascaded baselines sample their own way
+        x, nfe = decomposition.generate(guided, labels.to(device), model, settings.steps, seed,
+                                        range(first_index, first_index + len(labels)), device)
+        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
+    if settings.stages > model.levels:
+        raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")
+    noise = sample_noise(model, seed, range(first_index, first_index + len(labels)))
+    full = model.level_sizes[-1]
+    return sample(
+        guided,
+        [n.to(device) for n in noise],
+        labels.to(device),
+        settings.schedule(),
+        decomposition.recompose,
+        solver=settings.solver,
+        previews=previews,
+        upsample=lambda x: decomposition.upsample_to(x, full),
+        mask_input=settings.mask_input,
+    )

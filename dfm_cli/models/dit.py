@@ -1,0 +1,388 @@
+"""DFM-DiT: a DiT (adaLN-Zero) that sees every level of a decomposition at once (docs/method.md §4).
+
+Sections, as in DiT's `models.py` (positions live in `positions.py`): embedders → block → per-level heads → model →
+registry. What differs from DiT:
+- one patch embedding per level, with patch sizes chosen so that every level gives the same
+  token grid; the embeddings are summed, so the sequence is as long as the FM baseline's;
+- one timestep embedder per level (summed), plus the class embedding (or, for text, the
+  pooled caption embedding), plus a learned stage-index embedding, form the adaLN conditioning;
+- with text, each block also cross-attends to the caption's tokens (PixArt-α's layout);
+- one zero-initialised output head per level, each predicting that level's velocity;
+- 2D RoPE by default (3D for video: frames are patchified independently), sin-cos optional;
+- optional EDM-style per-level pre/post-conditioning (paper App. A.1, `flow.precondition`);
+- optional per-stage experts (paper Table 1d, `model.specialize`, see `experts.py`).
+
+With one level the model is a plain DiT of the same size: the Flow Matching baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dfm_cli.errors import DfmError
+from dfm_cli.models.experts import specialize
+from dfm_cli.method.level_stats import per_sample, precondition_scales
+from dfm_cli.models.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
+from dfm_cli.method.cond import Cond, NullText, TextCond
+
+# --------------------------------------------------------------------------- embedders
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1], scaled ×1000 so the frequencies match DiT's."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t, self.freq_dim))
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of non-overlapping `pt × p × p` patches of one level."""
+
+    def __init__(self, channels: int, patch: tuple[int, int], hidden: int) -> None:
+        super().__init__()
+        self.pt, self.p = patch
+        self.proj = nn.Linear(channels * self.pt * self.p * self.p, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = rearrange(
+            x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p
+        )
+        return self.proj(x)
+
+
+# --------------------------------------------------------------------------- block
+
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if rope is None:
+            q, k, v = qkv
+        else:  # q and k rotated together, in one pass
+            (q, k), v = apply_rope(qkv[:2], rope), qkv[2]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption's tokens (already projected to the model width);
+    padding is masked out. Its output projection starts at zero, so a fresh text model starts
+    as the unconditional DiT and learns how much to listen."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = rearrange(self.q(self.norm(x)), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        mask = mask | ~mask.any(dim=1, keepdim=True)  # a caption with no token attends to all (no NaN)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero),
+    with cross-attention to the caption between attention and MLP when the model has text."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, text: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.cross = CrossAttention(hidden, heads) if text else None
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        mlp = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden)
+        )
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None,
+                text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
+        if self.cross is not None:
+            x = x + self.cross(x, *text)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+# --------------------------------------------------------------------------- per-level heads
+
+
+class LevelHead(nn.Module):
+    """Final adaLN modulation and linear unpatchify of one level, zero-initialised
+    (adaLN-Zero). It takes the already-normalised tokens: the final LayerNorm has no
+    parameters, so the model computes it once for all levels."""
+
+    def __init__(self, hidden: int, channels: int, patch: tuple[int, int]) -> None:
+        super().__init__()
+        self.pt, self.p = patch
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, self.pt * self.p * self.p * channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int], video: bool) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=-1)
+        x = self.linear(modulate(x, shift, scale))
+        t, h, w = grid
+        if not video:  # images: no frame axis, and no view of one (FSDP2 wants fresh outputs)
+            return rearrange(x, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=h, w=w, ph=self.p, pw=self.p)
+        return rearrange(
+            x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            t=t, h=h, w=w, pt=self.pt, ph=self.p, pw=self.p,
+        )
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    depth: int
+    hidden: int
+    heads: int
+    patch: int
+    mlp_ratio: float = 4.0
+
+
+class DFMDiT(nn.Module):
+    """The DFM-DiT. `forward(levels, t, y, stage)` returns one velocity per level.
+
+    `levels`: list of `B C H W` (or `B C T H W`) tensors, coarsest first, later levels already
+    zeroed by the caller; `t`: `B S` timesteps; `y`: `B` labels (the null class is
+    `num_classes`), or with `text_dims = (max_tokens, token_dim, pooled_dim)` a `TextCond` of
+    encoded captions (the null is the empty caption's, `null_text`); `stage`: `B` 0-based
+    stage indices.
+
+    `level_rms` turns on the per-level pre/post-conditioning (docs/method.md §4.5): the
+    root-mean-square of each level of the data, kept as a buffer so a checkpoint carries it.
+    Without it (the default) the network is used as it is.
+    """
+
+    def __init__(
+        self,
+        size: DiTSize,
+        level_sizes: Sequence[tuple[int, ...]],
+        channels: int,
+        num_classes: int,
+        pos: str = "rope",
+        temporal_patch: int = 1,
+        level_rms: Sequence[float] | None = None,
+        text_dims: tuple[int, int, int] | None = None,
+        specialize_weights: str = "none",
+    ) -> None:
+        super().__init__()
+        if size.hidden % size.heads:
+            raise DfmError(f"hidden {size.hidden} is not divisible by heads {size.heads}")
+        if pos not in ("rope", "sincos"):
+            raise DfmError(f"model.pos must be 'rope' or 'sincos', got {pos!r}")
+        self.level_sizes = [tuple(s) for s in level_sizes]
+        self.video = len(self.level_sizes[-1]) == 3
+        self.num_classes = num_classes
+        self.channels = channels
+        patches = level_patches(self.level_sizes, size.patch, temporal_patch)
+        finest = self.level_sizes[-1]
+        self.grid = (
+            finest[0] // temporal_patch if self.video else 1,
+            finest[-2] // size.patch,
+            finest[-1] // size.patch,
+        )
+        levels = len(self.level_sizes)
+        self.patch_embeds = nn.ModuleList(PatchEmbed(channels, p, size.hidden) for p in patches)
+        self.t_embedders = nn.ModuleList(TimestepEmbedder(size.hidden) for _ in range(levels))
+        self.text_dims = tuple(text_dims) if text_dims else None
+        if self.text_dims:
+            _, token_dim, pooled_dim = self.text_dims
+            self.null_text = NullText(*self.text_dims)
+            self.text_pooled = nn.Sequential(nn.Linear(pooled_dim, size.hidden), nn.SiLU(),
+                                             nn.Linear(size.hidden, size.hidden))
+            self.text_tokens = nn.Sequential(nn.Linear(token_dim, size.hidden), nn.GELU(approximate="tanh"),
+                                             nn.Linear(size.hidden, size.hidden))
+        else:
+            self.y_embedder = nn.Embedding(num_classes + 1, size.hidden)
+        self.stage_embedder = nn.Embedding(levels, size.hidden)
+        self.blocks = nn.ModuleList(
+            DiTBlock(size.hidden, size.heads, size.mlp_ratio, text=bool(self.text_dims)) for _ in range(size.depth)
+        )
+        self.final_norm = nn.LayerNorm(size.hidden, elementwise_affine=False, eps=1e-6)
+        self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
+        head_dim = size.hidden // size.heads
+        self.register_buffer(
+            "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "pos_embed",
+            sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
+            persistent=False,
+        )
+        if level_rms is not None:
+            if len(level_rms) != levels or any(not v > 0 for v in level_rms):
+                raise DfmError(f"preconditioning needs one positive level RMS per level ({levels}), "
+                               f"got {list(level_rms)}")
+            self.register_buffer("level_rms", torch.tensor([float(v) for v in level_rms]))
+        else:
+            self.level_rms = None
+        self._init_weights()
+        self.experts = specialize(self.blocks, specialize_weights, levels)  # copies of the initialized weights
+
+    @property
+    def levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def null_condition(self, n: int) -> Cond:
+        """The unconditional input for `n` samples: the null class, or the empty caption."""
+        if self.text_dims:
+            return self.null_text(n)
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=self.stage_embedder.weight.device)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for emb in self.t_embedders:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        if not self.text_dims:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.stage_embedder.weight, std=0.02)
+        for block in self.blocks:
+            for layer in (block.ada[-1], *([block.cross.proj] if block.cross is not None else [])):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        for head in self.heads:
+            for layer in (head.ada[-1], head.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        levels: Sequence[torch.Tensor],
+        t: torch.Tensor,
+        y: Cond,
+        stage: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        if self.level_rms is None:
+            return self.network(levels, t, y, stage)
+        c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
+        scaled = [x * per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
+        out = self.network(scaled, t, y, stage)
+        return [per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o
+                for s, (x, o) in enumerate(zip(levels, out))]
+
+    def network(
+        self,
+        levels: Sequence[torch.Tensor],
+        t: torch.Tensor,
+        y: Cond,
+        stage: torch.Tensor,
+        extra_tokens: torch.Tensor | None = None,
+        extra_c: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The transformer itself, without pre/post-conditioning. Inputs smaller than the
+        model's size (Pyramidal Flow's early stages) give a smaller token grid, with positions
+        for that grid. `extra_tokens` (`B N D`, one per image token, e.g. a cascade's
+        conditioning image) join the sequence at the same positions and are dropped before the
+        heads; `extra_c` joins the adaLN conditioning."""
+        if not self.video:  # images are one-frame videos for the patch embeddings
+            levels = [x[:, :, None] for x in levels]
+        head = self.heads[-1]
+        grid = (levels[-1].shape[2] // head.pt, levels[-1].shape[3] // head.p, levels[-1].shape[4] // head.p)
+        rope, pos = (self.rope, self.pos_embed) if grid == self.grid else self._positions(grid, x=levels[-1])
+        x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
+        if pos is not None:
+            x = x + pos.to(x.dtype)
+        n = x.shape[1]
+        if extra_tokens is not None:
+            x = torch.cat([x, extra_tokens + (0 if pos is None else pos.to(x.dtype))], 1)
+            rope = None if rope is None else torch.cat([rope, rope])
+        c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
+        text = None
+        if isinstance(y, TextCond):
+            c = c + self.text_pooled(y.pooled.to(c.dtype)) + self.stage_embedder(stage)
+            text = (self.text_tokens(y.tokens.to(x.dtype)), y.mask.bool())
+        else:
+            c = c + self.y_embedder(y) + self.stage_embedder(stage)
+        if extra_c is not None:
+            c = c + extra_c
+        for expert in self.experts:
+            expert.stage = stage
+        for block in self.blocks:
+            x = block(x, c, rope, text)
+        x = self.final_norm(x[:, :n])
+        return [head(x, c, grid, self.video) for head in self.heads]
+
+    def _positions(self, grid: tuple[int, int, int], x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """RoPE rotations or sin-cos embedding for another token grid, made on first use."""
+        cache = self.__dict__.setdefault("_grid_positions", {})
+        if grid not in cache:
+            head_dim = self.blocks[0].attn.qkv.in_features // self.blocks[0].attn.heads
+            hidden = self.blocks[0].attn.qkv.in_features
+            cache[grid] = (rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
+                           sincos_embedding(grid, hidden).to(x.device) if self.pos_embed is not None else None)
+        return cache[grid]
+
+
+# --------------------------------------------------------------------------- registry
+
+SIZES = {
+    "N": (2, 64, 2),  # nano: unit tests
+    "T": (4, 128, 4),  # tiny: CPU quickstart
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+MODELS = {
+    f"DFM-{name}/{patch}": DiTSize(depth, hidden, heads, patch)
+    for name, (depth, hidden, heads) in SIZES.items()
+    for patch in (1, 2, 4, 8)
+}
+
+
+def model_size(name: str) -> DiTSize:
+    """Look a registry name up, e.g. `DFM-XL/2`; an unknown one suggests the nearest."""
+    if name not in MODELS:
+        import difflib
+
+        near = difflib.get_close_matches(name, MODELS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise DfmError(f"unknown model {name!r}{hint}; known: {', '.join(MODELS)}")
+    return MODELS[name]

@@ -1,0 +1,63 @@
+"""Finding a trained run and loading it for sampling: the newest run, checked weights, a digest.
+
+`dfm sample` and `dfm eval` act on the run the user just trained when none is named, so the
+usage lines `dfm train RECIPE && dfm sample` work as typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dfm_cli.data.checkpoints import STATE, RunInfo, complete_checkpoints, resolve_checkpoint
+from dfm_cli.errors import DfmError
+
+if TYPE_CHECKING:
+    from dfm_cli.config.recipe import Recipe
+
+RUNS = Path("runs")
+
+
+def newest_run(root: Path = RUNS) -> Path:
+    """The run folder under `root` whose latest complete checkpoint was written last."""
+    found = []
+    if root.is_dir():
+        for run in root.iterdir():
+            ckpts = complete_checkpoints(run) if run.is_dir() else []
+            if ckpts:
+                found.append(((ckpts[-1] / STATE).stat().st_mtime_ns, str(run), run))
+    if not found:
+        raise DfmError(f"no trained run under {root}/: train one (dfm train recipes/quickstart.toml) "
+                       "or name a run folder")
+    return max(found)[2]
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A model ready to sample, and where its weights came from."""
+
+    checkpoint: Path
+    weights: Path
+    ema: bool
+    model: torch.nn.Module
+    recipe: Recipe
+    info: RunInfo
+
+
+def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
+    """Load a run folder or checkpoint; refuse weights that hold NaN or inf, which would
+    otherwise sample a blank grid and exit 0."""
+    from dfm_cli.methods.factory import load_trained
+
+    ckpt = resolve_checkpoint(path)
+    model, recipe, info = load_trained(ckpt, ema=ema)
+    weights = ckpt / f"{'ema' if ema else 'model'}.safetensors"
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        hint = "sample the raw weights with --no-ema, or " if ema else ""
+        raise DfmError(f"{weights}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
+                       f"{hint}an earlier checkpoint under {ckpt.parent}")
+    return TrainedRun(ckpt, weights, ema, model, recipe, info)

@@ -1,0 +1,302 @@
+"""Large sample sets for evaluation: sharded over processes, resumable, class-balanced, fingerprinted.
+
+Sample i has label `i % num_classes` (cycling through `data.classes` when a run trained on a subset) and noise seeded by `(seed, i)` (see `sampler.generate`),
+so a set is a function of the model, the sampler settings and the seed, sample by sample: any
+prefix of a larger set is the smaller set, whatever the batch size or number of processes.
+That is what makes resuming, shrinking and extending exact.
+
+Every set carries a manifest (the weights' digest, EMA or not, seed, sampler settings, image
+shape, autoencoder, num). A re-run whose manifest differs from the one on disk is refused
+with one line naming the difference, or, with `overwrite`, starts over. Only verified parts
+are reused: a batch file or PNG with the wrong shape, labels or count, or one that does not
+load, is generated again. Files are written under process-unique temporary names and renamed
+into place, so an interrupted run leaves finished parts and nothing half-written.
+
+Outputs:
+- `NAME.npz`: ADM layout, `arr_0` uint8 `N H W 3` (video: `N T H W 3`), `arr_1` the labels,
+  and `manifest` (JSON text). While it is being made, parts live in `NAME.npz.parts/`.
+- a folder: `000000.png`, `000001.png`, … and `manifest.json` (images only; grey stays grey).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfm_cli import distributed
+from dfm_cli.errors import DfmError
+from dfm_cli.media import as_rgb, to_uint8
+from dfm_cli.sampling.runs import TrainedRun
+from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.data.text_encoders import Prompts
+from dfm_cli.method.cond import Cond
+
+MANIFEST = "manifest.json"
+_PNG = re.compile(r"^(\d{6})\.png$")
+_PART = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a weights file: what identifies the model in a sample set's manifest."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def set_manifest(settings: SamplerSettings, *, seed: int, num: int, shape: Sequence[int],
+                 source: dict[str, Any]) -> dict[str, Any]:
+    """What produced a set: `source` (checkpoint digest, ema, autoencoder), seed, sampler
+    settings, the per-sample uint8 `shape` as written, and `num`; JSON-normalised.
+
+    >>> m = set_manifest(SamplerSettings(steps=(3, 2), tau=(0.7,)), seed=0, num=8, shape=(16, 16, 3),
+    ...                  source={"checkpoint": "ab12", "ema": True, "autoencoder": None})
+    >>> m["steps"], m["tau"], m["num"], m["shape"]
+    ([3, 2], [0.7], 8, [16, 16, 3])
+    """
+    return json.loads(json.dumps({**source, "seed": seed, **dataclasses.asdict(settings),
+                                  "shape": list(shape), "num": num}))
+
+
+def manifest_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The keys (besides `num`, which may grow or shrink) whose values differ, as one phrase.
+
+    >>> manifest_difference({"seed": 0, "cfg": 1.5, "num": 8}, {"seed": 1, "cfg": 1.5, "num": 9})
+    'seed 0 → 1'
+    """
+    def show(v: Any) -> str:
+        text = json.dumps(v)
+        return text[:14] + "…" if len(text) > 16 else text
+
+    keys = sorted((old.keys() | new.keys()) - {"num"})
+    return ", ".join(f"{k} {show(old.get(k))} → {show(new.get(k))}" for k in keys if old.get(k) != new.get(k))
+
+
+def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """An `.npz`'s arrays, or None when it does not load (truncated, not a zip, pickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {k: d[k] for k in d.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        return None
+
+
+def _good_rows(arrays: dict[str, np.ndarray] | None, first: int, last: int, shape: Sequence[int],
+               classes: int | Sequence[int]) -> bool:
+    """Whether `arrays` hold exactly samples first..last-1: uint8 images of `shape`, balanced labels."""
+    if arrays is None or "arr_0" not in arrays or "arr_1" not in arrays:
+        return False
+    images, labels = arrays["arr_0"], arrays["arr_1"]
+    return (images.dtype == np.uint8 and images.shape == (last - first, *shape)
+            and np.array_equal(labels, class_balanced_labels(last, classes)[first:].numpy()))
+
+
+def _good_png(path: Path, shape: Sequence[int]) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size == (shape[1], shape[0]) and im.mode == ("L" if shape[2] == 1 else "RGB")
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_sample_set(
+    model: torch.nn.Module,
+    decomposition,
+    settings: SamplerSettings,
+    out: Path,
+    *,
+    num: int,
+    batch: int,
+    seed: int,
+    classes: int | Sequence[int],
+    source: dict[str, Any],
+    ctx: distributed.Context,
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    overwrite: bool = False,
+    on_batch: Callable[[int], None] = lambda n: None,
+    condition: Callable[[torch.Tensor], Cond] = lambda labels: labels,
+) -> Path:
+    """Make (or resume, shrink, extend) the set of samples 0..num-1 in `out` (`.npz` or folder).
+
+    Samples are decoded to pixels by `decode`; `source` identifies the model in the manifest
+    (see `set_manifest`). Batch k of the missing samples goes to rank `k % world`. Sample i's
+    label is the i-th balanced one of `classes`; `condition` turns labels into what the model
+    takes (for a text run: prompt indices into the encoded prompts, with `classes` = the prompt
+    count, so sample i has prompt `i % P` and `arr_1` holds prompt indices).
+    """
+    if num < 1 or batch < 1:
+        raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
+    device = next(model.parameters()).device
+    probe = decode(torch.zeros(1, model.channels, *model.level_sizes[-1], device=device))
+    raw_shape = to_uint8(probe).shape[1:]
+    npz = out.suffix == ".npz"
+    shape = (*raw_shape[:-1], 3) if npz else raw_shape
+    if not npz and len(shape) != 3:
+        raise DfmError(f"--out {out}: video samples are written to an .npz file, not a PNG folder")
+    want = set_manifest(settings, seed=seed, num=num, shape=shape, source=source)
+    work = out.with_name(out.name + ".parts") if npz else out
+    held, problem = _inspect(out, work, npz, want, classes, shape)
+    if problem and not overwrite:
+        raise DfmError(f"--out {out}: {problem}; pass --overwrite to start over, or choose another --out")
+    distributed.barrier(ctx)
+    if ctx.main:
+        if problem:
+            _clear(out, work, npz)
+            held = None
+        if npz and held is not None and len(held["arr_0"]) >= num:
+            if len(held["arr_0"]) > num:
+                _write_npz(out, held["arr_0"][:num], held["arr_1"][:num], want)
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            work.mkdir(parents=True, exist_ok=True)
+            _atomic_save(work / MANIFEST, lambda p: p.write_text(json.dumps(want, indent=1)))
+            if not npz:
+                _drop_extra_pngs(work, num)
+    distributed.barrier(ctx)
+    kept = 0 if held is None or problem else min(len(held["arr_0"]), num)
+    if npz and kept == num:
+        on_batch(num)
+        return out
+    if kept:
+        on_batch(kept)
+    plan = [(a, min(a + batch, num)) for a in range(kept, num, batch)]
+    for first, last in plan[ctx.rank::ctx.world]:
+        labels = class_balanced_labels(last, classes)[first:]
+        if npz:
+            target = work / f"part-{first:09d}-{last:09d}.npz"
+            if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, classes):
+                images = as_rgb(to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
+                                                          first_index=first).x)))
+                _atomic_save(target, lambda p, im=images, lb=labels: np.savez(p, arr_0=im, arr_1=lb.numpy()))
+        else:
+            targets = [work / f"{i:06d}.png" for i in range(first, last)]
+            bad = [t for t in targets if not _good_png(t, shape)]
+            if bad:
+                images = to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
+                                                  first_index=first).x))
+                for target, image in zip(targets, images):
+                    if target in bad:
+                        _atomic_save(target, lambda p, im=image: Image.fromarray(
+                            im[..., 0] if im.shape[-1] == 1 else im).save(p, format="PNG"))
+        on_batch(last - first)
+    distributed.barrier(ctx)
+    if npz and ctx.main:
+        images = [held["arr_0"][:kept]] if kept else []
+        labels = [held["arr_1"][:kept]] if kept else []
+        for first, last in plan:
+            part = _load_npz(work / f"part-{first:09d}-{last:09d}.npz")
+            if not _good_rows(part, first, last, shape, classes):
+                raise DfmError(f"{work}: part {first}..{last - 1} changed while sampling; run the command again")
+            images.append(part["arr_0"])
+            labels.append(part["arr_1"])
+        _write_npz(out, np.concatenate(images), np.concatenate(labels), want)
+        shutil.rmtree(work)
+    distributed.barrier(ctx)
+    return out
+
+
+def write_run_sample_set(
+    trained: TrainedRun,
+    settings: SamplerSettings,
+    out: Path,
+    *,
+    num: int,
+    batch: int,
+    seed: int,
+    ctx: distributed.Context,
+    overwrite: bool = False,
+    on_batch: Callable[[int], None] = lambda n: None,
+    prompts: Prompts | None = None,
+) -> Path:
+    """`write_sample_set` for a loaded run: its decomposition, its autoencoder as the decoder,
+    and its weights' digest in the manifest. What `dfm sample --num` and evaluation call.
+    A text run samples `prompts` in turn (their digest joins the manifest)."""
+    from dfm_cli.data.autoencoders import from_config
+    from dfm_cli.methods.factory import build_pyramid
+
+    info = trained.info
+    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
+    text = {} if prompts is None else {"classes": len(prompts.texts), "condition": prompts.condition}
+    if prompts is not None:
+        source["prompts"] = prompts.digest
+    return write_sample_set(trained.model, build_pyramid(trained.recipe, info.level_stats), settings, out,
+                            num=num, batch=batch, seed=seed, source=source,
+                            ctx=ctx, decode=from_config(info.autoencoder, ctx.device).decode,
+                            overwrite=overwrite, on_batch=on_batch,
+                            **{"classes": sampled_classes(trained.recipe, info), **text})
+
+
+def _inspect(out: Path, work: Path, npz: bool, want: dict, classes: int | Sequence[int],
+             shape: Sequence[int]) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Read-only look at what `out` already holds: a finished, verified `.npz` (its arrays)
+    and, when something there was made differently, why (empty when all agrees)."""
+    if out.exists() and (out.is_dir() if npz else not out.is_dir()):
+        raise DfmError(f"--out {out}: is a {'folder' if out.is_dir() else 'file'}; "
+                       f"give {'a folder' if not npz else 'an .npz file name'} that is not taken")
+    held, problems = None, []
+    if npz and out.exists():
+        arrays = _load_npz(out)
+        old = json.loads(str(arrays["manifest"])) if arrays and "manifest" in arrays else None
+        if old is None:
+            problems.append("the file there has no sample-set manifest (another tool or an older dfm wrote it)")
+        elif diff := manifest_difference(old, want):
+            problems.append(f"holds samples made with other settings ({diff})")
+        elif _good_rows(arrays, 0, len(arrays["arr_0"]), shape, classes):
+            held = arrays
+    if work.is_dir():
+        old = _read_manifest(work / MANIFEST)
+        ours = [p for p in work.iterdir() if _PNG.match(p.name) or _PART.match(p.name)]
+        if old is None and ours:
+            problems.append(f"{work} holds samples without a manifest (from an older dfm)")
+        elif old is not None and (diff := manifest_difference(old, want)):
+            problems.append(f"{'its unfinished parts were' if npz else 'holds samples'} made with other settings ({diff})")
+    return held, "; ".join(problems)
+
+
+def _clear(out: Path, work: Path, npz: bool) -> None:
+    """Remove a set's own files (never anything else in a folder the user named)."""
+    if npz:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    elif work.is_dir():
+        for p in work.iterdir():
+            if _PNG.match(p.name) or p.name == MANIFEST or p.name.startswith(".tmp-"):
+                p.unlink()
+
+
+def _drop_extra_pngs(folder: Path, num: int) -> None:
+    for p in folder.iterdir():
+        m = _PNG.match(p.name)
+        if (m and int(m.group(1)) >= num) or p.name.startswith(".tmp-"):
+            p.unlink()
+
+
+def _write_npz(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict) -> None:
+    _atomic_save(out, lambda p: np.savez(p, arr_0=images, arr_1=labels, manifest=np.array(json.dumps(manifest))))
