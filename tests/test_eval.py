@@ -13,7 +13,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from conftest import TINY, run_dfm
 from dfm_cli.evaluation import features as feats
 from dfm_cli.errors import DfmError
-from dfm_cli.evaluation.evaluate import Request, evaluate, load_source, run_reference, run_set_path, sample_warnings
+from dfm_cli.evaluation.evaluate import Request, evaluate, load_source, run_reference, sample_warnings
+from dfm_cli.sampling.sample_set import run_set_path
 from dfm_cli.evaluation.gates import check_gates, check_thresholds
 from dfm_cli.evaluation.metrics import feature_statistics, frechet_distance, precision_recall, swd
 

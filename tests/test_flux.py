@@ -173,7 +173,7 @@ def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tin
     """`train.init_from` = a FLUX transformer folder (the paper's placement): at step 0 the DFM
     model's coarse level predicts what the pretrained FLUX predicts on the upsampled input."""
     from dfm_cli.methods.factory import build_model
-    from dfm_cli.models.conversion import load_single_level
+    from dfm_cli.methods.factory import load_single_level
     from dfm_cli.config.recipe import load_recipe
     from dfm_cli.data.store import LatentStore
 

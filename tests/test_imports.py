@@ -92,3 +92,63 @@ def test_a_cycle_through_a_function_level_import_is_found(tmp_path):
 @pytest.mark.parametrize("edges", [{"x": {"x"}}, {"x": {"y"}, "y": {"x"}}])
 def test_short_cycles(edges):
     assert find_cycle(edges)[0] == find_cycle(edges)[-1]
+
+
+# The package's layers, lowest first. A module may import its own layer and the layers below
+# it, never one above: the data layer knows nothing of training, the method nothing of files.
+LAYERS: list[tuple[str, ...]] = [
+    ("dfm_cli", "dfm_cli.errors", "dfm_cli.seeding", "dfm_cli.media", "dfm_cli.listing", "dfm_cli.distributed",
+     "dfm_cli.progress"),
+    ("dfm_cli.method",),
+    ("dfm_cli.models",),
+    ("dfm_cli.baselines",),
+    ("dfm_cli.data",),
+    ("dfm_cli.evaluation",),
+    ("dfm_cli.config",),
+    ("dfm_cli.methods",),
+    ("dfm_cli.sampling",),
+    ("dfm_cli.training",),
+    ("dfm_cli.ablate",),
+    ("dfm_cli.commands", "dfm_cli.cli", "dfm_cli.__main__"),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in `LAYERS` of the longest prefix that names `module` or a package above it."""
+    best, depth = -1, -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and name.count(".") > depth:
+                best, depth = i, name.count(".")
+    if best < 0:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_imports.py")
+    return best
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {LAYERS[layer_of(m)][0]}) imports {dep} (layer {LAYERS[layer_of(dep)][0]})"
+                  for m, deps in graph.items() for dep in deps if layer_of(dep) > layer_of(m))
+
+
+def test_every_module_has_a_layer():
+    for module in import_graph():
+        layer_of(module)
+
+
+def test_no_layer_imports_a_layer_above_it():
+    bad = upward_imports(import_graph())
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path):
+    pkg = tmp_path / "dfm_cli"
+    for folder in ("method", "training"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "training" / "loop.py").write_text("from dfm_cli.method.flow import x\n")
+    (pkg / "method" / "flow.py").write_text("x = 1\n")
+    assert upward_imports(import_graph(pkg)) == []
+    (pkg / "method" / "flow.py").write_text("def f():\n    from dfm_cli.training import loop\n")
+    assert upward_imports(import_graph(pkg)) == [
+        "dfm_cli.method.flow (layer dfm_cli.method) imports dfm_cli.training.loop (layer dfm_cli.training)"]

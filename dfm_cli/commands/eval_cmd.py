@@ -60,7 +60,8 @@ def eval_(
 
     from dfm_cli.data.checkpoints import resolve_checkpoint
     from dfm_cli.evaluation.evaluate import (Request, default_eval_num, evaluate, load_source, reference_statistics,
-                                  run_reference, run_sample_set)
+                                  run_reference)
+    from dfm_cli.sampling.sample_set import run_sample_set
     from dfm_cli.methods.factory import pick_device
     from dfm_cli.evaluation.gates import check_gates, check_thresholds
     from dfm_cli.evaluation.metrics import save_statistics

@@ -58,7 +58,7 @@ class TextEncoder:
         self.settings, self.device = settings, device
         self.clip = self.t5 = None
         if "clip" in settings.encoder:
-            from dfm_cli.evaluation.features import load_open_clip
+            from dfm_cli.data.weights import load_open_clip
 
             self.clip, self.clip_tokenizer = load_open_clip(settings.clip_model, Path(settings.clip_weights),
                                                             "--clip-model")

@@ -8,7 +8,7 @@ Sources (samples or reference):
 - a built-in dataset name (`animal-mnist`), whose features are computed on first use and
   cached under `~/.cache/dfm/ref/`.
 
-Without samples, `dfm eval` scores a run: `run_sample_set` writes (or reuses) its evaluation
+Without samples, `dfm eval` scores a run: `sampling.sample_set.run_sample_set` writes (or reuses) its evaluation
 set in the run folder and `run_reference` loads the data it was trained on.
 
 Thresholds on the results (`--max-fid`, …) are `gates.py`'s.
@@ -279,36 +279,6 @@ def default_eval_num(device: torch.device) -> int:
     measured at the same counts, or ask for more with --num.
     """
     return CUDA_EVAL_NUM if device.type == "cuda" else CPU_EVAL_NUM
-
-
-def run_set_path(checkpoint: Path, num: int) -> Path:
-    """`RUN/eval/samples-<num>-step-<9 digits>.npz`: one set per checkpoint, so more training
-    never reuses a stale set.
-
-    >>> run_set_path(Path("runs/q/checkpoints/step-000001500"), 1000).as_posix()
-    'runs/q/eval/samples-1000-step-000001500.npz'
-    """
-    return checkpoint.parent.parent / "eval" / f"samples-{num}-{checkpoint.name}.npz"
-
-
-def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: None) -> Path:
-    """Write the evaluation set of `checkpoint` with its recipe's sampling settings (seed 0,
-    class-balanced, EMA weights), or reuse it when it is already there."""
-    out = run_set_path(checkpoint, num)
-    if out.is_file():
-        on_batch(num)
-        return out
-    from dfm_cli.distributed import Context
-    from dfm_cli.sampling.runs import load_for_sampling
-    from dfm_cli.sampling.sample_set import write_run_sample_set
-    from dfm_cli.method.sampler import SamplerSettings
-
-    trained = load_for_sampling(checkpoint)
-    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels)
-    with torch.no_grad():
-        write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=0,
-                             ctx=Context(device=next(trained.model.parameters()).device), on_batch=on_batch)
-    return out
 
 
 def _folder_key(dataset) -> str:

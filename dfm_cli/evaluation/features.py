@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfm_cli.data.weights import load_open_clip, load_weights
 from dfm_cli.errors import DfmError
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -51,25 +52,6 @@ def _rgb(images: np.ndarray) -> torch.Tensor:
         x = x[..., None]
     x = x.permute(0, 3, 1, 2)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
-
-
-def _load_weights(path: Path, what: str, how: str) -> dict[str, torch.Tensor]:
-    """A plain state dict from `.safetensors` or a tensors-only `.pt/.pth` (never pickled code)."""
-    if not path.is_file():
-        raise DfmError(f"{what} weights not found at {path}; {how}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and safetensors errors all mean "not a weights file"
-        raise DfmError(f"{path}: not a readable {what} weights file ({str(e).splitlines()[0][:120]})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise DfmError(f"{path}: expected a state dict of tensors for {what}")
-    return state
 
 
 def _load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
@@ -165,7 +147,7 @@ def resolve_inception_weights(explicit: Path | None) -> Path:
 def load_inception_state(explicit: Path | None) -> dict[str, torch.Tensor]:
     """The Inception weights (see `resolve_inception_weights`), read once, tensors only."""
     path = resolve_inception_weights(explicit)
-    state = _load_weights(path, "Inception", "pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE)
+    state = load_weights(path, "Inception", "pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE)
     if not state:
         raise DfmError(f"{path}: holds no tensors; pass torch-fidelity's {TORCH_FIDELITY_FILE}")
     return state
@@ -232,7 +214,7 @@ class DinoV2Features:
         if weights is None:
             raise DfmError("FDD needs DINOv2 weights; pass --dinov2-weights PATH to Meta's dinov2_vitl14_pretrain.pth "
                            "(ViT-L/14; dinov2_vitb14_pretrain.pth is ~4x cheaper for tracking)")
-        state = _load_weights(weights, "DINOv2", "download Meta's dinov2_vitl14_pretrain.pth and pass its path")
+        state = load_weights(weights, "DINOv2", "download Meta's dinov2_vitl14_pretrain.pth and pass its path")
         dim = state["cls_token"].shape[-1] if "cls_token" in state else None
         if dim not in DINOV2_ARCHS:
             raise DfmError(f"{weights}: not a DINOv2 ViT checkpoint (cls_token width {dim})")
@@ -249,21 +231,6 @@ class DinoV2Features:
 
 
 # --------------------------------------------------------------------------- CLIP
-
-
-def load_open_clip(model: str, weights: Path, flag: str) -> tuple[torch.nn.Module, Callable]:
-    """An open_clip model (an architecture name, or a config JSON for custom sizes) with local
-    weights, frozen in eval mode, and its tokenizer (whose vocabulary ships with open_clip)."""
-    import open_clip
-
-    if model.endswith(".json"):
-        open_clip.add_model_config(model)
-        model = Path(model).stem
-    if model not in open_clip.list_models():
-        raise DfmError(f"{flag} {model!r} is not an open_clip architecture (e.g. ViT-L-14) or config JSON")
-    net = open_clip.create_model(model, pretrained=None)
-    net.load_state_dict(_load_weights(weights, "CLIP", f"pass the open_clip checkpoint for {flag} {model}"))
-    return net.eval().requires_grad_(False), open_clip.get_tokenizer(model)
 
 
 class ClipFeatures:

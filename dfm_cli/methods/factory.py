@@ -145,3 +145,31 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, Ru
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dict[str, torch.Tensor]:
+    """The EMA weights of a single-level run of model kind `kind`, checked against the data the
+    new run trains on; for `flux`, also a diffusers FLUX transformer folder (e.g. FLUX.1-dev's)."""
+    if kind == "flux":
+        from dfm_cli.models.flux import flux_single_level_state, is_flux_folder, load_flux_transformer
+
+        if is_flux_folder(path):
+            return flux_single_level_state(load_flux_transformer(path))
+    ckpt = resolve_checkpoint(path)
+    recipe = load_recipe(ckpt / "recipe.toml")
+    if recipe.model.kind == "autoencoder":
+        raise DfmError(f"train.init_from = '{path}' is an autoencoder run, not a flow model")
+    if recipe.model.kind != kind:
+        raise DfmError(f"train.init_from = '{path}' is a model.kind = '{recipe.model.kind}' run; this run trains "
+                       f"'{kind}': start from a single-level run of the same kind")
+    if recipe.flow.levels != 1:
+        raise DfmError(f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
+                       f"{recipe.flow.levels} levels")
+    weights, state = load_checkpoint(ckpt, ("ema",))
+    old = RunInfo.from_state(state, ckpt / STATE)
+    for what, have, want in (("data shape", list(old.shape), list(info.shape)),
+                             ("number of classes", old.num_classes, info.num_classes)):
+        if have != want:
+            raise DfmError(f"train.init_from = '{path}' was trained on {what} {have}, this run has {want}; "
+                           "finetune on data of the same shape and classes")
+    return weights["ema"]

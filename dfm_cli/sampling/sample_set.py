@@ -38,7 +38,7 @@ from PIL import Image
 from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
-from dfm_cli.sampling.runs import TrainedRun
+from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.method.cond import Cond
@@ -300,3 +300,28 @@ def _drop_extra_pngs(folder: Path, num: int) -> None:
 
 def _write_npz(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict) -> None:
     _atomic_save(out, lambda p: np.savez(p, arr_0=images, arr_1=labels, manifest=np.array(json.dumps(manifest))))
+
+
+def run_set_path(checkpoint: Path, num: int) -> Path:
+    """`RUN/eval/samples-<num>-step-<9 digits>.npz`: one set per checkpoint, so more training
+    never reuses a stale set.
+
+    >>> run_set_path(Path("runs/q/checkpoints/step-000001500"), 1000).as_posix()
+    'runs/q/eval/samples-1000-step-000001500.npz'
+    """
+    return checkpoint.parent.parent / "eval" / f"samples-{num}-{checkpoint.name}.npz"
+
+
+def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: None) -> Path:
+    """Write the evaluation set of `checkpoint` with its recipe's sampling settings (seed 0,
+    class-balanced, EMA weights), or reuse it when it is already there."""
+    out = run_set_path(checkpoint, num)
+    if out.is_file():
+        on_batch(num)
+        return out
+    trained = load_for_sampling(checkpoint)
+    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels)
+    with torch.no_grad():
+        write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=0,
+                             ctx=distributed.Context(device=next(trained.model.parameters()).device), on_batch=on_batch)
+    return out

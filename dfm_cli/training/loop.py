@@ -32,10 +32,10 @@ from dfm_cli.data.checkpoints import (RunInfo, complete_checkpoints, load_traini
                                 truncate_stats)
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.methods.factory import (build_model, build_objective, build_pyramid, cascade_settings, plain_pyramid,
+from dfm_cli.methods.factory import (build_model, load_single_level, build_objective, build_pyramid, cascade_settings, plain_pyramid,
                              precondition_rms)
 from dfm_cli.method.flow import Draws
-from dfm_cli.models.conversion import convert_single_level, load_single_level, per_level_parameters
+from dfm_cli.models.conversion import convert_single_level, per_level_parameters
 from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.media import save_samples
 from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops, training_forward_flops
