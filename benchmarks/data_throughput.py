@@ -24,9 +24,9 @@ from train_throughput import measure
 
 from dfm_cli import distributed
 from dfm_cli.data.autoencoders import build_autoencoder
-from dfm_cli.training.batches import StreamBatches
-from dfm_cli.data.sources import build_source
 from dfm_cli.data.encode import EncodeSettings, LatentStore, encode_store
+from dfm_cli.data.sources import build_source
+from dfm_cli.training.batches import StreamBatches
 
 
 def encode_rate(source, ae, out: Path) -> float:
@@ -49,12 +49,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                      layers_per_block=1, norm_num_groups=4).save_pretrained(tmp / "tiny-kl")
+        AutoencoderKL(
+            in_channels=1,
+            out_channels=1,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=4,
+        ).save_pretrained(tmp / "tiny-kl")
         rows.append(("encode, pixel", encode_rate(source, build_autoencoder("pixel", channels=1), tmp / "pixel")))
-        rows.append(("encode, tiny AutoencoderKL (f2, 4 ch)",
-                     encode_rate(source, build_autoencoder("kl", tmp / "tiny-kl"), tmp / "kl")))
+        rows.append(
+            (
+                "encode, tiny AutoencoderKL (f2, 4 ch)",
+                encode_rate(source, build_autoencoder("kl", tmp / "tiny-kl"), tmp / "kl"),
+            )
+        )
         store = LatentStore(tmp / "pixel")
         loader = DataLoader(store, batch_sampler=StreamBatches(len(store), args.batch, 0))
         batches, start = iter(loader), time.perf_counter()

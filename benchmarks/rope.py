@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def model_at(rev: str) -> types.ModuleType:
     """`dfm_cli/models/dit.py` as committed at `rev`, imported under its own name."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dfm_cli/models/dit.py"],
-                            check=True, capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:dfm_cli/models/dit.py"], check=True, capture_output=True, text=True
+    ).stdout
     module = types.ModuleType(f"model_{rev}")
     sys.modules[module.__name__] = module  # dataclasses resolve their module by name
     exec(compile(source, f"{rev}:dfm_cli/models/dit.py", "exec"), module.__dict__)
@@ -89,6 +90,7 @@ def rope_op_times(versions: dict[str, types.ModuleType], batch: int, reps: int, 
 
     def new(module):  # rotations made once per grid, q and k together, one complex product
         module.apply_rope(qkv[:2], rotations).backward(grad)
+
     best = {}
     for name, module in versions.items():
         fn = new if hasattr(module, "rope_rotations") else old
@@ -110,8 +112,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--depth", type=int, default=12, help="blocks (DiT-S has 12)")
     ap.add_argument("--op-reps", type=int, default=30, help="repetitions of the RoPE-only timing")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall clock, or the process's CPU time (with --threads 1 on a busy machine)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall clock, or the process's CPU time (with --threads 1 on a busy machine)",
+    )
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads:
@@ -119,22 +125,32 @@ def main() -> None:
     versions = {"before": model_at(args.before), "after": after}
     ops = rope_op_times(versions, args.batch, args.op_reps, clock)
     console = Console()
-    console.print("RoPE on q and k in one block, forward + backward (min of "
-                  f"{args.op_reps}): " + ", ".join(f"{v} {t * 1e3:.2f} ms" for v, t in ops.items()))
+    console.print(
+        "RoPE on q and k in one block, forward + backward (min of "
+        f"{args.op_reps}): " + ", ".join(f"{v} {t * 1e3:.2f} ms" for v, t in ops.items())
+    )
     if not args.rounds:
         return
-    steps = {(v, pos): TrainStep(m, pos, args.batch, args.depth, clock) for v, m in versions.items() for pos in ("sincos", "rope")}
+    steps = {
+        (v, pos): TrainStep(m, pos, args.batch, args.depth, clock)
+        for v, m in versions.items()
+        for pos in ("sincos", "rope")
+    }
     times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
     for step in steps.values():  # warm-up: allocator, optimizer state
         step()
     for r in range(args.rounds):
         for key, step in steps.items():
             times[key] += [step() for _ in range(args.steps)]
-            print(f"round {r + 1} {key[0]:>6} {key[1]:>6}: " + " ".join(f"{t * 1e3:.0f}" for t in times[key]) + " ms",
-                  flush=True)
+            print(
+                f"round {r + 1} {key[0]:>6} {key[1]:>6}: " + " ".join(f"{t * 1e3:.0f}" for t in times[key]) + " ms",
+                flush=True,
+            )
 
-    table = Table(title=f"DiT-S/2 (depth {args.depth}) train step, 256 tokens, batch {args.batch}, CPU, "
-                        f"{torch.get_num_threads()} threads, {args.clock} clock, {args.rounds}x{args.steps} steps each")
+    table = Table(
+        title=f"DiT-S/2 (depth {args.depth}) train step, 256 tokens, batch {args.batch}, CPU, "
+        f"{torch.get_num_threads()} threads, {args.clock} clock, {args.rounds}x{args.steps} steps each"
+    )
     for col in ("version", "pos", "median (ms)", "min (ms)", "rope/sincos (median)", "rope/sincos (min)"):
         table.add_column(col, justify="right")
     for v in versions:
@@ -147,9 +163,11 @@ def main() -> None:
             table.add_row(v, pos, f"{statistics.median(ts) * 1e3:.1f}", f"{min(ts) * 1e3:.1f}", *ratio)
     console.print(table)
     base = statistics.median(times[("after", "sincos")])
-    console.print("RoPE's share of a sin-cos step implied by the RoPE-only timing (x12 blocks of DiT-S, "
-                  f"against the depth-{args.depth} sin-cos step scaled to 12 blocks): "
-                  + ", ".join(f"{v} {12 * t / (base * 12 / args.depth):.1%}" for v, t in ops.items()))
+    console.print(
+        "RoPE's share of a sin-cos step implied by the RoPE-only timing (x12 blocks of DiT-S, "
+        f"against the depth-{args.depth} sin-cos step scaled to 12 blocks): "
+        + ", ".join(f"{v} {12 * t / (base * 12 / args.depth):.1%}" for v, t in ops.items())
+    )
 
 
 if __name__ == "__main__":

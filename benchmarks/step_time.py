@@ -28,16 +28,19 @@ from rich.console import Console
 from rich.table import Table
 from train_throughput import measure
 
-from dfm_cli.methods.factory import build_objective, pick_device
 from dfm_cli.config.recipe import load_recipe
+from dfm_cli.methods.factory import build_objective, pick_device
 from dfm_cli.seeding import SAMPLE_DRAWS, mix_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 # (label, recipe, overrides): the quickstart as shipped, and DFM-B/2 at 64 px with a batch a CPU can step.
 LOOPS = [
     ("quickstart", ROOT / "recipes" / "quickstart.toml", []),
-    ("DFM-B/2 64px", ROOT / "recipes" / "quickstart.toml",
-     ["model.name=DFM-B/2", "data.resolution=64", "train.batch_size=4"]),
+    (
+        "DFM-B/2 64px",
+        ROOT / "recipes" / "quickstart.toml",
+        ["model.name=DFM-B/2", "data.resolution=64", "train.batch_size=4"],
+    ),
 ]
 
 
@@ -53,8 +56,7 @@ def draw_time(recipe, repeats: int = 5) -> float:
     times = []
     for k in range(repeats):
         start = time.perf_counter()
-        objective.draw(shapes, [mix_seed(0, SAMPLE_DRAWS, k * b + i) for i in range(b)], k,
-                       recipe.model.class_dropout)
+        objective.draw(shapes, [mix_seed(0, SAMPLE_DRAWS, k * b + i) for i in range(b)], k, recipe.model.class_dropout)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -66,30 +68,63 @@ def loop_rows(steps: int, workers: list[int]) -> list[dict]:
     rows = []
     for label, path, overrides in LOOPS:
         for w in workers:
-            recipe = load_recipe(path, [*overrides, f"train.steps={steps}", "train.log_every=1",
-                                        f"train.checkpoint_every={steps}", "sample.n=1",
-                                        "sample.steps=[1, 1]", f"data.num_workers={w}"])
+            recipe = load_recipe(
+                path,
+                [
+                    *overrides,
+                    f"train.steps={steps}",
+                    "train.log_every=1",
+                    f"train.checkpoint_every={steps}",
+                    "sample.n=1",
+                    "sample.steps=[1, 1]",
+                    f"data.num_workers={w}",
+                ],
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 train(recipe, Path(tmp), console=Console(quiet=True))
                 lines = [json.loads(x) for x in (Path(tmp) / "stats.jsonl").read_text().splitlines()][1:]
             step = statistics.median(line["step_time_s"] for line in lines)
             draws = draw_time(recipe)
-            rows.append(row := {"config": label, "model": recipe.model.name, "batch": recipe.train.batch_size,
-                         "workers": w, "step": step,
-                         "wait": statistics.median(line["data_wait_share"] for line in lines),
-                         "draws": draws, "draw_share": draws / step})
+            rows.append(
+                row := {
+                    "config": label,
+                    "model": recipe.model.name,
+                    "batch": recipe.train.batch_size,
+                    "workers": w,
+                    "step": step,
+                    "wait": statistics.median(line["data_wait_share"] for line in lines),
+                    "draws": draws,
+                    "draw_share": draws / step,
+                }
+            )
             print(row, flush=True)  # long runs: each result as soon as it is known
     return rows
 
 
 def print_loop(steps: int, workers: list[int]) -> None:
     table = Table(title=f"training loop, median of {steps - 1} steps after one warm-up, {pick_device()}")
-    for col in ("config", "model", "batch", "data.num_workers", "step (ms)", "waiting for data",
-                "draws in-process (ms)", "draws / step"):
+    for col in (
+        "config",
+        "model",
+        "batch",
+        "data.num_workers",
+        "step (ms)",
+        "waiting for data",
+        "draws in-process (ms)",
+        "draws / step",
+    ):
         table.add_column(col, justify="right")
     for r in loop_rows(steps, workers):
-        table.add_row(r["config"], r["model"], str(r["batch"]), str(r["workers"]), f"{r['step'] * 1e3:.1f}",
-                      f"{r['wait']:.1%}", f"{r['draws'] * 1e3:.2f}", f"{r['draw_share']:.1%}")
+        table.add_row(
+            r["config"],
+            r["model"],
+            str(r["batch"]),
+            str(r["workers"]),
+            f"{r['step'] * 1e3:.1f}",
+            f"{r['wait']:.1%}",
+            f"{r['draws'] * 1e3:.2f}",
+            f"{r['draw_share']:.1%}",
+        )
     Console(width=160).print(table)
 
 
@@ -99,8 +134,9 @@ def print_fm_dfm(args: argparse.Namespace) -> None:
     for col in ("method", "tokens", "params", "median step (ms)", "images/s"):
         table.add_column(col, justify="right")
     for label, r in rows.items():
-        table.add_row(label, str(r["tokens"]), f"{r['params'] / 1e6:.3f}M", f"{r['step'] * 1e3:.2f}",
-                      f"{r['img_s']:.0f}")
+        table.add_row(
+            label, str(r["tokens"]), f"{r['params'] / 1e6:.3f}M", f"{r['step'] * 1e3:.2f}", f"{r['img_s']:.0f}"
+        )
     console = Console()
     console.print(table)
     ratio = rows["DFM"]["step"] / rows["FM"]["step"]

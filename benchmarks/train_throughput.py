@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli import distributed
-from dfm_cli.methods.factory import build_model, build_objective, build_pyramid, pick_device
-from dfm_cli.training.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
 from dfm_cli.config.recipe import load_recipe
-from dfm_cli.training.stats import Interval
+from dfm_cli.methods.factory import build_model, build_objective, build_pyramid, pick_device
 from dfm_cli.training.loop import Step, compiled
+from dfm_cli.training.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
+from dfm_cli.training.stats import Interval
 
 CUDA_CONFIGS = "DFM-B/2@256,DFM-B/2@512,DFM-XL/2@256,DFM-XL/2@512"
 CPU_CONFIGS = "DFM-N/2@16,DFM-T/4@32"
@@ -36,15 +36,30 @@ class Bench:
 
     def __init__(self, model_name: str, size: int, channels: int, levels: int, batch: int, use_compile: bool):
         device = pick_device()
-        self.recipe = load_recipe(None, [f"model.name={model_name}", f"data.resolution={size}",
-                                         f"flow.levels={levels}", f"sample.steps={[20] * levels}",
-                                         f"train.batch_size={batch}"])
+        self.recipe = load_recipe(
+            None,
+            [
+                f"model.name={model_name}",
+                f"data.resolution={size}",
+                f"flow.levels={levels}",
+                f"sample.steps={[20] * levels}",
+                f"train.batch_size={batch}",
+            ],
+        )
         torch.manual_seed(0)
         model = build_model(self.recipe, (channels, size, size), 1000).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         ctx = distributed.Context(device=device)
-        self.step = Step(self.recipe, ctx, model, model, copy.deepcopy(model).requires_grad_(False), opt,
-                         build_objective(self.recipe), build_pyramid(self.recipe))
+        self.step = Step(
+            self.recipe,
+            ctx,
+            model,
+            model,
+            copy.deepcopy(model).requires_grad_(False),
+            opt,
+            build_objective(self.recipe),
+            build_pyramid(self.recipe),
+        )
         if use_compile:
             self.step.forward = compiled(model, lambda fn: None, Console())
         self.x = torch.randn(batch, channels, size, size, device=device)
@@ -72,13 +87,19 @@ class Bench:
         dtype = autocast_dtype(self.device.type, self.recipe.train.precision)
         peak = peak_tflops(device_name(self.device), dtype, self.recipe.train.tf32)
         tflops = 3 * forward_flops(self.model) * batch / med / 1e12
-        return {"step": med, "img_s": batch / med, "tflops": tflops, "mfu": tflops / peak if peak else None,
-                "params": sum(p.numel() for p in self.model.parameters()),
-                "tokens": self.model.grid[0] * self.model.grid[1] * self.model.grid[2]}
+        return {
+            "step": med,
+            "img_s": batch / med,
+            "tflops": tflops,
+            "mfu": tflops / peak if peak else None,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "tokens": self.model.grid[0] * self.model.grid[1] * self.model.grid[2],
+        }
 
 
-def measure(model_name: str, size: int, channels: int, batch: int, steps: int, rounds: int,
-            use_compile: bool) -> dict[str, dict]:
+def measure(
+    model_name: str, size: int, channels: int, batch: int, steps: int, rounds: int, use_compile: bool
+) -> dict[str, dict]:
     """FM and DFM rows for one configuration, timed in interleaved rounds."""
     rows = {}
     benches = {}
@@ -100,8 +121,7 @@ def measure(model_name: str, size: int, channels: int, batch: int, steps: int, r
 def main() -> None:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=CUDA_CONFIGS if cuda else CPU_CONFIGS,
-                    help="comma-separated MODEL@PIXELS")
+    ap.add_argument("--configs", default=CUDA_CONFIGS if cuda else CPU_CONFIGS, help="comma-separated MODEL@PIXELS")
     ap.add_argument("--batch", type=int, default=32 if cuda else 16, help="per-device batch")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -109,10 +129,22 @@ def main() -> None:
     ap.add_argument("--pixels", action="store_true", help="train in pixel space (3 channels) even on CUDA")
     args = ap.parse_args()
     latent = cuda and not args.pixels
-    table = Table(title=f"train throughput on {device_name(pick_device())}, batch {args.batch}, "
-                        f"{'bf16' if cuda else 'fp32'}{', compiled' if args.compile else ''}")
-    for col in ("config", "method", "tokens", "params", "step ms", "img/s", "TFLOP/s", "MFU", "peak mem GB",
-                "DFM/FM time"):
+    table = Table(
+        title=f"train throughput on {device_name(pick_device())}, batch {args.batch}, "
+        f"{'bf16' if cuda else 'fp32'}{', compiled' if args.compile else ''}"
+    )
+    for col in (
+        "config",
+        "method",
+        "tokens",
+        "params",
+        "step ms",
+        "img/s",
+        "TFLOP/s",
+        "MFU",
+        "peak mem GB",
+        "DFM/FM time",
+    ):
         table.add_column(col, justify="right")
     for config in args.configs.split(","):
         name, px = config.split("@")
@@ -120,10 +152,18 @@ def main() -> None:
         rows = measure(name, size, channels, args.batch, args.steps, args.rounds, args.compile)
         ratio = rows["DFM"]["step"] / rows["FM"]["step"]
         for label, r in rows.items():
-            table.add_row(f"{name} {px}px", label, str(r["tokens"]), f"{r['params'] / 1e6:.2f}M",
-                          f"{r['step'] * 1e3:.1f}", f"{r['img_s']:.1f}", f"{r['tflops']:.2f}",
-                          f"{r['mfu']:.1%}" if r["mfu"] is not None else "-", f"{r['memory_gb']:.2f}",
-                          f"{ratio:.3f}" if label == "DFM" else "")
+            table.add_row(
+                f"{name} {px}px",
+                label,
+                str(r["tokens"]),
+                f"{r['params'] / 1e6:.2f}M",
+                f"{r['step'] * 1e3:.1f}",
+                f"{r['img_s']:.1f}",
+                f"{r['tflops']:.2f}",
+                f"{r['mfu']:.1%}" if r["mfu"] is not None else "-",
+                f"{r['memory_gb']:.2f}",
+                f"{ratio:.3f}" if label == "DFM" else "",
+            )
     Console(width=200).print(table)
 
 

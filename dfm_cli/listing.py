@@ -39,8 +39,9 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_file: Path | None = None,
-               what: str = "the folder") -> Listing:
+def list_files(
+    root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_file: Path | None = None, what: str = "the folder"
+) -> Listing:
     """The one folder lister of `train`, `encode` and `eval`.
 
     With `labels_file`, its `relative/path,label` lines name the files and labels. Otherwise
@@ -51,8 +52,10 @@ def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_f
     """
     root = Path(root)
     if not root.is_dir():
-        raise DfmError(f"{what} {str(root)!r} is not a folder; point it at a folder of images "
-                       "(class subfolders, or one flat folder)")
+        raise DfmError(
+            f"{what} {str(root)!r} is not a folder; point it at a folder of images "
+            "(class subfolders, or one flat folder)"
+        )
     if labels_file is not None:
         labels_file = Path(labels_file)
         if not labels_file.is_file():
@@ -70,16 +73,18 @@ def list_files(root: str | Path, suffixes: set[str] = IMAGE_EXTENSIONS, labels_f
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [matching(root / name, True) for name in classes]
     top = matching(root, False)
-    kinds = {frozenset(IMAGE_EXTENSIONS): "image", frozenset(VIDEO_SUFFIXES): "video"}.get(frozenset(suffixes),
-                                                                                         "matching")
+    kinds = {frozenset(IMAGE_EXTENSIONS): "image", frozenset(VIDEO_SUFFIXES): "video"}.get(
+        frozenset(suffixes), "matching"
+    )
     if any(per_class):
         if top:
-            raise DfmError(f"{what} {str(root)!r} holds {kinds} files both in class subfolders and at its top "
-                           f"level (e.g. {top[0].name}); move them into a class subfolder")
+            raise DfmError(
+                f"{what} {str(root)!r} holds {kinds} files both in class subfolders and at its top "
+                f"level (e.g. {top[0].name}); move them into a class subfolder"
+            )
         return Listing(tuple((f, c) for c, files in enumerate(per_class) for f in files), tuple(classes))
     if not top:
-        raise DfmError(f"{what} {str(root)!r} holds no {kinds} files (expected {root}/<class>/<file> "
-                       f"or {root}/<file>)")
+        raise DfmError(f"{what} {str(root)!r} holds no {kinds} files (expected {root}/<class>/<file> or {root}/<file>)")
     return Listing(tuple((f, 0) for f in top), ("all",))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import torch
-import imageio.v3 as iio
 from PIL import Image
 
 from dfm_cli.errors import DfmError
@@ -41,7 +41,7 @@ def grid(x: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     out = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     for i, img in enumerate(imgs):
         r, col = divmod(i, nrow)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
     return out[..., 0] if c == 1 else out
 
 
@@ -113,7 +113,9 @@ def default_photo() -> tuple[Path, torch.Tensor]:
 
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DfmError("no image given and scikit-learn (which ships the default photo) is not installed; "
-                       "pass an image path or `pip install scikit-learn`")
+        raise DfmError(
+            "no image given and scikit-learn (which ships the default photo) is not installed; "
+            "pass an image path or `pip install scikit-learn`"
+        )
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "images" / "china.jpg"
     return path, load_media(path)

@@ -15,8 +15,9 @@ TINY = ROOT / "recipes" / "tiny.toml"
 
 def run_dfm(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`python -m dfm_cli ARGS` as a user would run it; returns the finished process."""
-    proc = subprocess.run([sys.executable, "-m", "dfm_cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfm_cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"dfm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -28,8 +29,12 @@ def _deterministic():
     yield
 
 
-TINY_TEXT_CAPTIONS = {"red/0.png": "a red square", "red/1.png": "a small red square",
-                      "blue/0.png": "a blue square", "blue/1.png": "a big blue square"}
+TINY_TEXT_CAPTIONS = {
+    "red/0.png": "a red square",
+    "red/1.png": "a small red square",
+    "blue/0.png": "a blue square",
+    "blue/1.png": "a big blue square",
+}
 
 
 def write_captioned_folder(root: Path) -> None:
@@ -51,9 +56,11 @@ def write_tiny_clip(root: Path) -> tuple[Path, Path]:
 
     import open_clip
 
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                                              "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / "dfm-tiny-clip.json").write_text(json.dumps(config))
     open_clip.add_model_config(root / "dfm-tiny-clip.json")
@@ -70,11 +77,13 @@ def write_tiny_t5(root: Path) -> Path:
     words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "square", "small", "big"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(root)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(root)
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1,
-                            num_heads=2)).save_pretrained(root)
+    T5EncoderModel(
+        T5Config(vocab_size=len(words), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(root)
     return root
 
 
@@ -92,11 +101,37 @@ def tiny_text(tmp_path_factory) -> Path:
     write_captioned_folder(root)
     config, weights = write_tiny_clip(root)
     t5 = write_tiny_t5(root / "t5")
-    run_dfm("encode", root / "images", "--resolution", "16", "--captions", root / "captions.csv",
-            "--text-encoder", "clip+t5", "--clip-model", config, "--clip-weights", weights, "--t5-weights", t5,
-            "--text-tokens", "8", "--out", root / "store")
+    run_dfm(
+        "encode",
+        root / "images",
+        "--resolution",
+        "16",
+        "--captions",
+        root / "captions.csv",
+        "--text-encoder",
+        "clip+t5",
+        "--clip-model",
+        config,
+        "--clip-weights",
+        weights,
+        "--t5-weights",
+        t5,
+        "--text-tokens",
+        "8",
+        "--out",
+        root / "store",
+    )
     torch.manual_seed(0)
-    FluxTransformer2DModel(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                           num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16,
-                           guidance_embeds=True, axes_dims_rope=(2, 2, 4)).save_pretrained(root / "flux")
+    FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=12,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ).save_pretrained(root / "flux")
     return base

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_dfm
 from rich.console import Console
 
-from conftest import ROOT, run_dfm
 from dfm_cli.ablate.compute import train_compute
 from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
 from dfm_cli.ablate.results import curve_series, training_curves
@@ -45,27 +45,29 @@ def test_tiny_sweep_has_four_cells_on_two_runs():
 def test_ids_follow_the_settings(tmp_path):
     a = load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.0]\n', "a.toml")).cells
     b = load_sweep(write_sweep(tmp_path, '[grid]\n"sample.cfg" = [1.0, 2.5]\n', "b.toml")).cells
-    c = load_sweep(write_sweep(tmp_path, '[set]\n"train.lr" = 0.002\n[grid]\n"sample.cfg" = [1.0]\n',
-                               "c.toml")).cells
+    c = load_sweep(write_sweep(tmp_path, '[set]\n"train.lr" = 0.002\n[grid]\n"sample.cfg" = [1.0]\n', "c.toml")).cells
     assert a[0].cell_id == b[0].cell_id and a[1].cell_id != b[1].cell_id  # only the changed cell moves
     assert a[0].run_id == a[1].run_id == b[1].run_id  # sampling keys share one run
     assert c[0].run_id != a[0].run_id and c[0].cell_id != a[0].cell_id  # a training key moves both
 
 
-@pytest.mark.parametrize("body, message", [
-    ('grids = 1\n', "unknown key 'grids'; did you mean 'grid'?"),
-    ('[grid]\n"train.step" = [1, 2]\n', "'train.step' is not a recipe key; did you mean 'train.steps'?"),
-    ('[grid]\ntrain.steps = 4\n', "give a non-empty list"),
-    ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nmetric = ["swd"]\n', "eval.metric is not a known key; did you mean"),
-    ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nmetrics = ["fd"]\n', "unknown metric 'fd'"),
-    ('[grid]\n"train.steps" = [4, "many"]\n', "cell 'steps=many'"),
-    ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nswd_levels = 4\nmetrics = ["swd"]\n', "use eval.swd_levels = 2"),
-    ('baseline = "nope"\n[grid]\n"sample.cfg" = [1.0]\n', "baseline = 'nope' names no cell"),
-    ('[grid]\n"sample.cfg" = [1.0]\nbaseline = "nope"\n', "'baseline' belongs at the top"),
-    ('[[cell]]\nname = "a"\n"sample.cfg" = 2.0\n[grid]\n"sample.cfg" = [1.0]\n', "set in both"),
-    ('', "nothing to sweep"),
-    ('[[cell]]\n"train.lr" = 0.1\n[[cell]]\n"train.lr" = 0.1\n', "two cells have the same settings"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("grids = 1\n", "unknown key 'grids'; did you mean 'grid'?"),
+        ('[grid]\n"train.step" = [1, 2]\n', "'train.step' is not a recipe key; did you mean 'train.steps'?"),
+        ("[grid]\ntrain.steps = 4\n", "give a non-empty list"),
+        ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nmetric = ["swd"]\n', "eval.metric is not a known key; did you mean"),
+        ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nmetrics = ["fd"]\n', "unknown metric 'fd'"),
+        ('[grid]\n"train.steps" = [4, "many"]\n', "cell 'steps=many'"),
+        ('[grid]\n"sample.cfg" = [1.0]\n[eval]\nswd_levels = 4\nmetrics = ["swd"]\n', "use eval.swd_levels = 2"),
+        ('baseline = "nope"\n[grid]\n"sample.cfg" = [1.0]\n', "baseline = 'nope' names no cell"),
+        ('[grid]\n"sample.cfg" = [1.0]\nbaseline = "nope"\n', "'baseline' belongs at the top"),
+        ('[[cell]]\nname = "a"\n"sample.cfg" = 2.0\n[grid]\n"sample.cfg" = [1.0]\n', "set in both"),
+        ("", "nothing to sweep"),
+        ('[[cell]]\n"train.lr" = 0.1\n[[cell]]\n"train.lr" = 0.1\n', "two cells have the same settings"),
+    ],
+)
 def test_mistakes_are_one_line_errors_naming_the_sweep(tmp_path, body, message):
     path = write_sweep(tmp_path, body)
     with pytest.raises(DfmError) as e:
@@ -74,7 +76,9 @@ def test_mistakes_are_one_line_errors_naming_the_sweep(tmp_path, body, message):
 
 
 def test_cells_cross_the_grid_and_baselines_match_the_other_keys(tmp_path):
-    path = write_sweep(tmp_path, """
+    path = write_sweep(
+        tmp_path,
+        """
 baseline = "fm"
 [[cell]]
 name = "fm"
@@ -85,15 +89,21 @@ sample.steps = [5]
 name = "dfm"
 [grid]
 "sample.cfg" = [1.0, 3.0]
-""")
+""",
+    )
     sweep = load_sweep(path)
     assert [c.name for c in sweep.cells] == ["fm cfg=1", "fm cfg=3", "dfm cfg=1", "dfm cfg=3"]
     assert [len(r.cells) for r in sweep.runs] == [2, 2]
     bases = {k: v.name for k, v in baseline_cells(sweep).items()}
     assert bases == {"fm cfg=1": "fm cfg=1", "fm cfg=3": "fm cfg=3", "dfm cfg=1": "fm cfg=1", "dfm cfg=3": "fm cfg=3"}
     # a table selects by value; a scalar matches the one-element list the recipe broadcasts to
-    tau = load_sweep(write_sweep(tmp_path, 'baseline = {"sample.tau" = 0.7}\n[grid]\n'
-                                           '"sample.tau" = [0.5, 0.7]\n"sample.cfg" = [1.0, 2.0]\n', "t.toml"))
+    tau = load_sweep(
+        write_sweep(
+            tmp_path,
+            'baseline = {"sample.tau" = 0.7}\n[grid]\n"sample.tau" = [0.5, 0.7]\n"sample.cfg" = [1.0, 2.0]\n',
+            "t.toml",
+        )
+    )
     bases = {k: v.name for k, v in baseline_cells(tau).items()}
     assert bases["tau=0.5 cfg=2"] == "tau=0.7 cfg=2" and bases["tau=0.5 cfg=1"] == "tau=0.7 cfg=1"
 
@@ -108,8 +118,12 @@ def test_training_compute_is_three_forwards_per_image():
 
 def test_training_curves_keep_the_last_row_per_step(tmp_path):
     stats = tmp_path / "stats.jsonl"
-    rows = [{"step": 2, "images_seen": 16, "loss": 1.0}, {"step": 4, "images": 32, "eval_fid": 90.0},
-            {"step": 4, "images": 32, "eval_fid": 80.0, "eval_swd": 5.0}, {"step": 8, "images": 64, "eval_fid": 70.0}]
+    rows = [
+        {"step": 2, "images_seen": 16, "loss": 1.0},
+        {"step": 4, "images": 32, "eval_fid": 90.0},
+        {"step": 4, "images": 32, "eval_fid": 80.0, "eval_swd": 5.0},
+        {"step": 8, "images": 64, "eval_fid": 70.0},
+    ]
     stats.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert training_curves(stats) == {"eval_fid": [(32.0, 80.0), (64.0, 70.0)], "eval_swd": [(32.0, 5.0)]}
 
@@ -180,8 +194,12 @@ def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):
     assert float(table[2]["train_flops"]) == train_compute(sweep.runs[1].recipe)[1]
     md = (out / "results.md").read_text()
     assert "| steps=8 cfg=3 | 8 | 3 | 64 |" in md and "2.538" in md
-    assert {p.name for p in out.glob("*.png")} == {"plot_train.steps.png", "plot_sample.cfg.png", "curves.png",
-                                                   "samples.png"}
+    assert {p.name for p in out.glob("*.png")} == {
+        "plot_train.steps.png",
+        "plot_sample.cfg.png",
+        "curves.png",
+        "samples.png",
+    }
     again = FakeDfm()
     assert run_sweep(sweep, out, Console(file=io.StringIO()), runner=again) == rows and again.calls == []
     # a changed metric re-scores the kept samples; nothing is trained or sampled again
@@ -194,8 +212,9 @@ def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):
 def test_a_failing_command_names_its_log(tmp_path):
     log = tmp_path / "x.log"
     with pytest.raises(DfmError, match=r"dfm sample for cell 'a' failed \(exit 2\): --class 12: bad; log: "):
-        run_command(["sh", "-c", "echo working; echo 'error: --class 12: bad' >&2; exit 2"], log,
-                    "dfm sample for cell 'a'")
+        run_command(
+            ["sh", "-c", "echo working; echo 'error: --class 12: bad' >&2; exit 2"], log, "dfm sample for cell 'a'"
+        )
 
 
 def test_cli_dry_run_lists_cells_runs_and_time():
@@ -210,8 +229,12 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     """The CI sweep for real: 2 trained runs for 4 cells, and a sweep interrupted in its second
     training, then run again, ends with the same numbers."""
     whole = tmp_path / "whole"
-    proc = subprocess.run([sys.executable, "-m", "dfm_cli", "ablate", str(TINY_SWEEP), "--out", str(whole)],
-                          capture_output=True, text=True, timeout=3600)  # a minute on 2 idle cores
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfm_cli", "ablate", str(TINY_SWEEP), "--out", str(whole)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )  # a minute on 2 idle cores
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ablate [") >= 4 and "train" in proc.stdout  # plain lines: not a terminal
     assert len(list(whole.rglob("stats.jsonl"))) == 2
@@ -232,8 +255,12 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, part, Console(file=io.StringIO()), runner=interrupted)
     calls.clear()
-    run_sweep(sweep, part, Console(file=io.StringIO()),
-              runner=lambda c, log, what: (calls.append(c[3]), run_command(c, log, what)))
+    run_sweep(
+        sweep,
+        part,
+        Console(file=io.StringIO()),
+        runner=lambda c, log, what: (calls.append(c[3]), run_command(c, log, what)),
+    )
     assert calls == ["train", "sample", "eval", "sample", "eval"]
     assert "resuming" in (part / "logs" / f"run-{sweep.runs[1].run_id}.log").read_text()
     assert (part / "results.csv").read_text() == (whole / "results.csv").read_text()
@@ -242,8 +269,8 @@ def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cache(tmp_path, monkeypatch):
-    from dfm_cli.evaluation import evaluate
     from dfm_cli.data.datasets import build_dataset
+    from dfm_cli.evaluation import evaluate
     from dfm_cli.evaluation.evaluate import reference_images
 
     monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
@@ -255,4 +282,6 @@ def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cac
     assert np.array_equal(swept.images, in_training)
     assert swept.cache_dir == evaluate.content_cache(in_training)
     labels = build_dataset("animal-mnist", "", 16, 0).labels
-    assert len(set(labels[np.linspace(0, len(labels) - 1, 37).round().astype(int)].tolist())) == len(set(labels.tolist()))
+    assert len(set(labels[np.linspace(0, len(labels) - 1, 37).round().astype(int)].tolist())) == len(
+        set(labels.tolist())
+    )

@@ -8,16 +8,16 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, run_dfm
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_dfm
-from dfm_cli.training.autoencoder_losses import downsample, pyramid_l1, scale_equivariance_loss
-from dfm_cli.training.autoencoder import EXPORT, build_vae, evenly_spaced_images, train_autoencoder
+from dfm_cli.config.recipe import load_recipe
 from dfm_cli.data.autoencoders import build_autoencoder
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.config.recipe import load_recipe
+from dfm_cli.training.autoencoder import EXPORT, build_vae, evenly_spaced_images, train_autoencoder
+from dfm_cli.training.autoencoder_losses import downsample, pyramid_l1, scale_equivariance_loss
 
 TINY_AE = ROOT / "recipes" / "tiny" / "ae.toml"
 QUIET = Console(quiet=True)
@@ -53,8 +53,9 @@ def test_trained_autoencoder_reloads_through_the_encode_path_with_the_same_laten
 def test_autoencoder_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny("train.steps=4", "train.checkpoint_every=2", "ae.scale_equivariance=true")
     train_autoencoder(full, tmp_path / "full", QUIET)
-    train_autoencoder(tiny("train.steps=2", "train.checkpoint_every=2", "ae.scale_equivariance=true"),
-                      tmp_path / "cut", QUIET)
+    train_autoencoder(
+        tiny("train.steps=2", "train.checkpoint_every=2", "ae.scale_equivariance=true"), tmp_path / "cut", QUIET
+    )
     train_autoencoder(full, tmp_path / "cut", QUIET)  # the same command again: resumes at step 2
     a = load_file(tmp_path / "full" / "checkpoints" / "step-000000004" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "step-000000004" / "model.safetensors")
@@ -99,8 +100,9 @@ def test_scale_equivariance_loss_is_zero_for_equivariant_coders_and_positive_for
     assert float(scale_equivariance_loss(pointwise.encode, pointwise.decode, x, factor, 1.0)) < 1e-5
     vae = build_vae(load_recipe(TINY_AE, ["ae.block_out_channels=[8, 16, 16]", "ae.se_factors=[2]"]), 3)
     with torch.no_grad():
-        random = scale_equivariance_loss(lambda v: vae.encode(v).latent_dist.mean, lambda v: vae.decode(v).sample,
-                                         x, factor)
+        random = scale_equivariance_loss(
+            lambda v: vae.encode(v).latent_dist.mean, lambda v: vae.decode(v).sample, x, factor
+        )
     assert float(random) > 0.05
 
 
@@ -130,12 +132,36 @@ def test_cli_autoencoder_to_store_to_dfm_samples(tmp_path):
     """The acceptance path: train the tiny autoencoder, encode built-in data with it, train DFM
     on the store, sample (decoded by the same autoencoder); an autoencoder run is not sampled."""
     run_dfm("train", TINY_AE, "--out", tmp_path / "A", "--set", "ae.stats_num=64")
-    run_dfm("encode", "animal-mnist", "--ae", "kl", "--ae-weights", tmp_path / "A" / EXPORT, "--resolution", "32",
-            "--num-clips", "40", "--batch", "40", "--out", tmp_path / "S")
+    run_dfm(
+        "encode",
+        "animal-mnist",
+        "--ae",
+        "kl",
+        "--ae-weights",
+        tmp_path / "A" / EXPORT,
+        "--resolution",
+        "32",
+        "--num-clips",
+        "40",
+        "--batch",
+        "40",
+        "--out",
+        tmp_path / "S",
+    )
     index = json.loads((tmp_path / "S" / "index.json").read_text())
     assert index["shape"] == [4, 16, 16] and index["autoencoder"]["weights"] == str((tmp_path / "A" / EXPORT).resolve())
-    run_dfm("train", ROOT / "recipes" / "tiny.toml", "--set", "data.name=store", "--set", f"data.path={tmp_path / 'S'}",
-            "--set", "train.steps=2", "--out", tmp_path / "R")
+    run_dfm(
+        "train",
+        ROOT / "recipes" / "tiny.toml",
+        "--set",
+        "data.name=store",
+        "--set",
+        f"data.path={tmp_path / 'S'}",
+        "--set",
+        "train.steps=2",
+        "--out",
+        tmp_path / "R",
+    )
     run_dfm("sample", tmp_path / "R", "--num", "4", "--out", tmp_path / "samples")
     assert len(list((tmp_path / "samples").glob("*.png"))) == 4
     refused = run_dfm("sample", tmp_path / "A", "--out", tmp_path / "x.png", check=False)

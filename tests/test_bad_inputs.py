@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import TINY
 from dfm_cli.cli import app
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file permissions
@@ -96,140 +96,320 @@ def drop(key: str):
 
 def recipe_with(section: str, line: str):
     """A tiny recipe with `line` added under `[section]` (TOML keeps one table per name)."""
+
     def make(w: World) -> Path:
         text = TINY.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
         if f"[{section}]" not in text:
             text += f"\n[{section}]\n{line}\n"
         return w.write("r.toml", text)
+
     return make
 
 
 # (id, argv from the world, a piece of the one-line message), plus marks where another branch fixes it.
 ROWS = [
     # ------------------------------------------------------------------ train
-    ("train-negative-lr", lambda w: ["train", w.write("r.toml", "[train]\nlr = -1e-4\n"), "--out", w.tmp / "o"],
-     "train.lr = -0.0001"),
-    ("train-one-beta", lambda w: ["train", recipe_with("train", "betas = [0.9]")(w), "--out", w.tmp / "o"],
-     "train.betas"),
-    ("train-resolution-65536", lambda w: ["train", TINY, "--set", "data.resolution=65536", "--out", w.tmp / "o"],
-     "GiB"),
-    ("train-class-dropout-1.5", lambda w: ["train", TINY, "--set", "model.class_dropout=1.5", "--out", w.tmp / "o"],
-     "model.class_dropout"),
-    ("train-warmup-minus-3", lambda w: ["train", recipe_with("train", "warmup_steps = -3")(w), "--out", w.tmp / "o"],
-     "train.warmup_steps = -3"),
-    ("train-recipe-not-utf8", lambda w: ["train", w.write("latin.toml", "# caf\xe9\n".encode("latin-1")),
-                                         "--out", w.tmp / "o"], "latin.toml"),
+    (
+        "train-negative-lr",
+        lambda w: ["train", w.write("r.toml", "[train]\nlr = -1e-4\n"), "--out", w.tmp / "o"],
+        "train.lr = -0.0001",
+    ),
+    (
+        "train-one-beta",
+        lambda w: ["train", recipe_with("train", "betas = [0.9]")(w), "--out", w.tmp / "o"],
+        "train.betas",
+    ),
+    (
+        "train-resolution-65536",
+        lambda w: ["train", TINY, "--set", "data.resolution=65536", "--out", w.tmp / "o"],
+        "GiB",
+    ),
+    (
+        "train-class-dropout-1.5",
+        lambda w: ["train", TINY, "--set", "model.class_dropout=1.5", "--out", w.tmp / "o"],
+        "model.class_dropout",
+    ),
+    (
+        "train-warmup-minus-3",
+        lambda w: ["train", recipe_with("train", "warmup_steps = -3")(w), "--out", w.tmp / "o"],
+        "train.warmup_steps = -3",
+    ),
+    (
+        "train-recipe-not-utf8",
+        lambda w: ["train", w.write("latin.toml", "# caf\xe9\n".encode("latin-1")), "--out", w.tmp / "o"],
+        "latin.toml",
+    ),
     ("train-recipe-missing", lambda w: ["train", w.tmp / "nope.toml", "--out", w.tmp / "o"], "nope.toml"),
     ("train-recipe-is-a-folder", lambda w: ["train", w.folder("rf"), "--out", w.tmp / "o"], "rf"),
-    ("train-recipe-not-toml", lambda w: ["train", w.write("bad.toml", "[train\n"), "--out", w.tmp / "o"],
-     "not valid TOML"),
-    ("train-batch-0", lambda w: ["train", TINY, "--set", "train.batch_size=0", "--out", w.tmp / "o"],
-     "train.batch_size = 0"),
-    ("train-specialize-typo", lambda w: ["train", TINY, "--set", "model.specialize=mpl", "--out", w.tmp / "o"],
-     "did you mean 'mlp'"),
-    ("train-unknown-decomposition", lambda w: ["train", TINY, "--set", "flow.decomposition=haar", "--out",
-                                               w.tmp / "o"], "flow.decomposition"),
-    ("train-eval-metric-kid", lambda w: ["train", TINY, "--set", "train.eval_metrics=['kid']", "--out", w.tmp / "o"],
-     "train.eval_metrics"),
+    (
+        "train-recipe-not-toml",
+        lambda w: ["train", w.write("bad.toml", "[train\n"), "--out", w.tmp / "o"],
+        "not valid TOML",
+    ),
+    (
+        "train-batch-0",
+        lambda w: ["train", TINY, "--set", "train.batch_size=0", "--out", w.tmp / "o"],
+        "train.batch_size = 0",
+    ),
+    (
+        "train-specialize-typo",
+        lambda w: ["train", TINY, "--set", "model.specialize=mpl", "--out", w.tmp / "o"],
+        "did you mean 'mlp'",
+    ),
+    (
+        "train-unknown-decomposition",
+        lambda w: ["train", TINY, "--set", "flow.decomposition=haar", "--out", w.tmp / "o"],
+        "flow.decomposition",
+    ),
+    (
+        "train-eval-metric-kid",
+        lambda w: ["train", TINY, "--set", "train.eval_metrics=['kid']", "--out", w.tmp / "o"],
+        "train.eval_metrics",
+    ),
     ("train-tau-above-1", lambda w: ["train", TINY, "--set", "sample.tau=[1.5]", "--out", w.tmp / "o"], "sample.tau"),
-    ("train-grad-clip-0", lambda w: ["train", TINY, "--set", "train.grad_clip=0", "--out", w.tmp / "o"],
-     "train.grad_clip"),
+    (
+        "train-grad-clip-0",
+        lambda w: ["train", TINY, "--set", "train.grad_clip=0", "--out", w.tmp / "o"],
+        "train.grad_clip",
+    ),
     ("train-eps-negative", lambda w: ["train", TINY, "--set", "train.eps=-1e-8", "--out", w.tmp / "o"], "train.eps"),
-    ("train-eval-num-0", lambda w: ["train", TINY, "--set", "train.eval_num=0", "--out", w.tmp / "o"],
-     "train.eval_num"),
-    ("train-bad-set-syntax", lambda w: ["train", TINY, "--set", "trainsteps", "--out", w.tmp / "o"],
-     "expected section.key=value"),
-    ("train-folder-missing", lambda w: ["train", TINY, "--set", "data.name=folder", "--set",
-                                        f"data.path={w.tmp / 'none'}", "--out", w.tmp / "o"], "is not a folder"),
+    (
+        "train-eval-num-0",
+        lambda w: ["train", TINY, "--set", "train.eval_num=0", "--out", w.tmp / "o"],
+        "train.eval_num",
+    ),
+    (
+        "train-bad-set-syntax",
+        lambda w: ["train", TINY, "--set", "trainsteps", "--out", w.tmp / "o"],
+        "expected section.key=value",
+    ),
+    (
+        "train-folder-missing",
+        lambda w: [
+            "train",
+            TINY,
+            "--set",
+            "data.name=folder",
+            "--set",
+            f"data.path={w.tmp / 'none'}",
+            "--out",
+            w.tmp / "o",
+        ],
+        "is not a folder",
+    ),
     ("train-out-is-a-file", lambda w: ["train", TINY, "--out", w.write("taken", "x")], "taken"),
-    pytest.param("train-corrupt-png-strict", lambda w: ["train", TINY, "--set", "data.name=folder", "--set",
-                                                        f"data.path={w.folder('imgs')}", "--set", "data.strict=true",
-                                                        "--out", w.tmp / "o"] if w.corrupt_png("imgs/cat/bad.png")
-                 else [], "bad.png"),
-    pytest.param("train-out-read-only", lambda w: (os.chmod(w.folder("ro"), 0o500), ["train", TINY, "--out",
-                                                   w.tmp / "ro" / "run"])[1], "Permission denied",
-                 marks=pytest.mark.skipif(ROOT_USER, reason="root ignores file permissions")),
+    pytest.param(
+        "train-corrupt-png-strict",
+        lambda w: (
+            [
+                "train",
+                TINY,
+                "--set",
+                "data.name=folder",
+                "--set",
+                f"data.path={w.folder('imgs')}",
+                "--set",
+                "data.strict=true",
+                "--out",
+                w.tmp / "o",
+            ]
+            if w.corrupt_png("imgs/cat/bad.png")
+            else []
+        ),
+        "bad.png",
+    ),
+    pytest.param(
+        "train-out-read-only",
+        lambda w: (os.chmod(w.folder("ro"), 0o500), ["train", TINY, "--out", w.tmp / "ro" / "run"])[1],
+        "Permission denied",
+        marks=pytest.mark.skipif(ROOT_USER, reason="root ignores file permissions"),
+    ),
     # ------------------------------------------------------------------ sample
     pytest.param("sample-n-0", lambda w: ["sample", w.run, "--n", "0", "--out", w.tmp / "g.png"], "--n"),
     ("sample-batch-0", lambda w: ["sample", w.run, "--num", "4", "--batch", "0", "--out", w.tmp / "s.npz"], "--batch"),
     ("sample-num-0", lambda w: ["sample", w.run, "--num", "0", "--out", w.tmp / "s.npz"], "--num"),
     pytest.param("sample-out-xyz", lambda w: ["sample", w.run, "--n", "2", "--out", w.tmp / "x.xyz"], "x.xyz"),
-    ("sample-num-out-png", lambda w: ["sample", w.run, "--num", "4", "--out", w.tmp / "x.png"], ".npz file or a folder"),
-    pytest.param("sample-num-out-is-a-file", lambda w: ["sample", w.run, "--num", "2", "--steps", "1,1", "--out",
-                                                        w.write("taken", "x")], "taken"),
+    (
+        "sample-num-out-png",
+        lambda w: ["sample", w.run, "--num", "4", "--out", w.tmp / "x.png"],
+        ".npz file or a folder",
+    ),
+    pytest.param(
+        "sample-num-out-is-a-file",
+        lambda w: ["sample", w.run, "--num", "2", "--steps", "1,1", "--out", w.write("taken", "x")],
+        "taken",
+    ),
     ("sample-stages-5", lambda w: ["sample", w.run, "--stages", "5", "--out", w.tmp / "g.png"], "--stages 5"),
     ("sample-tau-1.5", lambda w: ["sample", w.run, "--tau", "1.5", "--n", "2", "--out", w.tmp / "g.png"], "tau"),
-    ("sample-steps-zero", lambda w: ["sample", w.run, "--steps", "0,2", "--n", "2", "--out", w.tmp / "g.png"],
-     "steps"),
-    pytest.param("sample-interval-reversed", lambda w: ["sample", w.run, "--interval", "0.9,0.1", "--n", "2", "--out",
-                                                        w.tmp / "g.png"], "--interval"),
+    ("sample-steps-zero", lambda w: ["sample", w.run, "--steps", "0,2", "--n", "2", "--out", w.tmp / "g.png"], "steps"),
+    pytest.param(
+        "sample-interval-reversed",
+        lambda w: ["sample", w.run, "--interval", "0.9,0.1", "--n", "2", "--out", w.tmp / "g.png"],
+        "--interval",
+    ),
     ("sample-class-12", lambda w: ["sample", w.run, "--class", "12", "--out", w.tmp / "g.png"], "--class 12"),
     ("sample-no-run", lambda w: ["sample", w.tmp / "nothing"], "no checkpoint found"),
-    pytest.param("sample-state-missing-keys", lambda w: ["sample", w.run_copy(drop("num_classes")), "--n", "2",
-                                                         "--out", w.tmp / "g.png"], "state.json"),  # RunInfo reads state.json
-    ("sample-truncated-weights", lambda w: ["sample", w.run_copy(truncate="ema.safetensors"), "--n", "2", "--out",
-                                            w.tmp / "g.png"], "unreadable checkpoint"),
+    pytest.param(
+        "sample-state-missing-keys",
+        lambda w: ["sample", w.run_copy(drop("num_classes")), "--n", "2", "--out", w.tmp / "g.png"],
+        "state.json",
+    ),  # RunInfo reads state.json
+    (
+        "sample-truncated-weights",
+        lambda w: ["sample", w.run_copy(truncate="ema.safetensors"), "--n", "2", "--out", w.tmp / "g.png"],
+        "unreadable checkpoint",
+    ),
     # ------------------------------------------------------------------ eval
-    ("eval-max-fid-without-fid", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd",
-                                            "--max-fid", "10"], "add --fid"),
-    ("eval-max-swd-nan", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--max-swd", "nan"],
-     "NaN"),
-    ("eval-min-recall-nan", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--pr",
-                                       "--min-recall", "nan"], "NaN"),
-    ("eval-min-precision-without-pr", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--fid",
-                                                 "--min-precision", "0.5"], "add --pr"),
-    ("eval-truncated-npz", lambda w: ["eval", w.truncated_npz("t.npz"), "--ref", w.images("b.npz", 30), "--swd"],
-     "t.npz"),
-    pytest.param("eval-corrupt-png-folder", lambda w: ["eval", (w.png("pngs/0.png"), w.corrupt_png("pngs/1.png"))[0]
-                                                       .parent, "--ref", w.images("b.npz", 30), "--swd"], "1.png"),  # the folder lister (load_source) names the image
-    ("eval-mu-without-sigma", lambda w: ["eval", w.images(), "--ref", w.npz("mu.npz", mu=np.zeros(2048)), "--fid"],
-     "has mu but no sigma"),
-    ("eval-batch-0", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--batch", "0"],
-     "--batch 0"),
-    ("eval-json-is-a-folder", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--json",
-                                         w.folder("jf")], "--json"),
+    (
+        "eval-max-fid-without-fid",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--max-fid", "10"],
+        "add --fid",
+    ),
+    (
+        "eval-max-swd-nan",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--max-swd", "nan"],
+        "NaN",
+    ),
+    (
+        "eval-min-recall-nan",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--pr", "--min-recall", "nan"],
+        "NaN",
+    ),
+    (
+        "eval-min-precision-without-pr",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--fid", "--min-precision", "0.5"],
+        "add --pr",
+    ),
+    (
+        "eval-truncated-npz",
+        lambda w: ["eval", w.truncated_npz("t.npz"), "--ref", w.images("b.npz", 30), "--swd"],
+        "t.npz",
+    ),
+    pytest.param(
+        "eval-corrupt-png-folder",
+        lambda w: [
+            "eval",
+            (w.png("pngs/0.png"), w.corrupt_png("pngs/1.png"))[0].parent,
+            "--ref",
+            w.images("b.npz", 30),
+            "--swd",
+        ],
+        "1.png",
+    ),  # the folder lister (load_source) names the image
+    (
+        "eval-mu-without-sigma",
+        lambda w: ["eval", w.images(), "--ref", w.npz("mu.npz", mu=np.zeros(2048)), "--fid"],
+        "has mu but no sigma",
+    ),
+    (
+        "eval-batch-0",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--batch", "0"],
+        "--batch 0",
+    ),
+    (
+        "eval-json-is-a-folder",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--json", w.folder("jf")],
+        "--json",
+    ),
     ("eval-stats-out-txt", lambda w: ["eval", w.images(), "--stats-out", w.tmp / "s.txt"], ".npz"),
     ("eval-no-run-no-samples", lambda w: ["eval", "--fid"], "no trained run under runs"),
-    ("eval-num-with-samples", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--num", "5"],
-     "--num 5"),
-    ("eval-bad-inception-weights", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--fid",
-                                              "--inception-weights", w.write("w.pth", b"garbage")], "w.pth"),
-    ("eval-float-samples", lambda w: ["eval", w.npz("f.npz", arr_0=np.full((4, 8, 8, 3), np.nan)), "--swd",
-                                      "--ref", w.images("b.npz", 30)], "uint8"),
+    (
+        "eval-num-with-samples",
+        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--num", "5"],
+        "--num 5",
+    ),
+    (
+        "eval-bad-inception-weights",
+        lambda w: [
+            "eval",
+            w.images(),
+            "--ref",
+            w.images("b.npz", 30),
+            "--fid",
+            "--inception-weights",
+            w.write("w.pth", b"garbage"),
+        ],
+        "w.pth",
+    ),
+    (
+        "eval-float-samples",
+        lambda w: [
+            "eval",
+            w.npz("f.npz", arr_0=np.full((4, 8, 8, 3), np.nan)),
+            "--swd",
+            "--ref",
+            w.images("b.npz", 30),
+        ],
+        "uint8",
+    ),
     ("eval-no-metric", lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30)], "choose at least one metric"),
     ("eval-missing-samples", lambda w: ["eval", w.tmp / "none.npz", "--swd"], "none.npz"),
     # ------------------------------------------------------------------ encode
-    pytest.param("encode-shard-size-0", lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store",
-                                                   "--resolution", "16", "--shard-size", "0"], "--shard-size"),
-    pytest.param("encode-batch-0", lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store", "--resolution",
-                                              "16", "--batch", "0"], "--batch"),
-    pytest.param("encode-resolution-0", lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store",
-                                                   "--resolution", "0"], "--resolution"),
+    pytest.param(
+        "encode-shard-size-0",
+        lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store", "--resolution", "16", "--shard-size", "0"],
+        "--shard-size",
+    ),
+    pytest.param(
+        "encode-batch-0",
+        lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store", "--resolution", "16", "--batch", "0"],
+        "--batch",
+    ),
+    pytest.param(
+        "encode-resolution-0",
+        lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store", "--resolution", "0"],
+        "--resolution",
+    ),
     ("encode-missing-source", lambda w: ["encode", w.tmp / "nowhere", "--out", w.tmp / "store"], "nowhere"),
     ("encode-unknown-ae", lambda w: ["encode", w.folder("src"), "--out", w.tmp / "store", "--ae", "vqgan"], "vqgan"),
-    pytest.param("encode-out-is-a-file", lambda w: ["encode", w.folder("src"), "--out", w.write("taken", "x"),
-                                                    "--resolution", "16"], "taken"),
+    pytest.param(
+        "encode-out-is-a-file",
+        lambda w: ["encode", w.folder("src"), "--out", w.write("taken", "x"), "--resolution", "16"],
+        "taken",
+    ),
     # ------------------------------------------------------------------ decompose
     ("decompose-corrupt-png", lambda w: ["decompose", w.corrupt_png("bad.png"), "--out", w.tmp / "d"], "bad.png"),
     ("decompose-truncated-png", lambda w: ["decompose", w.truncated_png("cut.png"), "--out", w.tmp / "d"], "cut.png"),
     ("decompose-missing-file", lambda w: ["decompose", w.tmp / "none.png", "--out", w.tmp / "d"], "none.png"),
-    ("decompose-factors-not-numbers", lambda w: ["decompose", w.png("p.png"), "--factors", "x", "--out", w.tmp / "d"],
-     "--factors"),
+    (
+        "decompose-factors-not-numbers",
+        lambda w: ["decompose", w.png("p.png"), "--factors", "x", "--out", w.tmp / "d"],
+        "--factors",
+    ),
     ("decompose-out-is-a-file", lambda w: ["decompose", w.png("p.png", 32), "--out", w.write("taken", "x")], "taken"),
-    ("decompose-not-divisible", lambda w: ["decompose", w.png("p.png", 30), "--levels", "3", "--out", w.tmp / "d"],
-     "--crop"),
+    (
+        "decompose-not-divisible",
+        lambda w: ["decompose", w.png("p.png", 30), "--levels", "3", "--out", w.tmp / "d"],
+        "--crop",
+    ),
     # ------------------------------------------------------------------ ablate
     ("ablate-sweep-missing", lambda w: ["ablate", w.tmp / "none.toml", "--dry-run"], "none.toml"),
     ("ablate-sweep-not-toml", lambda w: ["ablate", w.write("s.toml", "[grid\n"), "--dry-run"], "s.toml"),
     ("ablate-recipe-not-sweep", lambda w: ["ablate", TINY, "--dry-run"], "is a recipe, not a sweep"),
-    ("ablate-base-missing", lambda w: ["ablate", w.write("s.toml", 'recipe = "gone.toml"\n[grid]\n"sample.cfg" = [1.0]\n'),
-                                       "--dry-run"], "gone.toml"),
-    ("ablate-unknown-grid-key", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.stpes" = [1, 2]\n'),
-                                           "--dry-run"], "train.stpes"),
-    ("ablate-grid-bad-range", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.lr" = [-1.0]\n'),
-                                         "--dry-run"], "train.lr"),
-    ("ablate-unknown-metric", lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"sample.cfg" = [1.0, 2.0]\n'
-                                                                      '[eval]\nmetrics = ["fdi"]\n'), "--dry-run"], "fdi"),
+    (
+        "ablate-base-missing",
+        lambda w: ["ablate", w.write("s.toml", 'recipe = "gone.toml"\n[grid]\n"sample.cfg" = [1.0]\n'), "--dry-run"],
+        "gone.toml",
+    ),
+    (
+        "ablate-unknown-grid-key",
+        lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.stpes" = [1, 2]\n'), "--dry-run"],
+        "train.stpes",
+    ),
+    (
+        "ablate-grid-bad-range",
+        lambda w: ["ablate", w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"train.lr" = [-1.0]\n'), "--dry-run"],
+        "train.lr",
+    ),
+    (
+        "ablate-unknown-metric",
+        lambda w: [
+            "ablate",
+            w.write("s.toml", f'recipe = "{TINY}"\n[grid]\n"sample.cfg" = [1.0, 2.0]\n[eval]\nmetrics = ["fdi"]\n'),
+            "--dry-run",
+        ],
+        "fdi",
+    ),
 ]
 
 
@@ -264,7 +444,8 @@ def test_bad_input_gives_one_line_and_leaves_nothing(name, argv, message, tmp_pa
         if path.is_dir():
             path.chmod(0o700)
     assert isinstance(result.exception, SystemExit) or result.exception is None, (
-        f"traceback for {args}: {result.exception!r}")
+        f"traceback for {args}: {result.exception!r}"
+    )
     assert result.exit_code != 0, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

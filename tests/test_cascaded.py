@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT, run_dfm
+
 from dfm_cli.baselines.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, sample_cascaded
 from dfm_cli.models.dit import model_size
 from dfm_cli.training.perf import cascade_flops
@@ -30,8 +30,11 @@ def cascade() -> CascadedDiT:
 def test_stage_2_sees_stage_1_only_through_its_conditioning_tokens():
     model = cascade()
     g = torch.Generator().manual_seed(1)
-    coarse, fine, cond = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 16, 16, generator=g), \
-        torch.randn(2, 3, 16, 16, generator=g)
+    coarse, fine, cond = (
+        torch.randn(2, 3, 8, 8, generator=g),
+        torch.randn(2, 3, 16, 16, generator=g),
+        torch.randn(2, 3, 16, 16, generator=g),
+    )
     t, y, stage = torch.rand(2, 3, generator=g), torch.tensor([1, 2]), torch.ones(2, dtype=torch.long)
     base = model([coarse, fine, cond], t, y, stage)
     assert base[0].abs().max() == 0  # stage-2 samples get no stage-1 velocity
@@ -65,8 +68,9 @@ def test_sampling_conditions_stage_2_on_stage_1_at_the_fixed_noise_level():
         seen.append(([x.clone() for x in levels], t.clone(), stage.clone()))
         return [torch.zeros_like(levels[0]), torch.zeros_like(levels[1])]
 
-    x, nfe = sample_cascaded(spy, torch.arange(64) % 10, model, [2, 3], 0.025, seed=0, indices=range(64),
-                             device=torch.device("cpu"))
+    x, nfe = sample_cascaded(
+        spy, torch.arange(64) % 10, model, [2, 3], 0.025, seed=0, indices=range(64), device=torch.device("cpu")
+    )
     assert nfe == 5 and x.shape == (64, 3, 16, 16)
     stage2 = [call for call in seen if int(call[2][0]) == 1]
     assert len(stage2) == 3
@@ -116,12 +120,16 @@ def test_tiny_cascaded_recipe_trains_both_stages_and_samples(tmp_path):
 
 @pytest.mark.parametrize("key", ["flow.levels=3", "flow.cascade_split=1.0"])
 def test_cascade_settings_are_checked(key):
-    from dfm_cli.errors import DfmError
     from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.errors import DfmError
 
     with pytest.raises(DfmError, match=key.split("=")[0].replace(".", r"\.")):
-        load_recipe(TINY_CASCADE, [key, "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"]
-                    if key == "flow.levels=3" else [key])
+        load_recipe(
+            TINY_CASCADE,
+            [key, "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"]
+            if key == "flow.levels=3"
+            else [key],
+        )
 
 
 def test_the_split_changes_the_cascades_compute():

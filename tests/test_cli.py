@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import TINY, run_dfm
 from PIL import Image
 
-from conftest import TINY, run_dfm
 from dfm_cli.method.decompose import LaplacianPyramid
 
 
@@ -44,13 +44,42 @@ def test_sample_writes_grid_previews_and_reports_nfe(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
     out = tmp_path / "grid.png"
-    proc = run_dfm("sample", run, "--stages", "2", "--tau", "0.8", "--steps", "3,2", "--cfg", "1.5",
-                   "--n", "20", "--seed", "1", "--out", out, "--previews")
+    proc = run_dfm(
+        "sample",
+        run,
+        "--stages",
+        "2",
+        "--tau",
+        "0.8",
+        "--steps",
+        "3,2",
+        "--cfg",
+        "1.5",
+        "--n",
+        "20",
+        "--seed",
+        "1",
+        "--out",
+        out,
+        "--previews",
+    )
     assert "NFE 5" in proc.stdout
     assert out.is_file() and (tmp_path / "grid_stage1.png").is_file() and (tmp_path / "grid_stage2.png").is_file()
     coarse = tmp_path / "coarse.png"
-    run_dfm("sample", run / "checkpoints" / "step-000000004", "--stages", "1", "--class", "3", "--n", "4",
-            "--solver", "heun", "--out", coarse)
+    run_dfm(
+        "sample",
+        run / "checkpoints" / "step-000000004",
+        "--stages",
+        "1",
+        "--class",
+        "3",
+        "--n",
+        "4",
+        "--solver",
+        "heun",
+        "--out",
+        coarse,
+    )
     # the coarse level alone is half the resolution: 4 tiles of 8 px at scale 2
     assert Image.open(coarse).size[1] < Image.open(out).size[1]
     bad = run_dfm("sample", run, "--class", "12", "--out", out, check=False)
@@ -97,12 +126,15 @@ def test_the_error_boundary_maps_user_file_failures_and_keeps_bugs(tmp_path):
         @user_errors
         def command(samples: Path = tmp_path / "a.npz"):
             raise error
+
         return command
 
     (tmp_path / "a.npz").write_bytes(b"PK")
-    for error in (IsADirectoryError(21, "Is a directory", str(tmp_path / "out.npz")),
-                  PermissionError(13, "Permission denied", str(tmp_path / "ro")),
-                  zipfile.BadZipFile("File is not a zip file")):
+    for error in (
+        IsADirectoryError(21, "Is a directory", str(tmp_path / "out.npz")),
+        PermissionError(13, "Permission denied", str(tmp_path / "ro")),
+        zipfile.BadZipFile("File is not a zip file"),
+    ):
         with pytest.raises(typer.Exit) as exit_info:
             command_raising(error)()
         assert exit_info.value.exit_code == 2

@@ -6,11 +6,20 @@ import pytest
 import torch
 from PIL import Image
 
-from dfm_cli.training.batches import StreamBatches
-from dfm_cli.data.datasets import (ANIMAL_CLASSES, BUILTIN, DATA_NAMES, ImageFolder, UnreadableImage, _NumpyOnly,
-                          animal_mnist, build_dataset, photo_crops)
-from dfm_cli.listing import list_files
+from dfm_cli.data.datasets import (
+    ANIMAL_CLASSES,
+    BUILTIN,
+    DATA_NAMES,
+    ImageFolder,
+    UnreadableImage,
+    _NumpyOnly,
+    animal_mnist,
+    build_dataset,
+    photo_crops,
+)
 from dfm_cli.errors import DfmError
+from dfm_cli.listing import list_files
+from dfm_cli.training.batches import StreamBatches
 
 
 def test_animal_mnist_is_real_balanced_and_padded():
@@ -25,6 +34,7 @@ def test_animal_mnist_is_real_balanced_and_padded():
 
 def test_only_numpy_arrays_can_be_unpickled(tmp_path):
     import io
+
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         _NumpyOnly(io.BytesIO(pickle.dumps(print))).load()
     arr = np.arange(5)
@@ -92,7 +102,10 @@ def test_one_lister_one_rule_for_suffixes_and_hidden_files(tmp_path):
     listing = list_files(tmp_path)
     assert listing.class_names == ("a", "b", "c")  # an empty class keeps the labels in name order
     assert [(f.relative_to(tmp_path).as_posix(), c) for f, c in listing.files] == [
-        ("a/z.png", 0), ("b/deep/y.JPG", 1), ("b/x.png", 1)]
+        ("a/z.png", 0),
+        ("b/deep/y.JPG", 1),
+        ("b/x.png", 1),
+    ]
     (tmp_path / "top.png").write_bytes(b"")
     with pytest.raises(DfmError, match="both in class subfolders and at its top level"):
         list_files(tmp_path)
@@ -138,7 +151,9 @@ def test_a_corrupt_training_image_stops_a_strict_run_with_one_line(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1)  # a worker re-raises it
     with pytest.raises(UnreadableImage) as e:
         next(iter(loader))
-    assert "\n" not in str(e.value) and str(e.value).startswith("data.path: cannot read") and "cats/1.png" in str(e.value)
+    assert (
+        "\n" not in str(e.value) and str(e.value).startswith("data.path: cannot read") and "cats/1.png" in str(e.value)
+    )
 
 
 def test_photo_crops_are_deterministic_real_and_everywhere_a_builtin_is():
@@ -155,8 +170,8 @@ def test_photo_crops_are_deterministic_real_and_everywhere_a_builtin_is():
 
 
 def test_every_builtin_is_a_train_dataset_an_encode_source_and_an_eval_reference():
-    from dfm_cli.evaluation.evaluate import load_source
     from dfm_cli.data.sources import build_source
+    from dfm_cli.evaluation.evaluate import load_source
 
     for name, entry in BUILTIN.items():
         frames = 8 if entry.video else 0  # eval's reference clips have 8 frames
@@ -194,8 +209,20 @@ def test_dfm_train_skips_a_corrupt_image_once_or_stops_in_one_line_under_strict(
     from conftest import TINY, run_dfm
 
     root = folder_with_a_corrupt_image(tmp_path / "imgs")
-    common = ["--set", "data.name=folder", "--set", f"data.path={json.dumps(str(root))}", "--set", "train.steps=2",
-              "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2", "--set", "sample.n=2"]
+    common = [
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={json.dumps(str(root))}",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "sample.n=2",
+    ]
     strict = run_dfm("train", TINY, "--out", tmp_path / "strict", *common, "--set", "data.strict=true", check=False)
     assert strict.returncode == 2 and "Traceback" not in strict.stderr
     assert strict.stderr.strip().splitlines()[-1].startswith("error: data.path: cannot read")

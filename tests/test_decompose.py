@@ -1,9 +1,16 @@
 import pytest
 import torch
 
-from dfm_cli.method.decompose import BlockDCT, Decomposition, HaarWavelet, LaplacianPyramid, build_decomposition, dct_matrix
-from dfm_cli.method.level_report import crop_to_multiple, energy_shares
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import (
+    BlockDCT,
+    Decomposition,
+    HaarWavelet,
+    LaplacianPyramid,
+    build_decomposition,
+    dct_matrix,
+)
+from dfm_cli.method.level_report import crop_to_multiple, energy_shares
 
 CASES = [
     # levels, factors, temporal factors, shape (B C [T] H W)
@@ -49,8 +56,9 @@ def test_partial_recomposition_is_the_coarse_approximation():
     assert pyr.upsample_to(coarse, (16, 16)).shape[-1] == 16
 
 
-@pytest.mark.parametrize("shape,factors", [((1, 1, 30, 32), [2, 2]), ((1, 1, 32, 36), [4, 2]),
-                                           ((1, 1, 3, 16, 16), [2])])
+@pytest.mark.parametrize(
+    "shape,factors", [((1, 1, 30, 32), [2, 2]), ((1, 1, 32, 36), [4, 2]), ((1, 1, 3, 16, 16), [2])]
+)
 def test_factors_that_do_not_divide_are_a_clear_error(shape, factors):
     pyr = LaplacianPyramid(len(factors) + 1, factors, [2] * len(factors) if len(shape) == 5 else None)
     with pytest.raises(DfmError, match="not divisible"):
@@ -76,8 +84,13 @@ def test_energy_shares_and_crop():
 
 # --------------------------------------------------------------------------- dwt / dct (paper Table 6)
 
-SPATIAL_CASES = [(2, [2], (2, 3, 16, 16)), (3, [2, 2], (1, 4, 32, 48)), (4, [2, 2, 2], (2, 1, 64, 32)),
-                 (3, [4, 2], (1, 2, 64, 64)), (2, [2], (1, 3, 2, 16, 16))]
+SPATIAL_CASES = [
+    (2, [2], (2, 3, 16, 16)),
+    (3, [2, 2], (1, 4, 32, 48)),
+    (4, [2, 2, 2], (2, 1, 64, 32)),
+    (3, [4, 2], (1, 2, 64, 64)),
+    (2, [2], (1, 3, 2, 16, 16)),
+]
 
 
 @pytest.mark.parametrize("name", ["dwt", "dct"])
@@ -154,8 +167,16 @@ def test_level_report_writes_every_level_and_its_table(tmp_path):
     report = analyse(x, build_decomposition("dwt", 3, [2, 2]), encode=lambda im: im[:, :2, ::2, ::2])
     assert report.error <= 1e-5 and len(report.latent_levels) == 3
     names = {p.name for p in write_report(report, tmp_path)}
-    assert names == {"level_1.png", "level_2.png", "level_3.png", "recomposition.png", "levels.npz",
-                     "latent_level_1.png", "latent_level_2.png", "latent_level_3.png"}
+    assert names == {
+        "level_1.png",
+        "level_2.png",
+        "level_3.png",
+        "recomposition.png",
+        "levels.npz",
+        "latent_level_1.png",
+        "latent_level_2.png",
+        "latent_level_3.png",
+    }
     import numpy as np
 
     assert np.load(tmp_path / "levels.npz")["level_1"].shape == (3, 8, 8)

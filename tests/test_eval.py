@@ -8,15 +8,15 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
+from conftest import TINY, run_dfm
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from conftest import TINY, run_dfm
-from dfm_cli.evaluation import features as feats
 from dfm_cli.errors import DfmError
+from dfm_cli.evaluation import features as feats
 from dfm_cli.evaluation.evaluate import Request, evaluate, load_source, run_reference, sample_warnings
-from dfm_cli.sampling.sample_set import run_set_path
 from dfm_cli.evaluation.gates import check_gates, check_thresholds
 from dfm_cli.evaluation.metrics import feature_statistics, frechet_distance, precision_recall, swd
+from dfm_cli.sampling.sample_set import run_set_path
 
 
 # ----------------------------------------------------------------- Fréchet distance
@@ -101,11 +101,23 @@ def random_images(n, seed, size=16, shift=0):
 
 def test_fid_and_kid_equal_torch_fidelity_calculate_metrics():
     a, b = random_images(120, 0), random_images(110, 1, shift=25)
-    ours, _ = evaluate(load_source_arrays(a), load_source_arrays(b),
-                       Request(fid=True, kid=True, fid_extractor="dfm-tiny", batch=7), _NoProgress())
-    theirs = torch_fidelity.calculate_metrics(input1=Images(a), input2=Images(b), fid=True, kid=True, cuda=False,
-                                              feature_extractor="dfm-tiny", kid_subset_size=110, verbose=False,
-                                              cache=False)
+    ours, _ = evaluate(
+        load_source_arrays(a),
+        load_source_arrays(b),
+        Request(fid=True, kid=True, fid_extractor="dfm-tiny", batch=7),
+        _NoProgress(),
+    )
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Images(a),
+        input2=Images(b),
+        fid=True,
+        kid=True,
+        cuda=False,
+        feature_extractor="dfm-tiny",
+        kid_subset_size=110,
+        verbose=False,
+        cache=False,
+    )
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
     assert ours["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
 
@@ -163,8 +175,9 @@ def test_converted_fid_helper_inception_matches_its_torchscript(tmp_path, monkey
     images = random_images(3, 4, size=40)
     ours = ext(images)["pool"]
     script = torch.jit.load(f"{spec.submodule_search_locations[0]}/default_1.pt", map_location="cpu").eval()
-    x = interpolate_bilinear_2d_like_tensorflow1x(torch.from_numpy(images).permute(0, 3, 1, 2).float(),
-                                                  size=(299, 299), align_corners=False)
+    x = interpolate_bilinear_2d_like_tensorflow1x(
+        torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(299, 299), align_corners=False
+    )
     with torch.no_grad():
         reference = script((x - 128) / 128).double().numpy()
     assert np.abs(ours - reference).max() < 1e-4
@@ -189,8 +202,24 @@ def sets(tmp_path):
 def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
     a, b = sets
     out = tmp_path / "m.json"
-    proc = run_dfm("eval", a, "--ref", b, "--fid", "--swd", "--pr", "--inception-weights", random_inception,
-                   "--json", out, "--max-fid", "0", "--min-recall", "1.5", check=False)
+    proc = run_dfm(
+        "eval",
+        a,
+        "--ref",
+        b,
+        "--fid",
+        "--swd",
+        "--pr",
+        "--inception-weights",
+        random_inception,
+        "--json",
+        out,
+        "--max-fid",
+        "0",
+        "--min-recall",
+        "1.5",
+        check=False,
+    )
     assert proc.returncode == 1 and "threshold failed: fid" in proc.stderr and "recall" in proc.stderr
     report = json.loads(out.read_text())
     assert report["metrics"]["fid"] > 0 and report["metrics"]["swd"] > 0 and len(report["failed"]) == 2
@@ -220,10 +249,16 @@ def test_reference_statistics_round_trip(sets, tmp_path, random_inception):
     run_dfm("eval", b, "--stats-out", stats, "--inception-weights", random_inception)
     with np.load(stats) as data:
         assert set(data.files) == {"mu", "sigma"} and data["sigma"].shape == (2048, 2048)
-    via_images = json.loads(run_dfm("eval", a, "--ref", b, "--fid", "--inception-weights", random_inception,
-                                    "--json", tmp_path / "1.json") and (tmp_path / "1.json").read_text())
-    via_stats = json.loads(run_dfm("eval", a, "--ref", stats, "--fid", "--inception-weights", random_inception,
-                                   "--json", tmp_path / "2.json") and (tmp_path / "2.json").read_text())
+    via_images = json.loads(
+        run_dfm("eval", a, "--ref", b, "--fid", "--inception-weights", random_inception, "--json", tmp_path / "1.json")
+        and (tmp_path / "1.json").read_text()
+    )
+    via_stats = json.loads(
+        run_dfm(
+            "eval", a, "--ref", stats, "--fid", "--inception-weights", random_inception, "--json", tmp_path / "2.json"
+        )
+        and (tmp_path / "2.json").read_text()
+    )
     assert via_images["metrics"]["fid"] == pytest.approx(via_stats["metrics"]["fid"], rel=1e-9)
 
 
@@ -253,8 +288,9 @@ def test_npz_features_are_cached_by_content(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "npz").glob("*/*.npz"))) == 2  # the samples' and the reference's
     calls = []
     monkeypatch.setattr(feats, "extract", lambda *a, **k: calls.append(1) or pytest.fail("extracted again"))
-    second, _ = evaluate(load_source(str(tmp_path / "samples.npz")), load_source(str(tmp_path / "copy.npz")), req,
-                         _NoProgress())
+    second, _ = evaluate(
+        load_source(str(tmp_path / "samples.npz")), load_source(str(tmp_path / "copy.npz")), req, _NoProgress()
+    )
     assert first["fid"] == second["fid"] and not calls
     np.savez(tmp_path / "other.npz", arr_0=random_images(40, 7, size=32))
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
@@ -265,14 +301,16 @@ def test_thresholds():
     assert check_thresholds({"fid": 10.0, "isc": 3.0}, {"--max-fid": 5, "--min-isc": 2}) == ["fid 10 > --max-fid 5"]
     assert check_thresholds({"clip_score": 20.0}, {"--min-clip": 25}) == ["clip_score 20 < --min-clip 25"]
     assert check_thresholds({"precision": 0.7, "recall": 0.2}, {"--min-precision": 0.5, "--min-recall": 0.3}) == [
-        "recall 0.2 < --min-recall 0.3"]
+        "recall 0.2 < --min-recall 0.3"
+    ]
 
 
 def test_gates_cannot_pass_by_accident():
     # a NaN metric fails its gate in either direction; NaN compares false with everything
     assert check_thresholds({"fid": float("nan")}, {"--max-fid": 50}) == ["fid nan is not a number (--max-fid 50)"]
     assert check_thresholds({"recall": float("nan")}, {"--min-recall": 0.1}) == [
-        "recall nan is not a number (--min-recall 0.1)"]
+        "recall nan is not a number (--min-recall 0.1)"
+    ]
     # a gated metric that is missing from the results fails, it does not pass
     assert check_thresholds({"swd": 3.0}, {"--max-fid": 50}) == ["--max-fid 50: fid was not computed (--fid)"]
     # and before any work: a gate on a metric not requested, or a NaN gate, is a user error
@@ -288,6 +326,7 @@ def test_gates_cannot_pass_by_accident():
 # ----------------------------------------------------------------- precision and recall
 def brute_force_precision_recall(real, fake, k=3):
     """Kynkäänniemi et al. written out directly: full distance matrices, sorted neighbours."""
+
     def dist(a, b):
         return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
 
@@ -360,19 +399,42 @@ def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
     dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
     state = dict(dino.state_dict(), mask_token=torch.zeros(1, 384))  # Meta's checkpoint layout
     torch.save(state, tmp_path / "dinov2_vits14_pretrain.pth")
-    proc = run_dfm("eval", a, "--ref", b, "--fdd", "--dinov2-weights", tmp_path / "dinov2_vits14_pretrain.pth",
-                   "--json", tmp_path / "fdd.json")
+    proc = run_dfm(
+        "eval",
+        a,
+        "--ref",
+        b,
+        "--fdd",
+        "--dinov2-weights",
+        tmp_path / "dinov2_vits14_pretrain.pth",
+        "--json",
+        tmp_path / "fdd.json",
+    )
     assert json.loads((tmp_path / "fdd.json").read_text())["metrics"]["fdd"] >= 0, proc.stdout
 
-    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }
     (tmp_path / "dfm-tiny-clip.json").write_text(json.dumps(config))
     open_clip.add_model_config(tmp_path / "dfm-tiny-clip.json")
     clip = open_clip.create_model("dfm-tiny-clip", pretrained=None)
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
     (tmp_path / "captions.txt").write_text("\n".join(["a photo of a cat"] * 16))
-    run_dfm("eval", a, "--clip", "--clip-model", tmp_path / "dfm-tiny-clip.json", "--clip-weights",
-            tmp_path / "clip.pt", "--captions", tmp_path / "captions.txt", "--json", tmp_path / "clip.json")
+    run_dfm(
+        "eval",
+        a,
+        "--clip",
+        "--clip-model",
+        tmp_path / "dfm-tiny-clip.json",
+        "--clip-weights",
+        tmp_path / "clip.pt",
+        "--captions",
+        tmp_path / "captions.txt",
+        "--json",
+        tmp_path / "clip.json",
+    )
     assert 0 <= json.loads((tmp_path / "clip.json").read_text())["metrics"]["clip_score"] <= 100
 
     class TinyI3D(torch.nn.Module):
@@ -380,17 +442,32 @@ def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
             super().__init__()
             self.conv = torch.nn.Conv3d(3, 400, kernel_size=(2, 16, 16), stride=(2, 16, 16))
 
-        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                    return_features: bool = False) -> torch.Tensor:
+        def forward(
+            self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
+        ) -> torch.Tensor:
             return self.conv(x).mean(dim=(2, 3, 4))
 
     torch.jit.script(TinyI3D()).save(str(tmp_path / "i3d_torchscript.pt"))
     rng = np.random.default_rng(0)
     for name, shift in (("va", 0), ("vb", 60)):
-        np.savez(tmp_path / f"{name}.npz", arr_0=np.clip(rng.normal(100 + shift, 30, (12, 4, 16, 16, 3)), 0, 255)
-                 .astype(np.uint8))
-    run_dfm("eval", tmp_path / "va.npz", "--ref", tmp_path / "vb.npz", "--fvd", "--swd", "--swd-levels", "2",
-            "--i3d-weights", tmp_path / "i3d_torchscript.pt", "--json", tmp_path / "fvd.json")
+        np.savez(
+            tmp_path / f"{name}.npz",
+            arr_0=np.clip(rng.normal(100 + shift, 30, (12, 4, 16, 16, 3)), 0, 255).astype(np.uint8),
+        )
+    run_dfm(
+        "eval",
+        tmp_path / "va.npz",
+        "--ref",
+        tmp_path / "vb.npz",
+        "--fvd",
+        "--swd",
+        "--swd-levels",
+        "2",
+        "--i3d-weights",
+        tmp_path / "i3d_torchscript.pt",
+        "--json",
+        tmp_path / "fvd.json",
+    )
     assert json.loads((tmp_path / "fvd.json").read_text())["metrics"]["fvd"] > 0
 
 
@@ -403,8 +480,22 @@ def test_eval_without_samples_scores_the_newest_run_and_reuses_its_set(tmp_path)
     early = run_dfm("eval", "--swd", "--max-fid", "10", cwd=tmp_path, check=False)
     assert early.returncode == 2 and "add --fid" in early.stderr
     assert not (tmp_path / "runs" / "tiny" / "eval").exists()  # refused before any sampling
-    args = ("eval", "--swd", "--swd-levels", "2", "--num", "12", "--batch", "5", "--ref", ref, "--max-swd", "1e9",
-            "--json", tmp_path / "m.json")
+    args = (
+        "eval",
+        "--swd",
+        "--swd-levels",
+        "2",
+        "--num",
+        "12",
+        "--batch",
+        "5",
+        "--ref",
+        ref,
+        "--max-swd",
+        "1e9",
+        "--json",
+        tmp_path / "m.json",
+    )
     first = run_dfm(*args, cwd=tmp_path)
     assert "runs/tiny (the newest run under runs/), checkpoint step-000000008" in first.stderr
     assert "--num" in first.stderr  # says how to ask for more
@@ -467,10 +558,32 @@ def test_torchrun_sharded_sample_set_equals_one_process(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
     run_dfm("sample", run, "--num", "11", "--batch", "3", "--steps", "2,1", "--out", tmp_path / "one.npz")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(30500 + random.randint(0, 999)), "-m", "dfm_cli", "sample", str(run), "--num-samples", "11",
-                           "--batch", "3", "--steps", "2,1", "--out", str(tmp_path / "two.npz")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(30500 + random.randint(0, 999)),
+            "-m",
+            "dfm_cli",
+            "sample",
+            str(run),
+            "--num-samples",
+            "11",
+            "--batch",
+            "3",
+            "--steps",
+            "2,1",
+            "--out",
+            str(tmp_path / "two.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
@@ -487,8 +600,16 @@ def test_real_inception_fid_between_halves_of_animal_mnist_is_far_below_another_
     order = np.random.default_rng(0).permutation(len(animals))
     half1, half2 = animals[order[:500]], animals[order[500:1000]]
     digits = load_digits().images[:500]  # 8x8 in 0..16
-    digits = torch.nn.functional.interpolate(torch.from_numpy(digits)[:, None].float() * 255 / 16, size=(32, 32),
-                                             mode="bilinear").round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    digits = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(digits)[:, None].float() * 255 / 16, size=(32, 32), mode="bilinear"
+        )
+        .round()
+        .clamp(0, 255)
+        .byte()
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     req = Request(fid=True, batch=100)
     same, _ = evaluate(load_source_arrays(half1), load_source_arrays(half2), req, _NoProgress())
     other, _ = evaluate(load_source_arrays(half1), load_source_arrays(digits), req, _NoProgress())

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY, run_dfm
-from dfm_cli.models.experts import StageLinear
+
 from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.models.experts import StageLinear
 
 SIZES = [(8, 8), (16, 16)]
 
@@ -26,8 +26,12 @@ def count(model: torch.nn.Module) -> int:
 def inputs(stage: list[int]):
     g = torch.Generator().manual_seed(1)
     b = len(stage)
-    return ([torch.randn(b, 3, 8, 8, generator=g), torch.randn(b, 3, 16, 16, generator=g)],
-            torch.rand(b, 2, generator=g), torch.arange(b) % 10, torch.tensor(stage))
+    return (
+        [torch.randn(b, 3, 8, 8, generator=g), torch.randn(b, 3, 16, 16, generator=g)],
+        torch.rand(b, 2, generator=g),
+        torch.arange(b) % 10,
+        torch.tensor(stage),
+    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "all"])

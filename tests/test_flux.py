@@ -8,27 +8,34 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, run_dfm
 from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.method.flow import FlowObjective
-from dfm_cli.models.flux import DFMFlux, flux_single_level_state, load_flux_transformer
-from dfm_cli.models.conversion import convert_single_level
-from dfm_cli.method.sampler import SamplerSettings, generate
 from dfm_cli.method.cond import TextCond
-
-from conftest import ROOT, run_dfm
+from dfm_cli.method.decompose import LaplacianPyramid
+from dfm_cli.method.flow import FlowObjective
+from dfm_cli.method.sampler import SamplerSettings, generate
+from dfm_cli.models.conversion import convert_single_level
+from dfm_cli.models.flux import DFMFlux, flux_single_level_state, load_flux_transformer
 
 C, TEXT = 4, (6, 32, 16)  # latent channels; (max tokens, token width, pooled width)
 
 
 def config(guidance: bool = False, layers: int = 1) -> dict:
-    return dict(num_layers=layers, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4))
+    return dict(
+        num_layers=layers,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    )
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -51,10 +58,15 @@ def test_one_level_model_is_the_flux_transformer_in_our_time_and_sign(guidance):
     b = 3
     x, t, y = torch.randn(b, C, 16, 16), torch.rand(b, 1), captions(b)
     with torch.no_grad():  # FLUX as its pipeline calls it: packed 2x2 patches, sigma = 1 - t, predicts noise - data
-        ref = flux(hidden_states=FluxPipeline._pack_latents(x, b, C, 16, 16), encoder_hidden_states=y.tokens,
-                   pooled_projections=y.pooled, timestep=1 - t[:, 0],
-                   img_ids=FluxPipeline._prepare_latent_image_ids(b, 8, 8, "cpu", torch.float32),
-                   txt_ids=torch.zeros(TEXT[0], 3), guidance=torch.full((b,), 3.5) if guidance else None).sample
+        ref = flux(
+            hidden_states=FluxPipeline._pack_latents(x, b, C, 16, 16),
+            encoder_hidden_states=y.tokens,
+            pooled_projections=y.pooled,
+            timestep=1 - t[:, 0],
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, 8, 8, "cpu", torch.float32),
+            txt_ids=torch.zeros(TEXT[0], 3),
+            guidance=torch.full((b,), 3.5) if guidance else None,
+        ).sample
         out = model([x], t, y, torch.zeros(b, dtype=torch.long))[0]
     expected = -FluxPipeline._unpack_latents(ref, 16, 16, 1)
     assert out.shape == x.shape and expected.abs().max() > 0.1
@@ -108,9 +120,16 @@ def test_trains_with_the_flow_objective_and_samples_progressively():
         loss.backward()
         opt.step()
     after = model.state_dict()
-    for name in ("patch_embeds.1.weight", "t_embedders.0.mlp.2.weight", "heads.0.weight", "stage_embedder.weight",
-                 "transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_out.weight",
-                 "guidance_embedder.linear_1.weight", "context_embedder.weight"):
+    for name in (
+        "patch_embeds.1.weight",
+        "t_embedders.0.mlp.2.weight",
+        "heads.0.weight",
+        "stage_embedder.weight",
+        "transformer_blocks.0.attn.to_q.weight",
+        "single_transformer_blocks.0.proj_out.weight",
+        "guidance_embedder.linear_1.weight",
+        "context_embedder.weight",
+    ):
         assert not torch.equal(before[name], after[name]), name
 
     settings = SamplerSettings(steps=(2, 2), tau=(0.5,), cfg=2.0)  # CFG against the model's null caption
@@ -165,21 +184,24 @@ def test_tiny_flux_recipe_trains_2_steps_and_samples_from_a_prompt(tiny_text, tm
     into the run, a random FLUX-style DFM trained 2 steps, then a grid from a prompt."""
     run_dfm("train", ROOT / "recipes" / "tiny" / "flux.toml", "--out", tmp_path / "R", cwd=tiny_text)
     assert (tmp_path / "R" / "captions.safetensors").is_file() and (tmp_path / "R" / "samples" / "grid.png").is_file()
-    run_dfm("sample", tmp_path / "R", "--prompt", "a red square", "--n", "2", "--out", tmp_path / "g.png", cwd=tiny_text)
+    run_dfm(
+        "sample", tmp_path / "R", "--prompt", "a red square", "--n", "2", "--out", tmp_path / "g.png", cwd=tiny_text
+    )
     assert (tmp_path / "g.png").is_file()
 
 
 def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tiny_text):
     """`train.init_from` = a FLUX transformer folder (the paper's placement): at step 0 the DFM
     model's coarse level predicts what the pretrained FLUX predicts on the upsampled input."""
-    from dfm_cli.methods.factory import build_model
-    from dfm_cli.methods.factory import load_single_level
     from dfm_cli.config.recipe import load_recipe
     from dfm_cli.data.store import LatentStore
+    from dfm_cli.methods.factory import build_model, load_single_level
 
     root = tiny_text / "tiny-text"
-    recipe = load_recipe(ROOT / "recipes" / "tiny" / "flux_finetune.toml",
-                         [f"flux.config={root / 'flux'}", f"data.path={root / 'store'}"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny" / "flux_finetune.toml",
+        [f"flux.config={root / 'flux'}", f"data.path={root / 'store'}"],
+    )
     store = LatentStore(root / "store")
     model = build_model(recipe, store.shape, 0, text=store.text)
     convert_single_level(model, load_single_level(root / "flux", None, "flux"), 0)
@@ -188,9 +210,14 @@ def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tin
     t, b = torch.rand(3, 2), 3
     with torch.no_grad():
         out = model.eval()([x, torch.zeros_like(x)], t, y, torch.zeros(b, dtype=torch.long))
-        ref = flux(hidden_states=FluxPipeline._pack_latents(x, b, 3, 16, 16), encoder_hidden_states=y.tokens,
-                   pooled_projections=y.pooled, timestep=1 - t[:, 0],
-                   img_ids=FluxPipeline._prepare_latent_image_ids(b, 8, 8, "cpu", torch.float32),
-                   txt_ids=torch.zeros(8, 3), guidance=torch.full((b,), 1.0)).sample
+        ref = flux(
+            hidden_states=FluxPipeline._pack_latents(x, b, 3, 16, 16),
+            encoder_hidden_states=y.tokens,
+            pooled_projections=y.pooled,
+            timestep=1 - t[:, 0],
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, 8, 8, "cpu", torch.float32),
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.full((b,), 1.0),
+        ).sample
     torch.testing.assert_close(out[0], -FluxPipeline._unpack_latents(ref, 16, 16, 1), rtol=0, atol=1e-5)
     assert out[1].abs().max() == 0

@@ -54,7 +54,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -97,8 +97,15 @@ def test_short_cycles(edges):
 # The package's layers, lowest first. A module may import its own layer and the layers below
 # it, never one above: the data layer knows nothing of training, the method nothing of files.
 LAYERS: list[tuple[str, ...]] = [
-    ("dfm_cli", "dfm_cli.errors", "dfm_cli.seeding", "dfm_cli.media", "dfm_cli.listing", "dfm_cli.distributed",
-     "dfm_cli.progress"),
+    (
+        "dfm_cli",
+        "dfm_cli.errors",
+        "dfm_cli.seeding",
+        "dfm_cli.media",
+        "dfm_cli.listing",
+        "dfm_cli.distributed",
+        "dfm_cli.progress",
+    ),
     ("dfm_cli.method",),
     ("dfm_cli.models",),
     ("dfm_cli.baselines",),
@@ -126,8 +133,12 @@ def layer_of(module: str) -> int:
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{m} (layer {LAYERS[layer_of(m)][0]}) imports {dep} (layer {LAYERS[layer_of(dep)][0]})"
-                  for m, deps in graph.items() for dep in deps if layer_of(dep) > layer_of(m))
+    return sorted(
+        f"{m} (layer {LAYERS[layer_of(m)][0]}) imports {dep} (layer {LAYERS[layer_of(dep)][0]})"
+        for m, deps in graph.items()
+        for dep in deps
+        if layer_of(dep) > layer_of(m)
+    )
 
 
 def test_every_module_has_a_layer():
@@ -151,4 +162,5 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     assert upward_imports(import_graph(pkg)) == []
     (pkg / "method" / "flow.py").write_text("def f():\n    from dfm_cli.training import loop\n")
     assert upward_imports(import_graph(pkg)) == [
-        "dfm_cli.method.flow (layer dfm_cli.method) imports dfm_cli.training.loop (layer dfm_cli.training)"]
+        "dfm_cli.method.flow (layer dfm_cli.method) imports dfm_cli.training.loop (layer dfm_cli.training)"
+    ]

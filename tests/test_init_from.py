@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY, run_dfm
 from rich.console import Console
 from safetensors.torch import load_file
 
-from conftest import TINY, run_dfm
+from dfm_cli.config.recipe import load_recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.methods.factory import build_model
 from dfm_cli.models.conversion import convert_single_level, per_level_parameters
-from dfm_cli.config.recipe import load_recipe
 from dfm_cli.training.loop import train
 
 FM = ["flow.levels=1", "flow.p_stage=[1.0]", "flow.factors=[]", "sample.steps=[5]", "sample.tau=[]"]
@@ -30,9 +30,15 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("levels, specialize", [(2, "none"), (3, "none"), (2, "all")])
 def test_converted_model_reproduces_the_single_level_velocity_at_step_0(levels, specialize):
     """Also with per-stage experts: they start as copies of the pretrained shared weights."""
-    recipe = load_recipe(TINY, [f"model.specialize={specialize}", "model.name=DFM-N/4", "data.resolution=16"]
-                         + ([] if levels == 2 else ["flow.levels=3", "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]",
-                                                    "flow.p_stage=[0.4, 0.3, 0.3]"]))
+    recipe = load_recipe(
+        TINY,
+        [f"model.specialize={specialize}", "model.name=DFM-N/4", "data.resolution=16"]
+        + (
+            []
+            if levels == 2
+            else ["flow.levels=3", "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"]
+        ),
+    )
     fm = randomized(build_model(load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16", *FM]), SHAPE, CLASSES))
     dfm = build_model(recipe, SHAPE, CLASSES).eval()
     convert_single_level(dfm, fm.state_dict())
@@ -44,8 +50,9 @@ def test_converted_model_reproduces_the_single_level_velocity_at_step_0(levels, 
     with torch.no_grad():
         expected = fm([x], t, y, torch.zeros(b, dtype=torch.long))[0]
         for stage in range(levels):
-            out = dfm([*coarse, x], torch.cat([torch.rand(b, levels - 1), t], 1), y,
-                      torch.full((b,), stage, dtype=torch.long))
+            out = dfm(
+                [*coarse, x], torch.cat([torch.rand(b, levels - 1), t], 1), y, torch.full((b,), stage, dtype=torch.long)
+            )
             torch.testing.assert_close(out[-1], expected, rtol=0, atol=1e-6)
             assert all(float(o.abs().max()) == 0 for o in out[:-1])  # new heads predict nothing yet
     assert expected.abs().max() > 0.01
@@ -108,8 +115,18 @@ def test_cli_init_from_trains_and_samples_and_refuses_a_multi_level_source(tmp_p
     run_dfm("train", TINY, *[a for s in FM for a in ("--set", s)], "--set", "train.steps=2", "--out", tmp_path / "fm")
     run_dfm("train", TINY, "--init-from", tmp_path / "fm", "--set", "train.steps=2", "--out", tmp_path / "dfm")
     run_dfm("sample", tmp_path / "dfm", "--out", tmp_path / "grid.png")
-    run_dfm("train", TINY, "--init-from", tmp_path / "fm", "--set", "train.steps=2", "--set", "flow.upsample_coarse=true",
-            "--out", tmp_path / "coarse")
+    run_dfm(
+        "train",
+        TINY,
+        "--init-from",
+        tmp_path / "fm",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "flow.upsample_coarse=true",
+        "--out",
+        tmp_path / "coarse",
+    )
     run_dfm("sample", tmp_path / "coarse", "--out", tmp_path / "coarse.png")
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "coarse.png").is_file()
     refused = run_dfm("train", TINY, "--init-from", tmp_path / "dfm", "--out", tmp_path / "again", check=False)

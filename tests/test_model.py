@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.models.dit import MODELS, DFMDiT, model_size
-from dfm_cli.models.positions import level_patches
-from dfm_cli.models.positions import apply_rope, grid_positions, rope_angles, rope_rotations
+from dfm_cli.models.positions import apply_rope, grid_positions, level_patches, rope_angles, rope_rotations
 
 
 def build(levels, res=32, name="DFM-N/4", **kw):
@@ -22,8 +21,12 @@ def test_patch_sizes_give_every_level_the_same_token_grid():
 
 
 def test_registry_has_the_paper_sizes_and_suggests_on_typos():
-    for name, (depth, hidden, heads) in {"DFM-S/2": (12, 384, 6), "DFM-B/2": (12, 768, 12),
-                                          "DFM-L/2": (24, 1024, 16), "DFM-XL/2": (28, 1152, 16)}.items():
+    for name, (depth, hidden, heads) in {
+        "DFM-S/2": (12, 384, 6),
+        "DFM-B/2": (12, 768, 12),
+        "DFM-L/2": (24, 1024, 16),
+        "DFM-XL/2": (28, 1152, 16),
+    }.items():
         size = MODELS[name]
         assert (size.depth, size.hidden, size.heads, size.patch) == (depth, hidden, heads, 2)
     with pytest.raises(DfmError, match="did you mean 'DFM-XL/2'"):
@@ -54,8 +57,7 @@ def test_conditioning_reaches_the_output(pos):
     xs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32)]
     t, y, stage = torch.rand(2, 2), torch.tensor([1, 2]), torch.tensor([1, 1])
     base = model(xs, t, y, stage)[1]
-    for changed in ((xs, t, torch.tensor([3, 4]), stage), (xs, t.flip(1), y, stage),
-                    (xs, t, y, torch.tensor([0, 0]))):
+    for changed in ((xs, t, torch.tensor([3, 4]), stage), (xs, t.flip(1), y, stage), (xs, t, y, torch.tensor([0, 0]))):
         assert not torch.allclose(model(*changed)[1], base)
     # positions matter: shifting the image content changes the prediction beyond a shift
     rolled = [x.roll(1, -1) for x in xs]
@@ -109,8 +111,12 @@ def test_rope_rotations_are_computed_once_per_grid_not_per_block():
     original = torch.Tensor.cos
     try:
         torch.Tensor.cos = lambda self: calls.append(1) or original(self)
-        model([torch.randn(1, 3, 16, 16), torch.randn(1, 3, 32, 32)], torch.rand(1, 2),
-              torch.tensor([1]), torch.tensor([1]))
+        model(
+            [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 32, 32)],
+            torch.rand(1, 2),
+            torch.tensor([1]),
+            torch.tensor([1]),
+        )
     finally:
         torch.Tensor.cos = original
     assert calls == []
@@ -157,13 +163,13 @@ def test_precondition_is_off_by_default_and_rides_in_the_state_dict():
 
 
 def test_precondition_rms_comes_from_the_level_statistics():
-    from dfm_cli.methods.factory import build_model, precondition_rms
     from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.methods.factory import build_model, precondition_rms
 
     recipe = load_recipe("recipes/tiny.toml", ["flow.precondition=true"])
     stats = {"mean": [[0.5, -0.5], [0.0, 0.0]], "std": [[0.5, 0.5], [0.1, 0.3]]}
     rms = precondition_rms(recipe, stats)
-    assert rms == pytest.approx([0.5 ** 0.5, (0.05) ** 0.5])
+    assert rms == pytest.approx([0.5**0.5, (0.05) ** 0.5])
     assert build_model(recipe, (2, 16, 16), 10, rms).level_rms.tolist() == pytest.approx(rms)
     with pytest.raises(DfmError, match="flow.precondition"):
         build_model(recipe, (2, 16, 16), 10)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.training.perf import autocast_dtype, forward_flops, peak_memory_gb, peak_tflops, train_flops
 

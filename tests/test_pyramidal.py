@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ROOT, run_dfm
-from dfm_cli.method.decompose import LaplacianPyramid
-from dfm_cli.errors import DfmError
+
 from dfm_cli.baselines.pyramidal import PyramidalSchedule, block_noise, renoise, sample_pyramidal, up
+from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
 
 
 def matrix(fn, n_in: int) -> torch.Tensor:
@@ -42,15 +42,18 @@ def test_renoising_at_each_jump_gives_the_next_stages_training_start(factors):
         lowpass = matrix(lambda e: pyramid.lowpasses(e.reshape(1, 1, size, size).float())[k - 1].double(), size**2)
         upsample = matrix(lambda e: up(e.reshape(1, 1, *sizes[k - 1]), factors[k - 1]), n_coarse)
         e_prev = schedule.end(k - 1)
-        end_mean, end_cov = e_prev * lowpass @ mu, e_prev**2 * lowpass @ sigma @ lowpass.T \
-            + (1 - e_prev) ** 2 * torch.eye(n_coarse, dtype=torch.float64)
+        end_mean, end_cov = (
+            e_prev * lowpass @ mu,
+            e_prev**2 * lowpass @ sigma @ lowpass.T + (1 - e_prev) ** 2 * torch.eye(n_coarse, dtype=torch.float64),
+        )
         alpha, beta = schedule.jump(k)
         jump_mean = alpha * upsample @ end_mean
         jump_cov = alpha**2 * upsample @ end_cov @ upsample.T + beta**2 * block_cov(sizes[k][0], factors[k - 1], gamma)
         c = schedule.start(k)
         train_mean = c * upsample @ lowpass @ mu
-        train_cov = c**2 * upsample @ lowpass @ sigma @ lowpass.T @ upsample.T \
-            + (1 - c) ** 2 * torch.eye(n_fine, dtype=torch.float64)
+        train_cov = c**2 * upsample @ lowpass @ sigma @ lowpass.T @ upsample.T + (1 - c) ** 2 * torch.eye(
+            n_fine, dtype=torch.float64
+        )
         torch.testing.assert_close(jump_mean, train_mean, rtol=0, atol=1e-5)
         torch.testing.assert_close(jump_cov, train_cov, rtol=0, atol=1e-5)
         assert 0 < c < k / schedule.stages  # the corrected start is a little noisier than the previous end
@@ -92,16 +95,25 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data(factors):
         noise = (x - signal) / (tau * (1 - e) + (1 - tau) * (1 - c))
         return [(e * lows[k] + (1 - e) * noise) - (start_signal + (1 - c) * noise)]
 
-    x, nfe = sample_pyramidal(exact, torch.zeros(2, dtype=torch.long), schedule, sizes, 1, [3] * len(sizes),
-                              seed=0, indices=[0, 1], device=torch.device("cpu"))
+    x, nfe = sample_pyramidal(
+        exact,
+        torch.zeros(2, dtype=torch.long),
+        schedule,
+        sizes,
+        1,
+        [3] * len(sizes),
+        seed=0,
+        indices=[0, 1],
+        device=torch.device("cpu"),
+    )
     torch.testing.assert_close(x, data.expand(2, -1, -1, -1), rtol=0, atol=1e-4)
     assert nfe == 3 * len(sizes)
 
 
 def test_tiny_pyramidal_recipe_trains_and_samples_and_counts_each_stages_flops(tmp_path):
+    from dfm_cli.config.recipe import load_recipe
     from dfm_cli.methods.factory import build_model
     from dfm_cli.training.perf import forward_flops, training_forward_flops
-    from dfm_cli.config.recipe import load_recipe
 
     recipe_path = ROOT / "recipes" / "tiny" / "pyramidal.toml"
     run_dfm("train", recipe_path, "--out", tmp_path / "R")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from rich.console import Console
 
-from conftest import ROOT
 from dfm_cli.ablate import compute
 from dfm_cli.ablate.sweep import load_sweep
 from dfm_cli.config.recipe import load_recipe
@@ -70,8 +70,8 @@ def test_every_paper_experiment_has_a_tiny_twin_with_the_same_keys(paper, twin):
 
 def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     """Train `recipe` in-process, then draw 4 samples with each of `sample_recipes`' settings."""
-    from dfm_cli.methods.factory import build_pyramid, load_trained
     from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate
+    from dfm_cli.methods.factory import build_pyramid, load_trained
     from dfm_cli.training.loop import train
 
     assert recipe.train.steps == 2, "tiny twins train 2 steps"

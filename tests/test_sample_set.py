@@ -7,18 +7,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, run_dfm
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import TINY, run_dfm
 from dfm_cli import distributed
 from dfm_cli.cli import app
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
+from dfm_cli.method.sampler import SamplerSettings
 from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.sampling.sample_set import write_sample_set
-from dfm_cli.method.sampler import SamplerSettings
 
 PYR = LaplacianPyramid(2, [2])
 SETTINGS = SamplerSettings((2, 1), (0.7,), cfg=1.5)
@@ -35,8 +35,19 @@ def model():
 
 
 def make(model, out, num, batch=4, settings=SETTINGS, seed=0, source=SOURCE, **kw):
-    return write_sample_set(model, PYR, settings, out, num=num, batch=batch, seed=seed, classes=10,
-                            source=source, ctx=distributed.Context(), **kw)
+    return write_sample_set(
+        model,
+        PYR,
+        settings,
+        out,
+        num=num,
+        batch=batch,
+        seed=seed,
+        classes=10,
+        source=source,
+        ctx=distributed.Context(),
+        **kw,
+    )
 
 
 def arrays(path):
@@ -45,12 +56,15 @@ def arrays(path):
 
 
 # ----------------------------------------------------------------- manifests
-@pytest.mark.parametrize("change,named", [
-    (dict(source={**SOURCE, "checkpoint": "digest-b"}), "checkpoint"),
-    (dict(seed=1), "seed 0 → 1"),
-    (dict(settings=SamplerSettings((2, 1), (0.7,), cfg=3.0)), "cfg 1.5 → 3.0"),
-    (dict(source={**SOURCE, "ema": False}), "ema true → false"),
-])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        (dict(source={**SOURCE, "checkpoint": "digest-b"}), "checkpoint"),
+        (dict(seed=1), "seed 0 → 1"),
+        (dict(settings=SamplerSettings((2, 1), (0.7,), cfg=3.0)), "cfg 1.5 → 3.0"),
+        (dict(source={**SOURCE, "ema": False}), "ema true → false"),
+    ],
+)
 def test_a_set_made_otherwise_is_refused_in_one_line_or_started_over(model, tmp_path, change, named):
     for out in (tmp_path / "s.npz", tmp_path / "pngs"):
         make(model, out, 6)
@@ -71,9 +85,21 @@ def test_a_set_made_otherwise_is_refused_in_one_line_or_started_over(model, tmp_
 
 def test_manifest_records_what_made_the_set(model, tmp_path):
     _, _, m = arrays(make(model, tmp_path / "s.npz", 3))
-    assert m == {"checkpoint": "digest-a", "ema": True, "autoencoder": None, "seed": 0, "steps": [2, 1],
-                 "tau": [0.7], "cfg": 1.5, "interval": [0.0, 1.0], "solver": "euler", "mask_input": True,
-                 "tied_timesteps": False, "shape": [16, 16, 3], "num": 3}
+    assert m == {
+        "checkpoint": "digest-a",
+        "ema": True,
+        "autoencoder": None,
+        "seed": 0,
+        "steps": [2, 1],
+        "tau": [0.7],
+        "cfg": 1.5,
+        "interval": [0.0, 1.0],
+        "solver": "euler",
+        "mask_input": True,
+        "tied_timesteps": False,
+        "shape": [16, 16, 3],
+        "num": 3,
+    }
 
 
 def test_a_file_without_a_manifest_is_not_trusted(model, tmp_path):
@@ -125,7 +151,7 @@ def test_an_interrupted_set_resumed_smaller_never_holds_more_than_num(model, tmp
     images, labels, manifest = arrays(out)
     (parts / "manifest.json").write_text(json.dumps(manifest))
     for a in (0, 4, 8):
-        np.savez(parts / f"part-{a:09d}-{a + 4:09d}.npz", arr_0=images[a:a + 4], arr_1=labels[a:a + 4])
+        np.savez(parts / f"part-{a:09d}-{a + 4:09d}.npz", arr_0=images[a : a + 4], arr_1=labels[a : a + 4])
     out.unlink()
     make(model, out, 5, batch=4)
     got, lab, m = arrays(out)
@@ -140,8 +166,9 @@ def test_only_verified_parts_are_reused(model, tmp_path):
     parts.mkdir()
     (parts / "manifest.json").write_text(json.dumps(arrays(tmp_path / "tmp.npz")[2]))
     (parts / "part-000000000-000000004.npz").write_bytes(b"PK\x03\x04 truncated")  # corrupt
-    np.savez(parts / "part-000000004-000000008.npz", arr_0=np.zeros((3, 16, 16, 3), np.uint8),
-             arr_1=np.arange(4, 7))  # a bad count
+    np.savez(
+        parts / "part-000000004-000000008.npz", arr_0=np.zeros((3, 16, 16, 3), np.uint8), arr_1=np.arange(4, 7)
+    )  # a bad count
     make(model, out, 8)
     assert np.array_equal(arrays(out)[0], reference)
 
@@ -204,32 +231,36 @@ def test_sample_without_a_run_takes_the_newest_under_runs(trained, tmp_path):
 def test_sample_prints_plain_progress_lines_to_a_log(trained, tmp_path):
     proc = run_dfm("sample", trained, "--num", "6", "--batch", "3", "--steps", "1,1", "--out", tmp_path / "s.npz")
     assert "sample 3/6" in proc.stderr and "sample 6/6 (100%)" in proc.stderr
-    again = run_dfm("sample", trained, "--num", "6", "--steps", "1,1", "--seed", "2", "--out", tmp_path / "s.npz",
-                    check=False)
+    again = run_dfm(
+        "sample", trained, "--num", "6", "--steps", "1,1", "--seed", "2", "--out", tmp_path / "s.npz", check=False
+    )
     assert again.returncode == 2 and "seed 0 → 2" in again.stderr and "Traceback" not in again.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--stages", "3"], "--stages 3: the model has 2 levels"),
-    (["--stages", "1", "--steps", "3,2"], "--steps 3,2: give 1 step count, one per stage"),
-    (["--stages", "2", "--steps", "3"], "--steps 3: give 2 step counts"),
-    (["--steps", "3,0"], "--steps 3,0"),
-    (["--tau", "1.5"], "--tau 1.5"),
-    (["--tau", "0.6,0.7"], "--tau 0.6,0.7"),
-    (["--interval", "0.9,0.1"], "--interval 0.9,0.1"),
-    (["--interval", "0.5"], "--interval 0.5"),
-    (["--solver", "rk4"], "--solver rk4"),
-    (["--n", "0"], "--n 0: must be at least 1"),
-    (["--num", "4", "--batch", "0"], "--batch 0: must be at least 1"),
-    (["--num", "0"], "--num 0: must be at least 1"),
-    (["--out", "{tmp}/grid.xyz"], "a grid is written as .png"),
-    (["--out", "{tmp}/grid.gif"], "write an image grid as .png"),
-    (["--num", "4", "--out", "{tmp}/set.png"], "write an ADM .npz file or a folder"),
-    (["--num", "4", "--out", "{tmp}/afile"], "is a file, but a folder is needed"),
-    (["--out", "{tmp}/afile/grid.png"], "is a file, so nothing can be written under it"),
-    (["--out", "{tmp}/adir.png"], "is a folder, but a file is needed"),
-    (["--class", "12"], "--class 12"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--stages", "3"], "--stages 3: the model has 2 levels"),
+        (["--stages", "1", "--steps", "3,2"], "--steps 3,2: give 1 step count, one per stage"),
+        (["--stages", "2", "--steps", "3"], "--steps 3: give 2 step counts"),
+        (["--steps", "3,0"], "--steps 3,0"),
+        (["--tau", "1.5"], "--tau 1.5"),
+        (["--tau", "0.6,0.7"], "--tau 0.6,0.7"),
+        (["--interval", "0.9,0.1"], "--interval 0.9,0.1"),
+        (["--interval", "0.5"], "--interval 0.5"),
+        (["--solver", "rk4"], "--solver rk4"),
+        (["--n", "0"], "--n 0: must be at least 1"),
+        (["--num", "4", "--batch", "0"], "--batch 0: must be at least 1"),
+        (["--num", "0"], "--num 0: must be at least 1"),
+        (["--out", "{tmp}/grid.xyz"], "a grid is written as .png"),
+        (["--out", "{tmp}/grid.gif"], "write an image grid as .png"),
+        (["--num", "4", "--out", "{tmp}/set.png"], "write an ADM .npz file or a folder"),
+        (["--num", "4", "--out", "{tmp}/afile"], "is a file, but a folder is needed"),
+        (["--out", "{tmp}/afile/grid.png"], "is a file, so nothing can be written under it"),
+        (["--out", "{tmp}/adir.png"], "is a folder, but a file is needed"),
+        (["--class", "12"], "--class 12"),
+    ],
+)
 def test_bad_flags_stop_before_any_work_with_one_line(trained, tmp_path, args, message):
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir.png").mkdir()
@@ -264,7 +295,9 @@ def test_a_run_trained_on_some_classes_samples_only_those(tmp_path):
 
     run = tmp_path / "run"
     train(load_recipe(TINY, ["data.classes=[8, 9]", "train.steps=2"]), run, console=Console(quiet=True))
-    result = CliRunner().invoke(app, ["sample", str(run), "--num", "5", "--batch", "5", "--out", str(tmp_path / "s.npz")])
+    result = CliRunner().invoke(
+        app, ["sample", str(run), "--num", "5", "--batch", "5", "--out", str(tmp_path / "s.npz")]
+    )
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "s.npz") as d:
         assert d["arr_1"].tolist() == [8, 9, 8, 9, 8]

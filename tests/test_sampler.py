@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
-from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.method.sampler import GuidedVelocity, SamplerSettings, generate, progressive_schedule, sample
+from dfm_cli.models.dit import DFMDiT, model_size
 
 
 def check_schedule(steps, tau):
@@ -28,7 +28,7 @@ def check_schedule(steps, tau):
     # inside a segment each level moves on a linear grid
     for k, n in enumerate(steps):
         a = ends[k - 1] if k else 0
-        d = t[a + 1: a + n + 1, k] - t[a: a + n, k]
+        d = t[a + 1 : a + n + 1, k] - t[a : a + n, k]
         assert torch.allclose(d, d[0].expand_as(d))
     assert s.stage.tolist() == sum(([k] * n for k, n in enumerate(steps)), [])
     return t
@@ -47,8 +47,7 @@ def test_schedule_three_and_four_levels_never_jump_backwards():
     check_schedule([4, 3, 2], [0.9, 0.9])
 
 
-@pytest.mark.parametrize("steps,tau", [([30, 10], []), ([30, 10], [1.2]), ([3, 3, 3], [0.8, 0.5]),
-                                       ([0, 3], [0.5])])
+@pytest.mark.parametrize("steps,tau", [([30, 10], []), ([30, 10], [1.2]), ([3, 3, 3], [0.8, 0.5]), ([0, 3], [0.5])])
 def test_bad_schedules_are_clear_errors(steps, tau):
     with pytest.raises(DfmError):
         progressive_schedule(steps, tau)
@@ -79,9 +78,14 @@ def run_gaussian(steps, tau, solver, n=4000):
     noise = [torch.randn(n, 1, 2, 2, generator=g), torch.randn(n, 1, 4, 4, generator=g)]
     levels = len(steps)
     out = {}
-    sample(lambda xs, t, y, k: gaussian_velocity(xs, t, y, k), noise, torch.zeros(n, dtype=torch.long),
-           progressive_schedule(steps, tau), lambda xs: out.setdefault("xs", list(xs)) and xs[0],
-           solver=solver)
+    sample(
+        lambda xs, t, y, k: gaussian_velocity(xs, t, y, k),
+        noise,
+        torch.zeros(n, dtype=torch.long),
+        progressive_schedule(steps, tau),
+        lambda xs: out.setdefault("xs", list(xs)) and xs[0],
+        solver=solver,
+    )
     exact = [M[s] + SD[s] * noise[s] for s in range(levels)]
     return out["xs"], exact
 
@@ -186,20 +190,23 @@ def test_settings_resolve_flags_over_recipe_and_cut_tau_to_the_stages():
     assert (got.cfg, got.interval, got.solver) == (1.0, (0.1, 0.9), "heun")
 
 
-@pytest.mark.parametrize("flags,message", [
-    (dict(stages=4), "--stages 4: the model has 3 levels; pick 1..3"),
-    (dict(stages=0), "--stages 0"),
-    (dict(stages=2, steps=[5, 5, 5]), "--steps 5,5,5: give 2 step counts"),
-    (dict(steps=[5, 0]), "--steps 5,0: every stage needs"),
-    (dict(tau=[1.2]), "--tau 1.2: values must lie in (0, 1)"),
-    (dict(tau=[0.0]), "--tau 0: values must lie in (0, 1)"),
-    (dict(tau=[0.9, 0.5]), "--tau 0.9,0.5: values must lie in (0, 1) and increase"),
-    (dict(stages=2, tau=[0.5, 0.6, 0.7]), "--tau 0.5,0.6,0.7: give one threshold, or 1"),
-    (dict(interval=[0.9, 0.1]), "--interval 0.9,0.1: give low,high with 0 <= low <= high <= 1"),
-    (dict(interval=[-0.1, 0.5]), "--interval -0.1,0.5"),
-    (dict(solver="rk4"), "--solver rk4: choose euler or heun"),
-    (dict(cfg=float("nan")), "--cfg nan"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (dict(stages=4), "--stages 4: the model has 3 levels; pick 1..3"),
+        (dict(stages=0), "--stages 0"),
+        (dict(stages=2, steps=[5, 5, 5]), "--steps 5,5,5: give 2 step counts"),
+        (dict(steps=[5, 0]), "--steps 5,0: every stage needs"),
+        (dict(tau=[1.2]), "--tau 1.2: values must lie in (0, 1)"),
+        (dict(tau=[0.0]), "--tau 0: values must lie in (0, 1)"),
+        (dict(tau=[0.9, 0.5]), "--tau 0.9,0.5: values must lie in (0, 1) and increase"),
+        (dict(stages=2, tau=[0.5, 0.6, 0.7]), "--tau 0.5,0.6,0.7: give one threshold, or 1"),
+        (dict(interval=[0.9, 0.1]), "--interval 0.9,0.1: give low,high with 0 <= low <= high <= 1"),
+        (dict(interval=[-0.1, 0.5]), "--interval -0.1,0.5"),
+        (dict(solver="rk4"), "--solver rk4: choose euler or heun"),
+        (dict(cfg=float("nan")), "--cfg nan"),
+    ],
+)
 def test_settings_refuse_bad_flags_naming_the_flag(flags, message):
     with pytest.raises(DfmError) as e:
         SamplerSettings.resolve(recipe_with(), 3, **flags)
@@ -261,7 +268,7 @@ def test_tied_sampler_moves_all_active_levels_with_one_t():
     shared = []
     for xs, t, stage in spy.calls:
         k = int(stage[0])
-        assert (t[:, : k + 1] == t[:, :1]).all() and not t[:, k + 1:].any()
+        assert (t[:, : k + 1] == t[:, :1]).all() and not t[:, k + 1 :].any()
         shared.append(float(t[0, 0]))
     assert len(shared) == 12 and all(a < b for a, b in zip(shared, shared[1:]))
     assert shared[6] == pytest.approx(0.6) and shared[10] == pytest.approx(0.8)

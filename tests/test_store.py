@@ -6,13 +6,13 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_dfm
 from PIL import Image
 
-from conftest import ROOT, run_dfm
 from dfm_cli.data.autoencoders import PixelAE, build_autoencoder
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.data.datasets import sprite_clip
 from dfm_cli.data.store import LatentStore
+from dfm_cli.method.decompose import LaplacianPyramid
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +21,17 @@ def tiny_kl(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     folder = tmp_path_factory.mktemp("ae") / "tiny-kl"
     vae.save_pretrained(folder)
     return folder
@@ -47,8 +55,21 @@ def test_pixel_round_trip_is_exact():
 
 def test_encode_with_a_tiny_autoencoder_writes_shapes_scale_and_index(tmp_path, tiny_kl):
     src = image_folder(tmp_path / "imgs")
-    run_dfm("encode", src, "--ae", "kl", "--ae-weights", tiny_kl, "--resolution", "16", "--flip",
-            "--shard-size", "4", "--out", tmp_path / "store")
+    run_dfm(
+        "encode",
+        src,
+        "--ae",
+        "kl",
+        "--ae-weights",
+        tiny_kl,
+        "--resolution",
+        "16",
+        "--flip",
+        "--shard-size",
+        "4",
+        "--out",
+        tmp_path / "store",
+    )
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     assert index["shape"] == [4, 8, 8] and index["num"] == 6 and index["flip"]
     assert [s["count"] for s in index["shards"]] == [4, 2]
@@ -100,8 +121,22 @@ def test_mp4_clips_to_latents_and_an_exact_temporal_decomposition(tmp_path):
     videos.mkdir(parents=True)
     for i in range(3):
         iio.imwrite(videos / f"{i}.mp4", sprite_clip(i, 10, 32)[0], fps=8)
-    run_dfm("encode", tmp_path / "videos", "--frames", "8", "--stride", "1", "--resolution", "16",
-            "--levels", "2", "--temporal-factors", "2", "--out", tmp_path / "store")
+    run_dfm(
+        "encode",
+        tmp_path / "videos",
+        "--frames",
+        "8",
+        "--stride",
+        "1",
+        "--resolution",
+        "16",
+        "--levels",
+        "2",
+        "--temporal-factors",
+        "2",
+        "--out",
+        tmp_path / "store",
+    )
     store = LatentStore(tmp_path / "store")
     clips = torch.stack([store[i][0] for i in range(len(store))])
     assert clips.shape == (3, 3, 8, 16, 16)  # B C T H W
@@ -114,10 +149,31 @@ def test_mp4_clips_to_latents_and_an_exact_temporal_decomposition(tmp_path):
 def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny_kl):
     src = image_folder(tmp_path / "imgs", n=8)
     run_dfm("encode", src, "--ae", "kl", "--ae-weights", tiny_kl, "--resolution", "16", "--out", tmp_path / "img")
-    common = ["--set", "train.steps=3", "--set", "train.batch_size=4", "--set", "train.log_every=1",
-              "--set", "sample.n=2", "--set", "sample.steps=[2,2]"]
-    run_dfm("train", ROOT / "recipes/tiny.toml", "--out", tmp_path / "run_img", "--set", "data.name=store",
-            "--set", f"data.path={json.dumps(str(tmp_path / 'img'))}", "--set", "model.name=DFM-N/2", *common)
+    common = [
+        "--set",
+        "train.steps=3",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "sample.n=2",
+        "--set",
+        "sample.steps=[2,2]",
+    ]
+    run_dfm(
+        "train",
+        ROOT / "recipes/tiny.toml",
+        "--out",
+        tmp_path / "run_img",
+        "--set",
+        "data.name=store",
+        "--set",
+        f"data.path={json.dumps(str(tmp_path / 'img'))}",
+        "--set",
+        "model.name=DFM-N/2",
+        *common,
+    )
     assert Image.open(tmp_path / "run_img" / "samples" / "grid.png").size[0] > 16  # decoded to pixels
 
     run_dfm("encode", "sprites", "--num-clips", "8", "--frames", "4", "--resolution", "16", "--out", tmp_path / "vid")
@@ -145,9 +201,26 @@ def test_torchrun_encode_writes_the_same_shards(tmp_path):
 
     args = ["sprites", "--frames", "4", "--num-clips", "10", "--resolution", "16", "--shard-size", "3"]
     run_dfm("encode", *args, "--out", tmp_path / "one")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(31500 + random.randint(0, 999)), "-m", "dfm_cli", "encode", *args,
-                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(31500 + random.randint(0, 999)),
+            "-m",
+            "dfm_cli",
+            "encode",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for f in sorted((tmp_path / "one").glob("shard-*.safetensors")):
         assert f.read_bytes() == (tmp_path / "two" / f.name).read_bytes(), f.name
@@ -181,27 +254,33 @@ def test_a_failed_encode_rerun_at_another_resolution_is_refused_or_restarts_clea
 
 
 def test_bad_encode_flags_fail_before_any_work(tmp_path):
-    from dfm_cli.errors import DfmError
     from dfm_cli.data.encode import EncodeSettings
+    from dfm_cli.errors import DfmError
 
     proc = run_dfm("encode", "sprites", "--shard-size", "0", "--out", tmp_path / "s", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --shard-size 0: must be at least 1"
     assert not (tmp_path / "s").exists()
-    for bad, match in (({"batch": 0}, "--batch 0"), ({"fps": -1.0}, "--fps"), ({"stride": 0}, "--stride 0"),
-                       ({"levels": 2, "factors": (2, 2)}, "--levels 2"), ({"num": -1}, "--num-clips -1"),
-                       ({"out": tmp_path / "file.txt"}, "is a file")):
+    for bad, match in (
+        ({"batch": 0}, "--batch 0"),
+        ({"fps": -1.0}, "--fps"),
+        ({"stride": 0}, "--stride 0"),
+        ({"levels": 2, "factors": (2, 2)}, "--levels 2"),
+        ({"num": -1}, "--num-clips -1"),
+        ({"out": tmp_path / "file.txt"}, "is a file"),
+    ):
         (tmp_path / "file.txt").write_text("")
         with pytest.raises(DfmError, match=match):
             EncodeSettings(**{"source": "sprites", "out": tmp_path / "s", **bad})
 
 
 def encode_api(tmp_path, **changes):
-    from dfm_cli.distributed import Context
-    from dfm_cli.data.sources import open_encode
     from dfm_cli.data.encode import EncodeSettings, encode_store
+    from dfm_cli.data.sources import open_encode
+    from dfm_cli.distributed import Context
 
-    settings = EncodeSettings(**{"source": "photo-crops", "out": tmp_path / "store", "resolution": 8, "num": 7,
-                                 "shard_size": 3, **changes})
+    settings = EncodeSettings(
+        **{"source": "photo-crops", "out": tmp_path / "store", "resolution": 8, "num": 7, "shard_size": 3, **changes}
+    )
     source, ae = open_encode(settings)
     return encode_store(source, ae, settings, Context())
 
@@ -235,8 +314,10 @@ def test_a_shard_of_the_wrong_shape_is_redone_even_with_a_matching_record(tmp_pa
     encode_api(tmp_path)
     store = tmp_path / "store"
     good = (store / "shard-00000.safetensors").read_bytes()
-    save_file({"labels": torch.zeros(3, dtype=torch.long), "latents": torch.zeros(3, 3, 4, 4)},
-              store / "shard-00000.safetensors")
+    save_file(
+        {"labels": torch.zeros(3, dtype=torch.long), "latents": torch.zeros(3, 3, 4, 4)},
+        store / "shard-00000.safetensors",
+    )
     record = json.loads((store / "shard-00000.json").read_text())
     record["sha256"] = _sha256(store / "shard-00000.safetensors")
     (store / "shard-00000.json").write_text(json.dumps(record))
@@ -250,15 +331,17 @@ def test_a_store_made_with_other_settings_is_refused_in_one_line(tmp_path):
     encode_api(tmp_path)
     with pytest.raises(DfmError) as e:
         encode_api(tmp_path, flip=True, antialias=True)
-    assert "\n" not in str(e.value) and "flip false -> true" in str(e.value) and "antialias false -> true" in str(e.value)
+    assert (
+        "\n" not in str(e.value) and "flip false -> true" in str(e.value) and "antialias false -> true" in str(e.value)
+    )
     index = encode_api(tmp_path, flip=True, antialias=True, overwrite=True)
     assert index["flip"] and index["level_stats"]["antialias"] and len(LatentStore(tmp_path / "store")) == 14
 
 
 def test_a_shard_with_no_readable_item_never_counts_as_done(tmp_path):
-    from dfm_cli.distributed import Context
-    from dfm_cli.data.sources import open_encode
     from dfm_cli.data.encode import EncodeSettings, encode_store
+    from dfm_cli.data.sources import open_encode
+    from dfm_cli.distributed import Context
 
     src = image_folder(tmp_path / "imgs", n=4)  # cats/0, cats/1, dogs/0, dogs/1
     for name in ("0.png", "1.png"):
@@ -291,8 +374,15 @@ def test_statistics_with_another_antialias_are_refused():
     from dfm_cli.errors import DfmError
     from dfm_cli.method.level_stats import stored_level_statistics
 
-    stats = {"levels": 2, "factors": [2], "temporal_factors": [1], "antialias": False, "picked": "strided",
-             "mean": [[0.0]], "std": [[1.0]]}
+    stats = {
+        "levels": 2,
+        "factors": [2],
+        "temporal_factors": [1],
+        "antialias": False,
+        "picked": "strided",
+        "mean": [[0.0]],
+        "std": [[1.0]],
+    }
     assert stored_level_statistics({"level_stats": stats}, LaplacianPyramid(2, [2])) == stats
     with pytest.raises(DfmError) as e:
         stored_level_statistics({"level_stats": stats}, LaplacianPyramid(2, [2], antialias=True))
@@ -303,16 +393,19 @@ def test_statistics_with_another_antialias_are_refused():
 
 
 def test_training_refuses_a_store_whose_statistics_used_another_antialias(tmp_path):
-    from dfm_cli.errors import DfmError
     from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.errors import DfmError
     from dfm_cli.training.loop import data_level_statistics
 
     encode_api(tmp_path, resolution=16, levels=2)
     store = LatentStore(tmp_path / "store")
-    recipe = load_recipe(ROOT / "recipes/tiny.toml", ["flow.standardize=true", "data.name=store",
-                                                      f"data.path={json.dumps(str(tmp_path / 'store'))}"])
+    recipe = load_recipe(
+        ROOT / "recipes/tiny.toml",
+        ["flow.standardize=true", "data.name=store", f"data.path={json.dumps(str(tmp_path / 'store'))}"],
+    )
     assert data_level_statistics(recipe, store) == store.index["level_stats"]
     recipe.flow.antialias = True
-    with pytest.raises(DfmError, match="flow.antialias = true, but the store's level statistics were computed "
-                                       "with antialias = false"):
+    with pytest.raises(
+        DfmError, match="flow.antialias = true, but the store's level statistics were computed with antialias = false"
+    ):
         data_level_statistics(recipe, store)

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, TINY_TEXT_CAPTIONS, run_dfm, write_captioned_folder, write_tiny_clip, write_tiny_t5
-from dfm_cli.errors import DfmError
-from dfm_cli.models.dit import DFMDiT, model_size
-from dfm_cli.method.sampler import GuidedVelocity
+
 from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings, read_captions
+from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import TextCond, cat_cond, where_dropped
+from dfm_cli.method.sampler import GuidedVelocity
+from dfm_cli.models.dit import DFMDiT, model_size
 
 CAPTIONS = TINY_TEXT_CAPTIONS
 
@@ -59,8 +59,9 @@ def test_t5_encoder_pools_over_real_tokens_and_clip_t5_pairs_them(tiny_clip, tin
     assert cond.mask.sum(1).tolist() == [3, 1]
     torch.testing.assert_close(cond.pooled[1], cond.tokens[1, 0])
     torch.testing.assert_close(cond.pooled[0], cond.tokens[0, :3].mean(0))
-    both = TextEncoder(TextSettings("clip+t5", str(tiny_clip[0]), str(tiny_clip[1]), str(tiny_t5), 6),
-                       torch.device("cpu"))
+    both = TextEncoder(
+        TextSettings("clip+t5", str(tiny_clip[0]), str(tiny_clip[1]), str(tiny_t5), 6), torch.device("cpu")
+    )
     pair = both(["a red square"])
     clip = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))(["a red square"])
     torch.testing.assert_close(pair.tokens, cond.tokens[:1])
@@ -152,9 +153,24 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     config, weights, _ = tiny_clip
     write_captioned_folder(tmp_path)
     store = tmp_path / "S"
-    run_dfm("encode", tmp_path / "images", "--resolution", "16", "--captions", tmp_path / "captions.csv",
-            "--text-encoder", "clip", "--clip-model", config, "--clip-weights", weights, "--text-tokens", "8",
-            "--out", store)
+    run_dfm(
+        "encode",
+        tmp_path / "images",
+        "--resolution",
+        "16",
+        "--captions",
+        tmp_path / "captions.csv",
+        "--text-encoder",
+        "clip",
+        "--clip-model",
+        config,
+        "--clip-weights",
+        weights,
+        "--text-tokens",
+        "8",
+        "--out",
+        store,
+    )
     data = LatentStore(store)
     assert data.text["dims"] == [8, 32, 16] and data.text["encoder"] == "clip"
     enc = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))
@@ -165,8 +181,20 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert isinstance(y, TextCond) and x.shape == (2, 3, 16, 16) and len(y) == 2
 
     run = tmp_path / "R"
-    run_dfm("train", TINY, "--set", "data.name=store", "--set", f"data.path={store}", "--set", "train.steps=2",
-            "--set", "sample.n=4", "--out", run)
+    run_dfm(
+        "train",
+        TINY,
+        "--set",
+        "data.name=store",
+        "--set",
+        f"data.path={store}",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "sample.n=4",
+        "--out",
+        run,
+    )
     assert (run / "samples" / "grid.png").is_file()
     run_dfm("sample", run, "--prompt", "a red square", "--n", "4", "--out", tmp_path / "g.png")
     assert (tmp_path / "g.png").is_file()
@@ -185,9 +213,23 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert missing.returncode == 2 and "is text-conditioned: pass --prompt" in missing.stderr
     assert "Traceback" not in missing.stderr
     (tmp_path / "short.csv").write_text("red/0.png,a red square\n")
-    short = run_dfm("encode", tmp_path / "images", "--resolution", "16", "--captions", tmp_path / "short.csv",
-                    "--text-encoder", "clip", "--clip-model", config, "--clip-weights", weights,
-                    "--out", tmp_path / "S2", check=False)
+    short = run_dfm(
+        "encode",
+        tmp_path / "images",
+        "--resolution",
+        "16",
+        "--captions",
+        tmp_path / "short.csv",
+        "--text-encoder",
+        "clip",
+        "--clip-model",
+        config,
+        "--clip-weights",
+        weights,
+        "--out",
+        tmp_path / "S2",
+        check=False,
+    )
     assert short.returncode == 2 and "3 of 4 files have no caption" in short.stderr
     assert not (tmp_path / "S2" / "index.json").exists()
 
@@ -202,12 +244,27 @@ def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_p
     """`data.captions` + `[text]`: no store needed; a resumed run reuses the encoded captions."""
     config, weights, _ = tiny_clip
     write_captioned_folder(tmp_path)
-    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"path": k, "caption": v}) + "\n"
-                                                 for k, v in CAPTIONS.items()))
-    sets = ["--set", "data.name=folder", "--set", f"data.path={tmp_path / 'images'}",
-            "--set", f"data.captions={tmp_path / 'caps.jsonl'}", "--set", "text.encoder=clip",
-            "--set", f"text.clip_model={config}", "--set", f"text.clip_weights={weights}",
-            "--set", "text.max_tokens=8", "--set", "sample.n=4"]
+    (tmp_path / "caps.jsonl").write_text(
+        "".join(json.dumps({"path": k, "caption": v}) + "\n" for k, v in CAPTIONS.items())
+    )
+    sets = [
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={tmp_path / 'images'}",
+        "--set",
+        f"data.captions={tmp_path / 'caps.jsonl'}",
+        "--set",
+        "text.encoder=clip",
+        "--set",
+        f"text.clip_model={config}",
+        "--set",
+        f"text.clip_weights={weights}",
+        "--set",
+        "text.max_tokens=8",
+        "--set",
+        "sample.n=4",
+    ]
     run = tmp_path / "R"
     run_dfm("train", TINY, *sets, "--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--out", run)
     encoded = run / "captions.safetensors"
@@ -222,17 +279,26 @@ def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_p
 
 def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_clip):
     from dfm_cli import distributed
+    from dfm_cli.config.recipe import load_recipe
     from dfm_cli.data.captions import captioned_folder
     from dfm_cli.data.datasets import ImageFolder
-    from dfm_cli.config.recipe import load_recipe
 
     write_captioned_folder(tmp_path)
     (tmp_path / "images" / "blue" / "1.png").write_bytes(b"not a png")  # stands in: the next readable item
     (tmp_path / "captions.csv").write_text("".join(f"{k},{v}\n" for k, v in CAPTIONS.items()))
     config, weights, _ = tiny_clip
-    recipe = load_recipe(TINY, ["data.name=folder", f"data.path={tmp_path / 'images'}",
-                                f"data.captions={tmp_path / 'captions.csv'}", "text.encoder=clip",
-                                f"text.clip_model={config}", f"text.clip_weights={weights}", "text.max_tokens=8"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "data.name=folder",
+            f"data.path={tmp_path / 'images'}",
+            f"data.captions={tmp_path / 'captions.csv'}",
+            "text.encoder=clip",
+            f"text.clip_model={config}",
+            f"text.clip_weights={weights}",
+            "text.max_tokens=8",
+        ],
+    )
     ctx = distributed.Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     data = captioned_folder(ImageFolder(tmp_path / "images", 16), recipe, tmp_path / "R", ctx)
     enc = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))
@@ -241,13 +307,18 @@ def test_a_captioned_folder_keeps_each_caption_with_its_image(tmp_path, tiny_cli
     torch.testing.assert_close(y.pooled, want.pooled, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("sets, key", [
-    (["data.name=store", "data.path=S", "data.captions=c.csv", "text.encoder=clip", "text.clip_weights=w"],
-     "data.captions"),
-    (["data.name=folder", "data.path=F", "text.encoder=clip", "text.clip_weights=w"], "data.captions"),
-    (["data.name=folder", "data.path=F", "data.captions=c.csv"], "text.encoder"),
-    (["data.name=folder", "data.path=F", "data.captions=c.csv", "text.encoder=t5"], "text.t5_weights"),
-])
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (
+            ["data.name=store", "data.path=S", "data.captions=c.csv", "text.encoder=clip", "text.clip_weights=w"],
+            "data.captions",
+        ),
+        (["data.name=folder", "data.path=F", "text.encoder=clip", "text.clip_weights=w"], "data.captions"),
+        (["data.name=folder", "data.path=F", "data.captions=c.csv"], "text.encoder"),
+        (["data.name=folder", "data.path=F", "data.captions=c.csv", "text.encoder=t5"], "text.t5_weights"),
+    ],
+)
 def test_caption_recipe_keys_are_checked_together(sets, key):
     from dfm_cli.config.recipe import load_recipe
 

@@ -10,16 +10,16 @@ import time
 
 import pytest
 import torch
+from conftest import TINY, run_dfm
 from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import TINY, run_dfm
-from dfm_cli.data import checkpoints as ckpt_io
 from dfm_cli.cli import app
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.data import checkpoints as ckpt_io
 from dfm_cli.data.datasets import TensorImages
 from dfm_cli.errors import DfmError
-from dfm_cli.config.recipe import load_recipe
 from dfm_cli.training.loop import compiled, train
 
 
@@ -41,9 +41,27 @@ def test_two_process_training_equals_one_process(tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_dfm("train", TINY, "--out", single)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + random.randint(0, 999)),
-         "-m", "dfm_cli", "train", str(TINY), "--out", str(multi), "--set", f"train.parallel={parallel}"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(29500 + random.randint(0, 999)),
+            "-m",
+            "dfm_cli",
+            "train",
+            str(TINY),
+            "--out",
+            str(multi),
+            "--set",
+            f"train.parallel={parallel}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_close(weights(single), weights(multi), atol=1e-6)
     state = json.loads((multi / "checkpoints" / "latest" / "state.json").read_text())
@@ -65,8 +83,11 @@ def test_killed_at_random_points_resumes_bit_identically(tmp_path):
     rng = random.Random()
     kills = 0
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(resumed), *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(resumed), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         before = len(ckpt_io.complete_checkpoints(resumed))
         deadline = time.time() + 120
         while len(ckpt_io.complete_checkpoints(resumed)) <= before and proc.poll() is None and time.time() < deadline:
@@ -102,6 +123,7 @@ def test_a_crash_at_any_point_of_a_checkpoint_write_leaves_only_complete_checkpo
             if calls["n"] == calls["crash_at"]:
                 raise Crash
             return fn(*a, **k)
+
         return wrapped
 
     for name in ("save_file", "_fsync_path"):
@@ -122,6 +144,7 @@ def test_a_crash_at_any_point_of_a_checkpoint_write_leaves_only_complete_checkpo
             ckpt_io.resolve_checkpoint(run)  # a run folder always resolves to a complete one
             if step == 2:  # the crash came after the rename: undo for the next round
                 import shutil
+
                 shutil.rmtree(newest)
             continue
         break
@@ -167,8 +190,16 @@ def test_non_finite_stop_policy_exits_with_the_last_good_checkpoint_intact(tmp_p
 
 
 def test_hooks_previews_milestones_and_mfu(tmp_path):
-    recipe = load_recipe(TINY, ["train.preview_every=4", "train.milestone_every=3", "train.checkpoint_every=2",
-                                "train.keep_checkpoints=1", "train.peak_tflops=0.001"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "train.preview_every=4",
+            "train.milestone_every=3",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=1",
+            "train.peak_tflops=0.001",
+        ],
+    )
     calls = []
 
     def evaluate(step, ema):
@@ -212,8 +243,12 @@ def stats_steps(run):
 def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_intact(tmp_path):
     run = tmp_path / "run"
     args = ["--out", str(run), "--set", "train.steps=20", "--set", "train.checkpoint_every=10"]
-    first = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), *args],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dfm_cli", "train", str(TINY), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not ((run / ".lock").is_file() and (run / ".lock").read_text().strip() == str(first.pid)):
         assert first.poll() is None and time.time() < deadline, "the first run never took the folder"
@@ -224,8 +259,10 @@ def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_inta
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert second.stderr.strip() == (f"error: {run} is in use by another dfm process (PID {first.pid}); wait for it "
-                                     "to finish or stop it, or train into another --out folder")
+    assert second.stderr.strip() == (
+        f"error: {run} is in use by another dfm process (PID {first.pid}); wait for it "
+        "to finish or stop it, or train into another --out folder"
+    )
     assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
     assert stats_steps(run) == list(range(2, 21, 2))
     assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000010", "step-000000020"]
@@ -235,8 +272,11 @@ def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_inta
 
 def test_the_lock_goes_with_a_killed_process_and_a_refused_new_folder_is_not_left_behind(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(run),
-                             "--set", "train.steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(run), "--set", "train.steps=100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while not (run / "stats.jsonl").is_file() or not (run / "stats.jsonl").read_text():
         assert proc.poll() is None
         time.sleep(0.01)
@@ -244,8 +284,17 @@ def test_the_lock_goes_with_a_killed_process_and_a_refused_new_folder_is_not_lef
     proc.wait()
     with ckpt_io.run_lock(run):  # the kernel released the dead process's lock
         pass
-    bad = run_dfm("train", TINY, "--out", tmp_path / "new", "--set", "data.name=folder",
-                  "--set", f"data.path={tmp_path / 'missing'}", check=False)
+    bad = run_dfm(
+        "train",
+        TINY,
+        "--out",
+        tmp_path / "new",
+        "--set",
+        "data.name=folder",
+        "--set",
+        f"data.path={tmp_path / 'missing'}",
+        check=False,
+    )
     assert bad.returncode == 2 and not (tmp_path / "new").exists()
 
 
@@ -257,14 +306,17 @@ def test_stats_are_cut_back_to_the_resumed_checkpoint(tmp_path):
     # As if killed after logging step 12 but before its checkpoint (and step 8's) made it to disk.
     for step in (8, 12):
         import shutil
+
         shutil.rmtree(run / "checkpoints" / f"step-{step:09d}")
     with (run / "stats.jsonl").open("a") as f:
         f.write('{"step": 13, "lo')  # a line torn by the kill
     run_dfm("train", TINY, *args)
     assert stats_steps(run) == list(range(1, 13))
     resumed = (run / "stats.jsonl").read_text().splitlines()
-    drop_speed = lambda rows: [{k: v for k, v in json.loads(r).items() if k in ("step", "images", "loss")}  # noqa: E731
-                               for r in rows]
+    drop_speed = lambda rows: [
+        {k: v for k, v in json.loads(r).items() if k in ("step", "images", "loss")}  # noqa: E731
+        for r in rows
+    ]
     assert drop_speed(resumed) == drop_speed(straight)
 
 
@@ -274,8 +326,10 @@ def test_resume_compares_the_recipe_of_the_newest_checkpoint(tmp_path):
     (run / "recipe.toml").unlink()
     bad = run_dfm("train", TINY, "--out", run, "--set", "train.steps=12", "--set", "train.lr=0.002", check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip() == (f"error: {run / 'checkpoints' / 'step-000000008'} was trained with train.lr = 0.001, "
-                                  "not 0.002; use a new --out folder, or the run's own recipe.toml to continue it")
+    assert bad.stderr.strip() == (
+        f"error: {run / 'checkpoints' / 'step-000000008'} was trained with train.lr = 0.001, "
+        "not 0.002; use a new --out folder, or the run's own recipe.toml to continue it"
+    )
     assert [c.name for c in ckpt_io.complete_checkpoints(run)] == ["step-000000004", "step-000000008"]
 
 
@@ -293,8 +347,10 @@ def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkey
     monkeypatch.setattr(training, "update_ema", poisoned)
     result = CliRunner().invoke(app, ["train", str(TINY), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
-    assert ("step 8: the EMA weights hold non-finite values, so no checkpoint was written; the last good "
-            f"checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-000000004'}") in result.output
+    assert (
+        "step 8: the EMA weights hold non-finite values, so no checkpoint was written; the last good "
+        f"checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-000000004'}"
+    ) in result.output
     assert [c.name for c in ckpt_io.complete_checkpoints(tmp_path / "run")] == ["step-000000004"]
     assert not (tmp_path / "run" / "samples").exists()
 
@@ -302,8 +358,21 @@ def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkey
 def test_progress_lines_reach_a_log_file_while_training_runs(tmp_path):
     log = tmp_path / "log"
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(tmp_path / "run"),
-                                 "--set", "train.steps=100000"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dfm_cli",
+                "train",
+                str(TINY),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                "train.steps=100000",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 120
         while log.read_text().count("train step") < 2:
             assert proc.poll() is None and time.time() < deadline, log.read_text()
@@ -316,8 +385,9 @@ def test_progress_lines_reach_a_log_file_while_training_runs(tmp_path):
 
 
 def test_evaluation_during_training_writes_metric_rows(tmp_path):
-    recipe = load_recipe(TINY, ["train.eval_every=3", "train.eval_num=6", 'train.eval_metrics=["swd"]',
-                                "train.eval_reference_num=20"])
+    recipe = load_recipe(
+        TINY, ["train.eval_every=3", "train.eval_num=6", 'train.eval_metrics=["swd"]', "train.eval_reference_num=20"]
+    )
     train(recipe, tmp_path, console=Console(quiet=True))
     rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert [(r["step"], r["images"]) for r in rows] == [(2, 16), (3, 24), (4, 32), (6, 48), (8, 64)]
@@ -333,9 +403,18 @@ def test_evaluation_during_training_on_a_store_of_built_in_data_compares_with_it
     """A store remembers the built-in data it encoded; in-training metrics use those images.
     A store of one's own folder has no pixels to compare with: refused before training."""
     run_dfm("encode", "animal-mnist", "--num-clips", "40", "--resolution", "16", "--out", tmp_path / "S")
-    recipe = load_recipe(TINY, ["data.name=store", f"data.path={tmp_path / 'S'}", "train.steps=2",
-                                "train.eval_every=2", "train.eval_num=4", 'train.eval_metrics=["swd"]',
-                                "train.eval_reference_num=20"])
+    recipe = load_recipe(
+        TINY,
+        [
+            "data.name=store",
+            f"data.path={tmp_path / 'S'}",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.eval_num=4",
+            'train.eval_metrics=["swd"]',
+            "train.eval_reference_num=20",
+        ],
+    )
     train(recipe, tmp_path / "run", console=Console(quiet=True))
     rows = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert 0 < rows[-1]["eval_swd"] < float("inf")

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from dfm_cli.ablate.sweep import Sweep
-from dfm_cli.errors import DfmError
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.errors import DfmError
 
 STARTUP_S = 5.0  # per subprocess (Python + torch imports), for --dry-run estimates
 CPU_FLOPS = 5e10  # FLOP/s assumed for a model too big to time on the CPU
@@ -47,8 +47,11 @@ def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
     for channels, factor, what in ((16, 8, "FLUX / CogVideoX autoencoders"), (4, 4, "a small trained autoencoder")):
         shape = (channels, *frames, d.resolution // factor, d.resolution // factor)
         try:
-            level_patches(plain_pyramid(recipe).level_sizes(shape[1:]), model_size(recipe.model.name).patch,
-                          recipe.model.temporal_patch)
+            level_patches(
+                plain_pyramid(recipe).level_sizes(shape[1:]),
+                model_size(recipe.model.name).patch,
+                recipe.model.temporal_patch,
+            )
         except DfmError:
             continue
         return shape, f"store not found: FLOPs assume {channels}-channel f{factor} latents ({what})"
@@ -64,12 +67,22 @@ def forward_flops_of(recipe: Recipe) -> float:
 
     m, f = recipe.model, recipe.flow
     shape = data_shape(recipe)[0]
-    key = (m.name, m.pos, m.temporal_patch, shape, f.levels, tuple(f.factors), tuple(f.temporal_factors), f.method,
-           tuple(f.p_stage) if f.method == "pyramidal" else (), f.cascade_split if f.method == "cascaded" else None,
-           m.specialize)
+    key = (
+        m.name,
+        m.pos,
+        m.temporal_patch,
+        shape,
+        f.levels,
+        tuple(f.factors),
+        tuple(f.temporal_factors),
+        f.method,
+        tuple(f.p_stage) if f.method == "pyramidal" else (),
+        f.cascade_split if f.method == "cascaded" else None,
+        m.specialize,
+    )
     if key not in _FLOPS:
         size = model_size(m.name)
-        big = 12 * size.depth * size.hidden ** 2 > 2e7
+        big = 12 * size.depth * size.hidden**2 > 2e7
         with torch.device("meta" if big else "cpu"):
             _FLOPS[key] = training_forward_flops(recipe, build_model(recipe, shape, 10))
     return _FLOPS[key]
@@ -99,16 +112,28 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
     device = pick_device()
     shape = data_shape(recipe)[0]
     fwd = forward_flops_of(recipe)
-    key = (recipe.model.name, shape, recipe.flow.levels, tuple(recipe.flow.factors), recipe.train.batch_size,
-           recipe.flow.method)
+    key = (
+        recipe.model.name,
+        shape,
+        recipe.flow.levels,
+        tuple(recipe.flow.factors),
+        recipe.train.batch_size,
+        recipe.flow.method,
+    )
     if key in cache:
         return cache[key]
     batch = min(recipe.train.batch_size, int(TIMING_BUDGET // (3 * fwd)))
     if batch < 1:
-        peak = peak_tflops(device_name(device), autocast_dtype(device.type, recipe.train.precision),
-                           recipe.train.tf32) if device.type == "cuda" else None
-        rate, how = (GPU_MFU * peak * 1e12, f"per-FLOP constant: {GPU_MFU:.0%} of {device_name(device)}'s peak") \
-            if peak else (CPU_FLOPS, f"per-FLOP constant: {CPU_FLOPS / 1e9:.0f} GFLOP/s on the {device.type}")
+        peak = (
+            peak_tflops(device_name(device), autocast_dtype(device.type, recipe.train.precision), recipe.train.tf32)
+            if device.type == "cuda"
+            else None
+        )
+        rate, how = (
+            (GPU_MFU * peak * 1e12, f"per-FLOP constant: {GPU_MFU:.0%} of {device_name(device)}'s peak")
+            if peak
+            else (CPU_FLOPS, f"per-FLOP constant: {CPU_FLOPS / 1e9:.0f} GFLOP/s on the {device.type}")
+        )
         cache[key] = (rate, rate, how)
         return cache[key]
     model = build_model(recipe, shape, 10).to(device)
@@ -132,8 +157,11 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
         return seconds[-1]
 
     sample_b = min(sample_batch, int(TIMING_BUDGET // fwd)) or 1
-    cache[key] = (3 * fwd * batch / step(batch, True), fwd * sample_b / step(sample_b, False),
-                  f"timed: one training step (batch {batch}) and one sampling forward on the {device.type}")
+    cache[key] = (
+        3 * fwd * batch / step(batch, True),
+        fwd * sample_b / step(sample_b, False),
+        f"timed: one training step (batch {batch}) and one sampling forward on the {device.type}",
+    )
     return cache[key]
 
 
@@ -148,7 +176,16 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
         train_s = 0.0 if run.run_id in trained else flops / train_rate + STARTUP_S
         trained.add(run.run_id)
         cell_s = sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
-        rows.append({"cell": cell.name, "run": run.run_id, "shared": len(run.cells),
-                     "train_images": images, "train_flops": flops, "seconds": cell_s + train_s,
-                     "estimate": how, "note": data_shape(cell.recipe)[1]})
+        rows.append(
+            {
+                "cell": cell.name,
+                "run": run.run_id,
+                "shared": len(run.cells),
+                "train_images": images,
+                "train_flops": flops,
+                "seconds": cell_s + train_s,
+                "estimate": how,
+                "note": data_shape(cell.recipe)[1],
+            }
+        )
     return rows

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -16,8 +17,8 @@ from rich.console import Console
 from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
 from dfm_cli.ablate.results import collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
-from dfm_cli.errors import DfmError
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.errors import DfmError
 
 BUILTIN_REFERENCES = ("animal-mnist", "photo-crops")  # names `dfm eval --ref` knows
 WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")  # [eval] keys passed on as --KEY
@@ -53,18 +54,22 @@ def reference_for(sweep: Sweep, cell: Cell, out: Path) -> str:
     if name in BUILTIN_REFERENCES and not spec.reference_num and not classes:
         return name
     path = d.path if name == d.name else ""
-    tag = f"{name}-{d.resolution}" + (f"-{d.frames}f" if d.frames else "") + \
-        (f"-{settings_hash(str(Path(path).resolve()))}" if path else "") + \
-        (f"-c{'.'.join(map(str, classes))}" if classes else "") + \
-        (f"-n{spec.reference_num}" if spec.reference_num else "")
+    tag = (
+        f"{name}-{d.resolution}"
+        + (f"-{d.frames}f" if d.frames else "")
+        + (f"-{settings_hash(str(Path(path).resolve()))}" if path else "")
+        + (f"-c{'.'.join(map(str, classes))}" if classes else "")
+        + (f"-n{spec.reference_num}" if spec.reference_num else "")
+    )
     target = out / "refs" / f"{tag}.npz"
     if not target.is_file():
         write_reference(name, path, d.resolution, d.frames, spec.reference_num, target, classes)
     return str(target.resolve())
 
 
-def write_reference(name: str, path: str, resolution: int, frames: int, num: int, target: Path,
-                    classes: list[int] | None = None) -> None:
+def write_reference(
+    name: str, path: str, resolution: int, frames: int, num: int, target: Path, classes: list[int] | None = None
+) -> None:
     """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it (or
     only `classes`), or `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
     from dfm_cli.data.datasets import build_dataset
@@ -80,15 +85,27 @@ def write_reference(name: str, path: str, resolution: int, frames: int, num: int
 
 def sample_args(recipe: Recipe) -> list[str]:
     s = recipe.sample
-    args = ["--steps", ",".join(map(str, s.steps)), "--cfg", repr(s.cfg),
-            "--interval", ",".join(map(repr, s.guidance_interval)), "--solver", s.solver]
+    args = [
+        "--steps",
+        ",".join(map(str, s.steps)),
+        "--cfg",
+        repr(s.cfg),
+        "--interval",
+        ",".join(map(repr, s.guidance_interval)),
+        "--solver",
+        s.solver,
+    ]
     return args + (["--tau", ",".join(map(repr, s.tau))] if s.tau else [])
 
 
 def eval_settings(sweep: Sweep, reference: str) -> dict:
     spec = sweep.eval
-    return {"metrics": sorted(spec.metrics), "reference": reference, "swd_levels": spec.swd_levels,
-            **{key: str(Path(getattr(spec, key)).resolve()) for key in WEIGHTS if getattr(spec, key)}}
+    return {
+        "metrics": sorted(spec.metrics),
+        "reference": reference,
+        "swd_levels": spec.swd_levels,
+        **{key: str(Path(getattr(spec, key)).resolve()) for key in WEIGHTS if getattr(spec, key)},
+    }
 
 
 class Progress:
@@ -98,10 +115,17 @@ class Progress:
         self.console, self.total, self.done = console, total, 0
         self.bar = None
         if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("ablate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("{task.description}"), console=console)
+            self.bar = Bar(
+                TextColumn("ablate"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+            )
             self.task = self.bar.add_task("", total=total)
 
     def __enter__(self):
@@ -126,8 +150,12 @@ class Progress:
             self.bar.update(self.task, completed=self.done)
 
 
-def run_sweep(sweep: Sweep, out: Path, console: Console | None = None,
-              runner: Callable[[list[str], Path, str], None] | None = None) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep,
+    out: Path,
+    console: Console | None = None,
+    runner: Callable[[list[str], Path, str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train, sample and score every cell not already done; write the results. Returns the rows."""
     console = console or Console()
     runner = runner or run_command
@@ -136,8 +164,9 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None,
     for key in ("reference", *WEIGHTS):
         value = getattr(spec, key)
         if value and value not in BUILTIN_REFERENCES and not Path(value).exists():
-            raise DfmError(f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the "
-                           "current folder)")
+            raise DfmError(
+                f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the current folder)"
+            )
     runs = {run.run_id: run for run in sweep.runs}
     with Progress(console, len(sweep.cells)) as progress:
         for cell in sweep.cells:
@@ -146,8 +175,12 @@ def run_sweep(sweep: Sweep, out: Path, console: Console | None = None,
             progress.advance()
     rows = collect(sweep, out)
     write_results(sweep, rows, out)
-    console.print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots "
-                  f"({len(sweep.cells)} cells, {len(runs)} runs)", markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots ({len(sweep.cells)} cells, {len(runs)} runs)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     return rows
 
 
@@ -176,9 +209,23 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) 
         manifest["samples"] = "sampling"
         write_json(folder / MANIFEST, manifest)
         progress.say(cell, f"sample {sweep.eval.num} → {samples}")
-        runner(dfm("sample", run_dir(out, cell.run_id), "--num", sweep.eval.num, "--batch", sweep.eval.batch,
-                   "--seed", sweep.eval.seed, *sample_args(cell.recipe), "--out", samples), log,
-               f"dfm sample for cell {cell.name!r}")
+        runner(
+            dfm(
+                "sample",
+                run_dir(out, cell.run_id),
+                "--num",
+                sweep.eval.num,
+                "--batch",
+                sweep.eval.batch,
+                "--seed",
+                sweep.eval.seed,
+                *sample_args(cell.recipe),
+                "--out",
+                samples,
+            ),
+            log,
+            f"dfm sample for cell {cell.name!r}",
+        )
         manifest["samples"] = "done"
         write_json(folder / MANIFEST, manifest)
     reference = reference_for(sweep, cell, out)
@@ -195,8 +242,6 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) 
         if getattr(sweep.eval, key):
             flags += [f"--{key.replace('_', '-')}", wanted[key]]
     progress.say(cell, f"eval {' '.join(sweep.eval.metrics)} against {reference}")
-    runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log,
-           f"dfm eval for cell {cell.name!r}")
+    runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log, f"dfm eval for cell {cell.name!r}")
     manifest["eval"] = wanted
     write_json(folder / MANIFEST, manifest)
-

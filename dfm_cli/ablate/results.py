@@ -48,8 +48,12 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
     keys = []
     for row in rows:
         for k in row:
-            if (k.endswith("_vs_baseline") or k in ("cell", "run", "train_images", "train_flops", "baseline")
-                    or k.startswith("swd_level_") or k.endswith("_std")):
+            if (
+                k.endswith("_vs_baseline")
+                or k in ("cell", "run", "train_images", "train_flops", "baseline")
+                or k.startswith("swd_level_")
+                or k.endswith("_std")
+            ):
                 continue
             if isinstance(row[k], float) and k not in keys:
                 keys.append(k)
@@ -76,12 +80,16 @@ def _num(value: Any) -> str:
 def results_markdown(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
     metrics = headline(rows)
     spec = sweep.eval
-    lines = [f"# {sweep.title}", "",
-             f"Base recipe `{sweep.base.name}`" + (", with " + ", ".join(f"`{k} = {toml_literal(v)}`"
-                                                                        for k, v in sweep.fixed.items())
-                                                     if sweep.fixed else "") + ".",
-             f"{spec.num} samples per cell (seed {spec.seed}); metrics: {', '.join(spec.metrics)}.",
-             "Training compute = images × 3 × the model's forward FLOPs per image.", ""]
+    lines = [
+        f"# {sweep.title}",
+        "",
+        f"Base recipe `{sweep.base.name}`"
+        + (", with " + ", ".join(f"`{k} = {toml_literal(v)}`" for k, v in sweep.fixed.items()) if sweep.fixed else "")
+        + ".",
+        f"{spec.num} samples per cell (seed {spec.seed}); metrics: {', '.join(spec.metrics)}.",
+        "Training compute = images × 3 × the model's forward FLOPs per image.",
+        "",
+    ]
     header = ["cell", *sweep.swept, "train images", "train FLOPs"]
     for m in metrics:
         header += [m, f"{m} / baseline"]
@@ -94,8 +102,12 @@ def results_markdown(sweep: Sweep, rows: list[dict[str, Any]]) -> str:
             cells += [_num(row.get(m)), "–" if ratio is None else f"{ratio:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if any(row["baseline"] for row in rows):
-        lines += ["", "Ratios divide by each cell's baseline: " + ", ".join(
-            sorted({f"`{row['baseline']}`" for row in rows})) + "."]
+        lines += [
+            "",
+            "Ratios divide by each cell's baseline: "
+            + ", ".join(sorted({f"`{row['baseline']}`" for row in rows}))
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -123,8 +135,11 @@ def plot_key(rows: list[dict[str, Any]], key: str, swept: list[str], path: Path)
         groups.setdefault(" ".join(f"{k.split('.')[1]}={row[k]}" for k in others), []).append(row)
     for ax, metric in zip(axes[0], metrics):
         for label, members in groups.items():
-            pts = [(float(r[key]) if numeric else xs.index(r[key]), r[metric]) for r in members
-                   if isinstance(r.get(metric), float)]
+            pts = [
+                (float(r[key]) if numeric else xs.index(r[key]), r[metric])
+                for r in members
+                if isinstance(r.get(metric), float)
+            ]
             if pts:
                 pts.sort()
                 ax.plot(*zip(*pts), marker="o", label=label or None)
@@ -173,17 +188,25 @@ def curve_series(sweep: Sweep, out: Path) -> tuple[str, dict[str, dict[str, list
     """The in-training `eval_*` curves of every run, labelled by the cells it serves, and their
     x axis: training images, or training FLOPs when the runs' images cost different compute
     (Pyramidal Flow, a cascade), so that points at one x had equal compute."""
-    runs = {" / ".join(c.name for c in run.cells): (training_curves(run_dir(out, run.run_id) / "stats.jsonl"),
-                                                     train_compute(run.recipe))
-            for run in sweep.runs}
+    runs = {
+        " / ".join(c.name for c in run.cells): (
+            training_curves(run_dir(out, run.run_id) / "stats.jsonl"),
+            train_compute(run.recipe),
+        )
+        for run in sweep.runs
+    }
     runs = {label: (curves, flops / images) for label, (curves, (images, flops)) in runs.items() if curves}
     if not runs:
         return "training images", {}
     per_image = [f for _, f in runs.values()]
     by_flops = max(per_image) > 1.02 * min(per_image)
-    return ("training FLOPs" if by_flops else "training images",
-            {label: {m: [(x * (f if by_flops else 1.0), v) for x, v in points] for m, points in curves.items()}
-             for label, (curves, f) in runs.items()})
+    return (
+        "training FLOPs" if by_flops else "training images",
+        {
+            label: {m: [(x * (f if by_flops else 1.0), v) for x, v in points] for m, points in curves.items()}
+            for label, (curves, f) in runs.items()
+        },
+    )
 
 
 def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
@@ -235,4 +258,3 @@ def sample_grid(sweep: Sweep, out: Path, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -22,11 +22,18 @@ from typing import Any
 
 import tomli_w
 
-from dfm_cli.errors import DfmError, suggest
 from dfm_cli.config.recipe import SECTIONS, Recipe, _check_type, load_recipe
+from dfm_cli.errors import DfmError, suggest
 
-METRIC_FLAGS = {"fid": "--fid", "kid": "--kid", "isc": "--isc", "fdd": "--fdd", "fvd": "--fvd",
-                "swd": "--swd", "pr": "--pr"}
+METRIC_FLAGS = {
+    "fid": "--fid",
+    "kid": "--kid",
+    "isc": "--isc",
+    "fdd": "--fdd",
+    "fvd": "--fvd",
+    "swd": "--swd",
+    "pr": "--pr",
+}
 
 
 @dataclass
@@ -134,8 +141,10 @@ def _flatten(where: str, table: dict[str, Any], keep: tuple[str, ...] = ()) -> d
             flat[key] = value
     for key in flat:
         if key.split(".")[0] in TOP_KEYS:
-            raise DfmError(f"{where}: {key.split('.')[0]!r} belongs at the top of the sweep file, before the "
-                           "first [table] (TOML puts a key under the table above it)")
+            raise DfmError(
+                f"{where}: {key.split('.')[0]!r} belongs at the top of the sweep file, before the "
+                "first [table] (TOML puts a key under the table above it)"
+            )
         if key not in keep and key not in RECIPE_KEYS:
             raise DfmError(f"{where}: {key!r} is not a recipe key{suggest(key, RECIPE_KEYS)}")
     return flat
@@ -172,13 +181,15 @@ def load_sweep(path: str | Path) -> Sweep:
     except tomllib.TOMLDecodeError as e:
         raise DfmError(f"{path}: not valid TOML: {e}") from None
     if "recipe" not in raw and set(raw) & set(SECTIONS):
-        raise DfmError(f"{path} is a recipe, not a sweep: train it with `dfm train {path}`, or write a sweep "
-                       f"with recipe = \"BASE.toml\" and a [grid] or [[cell]] list")
+        raise DfmError(
+            f"{path} is a recipe, not a sweep: train it with `dfm train {path}`, or write a sweep "
+            f'with recipe = "BASE.toml" and a [grid] or [[cell]] list'
+        )
     for key in raw:
         if key not in TOP_KEYS:
             raise DfmError(f"{path}: unknown key {key!r}{suggest(key, TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})")
     if not isinstance(raw.get("recipe"), str):
-        raise DfmError(f"{path}: recipe = \"BASE.toml\" is missing: name the base recipe, relative to the sweep file")
+        raise DfmError(f'{path}: recipe = "BASE.toml" is missing: name the base recipe, relative to the sweep file')
     base = (path.parent / raw["recipe"]).resolve()
     if not base.is_file():
         raise DfmError(f"{path}: recipe = {raw['recipe']!r}: {base} not found (the path is relative to the sweep file)")
@@ -198,7 +209,8 @@ def load_sweep(path: str | Path) -> Sweep:
         raise DfmError(f"{path}: nothing to sweep: add a [grid] of lists or [[cell]] tables")
     names = [c.get("name") for c in cells_raw]
     if any(n is not None and not isinstance(n, str) for n in names) or len({n for n in names if n}) < len(
-            [n for n in names if n]):
+        [n for n in names if n]
+    ):
         raise DfmError(f"{path}: [[cell]] names must be distinct strings, got {names}")
     for c in cells_raw:
         both = sorted(set(c) & set(grid))
@@ -208,13 +220,14 @@ def load_sweep(path: str | Path) -> Sweep:
     for key, value in raw.get("eval", {}).items():
         hints = typing.get_type_hints(EvalSpec)
         if key not in hints:
-            raise DfmError(f"{path}: eval.{key} is not a known key{suggest(key, hints)} "
-                           f"(keys: {', '.join(hints)})")
+            raise DfmError(f"{path}: eval.{key} is not a known key{suggest(key, hints)} (keys: {', '.join(hints)})")
         setattr(spec, key, _check_type(f"{path}: eval.{key}", value, hints[key]))
     for metric in spec.metrics:
         if metric not in METRIC_FLAGS:
-            raise DfmError(f"{path}: eval.metrics: unknown metric {metric!r}{suggest(metric, METRIC_FLAGS)} "
-                           f"(choose from {', '.join(METRIC_FLAGS)})")
+            raise DfmError(
+                f"{path}: eval.metrics: unknown metric {metric!r}{suggest(metric, METRIC_FLAGS)} "
+                f"(choose from {', '.join(METRIC_FLAGS)})"
+            )
     for key in ("num", "batch", "swd_levels"):
         if getattr(spec, key) < 1:
             raise DfmError(f"{path}: eval.{key} = {getattr(spec, key)}: must be at least 1")
@@ -234,8 +247,10 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise DfmError(f"{path}: cell {name!r}: {e}") from None
             cells.append(_make_cell(name, label, values, overrides, recipe, spec))
     if len({c.name for c in cells}) < len(cells):
-        raise DfmError(f"{path}: two cells have the same settings ({', '.join(c.name for c in cells)}); "
-                       "give each [[cell]] a distinct name or distinct values")
+        raise DfmError(
+            f"{path}: two cells have the same settings ({', '.join(c.name for c in cells)}); "
+            "give each [[cell]] a distinct name or distinct values"
+        )
     _check_eval(path, spec, cells)
     baseline = raw.get("baseline", "")
     sweep = Sweep(path, str(raw.get("title", path.stem)), base, fixed, swept, cells, baseline, spec)
@@ -244,24 +259,39 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe: Recipe, spec: EvalSpec) -> Cell:
-    run_id = f"{slug(_auto_name({k: v for k, v in values.items() if not k.startswith('sample.')}, list(values)))}" \
-             f"-{settings_hash(run_settings(recipe))}"
+    run_id = (
+        f"{slug(_auto_name({k: v for k, v in values.items() if not k.startswith('sample.')}, list(values)))}"
+        f"-{settings_hash(run_settings(recipe))}"
+    )
     cell_settings = cell_manifest_settings(recipe, spec)
     return Cell(name, label, values, overrides, recipe, run_id, f"{slug(name)}-{settings_hash(cell_settings)}")
 
 
 # Keys added after sweeps were first run: left out of a run's id while at their defaults.
-LATER_KEYS = (("model", "kind"), ("data", "classes"), ("data", "captions"), ("flow", "upsample_coarse"),
-              ("flow", "method"), ("flow", "gamma"), ("flow", "cascade_split"), ("flow", "cascade_aug"),
-              ("train", "init_from"), ("train", "per_level_only_steps"))
+LATER_KEYS = (
+    ("model", "kind"),
+    ("data", "classes"),
+    ("data", "captions"),
+    ("flow", "upsample_coarse"),
+    ("flow", "method"),
+    ("flow", "gamma"),
+    ("flow", "cascade_split"),
+    ("flow", "cascade_aug"),
+    ("train", "init_from"),
+    ("train", "per_level_only_steps"),
+)
 
 
 def run_settings(recipe: Recipe) -> dict:
     """What a trained run depends on: every recipe section but `sample`, and `ae`, `flux`,
     `text` and the `LATER_KEYS` only where they are used, so that adding them left the ids of
     earlier runs unchanged."""
-    skip = {"sample"} | ({"ae"} if recipe.model.kind != "autoencoder" else set()) \
-        | ({"flux"} if recipe.model.kind != "flux" else set()) | ({"text"} if not recipe.data.captions else set())
+    skip = (
+        {"sample"}
+        | ({"ae"} if recipe.model.kind != "autoencoder" else set())
+        | ({"flux"} if recipe.model.kind != "flux" else set())
+        | ({"text"} if not recipe.data.captions else set())
+    )
     settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
     defaults = Recipe().to_dict()
     for section, key in LATER_KEYS:
@@ -279,15 +309,19 @@ def _check_eval(path: Path, spec: EvalSpec, cells: list[Cell]) -> None:
     for cell in cells:
         d = cell.recipe.data
         if not spec.reference and d.name == "store":
-            raise DfmError(f"{path}: cell {cell.name!r} trains on latents (data.name = 'store'): set eval.reference "
-                           "to an .npz of images or statistics (`dfm eval FOLDER --stats-out REF.npz`)")
+            raise DfmError(
+                f"{path}: cell {cell.name!r} trains on latents (data.name = 'store'): set eval.reference "
+                "to an .npz of images or statistics (`dfm eval FOLDER --stats-out REF.npz`)"
+            )
         if "swd" in spec.metrics and d.name != "store":
             smallest = d.resolution // 2 ** (spec.swd_levels - 1)
             if smallest < 7:
                 most = max(1, int(math.log2(d.resolution / 7)) + 1) if d.resolution >= 7 else 0
-                raise DfmError(f"{path}: eval.swd_levels = {spec.swd_levels} is too many for {d.resolution} px "
-                               f"(the coarsest SWD level would be {smallest} px, under the 7 px patch); "
-                               f"use eval.swd_levels = {most}")
+                raise DfmError(
+                    f"{path}: eval.swd_levels = {spec.swd_levels} is too many for {d.resolution} px "
+                    f"(the coarsest SWD level would be {smallest} px, under the 7 px patch); "
+                    f"use eval.swd_levels = {most}"
+                )
 
 
 def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
@@ -308,15 +342,18 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
         keys = set(b)
         chosen = [c for c in sweep.cells if all(_same(recipe_value(c.recipe, k), v) for k, v in b.items())]
         if not chosen:
-            raise DfmError(f"{sweep.path}: baseline = {b} matches no cell; use the values of one of "
-                           f"{', '.join(repr(c.name) for c in sweep.cells)}")
+            raise DfmError(
+                f"{sweep.path}: baseline = {b} matches no cell; use the values of one of "
+                f"{', '.join(repr(c.name) for c in sweep.cells)}"
+            )
     else:
-        raise DfmError(f"{sweep.path}: baseline = {b!r}: give a cell name or a table such as {{\"flow.levels\" = 1}}")
+        raise DfmError(f'{sweep.path}: baseline = {b!r}: give a cell name or a table such as {{"flow.levels" = 1}}')
     out = {}
     for cell in sweep.cells:
         others = [k for k in sweep.swept if k not in keys]
-        out[cell.name] = max(chosen, key=lambda c: sum(
-            _same(recipe_value(c.recipe, k), recipe_value(cell.recipe, k)) for k in others))
+        out[cell.name] = max(
+            chosen, key=lambda c: sum(_same(recipe_value(c.recipe, k), recipe_value(cell.recipe, k)) for k in others)
+        )
     return out
 
 
@@ -329,4 +366,3 @@ def recipe_value(recipe: Recipe, key: str) -> Any:
 def _same(a: Any, b: Any) -> bool:
     """Equal, counting a scalar as the one-element list a recipe broadcasts it to."""
     return a == b or (isinstance(a, list) and not isinstance(b, list) and a == [b])
-

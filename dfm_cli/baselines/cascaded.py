@@ -31,12 +31,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from dfm_cli.baselines.pyramidal import GaussianStack, up
 from dfm_cli.errors import DfmError
+from dfm_cli.method.cond import Cond, where_dropped
 from dfm_cli.method.flow import Draws, FlowObjective, Velocity
 from dfm_cli.models.dit import DFMDiT, DiTSize, PatchEmbed, TimestepEmbedder
-from dfm_cli.baselines.pyramidal import GaussianStack, up
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
-from dfm_cli.method.cond import Cond, where_dropped
 
 SHARED = ("blocks.", "t_embedders.", "y_embedder.", "text_", "stage_embedder.", "null_text.")  # stage 1 -> 2
 
@@ -65,16 +65,26 @@ class CascadedDiT(nn.Module):
     level_rms = None
     unused_parameters = True  # one model idles in each phase (DDP must not wait for its gradients)
 
-    def __init__(self, size: DiTSize, level_sizes: Sequence[tuple[int, int]], channels: int, num_classes: int,
-                 pos: str = "rope", text_dims: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        size: DiTSize,
+        level_sizes: Sequence[tuple[int, int]],
+        channels: int,
+        num_classes: int,
+        pos: str = "rope",
+        text_dims: tuple[int, int, int] | None = None,
+    ) -> None:
         super().__init__()
         coarse, fine = (tuple(s) for s in level_sizes)
         factor = fine[-1] // coarse[-1]
         if size.patch % factor:
-            raise DfmError(f"flow.method = 'cascaded': stage 1 needs patch {size.patch} / {factor} to see as many "
-                           "tokens as stage 2; use a model whose patch the factor divides (e.g. DFM-B/4)")
-        self.stage1 = DFMDiT(replace(size, patch=size.patch // factor), [coarse], channels, num_classes, pos,
-                             text_dims=text_dims)
+            raise DfmError(
+                f"flow.method = 'cascaded': stage 1 needs patch {size.patch} / {factor} to see as many "
+                "tokens as stage 2; use a model whose patch the factor divides (e.g. DFM-B/4)"
+            )
+        self.stage1 = DFMDiT(
+            replace(size, patch=size.patch // factor), [coarse], channels, num_classes, pos, text_dims=text_dims
+        )
         self.stage2 = DFMDiT(size, [fine], channels, num_classes, pos, text_dims=text_dims)
         self.cond_embed = PatchEmbed(channels, (1, size.patch), size.hidden)
         self.aug_embedder = TimestepEmbedder(size.hidden)
@@ -101,8 +111,9 @@ class CascadedDiT(nn.Module):
         """What trains after the switch: stage 2 and its conditioning's embeddings."""
         return [*self.stage2.parameters(), *self.cond_embed.parameters(), *self.aug_embedder.parameters()]
 
-    def forward(self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: Cond,
-                stage: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor
+    ) -> list[torch.Tensor]:
         coarse, fine, cond = levels
         out = [torch.zeros_like(coarse), torch.zeros_like(fine)]
         zeros = torch.zeros_like(stage)
@@ -112,8 +123,14 @@ class CascadedDiT(nn.Module):
                 out[0] = out[0].index_put((rows,), self.stage1([coarse[rows]], t[rows, :1], y[rows], zeros[rows])[0])
                 continue
             extra = self.cond_embed(cond[rows][:, :, None])
-            v = self.stage2.network([fine[rows]], t[rows, 1:2], y[rows], zeros[rows], extra_tokens=extra,
-                                    extra_c=self.aug_embedder(t[rows, 2]))[0]
+            v = self.stage2.network(
+                [fine[rows]],
+                t[rows, 1:2],
+                y[rows],
+                zeros[rows],
+                extra_tokens=extra,
+                extra_c=self.aug_embedder(t[rows, 2]),
+            )[0]
             out[1] = out[1].index_put((rows,), v)
         return out
 
@@ -135,8 +152,14 @@ class CascadedObjective(FlowObjective):
         super().__init__(**kw)
         self.cascade, self.steps = cascade, steps
 
-    def draw(self, level_shapes: Sequence[Sequence[int]], sample_seeds: Sequence[int], batch_seed: int,
-             label_dropout: float = 0.0, step: int = 0) -> Draws:
+    def draw(
+        self,
+        level_shapes: Sequence[Sequence[int]],
+        sample_seeds: Sequence[int],
+        batch_seed: int,
+        label_dropout: float = 0.0,
+        step: int = 0,
+    ) -> Draws:
         stage = int(step >= self.cascade.split_step(self.steps))
         t, drop, noise = [], [], [[] for _ in range(3)]
         for seed in sample_seeds:
@@ -151,8 +174,9 @@ class CascadedObjective(FlowObjective):
         n = len(sample_seeds)
         return Draws(torch.full((n,), stage), torch.stack(t), torch.tensor(drop), [torch.stack(v) for v in noise])
 
-    def loss(self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws,
-             null: int | Cond | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
+    ) -> dict[str, torch.Tensor]:
         d = draws.to(x1[0].device)
         if null is not None:
             y = where_dropped(d.drop, null, y)
@@ -162,12 +186,19 @@ class CascadedObjective(FlowObjective):
         factor = fine.shape[-1] // coarse.shape[-1]
         cond = t[:, 2] * up(coarse, factor) + (1 - t[:, 2]) * d.noise[2]
         pred = velocity([*xt, cond], d.t, y, d.stage)
-        level_mse = torch.stack([((p.float() - (a - n).float()) ** 2).flatten(1).mean(1)
-                                 for p, a, n in zip(pred, x1, d.noise)], 1)
+        level_mse = torch.stack(
+            [((p.float() - (a - n).float()) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, d.noise)], 1
+        )
         active = torch.nn.functional.one_hot(d.stage, 2).bool()
         per_sample = (level_mse * active).sum(1)
-        return {"loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse,
-                "active": active, "stage": d.stage, "t": d.t[:, :2]}
+        return {
+            "loss": per_sample.mean(),
+            "per_sample": per_sample,
+            "level_mse": level_mse,
+            "active": active,
+            "stage": d.stage,
+            "t": d.t[:, :2],
+        }
 
 
 class CascadeStack(GaussianStack):
@@ -178,14 +209,30 @@ class CascadeStack(GaussianStack):
         super().__init__(pyramid)
         self.cascade = cascade
 
-    def generate(self, velocity: Velocity, y: Cond, model: CascadedDiT, steps: Sequence[int], seed: int,
-                 indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    def generate(
+        self,
+        velocity: Velocity,
+        y: Cond,
+        model: CascadedDiT,
+        steps: Sequence[int],
+        seed: int,
+        indices: Sequence[int],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, int]:
         return sample_cascaded(velocity, y, model, steps, self.cascade.cond_noise, seed, indices, device)
 
 
 @torch.no_grad()
-def sample_cascaded(velocity: Velocity, y: Cond, model: CascadedDiT, steps: Sequence[int], cond_noise: float,
-                    seed: int, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+def sample_cascaded(
+    velocity: Velocity,
+    y: Cond,
+    model: CascadedDiT,
+    steps: Sequence[int],
+    cond_noise: float,
+    seed: int,
+    indices: Sequence[int],
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
     """Stage 1 from noise in `steps[0]` Euler steps; with one stage asked, its image. Else stage 2
     from noise in `steps[1]` steps, given the upsampled stage-1 image at noise `cond_noise`.
     Sample j's noise comes from its own generator seeded by `(seed, j)`."""
@@ -202,12 +249,15 @@ def sample_cascaded(velocity: Velocity, y: Cond, model: CascadedDiT, steps: Sequ
         for i in range(n):
             t = torch.full((b, 3), i / n, device=device)
             t[:, 2] = 1 - cond_noise
-            v = velocity([coarse, fine, cond if cond is not None else fine], t, y,
-                         torch.full((b,), k, device=device, dtype=torch.long))[k]
+            v = velocity(
+                [coarse, fine, cond if cond is not None else fine],
+                t,
+                y,
+                torch.full((b,), k, device=device, dtype=torch.long),
+            )[k]
             if k == 0:
                 coarse = coarse + v / n
             else:
                 fine = fine + v / n
             nfe += 1
     return (coarse if len(steps) == 1 else fine), nfe
-

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfm_cli.method.decompose import TwoBandPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.cond import Cond, where_dropped
+from dfm_cli.method.decompose import TwoBandPyramid
 from dfm_cli.method.flow import Draws, FlowObjective, Velocity
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
-from dfm_cli.method.cond import Cond, where_dropped
 
 
 class GaussianStack:
@@ -68,11 +68,20 @@ class PyramidStages(GaussianStack):
         super().__init__(pyramid)
         self.schedule = PyramidalSchedule(tuple(pyramid.factors), gamma)
 
-    def generate(self, velocity: Velocity, y: Cond, model, steps: Sequence[int], seed: int,
-                 indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    def generate(
+        self,
+        velocity: Velocity,
+        y: Cond,
+        model,
+        steps: Sequence[int],
+        seed: int,
+        indices: Sequence[int],
+        device: torch.device,
+    ) -> tuple[torch.Tensor, int]:
         sizes = self.level_sizes(model.level_sizes[-1])
-        return sample_pyramidal(velocity, y, self.schedule, sizes[:len(steps)], model.channels, steps, seed, indices,
-                                device)
+        return sample_pyramidal(
+            velocity, y, self.schedule, sizes[: len(steps)], model.channels, steps, seed, indices, device
+        )
 
 
 @dataclass(frozen=True)
@@ -86,8 +95,10 @@ class PyramidalSchedule:
     def __post_init__(self) -> None:
         for f in self.factors:
             if not 0 < self.gamma <= 1 / (f * f - 1):
-                raise DfmError(f"flow.gamma = {self.gamma}: must be in (0, 1/(f^2 - 1)] = (0, {1 / (f * f - 1):.4g}] "
-                               f"for factor {f}, or the block noise has no valid covariance")
+                raise DfmError(
+                    f"flow.gamma = {self.gamma}: must be in (0, 1/(f^2 - 1)] = (0, {1 / (f * f - 1):.4g}] "
+                    f"for factor {f}, or the block noise has no valid covariance"
+                )
 
     @property
     def stages(self) -> int:
@@ -140,8 +151,9 @@ class PyramidalObjective(FlowObjective):
         super().__init__(**kw)
         self.schedule = schedule
 
-    def loss(self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws,
-             null: int | Cond | None = None) -> dict[str, torch.Tensor]:
+    def loss(
+        self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
+    ) -> dict[str, torch.Tensor]:
         d = draws.to(x1[0].device)
         if null is not None:
             y = where_dropped(d.drop, null, y)
@@ -151,22 +163,46 @@ class PyramidalObjective(FlowObjective):
             rows = d.stage == k
             tau, noise = d.t[rows, k], d.noise[k][rows]
             end = self.schedule.end(k) * x1[k][rows] + (1 - self.schedule.end(k)) * noise
-            start = noise if k == 0 else (self.schedule.start(k) * up(x1[k - 1][rows], self.schedule.factors[k - 1])
-                                          + (1 - self.schedule.start(k)) * noise)
+            start = (
+                noise
+                if k == 0
+                else (
+                    self.schedule.start(k) * up(x1[k - 1][rows], self.schedule.factors[k - 1])
+                    + (1 - self.schedule.start(k)) * noise
+                )
+            )
             t = tau.reshape(-1, 1, 1, 1)
-            pred = velocity([t * end + (1 - t) * start], self.schedule.model_time(k, tau)[:, None], y[rows],
-                            torch.zeros_like(tau, dtype=torch.long))[0]
+            pred = velocity(
+                [t * end + (1 - t) * start],
+                self.schedule.model_time(k, tau)[:, None],
+                y[rows],
+                torch.zeros_like(tau, dtype=torch.long),
+            )[0]
             level_mse[rows, k] = ((pred.float() - (end - start).float()) ** 2).flatten(1).mean(1)
         active = torch.nn.functional.one_hot(d.stage, s).bool()
         per_sample = level_mse.sum(1)
-        return {"loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse,
-                "active": active, "stage": d.stage, "t": d.t}
+        return {
+            "loss": per_sample.mean(),
+            "per_sample": per_sample,
+            "level_mse": level_mse,
+            "active": active,
+            "stage": d.stage,
+            "t": d.t,
+        }
 
 
 @torch.no_grad()
-def sample_pyramidal(velocity: Velocity, y: Cond, schedule: PyramidalSchedule, sizes: Sequence[tuple[int, ...]],
-                     channels: int, steps: Sequence[int], seed: int, indices: Sequence[int],
-                     device: torch.device) -> tuple[torch.Tensor, int]:
+def sample_pyramidal(
+    velocity: Velocity,
+    y: Cond,
+    schedule: PyramidalSchedule,
+    sizes: Sequence[tuple[int, ...]],
+    channels: int,
+    steps: Sequence[int],
+    seed: int,
+    indices: Sequence[int],
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
     """Generate stage by stage: Euler over each stage's tau in `steps[k]` steps, renoising at
     each jump. Sample j's noise (the first stage's, then each jump's) comes from its own
     generator seeded by `(seed, j)`. Returns the finest stage and the number of model calls."""
@@ -175,8 +211,9 @@ def sample_pyramidal(velocity: Velocity, y: Cond, schedule: PyramidalSchedule, s
     b, nfe = len(indices), 0
     for k in range(len(steps)):
         if k:
-            jump = torch.stack([block_noise((channels, *sizes[k]), schedule.factors[k - 1], schedule.gamma, g)
-                                for g in gens]).to(device)
+            jump = torch.stack(
+                [block_noise((channels, *sizes[k]), schedule.factors[k - 1], schedule.gamma, g) for g in gens]
+            ).to(device)
             x = renoise(x, k, schedule, jump)
         taus = torch.linspace(0, 1, steps[k] + 1)
         for i in range(steps[k]):

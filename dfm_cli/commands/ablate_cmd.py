@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -14,9 +14,19 @@ from dfm_cli.commands.common import app, console, user_errors
 @app.command()
 @user_errors
 def ablate(
-    sweep: Annotated[Path, typer.Argument(help="Sweep TOML: a base recipe and a [grid] and/or [[cell]] list, e.g. recipes/tiny/ablate.toml.")],
-    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default ablations/<sweep name>). Re-running resumes.")] = None,
-    dry_run: Annotated[bool, typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing.")] = False,
+    sweep: Annotated[
+        Path,
+        typer.Argument(
+            help="Sweep TOML: a base recipe and a [grid] and/or [[cell]] list, e.g. recipes/tiny/ablate.toml."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Sweep folder (default ablations/<sweep name>). Re-running resumes.")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing."),
+    ] = False,
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
     from dfm_cli.ablate.compute import plan
@@ -29,17 +39,30 @@ def ablate(
         return
     rows = plan(loaded)
     table = Table(title=f"{loaded.title}: {len(rows)} cells, {len(loaded.runs)} trained runs")
-    for name, justify in (("cell", "left"), ("run", "left"), ("train images", "right"),
-                          ("train FLOPs", "right"), ("est. time", "right")):
+    for name, justify in (
+        ("cell", "left"),
+        ("run", "left"),
+        ("train images", "right"),
+        ("train FLOPs", "right"),
+        ("est. time", "right"),
+    ):
         table.add_column(name, justify=justify)
     for row in rows:
         shared = f" (shared by {row['shared']} cells)" if row["shared"] > 1 else ""
-        table.add_row(row["cell"], row["run"] + shared, f"{row['train_images']:,}", f"{row['train_flops']:.3g}",
-                      _duration(row["seconds"]))
+        table.add_row(
+            row["cell"],
+            row["run"] + shared,
+            f"{row['train_images']:,}",
+            f"{row['train_flops']:.3g}",
+            _duration(row["seconds"]),
+        )
     console.print(table)
-    console.print(f"total: {_duration(sum(r['seconds'] for r in rows))} on this machine; "
-                  f"time estimates: {'; '.join(sorted({r['estimate'] for r in rows}))}; "
-                  "including ~5 s start-up per command; not including the metrics' feature extraction", markup=False)
+    console.print(
+        f"total: {_duration(sum(r['seconds'] for r in rows))} on this machine; "
+        f"time estimates: {'; '.join(sorted({r['estimate'] for r in rows}))}; "
+        "including ~5 s start-up per command; not including the metrics' feature extraction",
+        markup=False,
+    )
     for note in sorted({r["note"] for r in rows if r["note"]}):
         console.print(f"note: {note}", markup=False)
 

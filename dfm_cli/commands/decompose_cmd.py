@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,24 +14,38 @@ from dfm_cli.errors import DfmError
 @app.command()
 @user_errors
 def decompose(
-    path: Annotated[Optional[Path], typer.Argument(help="Image or video (GIF/MP4). Default: a photo shipped with scikit-learn.")] = None,
+    path: Annotated[
+        Path | None, typer.Argument(help="Image or video (GIF/MP4). Default: a photo shipped with scikit-learn.")
+    ] = None,
     levels: Annotated[int, typer.Option(help="Number of levels S.")] = 3,
     decomposition: Annotated[str, typer.Option(help="laplacian, dwt (Haar) or dct (block DCT).")] = "laplacian",
-    factors: Annotated[Optional[str], typer.Option(help="Spatial factor per transition, e.g. 2,2 (default 2 each).")] = None,
-    temporal_factors: Annotated[Optional[str], typer.Option(help="Video: frame factor per transition (default 1).")] = None,
+    factors: Annotated[
+        str | None, typer.Option(help="Spatial factor per transition, e.g. 2,2 (default 2 each).")
+    ] = None,
+    temporal_factors: Annotated[
+        str | None, typer.Option(help="Video: frame factor per transition (default 1).")
+    ] = None,
     antialias: Annotated[bool, typer.Option(help="Antialias when downsampling (laplacian).")] = False,
     crop: Annotated[bool, typer.Option(help="Centre-crop to a size the factors divide instead of failing.")] = False,
-    ae: Annotated[Optional[str], typer.Option(help="Also decompose the latent of this autoencoder (kl, cogvideox) and compare energies.")] = None,
-    ae_weights: Annotated[Optional[str], typer.Option(help="Local diffusers folder for --ae.")] = None,
+    ae: Annotated[
+        str | None,
+        typer.Option(help="Also decompose the latent of this autoencoder (kl, cogvideox) and compare energies."),
+    ] = None,
+    ae_weights: Annotated[str | None, typer.Option(help="Local diffusers folder for --ae.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("decomposed"),
 ) -> None:
     """Split an image or video into levels; write PNGs, levels.npz and the recomposition."""
+    from dfm_cli.media import default_photo, load_media
     from dfm_cli.method.decompose import build_decomposition
     from dfm_cli.method.level_report import analyse, crop_to_multiple, report_table, write_report
-    from dfm_cli.media import default_photo, load_media
 
-    split = build_decomposition(decomposition, levels, parse_list(factors, int, "--factors"),
-                                parse_list(temporal_factors, int, "--temporal-factors"), antialias)
+    split = build_decomposition(
+        decomposition,
+        levels,
+        parse_list(factors, int, "--factors"),
+        parse_list(temporal_factors, int, "--temporal-factors"),
+        antialias,
+    )
     coder = None
     if ae is not None:
         from dfm_cli.data.autoencoders import build_autoencoder
@@ -52,7 +66,9 @@ def decompose(
     written = write_report(report, out)
     console.print(report_table(report, f"{path} → {out}/"))
     if report.equivariance is not None:
-        console.print(f"scale equivariance of --ae {ae}: {report.equivariance:.3f} "
-                      "(1 = the latent's levels carry the image's energy split; paper §3.1, Table 5)")
+        console.print(
+            f"scale equivariance of --ae {ae}: {report.equivariance:.3f} "
+            "(1 = the latent's levels carry the image's energy split; paper §3.1, Table 5)"
+        )
     console.print(f"max recomposition error (float32): {report.error:.3e}")
     console.print(f"wrote {', '.join(p.name for p in written)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,55 +16,109 @@ from dfm_cli.errors import DfmError
 @app.command()
 @user_errors
 def encode(
-    source: Annotated[str, typer.Argument(help="Image folder (class subfolders), video folder (with --frames), or a built-in dataset: animal-mnist, photo-crops, sprites.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder (class subfolders), video folder (with --frames), or a built-in dataset: animal-mnist, photo-crops, sprites."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Store folder to write (re-running with the same settings resumes).")],
     ae: Annotated[str, typer.Option(help="Autoencoder: pixel, kl (SD-VAE/FLUX AE) or cogvideox.")] = "pixel",
-    ae_weights: Annotated[Optional[str], typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")] = None,
+    ae_weights: Annotated[
+        str | None, typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")
+    ] = None,
     resolution: Annotated[int, typer.Option(help="Pixel resolution after the ADM centre crop.")] = 256,
     frames: Annotated[int, typer.Option(help="Video: frames per clip (0 = images).")] = 0,
     stride: Annotated[int, typer.Option(help="Video: take every stride-th frame.")] = 1,
     fps: Annotated[float, typer.Option(help="Video: resample to this frame rate instead of --stride (0 = off).")] = 0.0,
-    labels: Annotated[Optional[Path], typer.Option(help="Labels file, 'relative/path,label' per line (instead of class subfolders).")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Labels file, 'relative/path,label' per line (instead of class subfolders).")
+    ] = None,
     flip: Annotated[bool, typer.Option(help="Also store horizontally flipped latents (augmentation).")] = False,
     shard_size: Annotated[int, typer.Option(help="Items per shard.")] = 1024,
-    strict: Annotated[bool, typer.Option(help="Fail (exit 1) on the first unreadable file instead of skipping it.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="Fail (exit 1) on the first unreadable file instead of skipping it.")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
     batch: Annotated[int, typer.Option(help="Encoder batch size.")] = 16,
     levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
-    factors: Annotated[Optional[str], typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
-    temporal_factors: Annotated[Optional[str], typer.Option(help="Video: temporal factors for the statistics.")] = None,
-    antialias: Annotated[bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")] = False,
-    num_clips: Annotated[int, typer.Option(help="Built-in data: how many items (animal-mnist: evenly spaced; 0 = the dataset's own count).")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Start over when --out holds a store made with other settings.")] = False,
-    captions: Annotated[Optional[Path], typer.Option(help="Captions for text conditioning: CSV 'path,caption' or JSONL {path, caption}, paths relative to SOURCE.")] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="Caption encoder: clip (open_clip), t5 (transformers folder) or clip+t5 (FLUX's pair).")] = None,
-    clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON of the CLIP text tower.")] = "ViT-L-14",
-    clip_weights: Annotated[Optional[Path], typer.Option(help="Local open_clip checkpoint for --text-encoder clip.")] = None,
-    t5_weights: Annotated[Optional[Path], typer.Option(help="Local transformers folder (T5 encoder + tokenizer) for --text-encoder t5.")] = None,
+    factors: Annotated[str | None, typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
+    temporal_factors: Annotated[str | None, typer.Option(help="Video: temporal factors for the statistics.")] = None,
+    antialias: Annotated[
+        bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")
+    ] = False,
+    num_clips: Annotated[
+        int,
+        typer.Option(help="Built-in data: how many items (animal-mnist: evenly spaced; 0 = the dataset's own count)."),
+    ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over when --out holds a store made with other settings.")
+    ] = False,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Captions for text conditioning: CSV 'path,caption' or JSONL {path, caption}, paths relative to SOURCE."
+        ),
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(help="Caption encoder: clip (open_clip), t5 (transformers folder) or clip+t5 (FLUX's pair)."),
+    ] = None,
+    clip_model: Annotated[
+        str, typer.Option(help="open_clip architecture name or config JSON of the CLIP text tower.")
+    ] = "ViT-L-14",
+    clip_weights: Annotated[
+        Path | None, typer.Option(help="Local open_clip checkpoint for --text-encoder clip.")
+    ] = None,
+    t5_weights: Annotated[
+        Path | None, typer.Option(help="Local transformers folder (T5 encoder + tokenizer) for --text-encoder t5.")
+    ] = None,
     text_tokens: Annotated[int, typer.Option(help="Caption tokens kept per item (CLIP reads at most 77).")] = 77,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli import distributed
+    from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
     from dfm_cli.data.sources import open_encode
     from dfm_cli.data.store import INDEX
-    from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
     from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings
 
-    listed = [parse_list(text, int, flag) for text, flag in ((factors, "--factors"),
-                                                              (temporal_factors, "--temporal-factors"))]
-    settings = EncodeSettings(source=source, out=out, ae=ae, ae_weights=ae_weights, resolution=resolution,
-                              frames=frames, stride=stride, fps=fps, labels=labels, num=num_clips, flip=flip,
-                              shard_size=shard_size, strict=strict, workers=workers, batch=batch, levels=levels,
-                              factors=None if listed[0] is None else tuple(listed[0]),
-                              temporal_factors=None if listed[1] is None else tuple(listed[1]),
-                              antialias=antialias, overwrite=overwrite, captions=captions,
-                              text=None if text_encoder is None else TextSettings(
-                                  text_encoder,
-                                  str(Path(clip_model).resolve()) if clip_model.endswith(".json") else clip_model,
-                                  str(clip_weights.resolve()) if clip_weights else "",
-                                  str(t5_weights.resolve()) if t5_weights else "", text_tokens))
+    listed = [
+        parse_list(text, int, flag) for text, flag in ((factors, "--factors"), (temporal_factors, "--temporal-factors"))
+    ]
+    settings = EncodeSettings(
+        source=source,
+        out=out,
+        ae=ae,
+        ae_weights=ae_weights,
+        resolution=resolution,
+        frames=frames,
+        stride=stride,
+        fps=fps,
+        labels=labels,
+        num=num_clips,
+        flip=flip,
+        shard_size=shard_size,
+        strict=strict,
+        workers=workers,
+        batch=batch,
+        levels=levels,
+        factors=None if listed[0] is None else tuple(listed[0]),
+        temporal_factors=None if listed[1] is None else tuple(listed[1]),
+        antialias=antialias,
+        overwrite=overwrite,
+        captions=captions,
+        text=None
+        if text_encoder is None
+        else TextSettings(
+            text_encoder,
+            str(Path(clip_model).resolve()) if clip_model.endswith(".json") else clip_model,
+            str(clip_weights.resolve()) if clip_weights else "",
+            str(t5_weights.resolve()) if t5_weights else "",
+            text_tokens,
+        ),
+    )
     ctx = distributed.init()
     try:
         data, coder = open_encode(settings, ctx.device)
@@ -76,8 +130,14 @@ def encode(
             captioner.check([str(path) for path, _ in data.files])
         plan = prepare_store(data, coder, settings, ctx)
         start, done = time.perf_counter(), [0]
-        progress = Progress(TextColumn("encode"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                            TimeRemainingColumn(), console=Console(stderr=True, quiet=not ctx.main))
+        progress = Progress(
+            TextColumn("encode"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True, quiet=not ctx.main),
+        )
 
         def advance(n: int) -> None:
             done[0] += n
@@ -91,8 +151,10 @@ def encode(
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
         if ctx.main:
-            console.print(f"wrote {index['num']} items of shape {tuple(index['shape'])} to {out} "
-                          f"({len(index['shards'])} shards, {out / INDEX}) in {time.perf_counter() - start:.1f} s")
+            console.print(
+                f"wrote {index['num']} items of shape {tuple(index['shape'])} to {out} "
+                f"({len(index['shards'])} shards, {out / INDEX}) in {time.perf_counter() - start:.1f} s"
+            )
             report = read_report(out)
             if report:
                 console.print(f"[yellow]skipped {len(report)} unreadable file(s), listed in {out / REPORT}:[/]")

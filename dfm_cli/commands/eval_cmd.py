@@ -4,51 +4,98 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dfm_cli.commands.common import app, console, user_errors
-from dfm_cli.sampling.runs import newest_run
 from dfm_cli.errors import DfmError, reading
+from dfm_cli.sampling.runs import newest_run
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    samples: Annotated[Optional[str], typer.Argument(help="Samples: an ADM .npz (arr_0), an image folder, a dataset name, or a run folder. Default: the newest run under runs/, scored on its own evaluation set against its training data.")] = None,
-    ref: Annotated[Optional[str], typer.Option(help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist. Default for a run: the data it was trained on.")] = None,
-    fid: Annotated[bool, typer.Option("--fid", help="FID (frame-FID for video), Inception via torch-fidelity.")] = False,
+    samples: Annotated[
+        str | None,
+        typer.Argument(
+            help="Samples: an ADM .npz (arr_0), an image folder, a dataset name, or a run folder. Default: the newest run under runs/, scored on its own evaluation set against its training data."
+        ),
+    ] = None,
+    ref: Annotated[
+        str | None,
+        typer.Option(
+            help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist. Default for a run: the data it was trained on."
+        ),
+    ] = None,
+    fid: Annotated[
+        bool, typer.Option("--fid", help="FID (frame-FID for video), Inception via torch-fidelity.")
+    ] = False,
     kid: Annotated[bool, typer.Option("--kid", help="KID via torch-fidelity.")] = False,
     isc: Annotated[bool, typer.Option("--isc", help="Inception Score (needs weights with logits).")] = False,
     fdd: Annotated[bool, typer.Option("--fdd", help="Fréchet DINOv2 distance.")] = False,
     swd: Annotated[bool, typer.Option("--swd", help="Multi-scale sliced Wasserstein distance (no weights).")] = False,
     clip: Annotated[bool, typer.Option("--clip", help="CLIP score against --captions.")] = False,
     fvd: Annotated[bool, typer.Option("--fvd", help="Fréchet video distance (I3D).")] = False,
-    pr: Annotated[bool, typer.Option("--pr", help="Improved precision and recall (k = 3, Inception pool features, as ADM's evaluator).")] = False,
-    num: Annotated[Optional[int], typer.Option("--num", help="Scoring a run: samples in its evaluation set (default 1000 on the CPU, 10000 on CUDA).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
-    stats_out: Annotated[Optional[Path], typer.Option(help="Save SAMPLES' statistics (mu, sigma; ADM layout) and exit.")] = None,
-    max_fid: Annotated[Optional[float], typer.Option(help="Exit 1 if FID is above this (needs --fid).")] = None,
-    max_kid: Annotated[Optional[float], typer.Option(help="Exit 1 if KID is above this (needs --kid).")] = None,
-    max_fdd: Annotated[Optional[float], typer.Option(help="Exit 1 if FDD is above this (needs --fdd).")] = None,
-    max_swd: Annotated[Optional[float], typer.Option(help="Exit 1 if SWD is above this (needs --swd).")] = None,
-    max_fvd: Annotated[Optional[float], typer.Option(help="Exit 1 if FVD is above this (needs --fvd).")] = None,
-    min_isc: Annotated[Optional[float], typer.Option(help="Exit 1 if IS is below this (needs --isc).")] = None,
-    min_clip: Annotated[Optional[float], typer.Option(help="Exit 1 if the CLIP score is below this (needs --clip).")] = None,
-    min_precision: Annotated[Optional[float], typer.Option(help="Exit 1 if precision is below this (needs --pr).")] = None,
-    min_recall: Annotated[Optional[float], typer.Option(help="Exit 1 if recall is below this (needs --pr).")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="Inception weights (torch-fidelity format; read as tensors only).")] = None,
-    dinov2_weights: Annotated[Optional[Path], typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")] = None,
+    pr: Annotated[
+        bool,
+        typer.Option(
+            "--pr", help="Improved precision and recall (k = 3, Inception pool features, as ADM's evaluator)."
+        ),
+    ] = False,
+    num: Annotated[
+        int | None,
+        typer.Option(
+            "--num", help="Scoring a run: samples in its evaluation set (default 1000 on the CPU, 10000 on CUDA)."
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
+    stats_out: Annotated[
+        Path | None, typer.Option(help="Save SAMPLES' statistics (mu, sigma; ADM layout) and exit.")
+    ] = None,
+    max_fid: Annotated[float | None, typer.Option(help="Exit 1 if FID is above this (needs --fid).")] = None,
+    max_kid: Annotated[float | None, typer.Option(help="Exit 1 if KID is above this (needs --kid).")] = None,
+    max_fdd: Annotated[float | None, typer.Option(help="Exit 1 if FDD is above this (needs --fdd).")] = None,
+    max_swd: Annotated[float | None, typer.Option(help="Exit 1 if SWD is above this (needs --swd).")] = None,
+    max_fvd: Annotated[float | None, typer.Option(help="Exit 1 if FVD is above this (needs --fvd).")] = None,
+    min_isc: Annotated[float | None, typer.Option(help="Exit 1 if IS is below this (needs --isc).")] = None,
+    min_clip: Annotated[
+        float | None, typer.Option(help="Exit 1 if the CLIP score is below this (needs --clip).")
+    ] = None,
+    min_precision: Annotated[float | None, typer.Option(help="Exit 1 if precision is below this (needs --pr).")] = None,
+    min_recall: Annotated[float | None, typer.Option(help="Exit 1 if recall is below this (needs --pr).")] = None,
+    inception_weights: Annotated[
+        Path | None, typer.Option(help="Inception weights (torch-fidelity format; read as tensors only).")
+    ] = None,
+    dinov2_weights: Annotated[
+        Path | None, typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")
+    ] = None,
     clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON.")] = "ViT-L-14",
-    clip_weights: Annotated[Optional[Path], typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
-    captions: Annotated[Optional[Path], typer.Option(help="Text file for --clip: one caption per sample, or the prompts given to `dfm sample --prompts` (sample i has prompt i mod P).")] = None,
-    i3d_weights: Annotated[Optional[Path], typer.Option(help="i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file you trust; dfm never looks one up itself.")] = None,
+    clip_weights: Annotated[Path | None, typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Text file for --clip: one caption per sample, or the prompts given to `dfm sample --prompts` (sample i has prompt i mod P)."
+        ),
+    ] = None,
+    i3d_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file you trust; dfm never looks one up itself."
+        ),
+    ] = None,
     swd_levels: Annotated[int, typer.Option(help="Pyramid levels for --swd.")] = 3,
-    batch: Annotated[int, typer.Option(help="Feature-extraction batch size (results do not depend on it); also the sampling batch for a run.")] = 50,
-    fid_extractor: Annotated[str, typer.Option(help="torch-fidelity feature extractor for FID/KID.")] = "inception-v3-compat",
+    batch: Annotated[
+        int,
+        typer.Option(
+            help="Feature-extraction batch size (results do not depend on it); also the sampling batch for a run."
+        ),
+    ] = 50,
+    fid_extractor: Annotated[
+        str, typer.Option(help="torch-fidelity feature extractor for FID/KID.")
+    ] = "inception-v3-compat",
 ) -> None:
     """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
 
@@ -59,20 +106,50 @@ def eval_(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dfm_cli.data.checkpoints import resolve_checkpoint
-    from dfm_cli.evaluation.evaluate import (Request, default_eval_num, evaluate, load_source, reference_statistics,
-                                  run_reference)
-    from dfm_cli.sampling.sample_set import run_sample_set
-    from dfm_cli.methods.factory import pick_device
+    from dfm_cli.evaluation.evaluate import (
+        Request,
+        default_eval_num,
+        evaluate,
+        load_source,
+        reference_statistics,
+        run_reference,
+    )
     from dfm_cli.evaluation.gates import check_gates, check_thresholds
     from dfm_cli.evaluation.metrics import save_statistics
+    from dfm_cli.methods.factory import pick_device
+    from dfm_cli.sampling.sample_set import run_sample_set
 
-    req = Request(fid=fid, kid=kid, isc=isc, fdd=fdd, swd=swd, clip=clip, fvd=fvd, pr=pr,
-                  inception_weights=inception_weights, dinov2_weights=dinov2_weights, clip_model=clip_model,
-                  clip_weights=clip_weights, captions=captions, i3d_weights=i3d_weights, swd_levels=swd_levels,
-                  batch=batch, device=pick_device(), fid_extractor=fid_extractor)
-    limits = {"--max-fid": max_fid, "--max-kid": max_kid, "--max-fdd": max_fdd, "--max-swd": max_swd,
-              "--max-fvd": max_fvd, "--min-isc": min_isc, "--min-clip": min_clip,
-              "--min-precision": min_precision, "--min-recall": min_recall}
+    req = Request(
+        fid=fid,
+        kid=kid,
+        isc=isc,
+        fdd=fdd,
+        swd=swd,
+        clip=clip,
+        fvd=fvd,
+        pr=pr,
+        inception_weights=inception_weights,
+        dinov2_weights=dinov2_weights,
+        clip_model=clip_model,
+        clip_weights=clip_weights,
+        captions=captions,
+        i3d_weights=i3d_weights,
+        swd_levels=swd_levels,
+        batch=batch,
+        device=pick_device(),
+        fid_extractor=fid_extractor,
+    )
+    limits = {
+        "--max-fid": max_fid,
+        "--max-kid": max_kid,
+        "--max-fdd": max_fdd,
+        "--max-swd": max_swd,
+        "--max-fvd": max_fvd,
+        "--min-isc": min_isc,
+        "--min-clip": min_clip,
+        "--min-precision": min_precision,
+        "--min-recall": min_recall,
+    }
     check_gates(req, limits)  # before any work: a gate that cannot fail is an error
     for flag, value in (("--batch", batch), ("--swd-levels", swd_levels), ("--num", num)):
         if value is not None and value < 1:
@@ -86,8 +163,14 @@ def eval_(
             raise DfmError(f"{flag} {path} is a folder; name a file")
     start = time.perf_counter()
     err = Console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=err, transient=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
     run_reference_source = None
     if samples is None or (Path(samples).is_dir() and (Path(samples) / "checkpoints").is_dir()):
         run = newest_run() if samples is None else Path(samples)
@@ -98,9 +181,12 @@ def eval_(
         if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
             limit = 0 if req.device.type == "cuda" else default_eval_num(req.device)
             run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run, limit)
-        err.print(f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
-                  f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
-                  f"--num {max(10_000, 5 * num)}", soft_wrap=True)
+        err.print(
+            f"scoring {run}{' (the newest run under runs/)' if samples is None else ''}, checkpoint "
+            f"{checkpoint.name}, on {num} samples; for a tighter estimate ask for more with --num, e.g. "
+            f"--num {max(10_000, 5 * num)}",
+            soft_wrap=True,
+        )
         with progress:
             task = progress.add_task("sample", total=num)
             samples = str(run_sample_set(checkpoint, num, batch, lambda n: progress.advance(task, n)))
@@ -138,8 +224,11 @@ def eval_(
     console.print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps({"samples": samples, "ref": ref, "metrics": results, "warnings": warnings,
-                                        "failed": failed}, indent=1))
+        json_out.write_text(
+            json.dumps(
+                {"samples": samples, "ref": ref, "metrics": results, "warnings": warnings, "failed": failed}, indent=1
+            )
+        )
     if failed:
         typer.echo("threshold failed: " + "; ".join(failed), err=True)
         raise typer.Exit(1)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,24 +21,50 @@ GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by model.video
 @app.command()
 @user_errors
 def sample(
-    run: Annotated[Optional[Path], typer.Argument(help="Run folder or checkpoint folder (default: the newest run under runs/).")] = None,
-    stages: Annotated[Optional[int], typer.Option(help="Stages to generate (default: all levels).")] = None,
-    tau: Annotated[Optional[str], typer.Option(help="Stage threshold(s), e.g. 0.8 or 0.7,0.9.")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Euler steps per stage, e.g. 30,10.")] = None,
-    cfg: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale.")] = None,
-    interval: Annotated[Optional[str], typer.Option(help="Guidance interval in t, e.g. 0.1,0.9.")] = None,
-    solver: Annotated[Optional[str], typer.Option(help="euler or heun.")] = None,
-    class_: Annotated[Optional[int], typer.Option("--class", help="Class index for every sample (default: balanced).")] = None,
+    run: Annotated[
+        Path | None, typer.Argument(help="Run folder or checkpoint folder (default: the newest run under runs/).")
+    ] = None,
+    stages: Annotated[int | None, typer.Option(help="Stages to generate (default: all levels).")] = None,
+    tau: Annotated[str | None, typer.Option(help="Stage threshold(s), e.g. 0.8 or 0.7,0.9.")] = None,
+    steps: Annotated[str | None, typer.Option(help="Euler steps per stage, e.g. 30,10.")] = None,
+    cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    interval: Annotated[str | None, typer.Option(help="Guidance interval in t, e.g. 0.1,0.9.")] = None,
+    solver: Annotated[str | None, typer.Option(help="euler or heun.")] = None,
+    class_: Annotated[
+        int | None, typer.Option("--class", help="Class index for every sample (default: balanced).")
+    ] = None,
     n: Annotated[int, typer.Option(help="Number of samples in the grid.")] = 64,
-    num: Annotated[Optional[int], typer.Option("--num", "--num-samples", help="Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. Under torchrun write --num-samples (torchrun's parser takes --num for its own --numa-binding).")] = None,
+    num: Annotated[
+        int | None,
+        typer.Option(
+            "--num",
+            "--num-samples",
+            help="Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. Under torchrun write --num-samples (torchrun's parser takes --num for its own --numa-binding).",
+        ),
+    ] = None,
     batch: Annotated[int, typer.Option(help="Batch size per process for --num.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or a PNG folder.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or a PNG folder."
+        ),
+    ] = None,
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
-    overwrite: Annotated[bool, typer.Option(help="With --num: start the set over when --out holds one made with other settings.")] = False,
-    prompt: Annotated[Optional[list[str]], typer.Option(help="Text-conditioned run: the prompt (repeat the flag for several; samples cycle through them).")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="Text-conditioned run: a file of prompts, one per line; sample i gets prompt i mod P.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="With --num: start the set over when --out holds one made with other settings.")
+    ] = False,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Text-conditioned run: the prompt (repeat the flag for several; samples cycle through them)."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(help="Text-conditioned run: a file of prompts, one per line; sample i gets prompt i mod P."),
+    ] = None,
 ) -> None:
     """Generate progressively (level 1 first, finer levels joining at tau): a grid, or with --num an eval set."""
     for flag, value in (("--n", n), ("--batch", batch), ("--num", num)):
@@ -52,38 +78,52 @@ def sample(
     if out is not None:
         check_out(out, num is not None)
 
-    from dfm_cli.sampling.runs import load_for_sampling, newest_run
-    from dfm_cli.method.sampler import SamplerSettings
     from dfm_cli.data.text_encoders import Prompts, read_prompts
+    from dfm_cli.method.sampler import SamplerSettings
+    from dfm_cli.sampling.runs import load_for_sampling, newest_run
 
     if run is None:
         run = newest_run()
         console.print(f"sampling the newest run under runs/: {run}")
     trained = load_for_sampling(run, ema=ema)
     model, info = trained.model, trained.info
-    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels, stages=stages, steps=step_list, tau=tau_list,
-                                       cfg=cfg, interval=interval_list, solver=solver)
+    settings = SamplerSettings.resolve(
+        trained.recipe,
+        trained.recipe.flow.levels,
+        stages=stages,
+        steps=step_list,
+        tau=tau_list,
+        cfg=cfg,
+        interval=interval_list,
+        solver=solver,
+    )
     texts = read_prompts(prompts) if prompts is not None else list(prompt or [])
     if prompts is not None and prompt:
         raise DfmError("give --prompt or --prompts, not both")
     if info.text is None and texts:
-        raise DfmError(f"{run} is class-conditional (no captions in its data); use --class, or train on a store "
-                       "encoded with `dfm encode ... --captions FILE --text-encoder clip`")
+        raise DfmError(
+            f"{run} is class-conditional (no captions in its data); use --class, or train on a store "
+            "encoded with `dfm encode ... --captions FILE --text-encoder clip`"
+        )
     if info.text is not None and not texts:
-        raise DfmError(f"{run} is text-conditioned: pass --prompt \"a photo of ...\" or --prompts FILE")
+        raise DfmError(f'{run} is text-conditioned: pass --prompt "a photo of ..." or --prompts FILE')
     if info.text is not None and class_ is not None:
         raise DfmError(f"--class: {run} is text-conditioned; pass --prompt instead")
     encoded = Prompts.encode(texts, info.text, next(model.parameters()).device) if texts else None
     num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
-        raise DfmError(f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})")
+        raise DfmError(
+            f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})"
+        )
     if num is not None:
         write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite, encoded)
     else:
         out = out or Path("grid.gif" if model.video else "grid.png")
         if out.suffix.lower() not in GRID_SUFFIXES[model.video]:
-            raise DfmError(f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
-                           f"{' or '.join(GRID_SUFFIXES[model.video])}")
+            raise DfmError(
+                f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
+                f"{' or '.join(GRID_SUFFIXES[model.video])}"
+            )
         write_grid(trained, settings, out, n, class_, seed, previews, encoded)
 
 
@@ -95,8 +135,10 @@ def check_out(out: Path, for_set: bool) -> None:
         raise DfmError(f"--out {out}: a grid is written as .png (images) or .gif/.mp4 (video)")
     wants_folder = for_set and not out.suffix
     if out.exists() and out.is_dir() != wants_folder:
-        raise DfmError(f"--out {out}: is a {'folder' if out.is_dir() else 'file'}, "
-                       f"but a {'folder' if wants_folder else 'file'} is needed")
+        raise DfmError(
+            f"--out {out}: is a {'folder' if out.is_dir() else 'file'}, "
+            f"but a {'folder' if wants_folder else 'file'} is needed"
+        )
     parent = out if out.is_dir() else out.parent
     while not parent.exists():
         parent = parent.parent
@@ -108,15 +150,16 @@ def check_out(out: Path, for_set: bool) -> None:
         raise DfmError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
 
 
-def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool,
-               prompts=None) -> None:
+def write_grid(
+    trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool, prompts=None
+) -> None:
     """`dfm sample`: one grid (one class, or one prompt, per column by default), plus a preview per stage."""
     import torch
 
     from dfm_cli.data.autoencoders import from_config
-    from dfm_cli.methods.factory import build_pyramid
     from dfm_cli.media import save_samples
     from dfm_cli.method.sampler import class_balanced_labels, generate, sampled_classes
+    from dfm_cli.methods.factory import build_pyramid
 
     model, info = trained.model, trained.info
     classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
@@ -124,16 +167,24 @@ def write_grid(trained, settings, out: Path, n: int, class_: int | None, seed: i
     decode = from_config(info.autoencoder, next(model.parameters()).device).decode
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
-    result = generate(model, labels if prompts is None else prompts.condition(labels), build_pyramid(trained.recipe, info.level_stats), settings,
-                      seed=seed, previews=previews)
+    result = generate(
+        model,
+        labels if prompts is None else prompts.condition(labels),
+        build_pyramid(trained.recipe, info.level_stats),
+        settings,
+        seed=seed,
+        previews=previews,
+    )
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
     save_samples(decode(result.x), out, nrow=nrow)
     written = [out]
     for k, preview in enumerate(result.previews, 1):
         written.append(save_samples(decode(preview), out.with_name(f"{out.stem}_stage{k}{out.suffix}"), nrow=nrow))
-    console.print(f"NFE {result.nfe} ({result.guided_nfe} with CFG, batch x2) for {n} samples "
-                  f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}")
+    console.print(
+        f"NFE {result.nfe} ({result.guided_nfe} with CFG, batch x2) for {n} samples "
+        f"in {elapsed:.2f} s; wrote {', '.join(map(str, written))}"
+    )
 
 
 def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, overwrite: bool, prompts=None) -> None:
@@ -149,18 +200,35 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
         start = time.perf_counter()
         total = -(-num // ctx.world)
         if sys.stderr.isatty():
-            progress = Progress(TextColumn("sample"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True, quiet=not ctx.main))
+            progress = Progress(
+                TextColumn("sample"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True, quiet=not ctx.main),
+            )
             task = progress.add_task("sample", total=total)
             advance = lambda k: progress.advance(task, k)  # noqa: E731
         else:
             progress, advance = None, PlainProgress(total, quiet=not ctx.main)
         with progress or nullcontext():
-            write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=seed, ctx=ctx,
-                                 overwrite=overwrite, on_batch=advance, prompts=prompts)
+            write_run_sample_set(
+                trained,
+                settings,
+                out,
+                num=num,
+                batch=batch,
+                seed=seed,
+                ctx=ctx,
+                overwrite=overwrite,
+                on_batch=advance,
+                prompts=prompts,
+            )
         if ctx.main:
-            console.print(f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
-                          f"({ctx.world} process{'es' if ctx.world > 1 else ''})")
+            console.print(
+                f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "
+                f"({ctx.world} process{'es' if ctx.world > 1 else ''})"
+            )
     finally:
         distributed.shutdown(ctx)
 
@@ -181,5 +249,8 @@ class PlainProgress:
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
         left = f", about {(self.total - self.done) / rate:.0f} s left" if 0 < self.done < self.total else ""
-        print(f"sample {self.done}/{self.total} ({self.done / self.total:.0%}) "
-              f"after {now - self.start:.0f} s{left}", file=sys.stderr, flush=True)
+        print(
+            f"sample {self.done}/{self.total} ({self.done / self.total:.0%}) after {now - self.start:.0f} s{left}",
+            file=sys.stderr,
+            flush=True,
+        )

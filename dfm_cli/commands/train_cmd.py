@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,8 +16,15 @@ from dfm_cli.commands.common import app, console, user_errors
 def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/quickstart.toml.")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.steps=200 (repeatable).")] = [],  # noqa: B006
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<recipe name>). Re-running resumes.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from this single-level (FM) run or checkpoint: its layers become the finest level's, new levels start at zero (same as --set train.init_from=PATH).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run folder (default runs/<recipe name>). Re-running resumes.")
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this single-level (FM) run or checkpoint: its layers become the finest level's, new levels start at zero (same as --set train.init_from=PATH)."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
@@ -32,8 +39,10 @@ def train(
         from dfm_cli.training.autoencoder import EXPORT, train_autoencoder
 
         report = train_autoencoder(resolved, run_dir, console)
-        console.print(f"reconstruction PSNR {report['psnr']:.2f} dB, scale equivariance {report['equivariance']:.3f}, "
-                      f"latents {tuple(report['latent_shape'])}")
+        console.print(
+            f"reconstruction PSNR {report['psnr']:.2f} dB, scale equivariance {report['equivariance']:.3f}, "
+            f"latents {tuple(report['latent_shape'])}"
+        )
         console.print(f"run folder: {run_dir}  (autoencoder for --ae kl --ae-weights: {run_dir / EXPORT})")
         return
     from dfm_cli.training.loop import train as run_training
@@ -43,7 +52,8 @@ def train(
         return
     if last:
         levels = ", ".join(f"{v:.4f}" if v is not None else "-" for v in last["loss_level"])
-        console.print(f"step {last['step']}: loss {last['loss']:.4f} (per level {levels}), "
-                      f"{last['images_per_s']:.0f} images/s")
+        console.print(
+            f"step {last['step']}: loss {last['loss']:.4f} (per level {levels}), {last['images_per_s']:.0f} images/s"
+        )
     grids = sorted((run_dir / "samples").glob("grid.*"))
     console.print(f"run folder: {run_dir}" + (f"  (grid: {grids[0]})" if grids else ""))

@@ -42,26 +42,46 @@ def batch_bytes(data: DataSection, batch_size: int) -> int:
 def _check_ranges(recipe: Recipe, fail) -> None:
     """Every key's own range, so a mistake stops at `--dry-run`, not in the middle of a run."""
     f, s, m, d, t = recipe.flow, recipe.sample, recipe.model, recipe.data, recipe.train
-    positive = (("train.steps", t.steps), ("train.batch_size", t.batch_size), ("data.resolution", d.resolution),
-                ("train.log_every", t.log_every), ("train.checkpoint_every", t.checkpoint_every),
-                ("train.keep_checkpoints", t.keep_checkpoints), ("train.eval_num", t.eval_num),
-                ("model.temporal_patch", m.temporal_patch), ("sample.n", s.n))
+    positive = (
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("data.resolution", d.resolution),
+        ("train.log_every", t.log_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.eval_num", t.eval_num),
+        ("model.temporal_patch", m.temporal_patch),
+        ("sample.n", s.n),
+    )
     for key, value in positive:
         if value < 1:
             fail(key, value, "must be at least 1")
-    non_negative = (("train.batch_per_gpu", t.batch_per_gpu), ("train.milestone_every", t.milestone_every),
-                    ("train.max_nonfinite_steps", t.max_nonfinite_steps), ("train.preview_every", t.preview_every),
-                    ("train.peak_tflops", t.peak_tflops), ("train.warmup_steps", t.warmup_steps),
-                    ("train.weight_decay", t.weight_decay), ("train.eval_every", t.eval_every),
-                    ("train.eval_reference_num", t.eval_reference_num),
-                    ("train.per_level_only_steps", t.per_level_only_steps),
-                    ("train.seed", t.seed), ("data.frames", d.frames), ("data.num_workers", d.num_workers),
-                    ("sample.cfg", s.cfg))
+    non_negative = (
+        ("train.batch_per_gpu", t.batch_per_gpu),
+        ("train.milestone_every", t.milestone_every),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+        ("train.preview_every", t.preview_every),
+        ("train.peak_tflops", t.peak_tflops),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.weight_decay", t.weight_decay),
+        ("train.eval_every", t.eval_every),
+        ("train.eval_reference_num", t.eval_reference_num),
+        ("train.per_level_only_steps", t.per_level_only_steps),
+        ("train.seed", t.seed),
+        ("data.frames", d.frames),
+        ("data.num_workers", d.num_workers),
+        ("sample.cfg", s.cfg),
+    )
     for key, value in non_negative:
         if not value >= 0:  # also catches NaN
             fail(key, value, "must be 0 or more")
-    for key, value in (("train.lr", t.lr), ("train.eps", t.eps), ("train.grad_clip", t.grad_clip),
-                       ("flow.t_scale", f.t_scale), ("flow.prev_t_scale", f.prev_t_scale)):
+    for key, value in (
+        ("train.lr", t.lr),
+        ("train.eps", t.eps),
+        ("train.grad_clip", t.grad_clip),
+        ("flow.t_scale", f.t_scale),
+        ("flow.prev_t_scale", f.prev_t_scale),
+    ):
         if not (value > 0 and math.isfinite(value)):
             fail(key, value, "must be a number above 0")
     for key, value in (("flow.t_loc", f.t_loc), ("flow.prev_t_loc", f.prev_t_loc)):
@@ -76,14 +96,24 @@ def _check_ranges(recipe: Recipe, fail) -> None:
     if m.kind not in MODEL_KINDS:
         fail("model.kind", m.kind, f"choose one of {', '.join(MODEL_KINDS)}{suggest(m.kind, MODEL_KINDS)}")
     if m.specialize not in SPECIALIZE:
-        fail("model.specialize", m.specialize, f"choose one of {', '.join(SPECIALIZE)}{suggest(m.specialize, SPECIALIZE)}")
+        fail(
+            "model.specialize",
+            m.specialize,
+            f"choose one of {', '.join(SPECIALIZE)}{suggest(m.specialize, SPECIALIZE)}",
+        )
     if not t.eval_metrics or any(x not in EVAL_METRICS for x in t.eval_metrics):
         fail("train.eval_metrics", t.eval_metrics, f"choose one or more of {', '.join(EVAL_METRICS)}")
     if f.decomposition not in DECOMPOSITION_NAMES:
-        fail("flow.decomposition", f.decomposition,
-             f"choose one of {', '.join(DECOMPOSITION_NAMES)}{suggest(f.decomposition, DECOMPOSITION_NAMES)}")
-    for key, values in (("flow.factors", f.factors), ("flow.temporal_factors", f.temporal_factors),
-                        ("sample.steps", s.steps)):
+        fail(
+            "flow.decomposition",
+            f.decomposition,
+            f"choose one of {', '.join(DECOMPOSITION_NAMES)}{suggest(f.decomposition, DECOMPOSITION_NAMES)}",
+        )
+    for key, values in (
+        ("flow.factors", f.factors),
+        ("flow.temporal_factors", f.temporal_factors),
+        ("sample.steps", s.steps),
+    ):
         if any(v < 1 for v in values):
             fail(key, values, "every entry must be at least 1")
     if any(not w >= 0 for w in f.level_weights):
@@ -95,10 +125,13 @@ def _check_ranges(recipe: Recipe, fail) -> None:
         fail("sample.guidance_interval", lo_hi, "needs [low, high] with 0 <= low <= high <= 1")
     need = batch_bytes(d, t.batch_size)
     if need > BATCH_MEMORY_LIMIT:
-        fail("data.resolution", d.resolution,
-             f"one batch of {t.batch_size} images at {d.resolution} px is {need / 2**30:,.0f} GiB as float32 "
-             f"(batch x 3 x {'frames x ' if d.frames else ''}{d.resolution}^2 x 4 B), over the "
-             f"{BATCH_MEMORY_LIMIT // 2**30} GiB limit; lower data.resolution or train.batch_size")
+        fail(
+            "data.resolution",
+            d.resolution,
+            f"one batch of {t.batch_size} images at {d.resolution} px is {need / 2**30:,.0f} GiB as float32 "
+            f"(batch x 3 x {'frames x ' if d.frames else ''}{d.resolution}^2 x 4 B), over the "
+            f"{BATCH_MEMORY_LIMIT // 2**30} GiB limit; lower data.resolution or train.batch_size",
+        )
 
 
 def _check_autoencoder(recipe: Recipe, fail) -> None:
@@ -106,21 +139,34 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
     a, d = recipe.ae, recipe.data
     if not a.block_out_channels or any(c < 1 for c in a.block_out_channels):
         fail("ae.block_out_channels", a.block_out_channels, "needs one positive width per block, e.g. [32, 64, 64]")
-    for key, value in (("ae.layers_per_block", a.layers_per_block), ("ae.latent_channels", a.latent_channels),
-                       ("ae.stats_num", a.stats_num)):
+    for key, value in (
+        ("ae.layers_per_block", a.layers_per_block),
+        ("ae.latent_channels", a.latent_channels),
+        ("ae.stats_num", a.stats_num),
+    ):
         if value < 1:
             fail(key, value, "must be at least 1")
-    for key, value in (("ae.kl_weight", a.kl_weight), ("ae.pyramid_weight", a.pyramid_weight),
-                       ("ae.se_weight", a.se_weight)):
+    for key, value in (
+        ("ae.kl_weight", a.kl_weight),
+        ("ae.pyramid_weight", a.pyramid_weight),
+        ("ae.se_weight", a.se_weight),
+    ):
         if not (value >= 0 and math.isfinite(value)):
             fail(key, value, "must be 0 or more")
     factor = 2 ** (len(a.block_out_channels) - 1)
     if d.resolution % factor:
-        fail("data.resolution", d.resolution, f"must be divisible by the autoencoder's factor {factor} "
-             f"(2^(len(ae.block_out_channels) - 1))")
+        fail(
+            "data.resolution",
+            d.resolution,
+            f"must be divisible by the autoencoder's factor {factor} (2^(len(ae.block_out_channels) - 1))",
+        )
     if not a.se_factors or any(f < 2 or (d.resolution // factor) % f for f in a.se_factors):
-        fail("ae.se_factors", a.se_factors, f"each factor must be at least 2 and divide the latent size "
-             f"{d.resolution // factor} (data.resolution / {factor})")
+        fail(
+            "ae.se_factors",
+            a.se_factors,
+            f"each factor must be at least 2 and divide the latent size "
+            f"{d.resolution // factor} (data.resolution / {factor})",
+        )
     if d.name in ("store", "sprites") or d.frames:
         fail("data.name", d.name, "an autoencoder trains on images: use animal-mnist, photo-crops or a folder")
 
@@ -134,8 +180,11 @@ def _check_method(recipe: Recipe, fail) -> None:
     if f.method == "dfm":
         return
     if recipe.train.init_from:
-        fail("train.init_from", recipe.train.init_from, f"starting from a trained model is for flow.method = 'dfm'; "
-             f"a '{f.method}' run trains from scratch")
+        fail(
+            "train.init_from",
+            recipe.train.init_from,
+            f"starting from a trained model is for flow.method = 'dfm'; a '{f.method}' run trains from scratch",
+        )
     if f.method == "pyramidal" and f.levels < 2:
         fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
     if f.method == "cascaded":
@@ -147,27 +196,52 @@ def _check_method(recipe: Recipe, fail) -> None:
             fail("flow.cascade_aug", f.cascade_aug, "needs [loc, scale] with scale > 0")
         if not 0 <= recipe.sample.cond_noise < 1:
             fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
-    for key, value, default in (("flow.standardize", f.standardize, False), ("flow.precondition", f.precondition, False),
-                                ("flow.upsample_coarse", f.upsample_coarse, False), ("model.kind", m.kind, "dfm"),
-                                ("model.specialize", m.specialize, "none"),
-                                ("flow.decomposition", f.decomposition, "laplacian"), ("data.frames", recipe.data.frames, 0)):
+    for key, value, default in (
+        ("flow.standardize", f.standardize, False),
+        ("flow.precondition", f.precondition, False),
+        ("flow.upsample_coarse", f.upsample_coarse, False),
+        ("model.kind", m.kind, "dfm"),
+        ("model.specialize", m.specialize, "none"),
+        ("flow.decomposition", f.decomposition, "laplacian"),
+        ("data.frames", recipe.data.frames, 0),
+    ):
         if value != default:
-            fail(key, value, f"is not used by flow.method = '{f.method}' (a Gaussian pyramid of images, no "
-                 f"per-level layers); leave it at {default!r}")
+            fail(
+                key,
+                value,
+                f"is not used by flow.method = '{f.method}' (a Gaussian pyramid of images, no "
+                f"per-level layers); leave it at {default!r}",
+            )
 
 
 def _check_text(recipe: Recipe, fail) -> None:
     """`data.captions` and `[text]` go together, on folder data; a store brings its own captions."""
     d, x = recipe.data, recipe.text
     if d.captions and d.name != "folder":
-        fail("data.captions", d.captions, "goes with data.name = 'folder'" + (
-            "; a store carries the captions it was encoded with (dfm encode --captions)" if d.name == "store" else ""))
+        fail(
+            "data.captions",
+            d.captions,
+            "goes with data.name = 'folder'"
+            + (
+                "; a store carries the captions it was encoded with (dfm encode --captions)"
+                if d.name == "store"
+                else ""
+            ),
+        )
     if d.captions and not x.encoder:
-        fail("text.encoder", x.encoder, "data.captions needs a caption encoder: 'clip' (with text.clip_weights), "
-             "'t5' (with text.t5_weights) or 'clip+t5'")
+        fail(
+            "text.encoder",
+            x.encoder,
+            "data.captions needs a caption encoder: 'clip' (with text.clip_weights), "
+            "'t5' (with text.t5_weights) or 'clip+t5'",
+        )
     if x.encoder and not d.captions:
-        fail("data.captions", d.captions, f"text.encoder = '{x.encoder}' needs captions: a CSV (path,caption) or "
-             "JSONL file for the folder in data.path")
+        fail(
+            "data.captions",
+            d.captions,
+            f"text.encoder = '{x.encoder}' needs captions: a CSV (path,caption) or "
+            "JSONL file for the folder in data.path",
+        )
     if x.encoder and x.encoder not in ("clip", "t5", "clip+t5"):
         fail("text.encoder", x.encoder, "choose 'clip', 't5' or 'clip+t5'")
     for key, needed in (("clip_weights", "clip"), ("t5_weights", "t5")):
@@ -207,14 +281,23 @@ def validate(recipe: Recipe, source: str) -> None:
     if s.solver not in ("euler", "heun"):
         fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
     from dfm_cli.data.datasets import DATA_NAMES as names
+
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{suggest(d.name, names)}")
     if d.classes and (d.name == "store" or any(c < 0 for c in d.classes)):
-        fail("data.classes", d.classes, "takes class ids (0 or more) of built-in data or a folder; a latent store "
-             "keeps the classes it was encoded with")
+        fail(
+            "data.classes",
+            d.classes,
+            "takes class ids (0 or more) of built-in data or a folder; a latent store "
+            "keeps the classes it was encoded with",
+        )
     if d.name in ("folder", "store") and not d.path:
-        fail("data.path", d.path, f"data.name = '{d.name}' needs data.path: "
-             + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"))
+        fail(
+            "data.path",
+            d.path,
+            f"data.name = '{d.name}' needs data.path: "
+            + ("a folder of class subfolders" if d.name == "folder" else "a store written by `dfm encode`"),
+        )
     _check_text(recipe, fail)
     _check_method(recipe, fail)
     _check_ranges(recipe, fail)
@@ -228,18 +311,26 @@ def validate(recipe: Recipe, source: str) -> None:
         if d.frames:
             fail("data.frames", d.frames, "model.kind = 'flux' generates images; use model.kind = 'dfm' for video")
         if d.name not in ("folder", "store"):
-            fail("data.name", d.name, "model.kind = 'flux' is text-conditioned: use a store encoded with captions "
-                 "(dfm encode --captions) or a folder with data.captions")
+            fail(
+                "data.name",
+                d.name,
+                "model.kind = 'flux' is text-conditioned: use a store encoded with captions "
+                "(dfm encode --captions) or a folder with data.captions",
+            )
         if sum(recipe.flux.axes_dims_rope) != recipe.flux.attention_head_dim and not recipe.flux.config:
-            fail("flux.axes_dims_rope", recipe.flux.axes_dims_rope,
-                 f"must sum to flux.attention_head_dim ({recipe.flux.attention_head_dim})")
+            fail(
+                "flux.axes_dims_rope",
+                recipe.flux.axes_dims_rope,
+                f"must sum to flux.attention_head_dim ({recipe.flux.attention_head_dim})",
+            )
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
     if t.precision not in ("auto", "bf16", "fp32"):
         fail("train.precision", t.precision, "choose 'auto', 'bf16' or 'fp32'")
     try:
-        pyramid = build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias,
-                                      f.upsample_coarse)
+        pyramid = build_decomposition(
+            f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias, f.upsample_coarse
+        )
         size = ((d.frames,) if d.frames else ()) + (d.resolution, d.resolution)
         sizes = None if d.name == "store" else pyramid.level_sizes(size)  # a store's size is known at train time
     except DfmError as e:

@@ -19,9 +19,8 @@ from typing import Any
 
 import tomli_w
 
-from dfm_cli.errors import DfmError, reading, suggest
 from dfm_cli.config.checks import validate
-
+from dfm_cli.errors import DfmError, reading, suggest
 
 
 @dataclass
@@ -247,8 +246,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     for name, body in raw.items():
         if name not in SECTIONS:
             raise DfmError(
-                f"{source}: unknown section [{name}]{suggest(name, SECTIONS)} "
-                f"(sections: {', '.join(SECTIONS)})"
+                f"{source}: unknown section [{name}]{suggest(name, SECTIONS)} (sections: {', '.join(SECTIONS)})"
             )
         if not isinstance(body, dict):
             raise DfmError(f"{source}: {name} must be a [{name}] table, got {body!r}")

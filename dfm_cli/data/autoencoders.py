@@ -60,10 +60,12 @@ class DiffusersAE:
         cls = diffusers.AutoencoderKLCogVideoX if name == "cogvideox" else diffusers.AutoencoderKL
         try:
             self.vae = cls.from_pretrained(weights, local_files_only=True).eval().requires_grad_(False).to(device)
-        except (OSError, ValueError, EnvironmentError) as e:
-            raise DfmError(f"--ae-weights {weights}: cannot load a {cls.__name__} from it offline "
-                           f"({str(e).splitlines()[0][:150]}); pass a folder written by save_pretrained "
-                           "(config.json + weights) or a repo id already in the hub cache") from None
+        except (OSError, ValueError) as e:
+            raise DfmError(
+                f"--ae-weights {weights}: cannot load a {cls.__name__} from it offline "
+                f"({str(e).splitlines()[0][:150]}); pass a folder written by save_pretrained "
+                "(config.json + weights) or a repo id already in the hub cache"
+            ) from None
         local = Path(weights).expanduser()
         # a local folder is recorded absolute, so a store or run decodes from any working directory
         self.name, self.weights, self.device = name, str(local.resolve() if local.is_dir() else weights), device
@@ -93,20 +95,29 @@ class DiffusersAE:
         return (self.latent_channels, *t, h // self.spatial_factor, w // self.spatial_factor)
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "weights": self.weights, "scale": self.scale, "shift": self.shift,
-                "spatial_factor": self.spatial_factor, "temporal_factor": self.temporal_factor}
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "scale": self.scale,
+            "shift": self.shift,
+            "spatial_factor": self.spatial_factor,
+            "temporal_factor": self.temporal_factor,
+        }
 
 
-def build_autoencoder(name: str, weights: str | Path | None = None, channels: int = 3,
-                      device: torch.device = torch.device("cpu")):
+def build_autoencoder(
+    name: str, weights: str | Path | None = None, channels: int = 3, device: torch.device = torch.device("cpu")
+):
     """`--ae NAME [--ae-weights PATH]` → an autoencoder."""
     if name not in KINDS:
         raise DfmError(f"--ae {name!r}: choose one of {', '.join(KINDS)}")
     if name == "pixel":
         return PixelAE(channels)
     if weights is None:
-        raise DfmError(f"--ae {name} needs --ae-weights: a local folder written by save_pretrained, or a hub "
-                       "repo id in the local cache (e.g. the FLUX AE's 'vae' subfolder)")
+        raise DfmError(
+            f"--ae {name} needs --ae-weights: a local folder written by save_pretrained, or a hub "
+            "repo id in the local cache (e.g. the FLUX AE's 'vae' subfolder)"
+        )
     return DiffusersAE(name, str(weights), device)
 
 

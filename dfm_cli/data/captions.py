@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 
 from dfm_cli import distributed
 from dfm_cli.data.datasets import ImageFolder
-from dfm_cli.errors import DfmError
 from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings
+from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import TextCond
 
 CAPTIONS = "captions.safetensors"
@@ -77,12 +77,18 @@ def captioned_folder(folder: ImageFolder, recipe, run_dir: Path, ctx: distribute
     """`folder` with its captions, encoded into `run_dir` once (rank 0) and read back after."""
     captions = Path(recipe.data.captions)
     if not captions.is_file():
-        raise DfmError(f"data.captions = '{captions}': not found; pass a CSV (path,caption) or JSONL file of "
-                       f"captions for the images under {recipe.data.path}")
+        raise DfmError(
+            f"data.captions = '{captions}': not found; pass a CSV (path,caption) or JSONL file of "
+            f"captions for the images under {recipe.data.path}"
+        )
     settings = text_settings(recipe)
     digest = hashlib.sha256(captions.read_bytes()).hexdigest()[:16]
-    want = {**settings.to_dict(), "captions": str(captions.resolve()), "captions_sha256": digest,
-            "items": [str(Path(p).resolve().relative_to(folder.root.resolve())) for p, _ in folder.items]}
+    want = {
+        **settings.to_dict(),
+        "captions": str(captions.resolve()),
+        "captions_sha256": digest,
+        "items": [str(Path(p).resolve().relative_to(folder.root.resolve())) for p, _ in folder.items],
+    }
     path = run_dir / CAPTIONS
     if ctx.main and _stored_record(path) != want:
         _encode(folder, captions, settings, want, path, ctx.device)
@@ -111,19 +117,30 @@ def _stored_record(path: Path) -> dict[str, Any] | None:
     return {k: v for k, v in record.items() if k != "dims"}
 
 
-def _encode(folder: ImageFolder, captions: Path, settings: TextSettings, record: dict[str, Any], path: Path,
-            device: torch.device) -> None:
+def _encode(
+    folder: ImageFolder,
+    captions: Path,
+    settings: TextSettings,
+    record: dict[str, Any],
+    path: Path,
+    device: torch.device,
+) -> None:
     captioner = Captioner(captions, folder.root, TextEncoder(settings, device))
     names = [str(p) for p, _ in folder.items]
     try:
         captioner.check(names)
     except DfmError as e:
         raise DfmError(str(e).replace("--captions", "data.captions =", 1)) from None
-    parts = [captioner(names[i: i + ENCODE_BATCH]) for i in range(0, len(names), ENCODE_BATCH)]
+    parts = [captioner(names[i : i + ENCODE_BATCH]) for i in range(0, len(names), ENCODE_BATCH)]
     null = captioner.null()
-    tensors = {"tokens": torch.cat([p.tokens for p in parts]).half(), "mask": torch.cat([p.mask for p in parts]),
-               "pooled": torch.cat([p.pooled for p in parts]).half(),
-               "null_tokens": null.tokens, "null_mask": null.mask, "null_pooled": null.pooled}
+    tensors = {
+        "tokens": torch.cat([p.tokens for p in parts]).half(),
+        "mask": torch.cat([p.mask for p in parts]),
+        "pooled": torch.cat([p.pooled for p in parts]).half(),
+        "null_tokens": null.tokens,
+        "null_mask": null.mask,
+        "null_pooled": null.pooled,
+    }
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, tmp, metadata={"record": json.dumps({**record, "dims": list(captioner.dims)})})

@@ -63,10 +63,18 @@ class RunInfo:
         """Read back `to_state`; a state written without these keys is a one-line error."""
         missing = [k for k in ("shape", "num_classes", "class_names", "autoencoder") if k not in state]
         if missing:
-            raise DfmError(f"{where}: lacks {', '.join(missing)}; it was not written by this version of "
-                           "`dfm train`; retrain the run, or add the keys by hand")
-        return cls(tuple(state["shape"]), int(state["num_classes"]), tuple(state["class_names"]),
-                   dict(state["autoencoder"]), state.get("level_stats"), state.get("text"))
+            raise DfmError(
+                f"{where}: lacks {', '.join(missing)}; it was not written by this version of "
+                "`dfm train`; retrain the run, or add the keys by hand"
+            )
+        return cls(
+            tuple(state["shape"]),
+            int(state["num_classes"]),
+            tuple(state["class_names"]),
+            dict(state["autoencoder"]),
+            state.get("level_stats"),
+            state.get("text"),
+        )
 
 
 def _fsync_path(path: Path) -> None:
@@ -115,8 +123,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, tensors in weights.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  tmp / f"{name}.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
     (tmp / "recipe.toml").write_text(recipe_toml)
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():
@@ -195,17 +202,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_training_state(run_dir: Path, step: int, model, ema, optimizer, state: dict[str, Any],
-                        recipe_toml: str, keep: int, milestone: bool, ctx: distributed.Context) -> None:
+def save_training_state(
+    run_dir: Path,
+    step: int,
+    model,
+    ema,
+    optimizer,
+    state: dict[str, Any],
+    recipe_toml: str,
+    keep: int,
+    milestone: bool,
+    ctx: distributed.Context,
+) -> None:
     """Gather full weights, EMA, optimizer and every rank's RNGs; rank 0 writes the checkpoint."""
     weights, optim = distributed.full_state(model, optimizer)
     ema_weights, _ = distributed.full_state(ema)
     rngs = distributed.gather_objects(ctx, rng_state())
     if ctx.main:
         opt_tensors, groups = optimizer_tensors(optim)
-        save_checkpoint(run_dir, step, {"model": weights, "ema": ema_weights, "optimizer": opt_tensors},
-                        {**state, "param_groups": groups, "milestone": milestone, "rng": rngs},
-                        recipe_toml, keep)
+        save_checkpoint(
+            run_dir,
+            step,
+            {"model": weights, "ema": ema_weights, "optimizer": opt_tensors},
+            {**state, "param_groups": groups, "milestone": milestone, "rng": rngs},
+            recipe_toml,
+            keep,
+        )
     distributed.barrier(ctx)
 
 
@@ -214,10 +236,13 @@ def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Cont
     weights, state = load_checkpoint(ckpt, ("model", "ema", "optimizer"))
     missing = [k for k in ("step", "param_groups") if k not in state]
     if missing:
-        raise DfmError(f"{ckpt / STATE}: lacks {', '.join(missing)}, so the run cannot resume from it; "
-                       "delete this checkpoint to fall back to an older one")
-    distributed.load_full_state(model, weights["model"], optimizer,
-                                optimizer_state(weights["optimizer"], state["param_groups"]))
+        raise DfmError(
+            f"{ckpt / STATE}: lacks {', '.join(missing)}, so the run cannot resume from it; "
+            "delete this checkpoint to fall back to an older one"
+        )
+    distributed.load_full_state(
+        model, weights["model"], optimizer, optimizer_state(weights["optimizer"], state["param_groups"])
+    )
     distributed.load_full_state(ema, weights["ema"])
     rngs = state.get("rng", [])
     if ctx.rank < len(rngs):
@@ -247,8 +272,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise DfmError(f"{run_dir} is in use by another dfm process (PID {holder}); wait for it to finish "
-                       "or stop it, or train into another --out folder") from None
+        raise DfmError(
+            f"{run_dir} is in use by another dfm process (PID {holder}); wait for it to finish "
+            "or stop it, or train into another --out folder"
+        ) from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -91,8 +91,12 @@ class TensorImages(ImageDataset):
 class _NumpyOnly(pickle.Unpickler):
     """The wheel's data is a pickled numpy array; allow nothing but numpy's array rebuilders."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -119,8 +123,14 @@ def animal_mnist(resolution: int = 32, num: int = 0) -> TensorImages:
     images = torch.from_numpy(np.ascontiguousarray(arrays[0]))[:, None]
     images = F.pad(images, (2, 2, 2, 2))
     if resolution != 32:
-        images = F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
-                               antialias=True, align_corners=False).round().clamp(0, 255).byte()
+        images = (
+            F.interpolate(
+                images.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+            )
+            .round()
+            .clamp(0, 255)
+            .byte()
+        )
     labels = torch.from_numpy(arrays[1].astype(np.int64))
     if num and num < len(labels):
         picks = torch.from_numpy(evenly_spaced(len(labels), num))
@@ -143,14 +153,17 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
-        raise DfmError("data.name = 'photo-crops' needs scikit-learn, which ships the photos; "
-                       "run `pip install scikit-learn`")
+        raise DfmError(
+            "data.name = 'photo-crops' needs scikit-learn, which ships the photos; run `pip install scikit-learn`"
+        )
     folder = Path(spec.submodule_search_locations[0]) / "datasets" / "images"
     rng = np.random.default_rng(seed)
     photos = [Image.open(folder / f"{name}.jpg").convert("RGB") for name in PHOTO_CLASSES]
     if resolution > min(min(p.size) for p in photos):
-        raise DfmError(f"photo-crops: resolution {resolution} is larger than the photos' short side "
-                       f"({min(min(p.size) for p in photos)} px); choose a smaller resolution")
+        raise DfmError(
+            f"photo-crops: resolution {resolution} is larger than the photos' short side "
+            f"({min(min(p.size) for p in photos)} px); choose a smaller resolution"
+        )
     out = np.empty((num, 3, resolution, resolution), dtype=np.uint8)
     labels = rng.integers(0, len(photos), size=num)
     for i, label in enumerate(labels):
@@ -159,8 +172,9 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
         side = int(round(np.exp(rng.uniform(np.log(resolution), np.log(min(4 * resolution, biggest))))))
         x = int(rng.integers(0, photo.size[0] - side + 1))
         y = int(rng.integers(0, photo.size[1] - side + 1))
-        crop = photo.crop((x, y, x + side, y + side)).resize((resolution, resolution), Image.Resampling.BICUBIC,
-                                                             reducing_gap=None)
+        crop = photo.crop((x, y, x + side, y + side)).resize(
+            (resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None
+        )
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(crop).transpose(2, 0, 1)
@@ -173,8 +187,11 @@ def sprite_clip(index: int, frames: int, size: int, seed: int = 0) -> tuple[np.n
     label = index % len(SPRITE_CLASSES)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     phase = rng.uniform(0, 2 * np.pi, 2)
-    background = 0.35 + 0.15 * np.sin(2 * np.pi * (xx * rng.integers(1, 4)) + phase[0])[..., None] \
-        * np.array([1.0, 0.8, 0.6]) + 0.1 * np.cos(2 * np.pi * yy * rng.integers(1, 4) + phase[1])[..., None]
+    background = (
+        0.35
+        + 0.15 * np.sin(2 * np.pi * (xx * rng.integers(1, 4)) + phase[0])[..., None] * np.array([1.0, 0.8, 0.6])
+        + 0.1 * np.cos(2 * np.pi * yy * rng.integers(1, 4) + phase[1])[..., None]
+    )
     color = rng.uniform(0.5, 1.0, 3)
     radius = rng.uniform(0.12, 0.2)
     pos, vel = rng.uniform(radius, 1 - radius, 2), rng.uniform(-0.06, 0.06, 2)
@@ -184,7 +201,8 @@ def sprite_clip(index: int, frames: int, size: int, seed: int = 0) -> tuple[np.n
         mask = {
             "square": (np.abs(dy) < radius) & (np.abs(dx) < radius),
             "disc": dy**2 + dx**2 < radius**2,
-            "cross": ((np.abs(dy) < radius / 3) & (np.abs(dx) < radius)) | ((np.abs(dx) < radius / 3) & (np.abs(dy) < radius)),
+            "cross": ((np.abs(dy) < radius / 3) & (np.abs(dx) < radius))
+            | ((np.abs(dx) < radius / 3) & (np.abs(dy) < radius)),
             "triangle": (dy < radius) & (dy > -radius) & (np.abs(dx) < (dy + radius) / 2),
         }[SPRITE_CLASSES[label]]
         frame = np.where(mask[..., None], color, background)
@@ -235,8 +253,9 @@ class Builtin:
 BUILTIN: dict[str, Builtin] = {
     "animal-mnist": Builtin(lambda resolution, frames, num: animal_mnist(resolution, num), channels=1),
     "photo-crops": Builtin(lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3),
-    "sprites": Builtin(lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024),
-                       channels=3, video=True),
+    "sprites": Builtin(
+        lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024), channels=3, video=True
+    ),
 }
 DATA_NAMES = (*BUILTIN, "folder", "store")  # what `data.name` may be
 
@@ -249,8 +268,10 @@ def builtin(name: str, resolution: int, frames: int = 0, num: int = 0) -> ImageD
     """
     entry = BUILTIN[name]
     if frames and not entry.video:
-        raise DfmError(f"{name} holds images, not video: frames = {frames} applies only to sprites or a "
-                       "folder of videos; set it to 0")
+        raise DfmError(
+            f"{name} holds images, not video: frames = {frames} applies only to sprites or a "
+            "folder of videos; set it to 0"
+        )
     return entry.make(resolution, frames, num)
 
 
@@ -297,12 +318,18 @@ class ImageFolder(ImageDataset):
         except Exception as e:  # PIL raises many types for broken files
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:120] or 'unreadable'}"
             if self.strict:
-                raise UnreadableImage(f"data.path: cannot read {path} ({reason}); data.strict = true stops "
-                                      "here (remove the file, or set data.strict = false to skip it)") from None
+                raise UnreadableImage(
+                    f"data.path: cannot read {path} ({reason}); data.strict = true stops "
+                    "here (remove the file, or set data.strict = false to skip it)"
+                ) from None
             if path not in self._reported:
                 self._reported.add(path)
-                print(f"warning: data.path: cannot read {path} ({reason}); using the next readable image "
-                      "in its place (data.strict = true stops instead)", file=sys.stderr, flush=True)
+                print(
+                    f"warning: data.path: cannot read {path} ({reason}); using the next readable image "
+                    "in its place (data.strict = true stops instead)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return None
 
     def _first_readable(self, i: int) -> tuple[Image.Image, int, int]:
@@ -324,8 +351,9 @@ class ImageFolder(ImageDataset):
         return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor(label), j
 
 
-def build_dataset(name: str, path: str, resolution: int, frames: int = 0, strict: bool = False,
-                  classes: Sequence[int] = ()) -> Dataset:
+def build_dataset(
+    name: str, path: str, resolution: int, frames: int = 0, strict: bool = False, classes: Sequence[int] = ()
+) -> Dataset:
     """`data.name`: a built-in dataset, `folder` (see `list_files`) or `store` (from `dfm encode`);
     with `classes` (`data.classes`), only the items of those classes."""
     if name in BUILTIN:
@@ -347,13 +375,17 @@ def select_classes(data, classes: Sequence[int]):
     on every class conditions the same way (a finetune on a subset, paper §4.5 stand-in)."""
     bad = [c for c in classes if not 0 <= c < data.num_classes]
     if bad:
-        raise DfmError(f"data.classes = {list(classes)}: {bad} out of range; the data has {data.num_classes} "
-                       f"classes (0 to {data.num_classes - 1}: {', '.join(data.class_names)})")
+        raise DfmError(
+            f"data.classes = {list(classes)}: {bad} out of range; the data has {data.num_classes} "
+            f"classes (0 to {data.num_classes - 1}: {', '.join(data.class_names)})"
+        )
     if isinstance(data, TensorImages):
         keep = torch.isin(data.labels, torch.tensor(list(classes)))
         return TensorImages(data.images[keep], data.labels[keep], data.class_names)
     if isinstance(data, ImageFolder):
         data.items = [item for item in data.items if item[1] in classes]
         return data
-    raise DfmError("data.classes: a latent store holds the classes it was encoded with; encode a folder of only "
-                   "those classes instead, and leave data.classes empty")
+    raise DfmError(
+        "data.classes: a latent store holds the classes it was encoded with; encode a folder of only "
+        "those classes instead, and leave data.classes empty"
+    )

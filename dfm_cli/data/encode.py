@@ -38,11 +38,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from dfm_cli import distributed
-from dfm_cli.method.decompose import LaplacianPyramid
-from dfm_cli.errors import DfmError
-from dfm_cli.method.level_stats import level_statistics
-from dfm_cli.data.text_encoders import Captioner, TextSettings
 from dfm_cli.data.store import INDEX, NULL_TEXT, LatentStore, read_header
+from dfm_cli.data.text_encoders import Captioner, TextSettings
+from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
+from dfm_cli.method.level_stats import level_statistics
 
 REPORT, MANIFEST = "report.json", "manifest.json"
 
@@ -85,18 +85,28 @@ class EncodeSettings:
     text: TextSettings | None = None  # the caption encoder
 
     def __post_init__(self) -> None:
-        at_least = {"--shard-size": (self.shard_size, 1), "--batch": (self.batch, 1),
-                    "--resolution": (self.resolution, 1), "--stride": (self.stride, 1), "--levels": (self.levels, 1),
-                    "--workers": (self.workers, 0), "--frames": (self.frames, 0), "--num-clips": (self.num, 0)}
+        at_least = {
+            "--shard-size": (self.shard_size, 1),
+            "--batch": (self.batch, 1),
+            "--resolution": (self.resolution, 1),
+            "--stride": (self.stride, 1),
+            "--levels": (self.levels, 1),
+            "--workers": (self.workers, 0),
+            "--frames": (self.frames, 0),
+            "--num-clips": (self.num, 0),
+        }
         for flag, (value, low) in at_least.items():
             if value < low:
                 raise DfmError(f"{flag} {value}: must be at least {low}")
         if not (math.isfinite(self.fps) and self.fps >= 0):
             raise DfmError(f"--fps {self.fps}: must be 0 (off) or a positive frame rate")
         if (self.captions is None) != (self.text is None):
-            raise DfmError("--captions FILE and --text-encoder go together: the captions are encoded into the store"
-                           if self.captions is None else "--captions needs --text-encoder (clip, t5 or clip+t5) "
-                           "and its local weights (--clip-weights / --t5-weights)")
+            raise DfmError(
+                "--captions FILE and --text-encoder go together: the captions are encoded into the store"
+                if self.captions is None
+                else "--captions needs --text-encoder (clip, t5 or clip+t5) "
+                "and its local weights (--clip-weights / --t5-weights)"
+            )
         if self.out.exists() and not self.out.is_dir():
             raise DfmError(f"--out {self.out} is a file; pass a folder for the store")
         self.decomposition()  # bad --levels/--factors fail here
@@ -156,14 +166,25 @@ def manifest(settings: EncodeSettings, source: Dataset, ae) -> dict[str, Any]:
     folder = bool(getattr(source, "digest", ""))  # built-in sets have none: their name fixes them
     return {
         "source": str(Path(s.source).resolve()) if folder else s.source,
-        "source_digest": getattr(source, "digest", ""), "items": len(source),
-        "labels": str(Path(s.labels).resolve()) if s.labels else None, "num": s.num,
-        "resolution": s.resolution, "frames": s.frames, "stride": s.stride, "fps": s.fps, "flip": s.flip,
-        "shard_size": s.shard_size, "autoencoder": ae.config(), "weights_digest": weights_digest(s.ae_weights),
-        "levels": pyramid.levels, "factors": pyramid.factors, "temporal_factors": pyramid.temporal_factors,
+        "source_digest": getattr(source, "digest", ""),
+        "items": len(source),
+        "labels": str(Path(s.labels).resolve()) if s.labels else None,
+        "num": s.num,
+        "resolution": s.resolution,
+        "frames": s.frames,
+        "stride": s.stride,
+        "fps": s.fps,
+        "flip": s.flip,
+        "shard_size": s.shard_size,
+        "autoencoder": ae.config(),
+        "weights_digest": weights_digest(s.ae_weights),
+        "levels": pyramid.levels,
+        "factors": pyramid.factors,
+        "temporal_factors": pyramid.temporal_factors,
         "antialias": s.antialias,
-        "captions": None if s.captions is None else {"file": str(Path(s.captions).resolve()),
-                                                      "sha256": _sha256(Path(s.captions)), **s.text.to_dict()},
+        "captions": None
+        if s.captions is None
+        else {"file": str(Path(s.captions).resolve()), "sha256": _sha256(Path(s.captions)), **s.text.to_dict()},
     }
 
 
@@ -186,8 +207,10 @@ def _claim(out: Path, wanted: dict[str, Any], overwrite: bool, ctx: distributed.
     except (OSError, ValueError):  # a damaged manifest vouches for nothing
         previous = {"manifest": "unreadable"}
     if previous is not None and previous != wanted and not overwrite:
-        raise DfmError(f"--out {out} holds a store made with other settings ({_differences(previous, wanted)}); "
-                       "pass --overwrite to start over, or choose another --out")
+        raise DfmError(
+            f"--out {out} holds a store made with other settings ({_differences(previous, wanted)}); "
+            "pass --overwrite to start over, or choose another --out"
+        )
     distributed.barrier(ctx)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -209,9 +232,14 @@ def _verified(out: Path, k: int, expected: int, shape: tuple[int, ...], flip: bo
         header = read_header(shard)
         count = record["count"]
         shapes = {key: header[key]["shape"] for key in ("labels", "latents", *(["latents_flip"] if flip else []))}
-        ok = (0 < count and count + len(record["failures"]) == expected and shapes["labels"] == [count]
-              and all(v == [count, *shape] for key, v in shapes.items() if key != "labels")
-              and ("latents_flip" in header) == flip and record["sha256"] == _sha256(shard))
+        ok = (
+            0 < count
+            and count + len(record["failures"]) == expected
+            and shapes["labels"] == [count]
+            and all(v == [count, *shape] for key, v in shapes.items() if key != "labels")
+            and ("latents_flip" in header) == flip
+            and record["sha256"] == _sha256(shard)
+        )
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         ok = False
     return record if ok else None
@@ -229,17 +257,22 @@ def prepare_store(source: Dataset, ae, settings: EncodeSettings, ctx: distribute
     """Check that the encode can run and claim `settings.out` for it: a store made with other
     settings is refused (or cleared with `overwrite`). Nothing is encoded yet."""
     s = settings
-    shape = tuple(ae.latent_shape((source.channels, *([s.frames] if s.frames else []), s.resolution,
-                                   s.resolution)))
+    shape = tuple(ae.latent_shape((source.channels, *([s.frames] if s.frames else []), s.resolution, s.resolution)))
     s.decomposition().level_sizes(shape[1:])  # fail early if the statistics' factors don't divide the latents
     wanted = manifest(s, source, ae)
     _claim(Path(s.out), wanted, s.overwrite, ctx)
     return StorePlan(shape, wanted)
 
 
-def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed.Context,
-                 on_items: Callable[[int], None] = lambda n: None, plan: StorePlan | None = None,
-                 captioner: Captioner | None = None) -> dict[str, Any]:
+def encode_store(
+    source: Dataset,
+    ae,
+    settings: EncodeSettings,
+    ctx: distributed.Context,
+    on_items: Callable[[int], None] = lambda n: None,
+    plan: StorePlan | None = None,
+    captioner: Captioner | None = None,
+) -> dict[str, Any]:
     """Encode `source` into shards under `settings.out`; rank 0 writes the index, with the
     per-level statistics of the latents under `settings.decomposition()`. Returns the index.
 
@@ -257,8 +290,10 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
         if record is not None:
             if s.strict and record["failures"]:
                 bad = record["failures"][0]
-                raise EncodeFailed(f"{bad['file']}: {bad['error']} (--strict; it was skipped by an earlier run "
-                                   "without --strict: pass --overwrite to start over)")
+                raise EncodeFailed(
+                    f"{bad['file']}: {bad['error']} (--strict; it was skipped by an earlier run "
+                    "without --strict: pass --overwrite to start over)"
+                )
             on_items(len(span))
             continue
         failures = _encode_shard(source, ae, s, out, k, span, on_items, captioner)
@@ -279,9 +314,19 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
         (out / REPORT).write_text(json.dumps(report, indent=1))
         if not shards:
             raise DfmError(f"{out}: no readable item in the source; see {out / REPORT}")
-        index = {"version": 2, "num": sum(x["count"] for x in shards), "shape": list(shape), "flip": s.flip,
-                 "shards": shards, "autoencoder": ae.config(), "source": s.source, "resolution": s.resolution,
-                 "frames": s.frames, "class_names": list(source.class_names), "manifest": wanted}
+        index = {
+            "version": 2,
+            "num": sum(x["count"] for x in shards),
+            "shape": list(shape),
+            "flip": s.flip,
+            "shards": shards,
+            "autoencoder": ae.config(),
+            "source": s.source,
+            "resolution": s.resolution,
+            "frames": s.frames,
+            "class_names": list(source.class_names),
+            "manifest": wanted,
+        }
         if captioner is not None:
             index["text"] = {**captioner.settings.to_dict(), "dims": list(captioner.dims)}
             null = captioner.null()
@@ -293,11 +338,20 @@ def encode_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed
     return index
 
 
-def _encode_shard(source: Dataset, ae, s: EncodeSettings, out: Path, k: int, span: range,
-                  on_items: Callable[[int], None], captioner: Captioner | None) -> list[dict[str, str]] | None:
+def _encode_shard(
+    source: Dataset,
+    ae,
+    s: EncodeSettings,
+    out: Path,
+    k: int,
+    span: range,
+    on_items: Callable[[int], None],
+    captioner: Captioner | None,
+) -> list[dict[str, str]] | None:
     """Write shard k and its record; returns the failures instead when no item was readable."""
-    loader = DataLoader(torch.utils.data.Subset(source, list(span)), batch_size=s.batch, num_workers=s.workers,
-                        collate_fn=_collate)
+    loader = DataLoader(
+        torch.utils.data.Subset(source, list(span)), batch_size=s.batch, num_workers=s.workers, collate_fn=_collate
+    )
     latents, flipped, labels, failures, texts = [], [], [], [], []
     for items in loader:
         good = [it for it in items if not it.error]
@@ -323,13 +377,21 @@ def _encode_shard(source: Dataset, ae, s: EncodeSettings, out: Path, k: int, spa
     if s.flip:
         tensors["latents_flip"] = torch.cat(flipped)
     if texts:
-        tensors.update({f"text_{key}": torch.cat([getattr(t, key) for t in texts]).to(dtype)
-                        for key, dtype in (("tokens", torch.float16), ("mask", torch.bool),
-                                           ("pooled", torch.float16))})
+        tensors.update(
+            {
+                f"text_{key}": torch.cat([getattr(t, key) for t in texts]).to(dtype)
+                for key, dtype in (("tokens", torch.float16), ("mask", torch.bool), ("pooled", torch.float16))
+            }
+        )
     tmp = out / f".tmp-{os.getpid()}-{_shard_name(k)}"
     save_file({key: v.contiguous() for key, v in tensors.items()}, tmp)
-    record = {"file": _shard_name(k), "count": len(labels), "shape": list(tensors["latents"].shape[1:]),
-              "sha256": _sha256(tmp), "failures": failures}
+    record = {
+        "file": _shard_name(k),
+        "count": len(labels),
+        "shape": list(tensors["latents"].shape[1:]),
+        "sha256": _sha256(tmp),
+        "failures": failures,
+    }
     os.replace(tmp, out / _shard_name(k))
     tmp_record = out / f".tmp-{os.getpid()}-{_record_name(k)}"
     tmp_record.write_text(json.dumps(record, indent=1))

@@ -23,10 +23,10 @@ from torch.utils.data import Dataset
 
 from dfm_cli.data.autoencoders import build_autoencoder
 from dfm_cli.data.datasets import BUILTIN, ImageDataset, builtin
-from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
-from dfm_cli.errors import DfmError
-from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
 from dfm_cli.data.encode import EncodeSettings
+from dfm_cli.errors import DfmError
+from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
+from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
 
 
 @dataclass
@@ -71,8 +71,15 @@ class VideoFiles(Dataset):
 
     channels = 3
 
-    def __init__(self, root: Path, resolution: int, frames: int, stride: int = 1, fps: float = 0.0,
-                 labels_file: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        resolution: int,
+        frames: int,
+        stride: int = 1,
+        fps: float = 0.0,
+        labels_file: Path | None = None,
+    ):
         listing = list_files(root, VIDEO_SUFFIXES, labels_file, what="SOURCE")
         self.files, self.class_names, self.digest = listing.files, listing.class_names, listing.digest(Path(root))
         self.resolution, self.frames, self.stride, self.fps = resolution, frames, stride, fps
@@ -92,8 +99,9 @@ class VideoFiles(Dataset):
             clip = []
             for k, frame in enumerate(iio.imiter(path)):
                 if k % step == 0:
-                    clip.append(np.asarray(adm_center_crop(Image.fromarray(np.asarray(frame)).convert("RGB"),
-                                                           self.resolution)))
+                    clip.append(
+                        np.asarray(adm_center_crop(Image.fromarray(np.asarray(frame)).convert("RGB"), self.resolution))
+                    )
                 if len(clip) == self.frames:
                     break
             if len(clip) < self.frames:
@@ -119,8 +127,15 @@ class BuiltinItems(Dataset):
         return Item(array, label, f"{self.name}/{i}")
 
 
-def build_source(spec: str, resolution: int, frames: int = 0, stride: int = 1, fps: float = 0.0,
-                 labels_file: Path | None = None, num: int = 0) -> Dataset:
+def build_source(
+    spec: str,
+    resolution: int,
+    frames: int = 0,
+    stride: int = 1,
+    fps: float = 0.0,
+    labels_file: Path | None = None,
+    num: int = 0,
+) -> Dataset:
     """SOURCE of `dfm encode`: a built-in dataset name, or a folder of images (or of videos,
     with `frames`). Every source says its `channels` and `class_names`, and a `digest` of its
     listing (empty for a built-in set, which its name and `num` fix)."""

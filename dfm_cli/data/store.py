@@ -62,8 +62,13 @@ class LatentStore(Dataset):
             header = read_header(self.root / shard)
             info = header[key]
             begin, end = info["data_offsets"]
-            self._maps[(shard, key)] = np.memmap(self.root / shard, dtype=_DTYPES[info["dtype"]], mode="r",
-                                                 offset=header["__offset__"] + begin, shape=tuple(info["shape"]))
+            self._maps[(shard, key)] = np.memmap(
+                self.root / shard,
+                dtype=_DTYPES[info["dtype"]],
+                mode="r",
+                offset=header["__offset__"] + begin,
+                shape=tuple(info["shape"]),
+            )
         return self._maps[(shard, key)]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +91,10 @@ class LatentStore(Dataset):
     def text_rows(self, indices: Sequence[int]) -> TextCond:
         """The encoded captions of items `indices`, as float32."""
         rows = [self._locate(i) for i in indices]
-        parts = [torch.from_numpy(np.stack([self._map(shard, f"text_{key}")[local] for shard, local in rows]))
-                 for key in ("tokens", "mask", "pooled")]
+        parts = [
+            torch.from_numpy(np.stack([self._map(shard, f"text_{key}")[local] for shard, local in rows]))
+            for key in ("tokens", "mask", "pooled")
+        ]
         return TextCond(parts[0].float(), parts[1], parts[2].float())
 
     def null_text(self) -> TextCond:

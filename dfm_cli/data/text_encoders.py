@@ -39,11 +39,15 @@ class TextSettings:
         if self.encoder not in ENCODERS:
             raise DfmError(f"--text-encoder {self.encoder!r}: choose one of {', '.join(ENCODERS)}")
         if "clip" in self.encoder and not self.clip_weights:
-            raise DfmError(f"--text-encoder {self.encoder} needs --clip-weights PATH: an open_clip checkpoint "
-                           "(e.g. ViT-L-14's open_clip_pytorch_model.bin) with --clip-model NAME or config JSON")
+            raise DfmError(
+                f"--text-encoder {self.encoder} needs --clip-weights PATH: an open_clip checkpoint "
+                "(e.g. ViT-L-14's open_clip_pytorch_model.bin) with --clip-model NAME or config JSON"
+            )
         if "t5" in self.encoder and not self.t5_weights:
-            raise DfmError(f"--text-encoder {self.encoder} needs --t5-weights DIR: a local transformers folder with "
-                           "a T5 encoder and its tokenizer (e.g. FLUX.1-dev's text_encoder_2 and tokenizer_2 merged)")
+            raise DfmError(
+                f"--text-encoder {self.encoder} needs --t5-weights DIR: a local transformers folder with "
+                "a T5 encoder and its tokenizer (e.g. FLUX.1-dev's text_encoder_2 and tokenizer_2 merged)"
+            )
         if self.max_tokens < 1:
             raise DfmError(f"--text-tokens {self.max_tokens}: must be at least 1")
 
@@ -60,12 +64,15 @@ class TextEncoder:
         if "clip" in settings.encoder:
             from dfm_cli.data.weights import load_open_clip
 
-            self.clip, self.clip_tokenizer = load_open_clip(settings.clip_model, Path(settings.clip_weights),
-                                                            "--clip-model")
+            self.clip, self.clip_tokenizer = load_open_clip(
+                settings.clip_model, Path(settings.clip_weights), "--clip-model"
+            )
             self.clip = self.clip.to(device)
             if settings.encoder == "clip" and settings.max_tokens > self.clip.positional_embedding.shape[0]:
-                raise DfmError(f"--text-tokens {settings.max_tokens}: CLIP reads at most "
-                               f"{self.clip.positional_embedding.shape[0]} tokens")
+                raise DfmError(
+                    f"--text-tokens {settings.max_tokens}: CLIP reads at most "
+                    f"{self.clip.positional_embedding.shape[0]} tokens"
+                )
         if "t5" in settings.encoder:
             self.t5, self.t5_tokenizer = _load_t5(Path(settings.t5_weights))
             self.t5 = self.t5.to(device)
@@ -88,14 +95,18 @@ class TextEncoder:
         # the end token has the largest id (open_clip's own pooling); causal attention makes
         # keeping only the first max_tokens hidden states exact
         pooled = x[torch.arange(len(text)), text.argmax(dim=-1)]
-        pooled = net.text_projection(pooled) if isinstance(net.text_projection, torch.nn.Linear) \
+        pooled = (
+            net.text_projection(pooled)
+            if isinstance(net.text_projection, torch.nn.Linear)
             else pooled @ net.text_projection
+        )
         n = self.settings.max_tokens
         return TextCond(x[:, :n].float().cpu(), (text[:, :n] != 0).cpu(), pooled.float().cpu())
 
     def _t5(self, captions: list[str]) -> TextCond:
-        batch = self.t5_tokenizer(captions, padding="max_length", max_length=self.settings.max_tokens,
-                                  truncation=True, return_tensors="pt").to(self.device)
+        batch = self.t5_tokenizer(
+            captions, padding="max_length", max_length=self.settings.max_tokens, truncation=True, return_tensors="pt"
+        ).to(self.device)
         tokens = self.t5(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.float()
         mask = batch.attention_mask.bool()
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -108,21 +119,27 @@ def _load_t5(folder: Path):
     except ImportError:
         raise DfmError("the T5 text encoder needs transformers: pip install 'dfm[t5]'") from None
     if not (folder / "config.json").is_file():
-        raise DfmError(f"--t5-weights {folder}: no config.json there; pass a local transformers folder holding a "
-                       "T5 encoder (config.json, model.safetensors) and its tokenizer files")
+        raise DfmError(
+            f"--t5-weights {folder}: no config.json there; pass a local transformers folder holding a "
+            "T5 encoder (config.json, model.safetensors) and its tokenizer files"
+        )
     try:
-        return T5EncoderModel.from_pretrained(folder).eval().requires_grad_(False), AutoTokenizer.from_pretrained(folder)
+        return T5EncoderModel.from_pretrained(folder).eval().requires_grad_(False), AutoTokenizer.from_pretrained(
+            folder
+        )
     except (OSError, ValueError) as e:
-        raise DfmError(f"--t5-weights {folder}: not a readable T5 encoder with tokenizer "
-                       f"({str(e).splitlines()[0][:160]})") from None
+        raise DfmError(
+            f"--t5-weights {folder}: not a readable T5 encoder with tokenizer ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def read_captions(path: Path) -> dict[str, str]:
     """Captions by file path (relative to the source folder): a CSV with `path,caption`
     columns (a header row naming them is optional) or JSONL with `path` and `caption` keys."""
     if not path.is_file():
-        raise DfmError(f"--captions {path}: not found; pass a CSV (path,caption) or JSONL "
-                       '({"path": ..., "caption": ...}) file')
+        raise DfmError(
+            f'--captions {path}: not found; pass a CSV (path,caption) or JSONL ({{"path": ..., "caption": ...}}) file'
+        )
     out: dict[str, str] = {}
     with reading(path, "captions file (UTF-8)"):
         text = path.read_text(encoding="utf-8")
@@ -182,9 +199,11 @@ class Captioner:
         """Every item needs a caption: refuse before any work starts, naming a few that lack one."""
         missing = [self.key(n) for n in names if self.key(n) not in self.table]
         if missing:
-            raise DfmError(f"--captions {self.file}: {len(missing)} of {len(names)} files have no caption, e.g. "
-                           f"{', '.join(missing[:3])}; add a 'path,caption' line for each (paths relative to "
-                           f"{self.root})")
+            raise DfmError(
+                f"--captions {self.file}: {len(missing)} of {len(names)} files have no caption, e.g. "
+                f"{', '.join(missing[:3])}; add a 'path,caption' line for each (paths relative to "
+                f"{self.root})"
+            )
 
     def __call__(self, names: list[str]) -> TextCond:
         return self.encoder([self.table[self.key(n)] for n in names])

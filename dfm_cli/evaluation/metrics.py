@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import LaplacianPyramid
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,8 +31,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise DfmError(f"feature statistics differ in size: {mu1.shape} vs {mu2.shape}; were they made "
-                       "with the same feature extractor?")
+        raise DfmError(
+            f"feature statistics differ in size: {mu1.shape} vs {mu2.shape}; were they made "
+            "with the same feature extractor?"
+        )
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -52,14 +54,20 @@ def save_statistics(path: Path, stats: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def kid(features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
+def kid(
+    features1: np.ndarray, features2: np.ndarray, subsets: int = 100, subset_size: int = 1000
+) -> tuple[float, float]:
     """KID mean and std through torch-fidelity (polynomial kernel, unbiased MMD²)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
     size = min(subset_size, len(features1), len(features2))
-    out = kid_features_to_metric(torch.from_numpy(np.asarray(features1, np.float64)),
-                                 torch.from_numpy(np.asarray(features2, np.float64)),
-                                 kid_subsets=subsets, kid_subset_size=size, verbose=False)
+    out = kid_features_to_metric(
+        torch.from_numpy(np.asarray(features1, np.float64)),
+        torch.from_numpy(np.asarray(features2, np.float64)),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        verbose=False,
+    )
     return float(out["kernel_inception_distance_mean"]), float(out["kernel_inception_distance_std"])
 
 
@@ -95,8 +103,8 @@ def knn_radii(features: np.ndarray, k: int = 3, block: int = 1024) -> np.ndarray
         raise DfmError(f"precision/recall with k = {k} needs more than {k} samples per set, got {len(f)}")
     radii = np.empty(len(f))
     for start in range(0, len(f), block):
-        d = _squared_distances(f[start: start + block], f)
-        radii[start: start + block] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+        d = _squared_distances(f[start : start + block], f)
+        radii[start : start + block] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
     return radii
 
 
@@ -104,8 +112,8 @@ def _covered(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, block: 
     """For each point: does it lie in at least one ball (centre, k-NN radius)?"""
     inside = np.zeros(len(points), dtype=bool)
     for start in range(0, len(points), block):
-        d = _squared_distances(points[start: start + block], centres)
-        inside[start: start + block] = (d <= radii[None, :]).any(1)
+        d = _squared_distances(points[start : start + block], centres)
+        inside[start : start + block] = (d <= radii[None, :]).any(1)
     return inside
 
 
@@ -131,8 +139,9 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int 
 # --------------------------------------------------------------------------- SWD
 
 
-def swd_descriptors(images: np.ndarray, levels: int, patch: int = 7, per_image: int = 128,
-                    seed: int = 0) -> list[np.ndarray]:
+def swd_descriptors(
+    images: np.ndarray, levels: int, patch: int = 7, per_image: int = 128, seed: int = 0
+) -> list[np.ndarray]:
     """Random `patch × patch` neighbourhoods from each level of a Laplacian pyramid, coarsest
     first, each level normalised per channel (ProGAN's SWD descriptors, on dfm's pyramid)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double() / 127.5 - 1
@@ -142,8 +151,9 @@ def swd_descriptors(images: np.ndarray, levels: int, patch: int = 7, per_image: 
     for band in pyramid.decompose(x):
         n, c, h, w = band.shape
         if h < patch or w < patch:
-            raise DfmError(f"images of {x.shape[-2]}x{x.shape[-1]} are too small for {levels} SWD levels; "
-                           "use fewer (--swd-levels)")
+            raise DfmError(
+                f"images of {x.shape[-2]}x{x.shape[-1]} are too small for {levels} SWD levels; use fewer (--swd-levels)"
+            )
         ys = rng.integers(0, h - patch + 1, (n, per_image))
         xs = rng.integers(0, w - patch + 1, (n, per_image))
         offsets = np.arange(patch)
@@ -157,8 +167,7 @@ def swd_descriptors(images: np.ndarray, levels: int, patch: int = 7, per_image: 
     return out
 
 
-def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 512, repeats: int = 4,
-                       seed: int = 0) -> float:
+def sliced_wasserstein(a: np.ndarray, b: np.ndarray, projections: int = 512, repeats: int = 4, seed: int = 0) -> float:
     """Mean over random unit directions of the 1D Wasserstein-1 distance between projections."""
     rng = np.random.default_rng(seed)
     n = min(len(a), len(b))

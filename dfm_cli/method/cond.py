@@ -59,8 +59,10 @@ def cat_cond(parts: Sequence[Cond]) -> Cond:
 def where_dropped(drop: torch.Tensor, null: Cond, y: Cond) -> Cond:
     """`y` with the rows in `drop` replaced by `null` (label dropout for classifier-free guidance)."""
     if isinstance(y, TextCond):
+
         def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.where(drop.reshape(-1, *([1] * (a.ndim - 1))), a.to(b.dtype), b)
+
         return TextCond(pick(null.tokens, y.tokens), pick(null.mask, y.mask), pick(null.pooled, y.pooled))
     return torch.where(drop, null, y)
 

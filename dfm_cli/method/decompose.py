@@ -79,14 +79,10 @@ class TwoBandPyramid(ABC):
             raise DfmError(f"levels must be >= 1, got {levels}")
         self.levels = levels
         self.factors = list(factors) if factors is not None else [2] * (levels - 1)
-        self.temporal_factors = (
-            list(temporal_factors) if temporal_factors is not None else [1] * (levels - 1)
-        )
+        self.temporal_factors = list(temporal_factors) if temporal_factors is not None else [1] * (levels - 1)
         for name, fs in (("factors", self.factors), ("temporal factors", self.temporal_factors)):
             if len(fs) != levels - 1:
-                raise DfmError(
-                    f"{levels} levels need {levels - 1} {name} (one per transition), got {fs}"
-                )
+                raise DfmError(f"{levels} levels need {levels - 1} {name} (one per transition), got {fs}")
             if any(int(f) != f or f < 1 for f in fs):
                 raise DfmError(f"{name} must be positive integers, got {fs}")
 
@@ -219,12 +215,15 @@ class HaarWavelet(TwoBandPyramid):
     ([4.0], [-3.0, -1.0, 1.0, 3.0])
     """
 
-    def __init__(self, levels: int, factors: Sequence[int] | None = None,
-                 temporal_factors: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, levels: int, factors: Sequence[int] | None = None, temporal_factors: Sequence[int] | None = None
+    ) -> None:
         super().__init__(levels, factors, temporal_factors)
         if not all(_is_power_of_two(f) for f in self.factors):
-            raise DfmError(f"flow.decomposition = 'dwt' halves the size per Haar step: factors must be "
-                           f"powers of two, got {self.factors}")
+            raise DfmError(
+                f"flow.decomposition = 'dwt' halves the size per Haar step: factors must be "
+                f"powers of two, got {self.factors}"
+            )
         _spatial_only("dwt", self.temporal_factors)
 
     def _down(self, x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -253,8 +252,13 @@ class BlockDCT(TwoBandPyramid):
     (8, 0.5, True)
     """
 
-    def __init__(self, levels: int, factors: Sequence[int] | None = None,
-                 temporal_factors: Sequence[int] | None = None, block: int = 8) -> None:
+    def __init__(
+        self,
+        levels: int,
+        factors: Sequence[int] | None = None,
+        temporal_factors: Sequence[int] | None = None,
+        block: int = 8,
+    ) -> None:
         super().__init__(levels, factors, temporal_factors)
         _spatial_only("dct", self.temporal_factors)
         self.block = block
@@ -277,8 +281,10 @@ class BlockDCT(TwoBandPyramid):
 
 def _spatial_only(name: str, temporal_factors: Sequence[int]) -> None:
     if any(f != 1 for f in temporal_factors):
-        raise DfmError(f"flow.decomposition = {name!r} transforms frames independently: "
-                       f"flow.temporal_factors must all be 1, got {list(temporal_factors)}")
+        raise DfmError(
+            f"flow.decomposition = {name!r} transforms frames independently: "
+            f"flow.temporal_factors must all be 1, got {list(temporal_factors)}"
+        )
 
 
 def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
@@ -341,8 +347,10 @@ class UpsampledCoarse:
 
     def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
         levels = self.decomposition.decompose(x)
-        return [_per_frame(levels[0], lambda v: F.interpolate(v, scale_factor=self.factors[0], mode="nearest")),
-                *levels[1:]]
+        return [
+            _per_frame(levels[0], lambda v: F.interpolate(v, scale_factor=self.factors[0], mode="nearest")),
+            *levels[1:],
+        ]
 
     def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         coarse = _per_frame(levels[0], lambda v: F.avg_pool2d(v, self.factors[0]))
@@ -370,8 +378,10 @@ def build_decomposition(
     if name == "laplacian":
         pyramid = LaplacianPyramid(levels, factors, temporal_factors, antialias)
     elif antialias:
-        raise DfmError(f"flow.antialias applies to the 'laplacian' decomposition only; "
-                       f"set it to false with flow.decomposition = {name!r}")
+        raise DfmError(
+            f"flow.antialias applies to the 'laplacian' decomposition only; "
+            f"set it to false with flow.decomposition = {name!r}"
+        )
     else:
         pyramid = DECOMPOSITIONS[name](levels, factors, temporal_factors)
     return UpsampledCoarse(pyramid) if upsample_coarse else pyramid

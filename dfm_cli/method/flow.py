@@ -37,13 +37,18 @@ class Draws:
     noise: list[torch.Tensor]
 
     def to(self, device: torch.device) -> Draws:
-        return Draws(self.stage.to(device), self.t.to(device), self.drop.to(device),
-                     [n.to(device, non_blocking=True) for n in self.noise])
+        return Draws(
+            self.stage.to(device),
+            self.t.to(device),
+            self.drop.to(device),
+            [n.to(device, non_blocking=True) for n in self.noise],
+        )
 
     def pin_memory(self) -> Draws:
         """Called by a `DataLoader` with `pin_memory=True`, so the copy to the GPU can overlap."""
-        return Draws(self.stage.pin_memory(), self.t.pin_memory(), self.drop.pin_memory(),
-                     [n.pin_memory() for n in self.noise])
+        return Draws(
+            self.stage.pin_memory(), self.t.pin_memory(), self.drop.pin_memory(), [n.pin_memory() for n in self.noise]
+        )
 
     def __getitem__(self, rows: slice) -> Draws:
         """The draws of a slice of the batch (a micro-batch)."""
@@ -145,15 +150,19 @@ class FlowObjective:
         )
         weights = torch.tensor(list(self.level_weights) or [1.0] * self.levels, device=device)
         per_sample = (level_mse * active * weights).sum(1)
-        return {"loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse,
-                "active": active, "stage": d.stage, "t": d.t}
+        return {
+            "loss": per_sample.mean(),
+            "per_sample": per_sample,
+            "level_mse": level_mse,
+            "active": active,
+            "stage": d.stage,
+            "t": d.t,
+        }
 
 
 def mask_later_levels(levels: Sequence[torch.Tensor], stage: torch.Tensor) -> list[torch.Tensor]:
     """Zero every level after each sample's stage; the model input for levels not yet generated."""
-    return [
-        level * _bcast((stage >= s).to(level.dtype), level) for s, level in enumerate(levels)
-    ]
+    return [level * _bcast((stage >= s).to(level.dtype), level) for s, level in enumerate(levels)]
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

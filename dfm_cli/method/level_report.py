@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
 from dfm_cli.errors import DfmError
 from dfm_cli.media import save_grid, signed_to_unit
+from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
 
 
 def energy_shares(levels: Sequence[torch.Tensor]) -> list[float]:
@@ -65,8 +65,9 @@ class LevelReport:
         return None if self.latent_shares is None else equivariance(self.shares, self.latent_shares)
 
 
-def analyse(x: torch.Tensor, decomposition: Decomposition,
-            encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LevelReport:
+def analyse(
+    x: torch.Tensor, decomposition: Decomposition, encode: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> LevelReport:
     """Decompose `x` (`1 C [T] H W`), recompose it, and measure the energy split; with
     `encode`, do the same for the latent.
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dfm_cli.method.decompose import Decomposition, LaplacianPyramid
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import Decomposition, LaplacianPyramid
 
 
 def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096, batch: int = 256) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096
     sums = sq = None
     count = torch.zeros(pyramid.levels, dtype=torch.float64)
     for start in range(0, n, batch):
-        x = torch.stack([data[i][0] for i in picks[start:start + batch]]).double()
+        x = torch.stack([data[i][0] for i in picks[start : start + batch]]).double()
         levels = pyramid.decompose(x)
         dims = [0] + list(range(2, x.ndim))
         s = torch.stack([lv.sum(dims) for lv in levels])
@@ -35,9 +35,16 @@ def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096
         count += torch.tensor([lv.numel() / lv.shape[1] for lv in levels], dtype=torch.float64)
     mean = sums / count[:, None]
     std = (sq / count[:, None] - mean**2).clamp_min(1e-12).sqrt()
-    return {"levels": pyramid.levels, "factors": pyramid.factors, "temporal_factors": pyramid.temporal_factors,
-            "antialias": bool(getattr(pyramid, "antialias", False)), "mean": mean.tolist(), "std": std.tolist(),
-            "items": n, "picked": "strided"}
+    return {
+        "levels": pyramid.levels,
+        "factors": pyramid.factors,
+        "temporal_factors": pyramid.temporal_factors,
+        "antialias": bool(getattr(pyramid, "antialias", False)),
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "items": n,
+        "picked": "strided",
+    }
 
 
 def stored_level_statistics(index: dict[str, Any], pyramid: LaplacianPyramid) -> dict[str, Any] | None:
@@ -46,14 +53,19 @@ def stored_level_statistics(index: dict[str, Any], pyramid: LaplacianPyramid) ->
     `antialias` are refused: they would standardize the levels with the wrong scale."""
     stored = index.get("level_stats")
     if not stored or (stored["levels"], stored["factors"], stored["temporal_factors"]) != (
-            pyramid.levels, list(pyramid.factors), list(pyramid.temporal_factors)):
+        pyramid.levels,
+        list(pyramid.factors),
+        list(pyramid.temporal_factors),
+    ):
         return None
     theirs, antialias = bool(stored.get("antialias", False)), bool(pyramid.antialias)  # older stores: False
     if theirs != antialias:
-        raise DfmError(f"flow.antialias = {str(antialias).lower()}, but the store's level statistics were computed "
-                       f"with antialias = {str(theirs).lower()}; re-encode it with "
-                       f"`dfm encode ... {'--antialias' if antialias else '--no-antialias'} --overwrite` or set "
-                       f"flow.antialias = {str(theirs).lower()}")
+        raise DfmError(
+            f"flow.antialias = {str(antialias).lower()}, but the store's level statistics were computed "
+            f"with antialias = {str(theirs).lower()}; re-encode it with "
+            f"`dfm encode ... {'--antialias' if antialias else '--no-antialias'} --overwrite` or set "
+            f"flow.antialias = {str(theirs).lower()}"
+        )
     if stored.get("picked") != "strided":  # older stores measured only their first (class-sorted) items
         return None
     return stored
@@ -67,14 +79,17 @@ class Standardized:
     the store keeps them.
     """
 
-    def __init__(self, decomposition: Decomposition, mean: Sequence[Sequence[float]],
-                 std: Sequence[Sequence[float]]) -> None:
+    def __init__(
+        self, decomposition: Decomposition, mean: Sequence[Sequence[float]], std: Sequence[Sequence[float]]
+    ) -> None:
         self.decomposition, self.levels = decomposition, decomposition.levels
         self.mean = [torch.tensor(m, dtype=torch.float32) for m in mean]
         self.std = [torch.tensor(s, dtype=torch.float32) for s in std]
         if len(self.mean) != decomposition.levels:
-            raise DfmError(f"standardization statistics cover {len(self.mean)} levels, the decomposition has "
-                           f"{decomposition.levels}; re-run `dfm encode` with matching --levels/--factors")
+            raise DfmError(
+                f"standardization statistics cover {len(self.mean)} levels, the decomposition has "
+                f"{decomposition.levels}; re-run `dfm encode` with matching --levels/--factors"
+            )
 
     def _shape(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return v.to(like.device, like.dtype).reshape(1, -1, *([1] * (like.ndim - 2)))
@@ -83,12 +98,15 @@ class Standardized:
         return self.decomposition.level_sizes(size)
 
     def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [(lv - self._shape(m, lv)) / self._shape(s, lv)
-                for lv, m, s in zip(self.decomposition.decompose(x), self.mean, self.std)]
+        return [
+            (lv - self._shape(m, lv)) / self._shape(s, lv)
+            for lv, m, s in zip(self.decomposition.decompose(x), self.mean, self.std)
+        ]
 
     def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.decomposition.recompose([lv * self._shape(s, lv) + self._shape(m, lv)
-                                             for lv, m, s in zip(levels, self.mean, self.std)])
+        return self.decomposition.recompose(
+            [lv * self._shape(s, lv) + self._shape(m, lv) for lv, m, s in zip(levels, self.mean, self.std)]
+        )
 
     def upsample_to(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return self.decomposition.upsample_to(x, size)

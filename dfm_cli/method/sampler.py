@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from dfm_cli.errors import DfmError
+from dfm_cli.method.cond import Cond, cat_cond
 from dfm_cli.method.flow import Velocity, mask_later_levels
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
-from dfm_cli.method.cond import Cond, cat_cond
 
 SOLVERS = ("euler", "heun")
 
@@ -120,7 +120,7 @@ class SamplerSettings:
     @classmethod
     def resolve(
         cls,
-        recipe: "dfm_cli.config.recipe.Recipe",  # named, not imported: the recipe module imports this one
+        recipe: dfm_cli.config.recipe.Recipe,  # named, not imported: the recipe module imports this one
         levels: int,
         *,
         stages: int | None = None,
@@ -153,8 +153,10 @@ class SamplerSettings:
         if not 1 <= stages <= levels:
             raise DfmError(f"--stages {stages}: the model has {levels} levels; pick 1..{levels}")
         if steps is not None and len(steps) != stages:
-            raise DfmError(f"--steps {_csv(steps)}: give {stages} step count{'s' * (stages != 1)}, "
-                           f"one per stage (--stages {stages})")
+            raise DfmError(
+                f"--steps {_csv(steps)}: give {stages} step count{'s' * (stages != 1)}, "
+                f"one per stage (--stages {stages})"
+            )
         if steps is None and len(s.steps) < stages:
             raise DfmError(f"sample.steps = {s.steps}: {stages} stages need {stages} step counts")
         tau_values = list(s.tau if tau is None else tau)
@@ -238,8 +240,13 @@ class GuidedVelocity:
     the unconditional half is skipped. Both halves run as one forward of twice the batch.
     """
 
-    def __init__(self, velocity: Velocity, cfg: float, null: int | Callable[[int], Cond],
-                 interval: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        velocity: Velocity,
+        cfg: float,
+        null: int | Callable[[int], Cond],
+        interval: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
         """`null`: the null class, or a function giving the null condition for n samples."""
         self.velocity, self.cfg, self.null, self.interval = velocity, cfg, null, interval
 
@@ -252,8 +259,7 @@ class GuidedVelocity:
         """Whether this call runs the batch twice (counts as a guided NFE)."""
         return bool(self.guided_levels(t, stage).any())
 
-    def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: Cond,
-                 stage: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor) -> list[torch.Tensor]:
         guide = self.guided_levels(t, stage)
         if not bool(guide.any()):
             return self.velocity(xs, t, y, stage)
@@ -367,8 +373,15 @@ def generate(
     device = next(model.parameters()).device
     guided = GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)
     if hasattr(decomposition, "generate"):  # the Pyramidal and Cascaded baselines sample their own way
-        x, nfe = decomposition.generate(guided, labels.to(device), model, settings.steps, seed,
-                                        range(first_index, first_index + len(labels)), device)
+        x, nfe = decomposition.generate(
+            guided,
+            labels.to(device),
+            model,
+            settings.steps,
+            seed,
+            range(first_index, first_index + len(labels)),
+            device,
+        )
         return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
     if settings.stages > model.levels:
         raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")

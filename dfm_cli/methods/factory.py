@@ -8,19 +8,18 @@ from pathlib import Path
 
 import torch
 
+from dfm_cli.config.recipe import Recipe, load_recipe
 from dfm_cli.data.checkpoints import STATE, RunInfo, load_checkpoint, resolve_checkpoint
-from dfm_cli.method.decompose import Decomposition, TwoBandPyramid, build_decomposition
 from dfm_cli.errors import DfmError
+from dfm_cli.method.decompose import Decomposition, TwoBandPyramid, build_decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.level_stats import Standardized
 from dfm_cli.models.dit import DFMDiT, model_size
-from dfm_cli.config.recipe import Recipe, load_recipe
 
 
 def plain_pyramid(recipe: Recipe) -> TwoBandPyramid:
     f = recipe.flow
-    return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias,
-                               f.upsample_coarse)
+    return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias, f.upsample_coarse)
 
 
 def model_level_sizes(recipe: Recipe, size: Sequence[int]) -> list[tuple[int, ...]]:
@@ -48,8 +47,13 @@ def build_pyramid(recipe: Recipe, level_stats: dict | None = None) -> Decomposit
     return pyramid
 
 
-def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
-                level_rms: Sequence[float] | None = None, text: dict | None = None) -> DFMDiT:
+def build_model(
+    recipe: Recipe,
+    shape: tuple[int, ...],
+    num_classes: int,
+    level_rms: Sequence[float] | None = None,
+    text: dict | None = None,
+) -> DFMDiT:
     """The model for data of shape `C [T] H W` (pixels, or a store's latents); `level_rms`
     (see `precondition_rms`) is required when `flow.precondition` is on; `text` (a store's
     caption encoder record, with `dims`) makes it text-conditioned."""
@@ -59,15 +63,29 @@ def build_model(recipe: Recipe, shape: tuple[int, ...], num_classes: int,
         from dfm_cli.models.flux import DFMFlux, flux_config
 
         if not text:
-            raise DfmError("model.kind = 'flux' is text-conditioned: train on a store encoded with "
-                           "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]")
-        return DFMFlux(flux_config(recipe.flux, text["dims"]), model_level_sizes(recipe, shape[1:]),
-                       shape[0], recipe.flux.patch, tuple(text["dims"]), recipe.flux.guidance)
+            raise DfmError(
+                "model.kind = 'flux' is text-conditioned: train on a store encoded with "
+                "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]"
+            )
+        return DFMFlux(
+            flux_config(recipe.flux, text["dims"]),
+            model_level_sizes(recipe, shape[1:]),
+            shape[0],
+            recipe.flux.patch,
+            tuple(text["dims"]),
+            recipe.flux.guidance,
+        )
     if recipe.model.kind == "dfm" and recipe.flow.method == "cascaded":
         from dfm_cli.baselines.cascaded import CascadedDiT
 
-        return CascadedDiT(model_size(recipe.model.name), plain_pyramid(recipe).level_sizes(shape[1:]), shape[0],
-                           num_classes, recipe.model.pos, tuple(text["dims"]) if text else None)
+        return CascadedDiT(
+            model_size(recipe.model.name),
+            plain_pyramid(recipe).level_sizes(shape[1:]),
+            shape[0],
+            num_classes,
+            recipe.model.pos,
+            tuple(text["dims"]) if text else None,
+        )
     return DFMDiT(
         model_size(recipe.model.name),
         model_level_sizes(recipe, shape[1:]),
@@ -90,8 +108,10 @@ def precondition_rms(recipe: Recipe, level_stats: dict | None) -> list[float] | 
         return [1.0] * recipe.flow.levels
     if level_stats is None:
         raise DfmError("flow.precondition needs per-level statistics (from the store or the data)")
-    return [math.sqrt(sum(m * m + s * s for m, s in zip(mean, std)) / len(mean))
-            for mean, std in zip(level_stats["mean"], level_stats["std"])]
+    return [
+        math.sqrt(sum(m * m + s * s for m, s in zip(mean, std)) / len(mean))
+        for mean, std in zip(level_stats["mean"], level_stats["std"])
+    ]
 
 
 def cascade_settings(recipe: Recipe):
@@ -106,13 +126,19 @@ def build_objective(recipe: Recipe) -> FlowObjective:
     if f.method == "cascaded":
         from dfm_cli.baselines.cascaded import CascadedObjective
 
-        return CascadedObjective(cascade_settings(recipe), recipe.train.steps, p_stage=tuple(f.p_stage),
-                                 t_loc=f.t_loc, t_scale=f.t_scale)
+        return CascadedObjective(
+            cascade_settings(recipe), recipe.train.steps, p_stage=tuple(f.p_stage), t_loc=f.t_loc, t_scale=f.t_scale
+        )
     if f.method == "pyramidal":
         from dfm_cli.baselines.pyramidal import PyramidalObjective, PyramidalSchedule
 
-        return PyramidalObjective(PyramidalSchedule(tuple(f.factors), f.gamma), p_stage=tuple(f.p_stage),
-                                  per_batch_stage=f.per_batch_stage, t_loc=f.t_loc, t_scale=f.t_scale)
+        return PyramidalObjective(
+            PyramidalSchedule(tuple(f.factors), f.gamma),
+            p_stage=tuple(f.p_stage),
+            per_batch_stage=f.per_batch_stage,
+            t_loc=f.t_loc,
+            t_scale=f.t_scale,
+        )
     return FlowObjective(
         p_stage=tuple(f.p_stage),
         per_batch_stage=f.per_batch_stage,
@@ -131,9 +157,11 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[DFMDiT, Recipe, Ru
     ckpt = resolve_checkpoint(path)
     recipe = load_recipe(ckpt / "recipe.toml")
     if recipe.model.kind == "autoencoder":
-        raise DfmError(f"{ckpt.parent.parent} is an autoencoder run, not a generator: encode data with it "
-                       f"(dfm encode SOURCE --ae kl --ae-weights {ckpt.parent.parent / 'autoencoder'} --out STORE) "
-                       "and train a DFM recipe on the store")
+        raise DfmError(
+            f"{ckpt.parent.parent} is an autoencoder run, not a generator: encode data with it "
+            f"(dfm encode SOURCE --ae kl --ae-weights {ckpt.parent.parent / 'autoencoder'} --out STORE) "
+            "and train a DFM recipe on the store"
+        )
     name = "ema" if ema else "model"
     weights, state = load_checkpoint(ckpt, (name,))
     info = RunInfo.from_state(state, ckpt / STATE)
@@ -160,16 +188,24 @@ def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dic
     if recipe.model.kind == "autoencoder":
         raise DfmError(f"train.init_from = '{path}' is an autoencoder run, not a flow model")
     if recipe.model.kind != kind:
-        raise DfmError(f"train.init_from = '{path}' is a model.kind = '{recipe.model.kind}' run; this run trains "
-                       f"'{kind}': start from a single-level run of the same kind")
+        raise DfmError(
+            f"train.init_from = '{path}' is a model.kind = '{recipe.model.kind}' run; this run trains "
+            f"'{kind}': start from a single-level run of the same kind"
+        )
     if recipe.flow.levels != 1:
-        raise DfmError(f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
-                       f"{recipe.flow.levels} levels")
+        raise DfmError(
+            f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
+            f"{recipe.flow.levels} levels"
+        )
     weights, state = load_checkpoint(ckpt, ("ema",))
     old = RunInfo.from_state(state, ckpt / STATE)
-    for what, have, want in (("data shape", list(old.shape), list(info.shape)),
-                             ("number of classes", old.num_classes, info.num_classes)):
+    for what, have, want in (
+        ("data shape", list(old.shape), list(info.shape)),
+        ("number of classes", old.num_classes, info.num_classes),
+    ):
         if have != want:
-            raise DfmError(f"train.init_from = '{path}' was trained on {what} {have}, this run has {want}; "
-                           "finetune on data of the same shape and classes")
+            raise DfmError(
+                f"train.init_from = '{path}' was trained on {what} {have}, this run has {want}; "
+                "finetune on data of the same shape and classes"
+            )
     return weights["ema"]

@@ -48,12 +48,16 @@ def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor], lev
         if target not in own and f"{target.rpartition('.')[0]}.base.{target.rpartition('.')[2]}" in own:
             target = f"{target.rpartition('.')[0]}.base.{target.rpartition('.')[2]}"  # a layer with per-stage experts
         if target not in own:
-            raise DfmError(f"pretrained weight {key} has no place in this model; was it trained with another "
-                           "model.name or model.pos?")
+            raise DfmError(
+                f"pretrained weight {key} has no place in this model; was it trained with another "
+                "model.name or model.pos?"
+            )
         if own[target].shape != value.shape:
-            raise DfmError(f"pretrained weight {key} has shape {tuple(value.shape)}, this model's {target} has "
-                           f"{tuple(own[target].shape)}: the level it goes to must use the pretrained patch size "
-                           "(same model.name) and the same data shape")
+            raise DfmError(
+                f"pretrained weight {key} has shape {tuple(value.shape)}, this model's {target} has "
+                f"{tuple(own[target].shape)}: the level it goes to must use the pretrained patch size "
+                "(same model.name) and the same data shape"
+            )
         new[target] = value.clone()
     for other in (s for s in range(model.levels) if s != target_level):
         for head in PER_LEVEL:

@@ -27,10 +27,10 @@ from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError
-from dfm_cli.models.experts import specialize
-from dfm_cli.method.level_stats import per_sample, precondition_scales
-from dfm_cli.models.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
 from dfm_cli.method.cond import Cond, NullText, TextCond
+from dfm_cli.method.level_stats import per_sample, precondition_scales
+from dfm_cli.models.experts import specialize
+from dfm_cli.models.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
 
 # --------------------------------------------------------------------------- embedders
 
@@ -62,14 +62,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(channels * self.pt * self.p * self.p, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(
-            x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p
-        )
+        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p)
         return self.proj(x)
 
 
 # --------------------------------------------------------------------------- block
-
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -125,13 +122,16 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(hidden, heads) if text else None
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         mlp = int(hidden * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden)
-        )
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, hidden))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None,
-                text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: torch.Tensor | None,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
         if self.cross is not None:
@@ -160,8 +160,14 @@ class LevelHead(nn.Module):
         if not video:  # images: no frame axis, and no view of one (FSDP2 wants fresh outputs)
             return rearrange(x, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=h, w=w, ph=self.p, pw=self.p)
         return rearrange(
-            x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
-            t=t, h=h, w=w, pt=self.pt, ph=self.p, pw=self.p,
+            x,
+            "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            t=t,
+            h=h,
+            w=w,
+            pt=self.pt,
+            ph=self.p,
+            pw=self.p,
         )
 
 
@@ -226,10 +232,12 @@ class DFMDiT(nn.Module):
         if self.text_dims:
             _, token_dim, pooled_dim = self.text_dims
             self.null_text = NullText(*self.text_dims)
-            self.text_pooled = nn.Sequential(nn.Linear(pooled_dim, size.hidden), nn.SiLU(),
-                                             nn.Linear(size.hidden, size.hidden))
-            self.text_tokens = nn.Sequential(nn.Linear(token_dim, size.hidden), nn.GELU(approximate="tanh"),
-                                             nn.Linear(size.hidden, size.hidden))
+            self.text_pooled = nn.Sequential(
+                nn.Linear(pooled_dim, size.hidden), nn.SiLU(), nn.Linear(size.hidden, size.hidden)
+            )
+            self.text_tokens = nn.Sequential(
+                nn.Linear(token_dim, size.hidden), nn.GELU(approximate="tanh"), nn.Linear(size.hidden, size.hidden)
+            )
         else:
             self.y_embedder = nn.Embedding(num_classes + 1, size.hidden)
         self.stage_embedder = nn.Embedding(levels, size.hidden)
@@ -240,7 +248,8 @@ class DFMDiT(nn.Module):
         self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
         head_dim = size.hidden // size.heads
         self.register_buffer(
-            "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
+            "rope",
+            rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
             persistent=False,
         )
         self.register_buffer(
@@ -250,8 +259,9 @@ class DFMDiT(nn.Module):
         )
         if level_rms is not None:
             if len(level_rms) != levels or any(not v > 0 for v in level_rms):
-                raise DfmError(f"preconditioning needs one positive level RMS per level ({levels}), "
-                               f"got {list(level_rms)}")
+                raise DfmError(
+                    f"preconditioning needs one positive level RMS per level ({levels}), got {list(level_rms)}"
+                )
             self.register_buffer("level_rms", torch.tensor([float(v) for v in level_rms]))
         else:
             self.level_rms = None
@@ -304,8 +314,10 @@ class DFMDiT(nn.Module):
         c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
         scaled = [x * per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
         out = self.network(scaled, t, y, stage)
-        return [per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o
-                for s, (x, o) in enumerate(zip(levels, out))]
+        return [
+            per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o
+            for s, (x, o) in enumerate(zip(levels, out))
+        ]
 
     def network(
         self,
@@ -349,14 +361,18 @@ class DFMDiT(nn.Module):
         x = self.final_norm(x[:, :n])
         return [head(x, c, grid, self.video) for head in self.heads]
 
-    def _positions(self, grid: tuple[int, int, int], x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _positions(
+        self, grid: tuple[int, int, int], x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """RoPE rotations or sin-cos embedding for another token grid, made on first use."""
         cache = self.__dict__.setdefault("_grid_positions", {})
         if grid not in cache:
             head_dim = self.blocks[0].attn.qkv.in_features // self.blocks[0].attn.heads
             hidden = self.blocks[0].attn.qkv.in_features
-            cache[grid] = (rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
-                           sincos_embedding(grid, hidden).to(x.device) if self.pos_embed is not None else None)
+            cache[grid] = (
+                rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
+                sincos_embedding(grid, hidden).to(x.device) if self.pos_embed is not None else None,
+            )
         return cache[grid]
 
 

@@ -26,13 +26,15 @@ from einops import rearrange
 from torch import nn
 
 from dfm_cli.errors import DfmError, reading
-from dfm_cli.models.positions import level_patches
 from dfm_cli.method.cond import NullText, TextCond
+from dfm_cli.models.positions import level_patches
 
 FLUX_DEV_TEXT = (512, 4096, 768)  # FLUX-dev's T5 tokens (max length, width) and CLIP pooled width
 TIME_FEATURES = 256  # width of FLUX's sinusoidal time features
-GET_WEIGHTS = ("download the transformer of FLUX.1-dev with `huggingface-cli download black-forest-labs/FLUX.1-dev "
-               "--include 'transformer/*' --local-dir FOLDER` and pass FOLDER/transformer")
+GET_WEIGHTS = (
+    "download the transformer of FLUX.1-dev with `huggingface-cli download black-forest-labs/FLUX.1-dev "
+    "--include 'transformer/*' --local-dir FOLDER` and pass FOLDER/transformer"
+)
 
 
 class FluxTimestepEmbedder(nn.Module):
@@ -55,8 +57,10 @@ def _flux_kwargs(config: dict, in_channels: int) -> dict:
     for key, want in (("in_channels", in_channels), ("out_channels", in_channels), ("patch_size", 1)):
         have = kwargs.pop(key, None)
         if have is not None and have != want:
-            raise DfmError(f"FLUX config {key} = {have}, but the data's channels and patch give {want} "
-                           f"(in_channels = channels x patch x patch, e.g. 16 x 2 x 2 = 64 for FLUX's latents)")
+            raise DfmError(
+                f"FLUX config {key} = {have}, but the data's channels and patch give {want} "
+                f"(in_channels = channels x patch x patch, e.g. 16 x 2 x 2 = 64 for FLUX's latents)"
+            )
     return {**kwargs, "in_channels": in_channels, "patch_size": 1}
 
 
@@ -103,13 +107,16 @@ class DFMFlux(nn.Module):
             raise DfmError(f"not a FluxTransformer2DModel config: {e}") from None
         hidden = flux.inner_dim
         self.inner_dim = hidden
-        if (text_dims[1], text_dims[2]) != (flux.context_embedder.in_features,
-                                            flux.time_text_embed.text_embedder.linear_1.in_features):
+        if (text_dims[1], text_dims[2]) != (
+            flux.context_embedder.in_features,
+            flux.time_text_embed.text_embedder.linear_1.in_features,
+        ):
             raise DfmError(
                 f"text_dims {tuple(text_dims)} (max tokens, token width, pooled width) do not fit the FLUX config: "
                 f"joint_attention_dim = {flux.context_embedder.in_features} must equal the token width and "
                 f"pooled_projection_dim = {flux.time_text_embed.text_embedder.linear_1.in_features} the pooled "
-                "width; encode the captions with the text encoders this model was trained with")
+                "width; encode the captions with the text encoders this model was trained with"
+            )
 
         # shared: FLUX's trunk as it is
         self.pos_embed = flux.pos_embed
@@ -130,8 +137,9 @@ class DFMFlux(nn.Module):
         _, gh, gw = self.grid
         rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
         # FLUX's image position ids: (0, row, col) on the token grid, as its pipeline makes them
-        self.register_buffer("img_ids", torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3),
-                             persistent=False)
+        self.register_buffer(
+            "img_ids", torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3), persistent=False
+        )
 
     @property
     def levels(self) -> int:
@@ -154,8 +162,10 @@ class DFMFlux(nn.Module):
         self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: TextCond, stage: torch.Tensor
     ) -> list[torch.Tensor]:
         _, gh, gw = self.grid
-        x = sum(embed(rearrange(level, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p))
-                for embed, level, p in zip(self.patch_embeds, levels, self.patches))
+        x = sum(
+            embed(rearrange(level, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p))
+            for embed, level, p in zip(self.patch_embeds, levels, self.patches)
+        )
         sigma = 1 - t  # FLUX's noise level
         temb = sum(emb(self._time_features(sigma[:, s], x.dtype)) for s, emb in enumerate(self.t_embedders))
         if self.guidance_embedder is not None:  # FLUX-dev is guidance-distilled: a constant scale
@@ -168,8 +178,10 @@ class DFMFlux(nn.Module):
         for block in self.blocks:
             ctx, x = block(hidden_states=x, encoder_hidden_states=ctx, temb=temb, image_rotary_emb=rope)
         x = self.norm_out(x, temb)
-        return [-rearrange(head(x), "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=gh, w=gw, ph=p, pw=p)
-                for head, p in zip(self.heads, self.patches)]
+        return [
+            -rearrange(head(x), "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=gh, w=gw, ph=p, pw=p)
+            for head, p in zip(self.heads, self.patches)
+        ]
 
     def flops_per_sample(self) -> float:
         """Forward FLOPs for one sample, 2 per multiply-add: every linear layer (patch
@@ -222,7 +234,7 @@ def flux_single_level_state(pretrained: dict[str, torch.Tensor]) -> dict[str, to
     for key, value in pretrained.items():
         for old, new in _RENAMES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         out[key] = value
     hidden = pretrained["x_embedder.weight"].shape[0]
@@ -264,10 +276,16 @@ def flux_config(section, text_dims: Sequence[int]) -> dict:
             raise DfmError(f"flux.config = '{section.config}': no config.json there; {GET_WEIGHTS}")
         with reading(path, "diffusers config (JSON)"):
             return json.loads(path.read_text())
-    return {"num_layers": section.num_layers, "num_single_layers": section.num_single_layers,
-            "attention_head_dim": section.attention_head_dim, "num_attention_heads": section.num_attention_heads,
-            "axes_dims_rope": tuple(section.axes_dims_rope), "guidance_embeds": section.guidance_embeds,
-            "joint_attention_dim": int(text_dims[1]), "pooled_projection_dim": int(text_dims[2])}
+    return {
+        "num_layers": section.num_layers,
+        "num_single_layers": section.num_single_layers,
+        "attention_head_dim": section.attention_head_dim,
+        "num_attention_heads": section.num_attention_heads,
+        "axes_dims_rope": tuple(section.axes_dims_rope),
+        "guidance_embeds": section.guidance_embeds,
+        "joint_attention_dim": int(text_dims[1]),
+        "pooled_projection_dim": int(text_dims[2]),
+    }
 
 
 def is_flux_folder(path: str | Path) -> bool:

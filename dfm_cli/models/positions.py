@@ -70,9 +70,7 @@ def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
     return torch.cat(parts, -1).float()
 
 
-def level_patches(
-    level_sizes: Sequence[tuple[int, ...]], patch: int, temporal_patch: int = 1
-) -> list[tuple[int, int]]:
+def level_patches(level_sizes: Sequence[tuple[int, ...]], patch: int, temporal_patch: int = 1) -> list[tuple[int, int]]:
     """Per-level `(pt, p)` so that every level gives the finest level's token grid.
 
     The finest level uses `patch` (and `temporal_patch`); a level at half the resolution uses

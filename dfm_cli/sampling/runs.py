@@ -30,8 +30,9 @@ def newest_run(root: Path = RUNS) -> Path:
             if ckpts:
                 found.append(((ckpts[-1] / STATE).stat().st_mtime_ns, str(run), run))
     if not found:
-        raise DfmError(f"no trained run under {root}/: train one (dfm train recipes/quickstart.toml) "
-                       "or name a run folder")
+        raise DfmError(
+            f"no trained run under {root}/: train one (dfm train recipes/quickstart.toml) or name a run folder"
+        )
     return max(found)[2]
 
 
@@ -58,6 +59,8 @@ def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         hint = "sample the raw weights with --no-ema, or " if ema else ""
-        raise DfmError(f"{weights}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
-                       f"{hint}an earlier checkpoint under {ckpt.parent}")
+        raise DfmError(
+            f"{weights}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
+            f"{hint}an earlier checkpoint under {ckpt.parent}"
+        )
     return TrainedRun(ckpt, weights, ema, model, recipe, info)

@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 
 from dfm_cli import distributed
+from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
-from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
-from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
-from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.method.cond import Cond
+from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 
 MANIFEST = "manifest.json"
 _PNG = re.compile(r"^(\d{6})\.png$")
@@ -57,8 +57,9 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def set_manifest(settings: SamplerSettings, *, seed: int, num: int, shape: Sequence[int],
-                 source: dict[str, Any]) -> dict[str, Any]:
+def set_manifest(
+    settings: SamplerSettings, *, seed: int, num: int, shape: Sequence[int], source: dict[str, Any]
+) -> dict[str, Any]:
     """What produced a set: `source` (checkpoint digest, ema, autoencoder), seed, sampler
     settings, the per-sample uint8 `shape` as written, and `num`; JSON-normalised.
 
@@ -67,8 +68,9 @@ def set_manifest(settings: SamplerSettings, *, seed: int, num: int, shape: Seque
     >>> m["steps"], m["tau"], m["num"], m["shape"]
     ([3, 2], [0.7], 8, [16, 16, 3])
     """
-    return json.loads(json.dumps({**source, "seed": seed, **dataclasses.asdict(settings),
-                                  "shape": list(shape), "num": num}))
+    return json.loads(
+        json.dumps({**source, "seed": seed, **dataclasses.asdict(settings), "shape": list(shape), "num": num})
+    )
 
 
 def manifest_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -77,6 +79,7 @@ def manifest_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     >>> manifest_difference({"seed": 0, "cfg": 1.5, "num": 8}, {"seed": 1, "cfg": 1.5, "num": 9})
     'seed 0 → 1'
     """
+
     def show(v: Any) -> str:
         text = json.dumps(v)
         return text[:14] + "…" if len(text) > 16 else text
@@ -100,14 +103,18 @@ def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def _good_rows(arrays: dict[str, np.ndarray] | None, first: int, last: int, shape: Sequence[int],
-               classes: int | Sequence[int]) -> bool:
+def _good_rows(
+    arrays: dict[str, np.ndarray] | None, first: int, last: int, shape: Sequence[int], classes: int | Sequence[int]
+) -> bool:
     """Whether `arrays` hold exactly samples first..last-1: uint8 images of `shape`, balanced labels."""
     if arrays is None or "arr_0" not in arrays or "arr_1" not in arrays:
         return False
     images, labels = arrays["arr_0"], arrays["arr_1"]
-    return (images.dtype == np.uint8 and images.shape == (last - first, *shape)
-            and np.array_equal(labels, class_balanced_labels(last, classes)[first:].numpy()))
+    return (
+        images.dtype == np.uint8
+        and images.shape == (last - first, *shape)
+        and np.array_equal(labels, class_balanced_labels(last, classes)[first:].numpy())
+    )
 
 
 def _good_png(path: Path, shape: Sequence[int]) -> bool:
@@ -187,24 +194,34 @@ def write_sample_set(
     if kept:
         on_batch(kept)
     plan = [(a, min(a + batch, num)) for a in range(kept, num, batch)]
-    for first, last in plan[ctx.rank::ctx.world]:
+    for first, last in plan[ctx.rank :: ctx.world]:
         labels = class_balanced_labels(last, classes)[first:]
         if npz:
             target = work / f"part-{first:09d}-{last:09d}.npz"
             if not _good_rows(_load_npz(target) if target.exists() else None, first, last, shape, classes):
-                images = as_rgb(to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
-                                                          first_index=first).x)))
+                images = as_rgb(
+                    to_uint8(
+                        decode(
+                            generate(model, condition(labels), decomposition, settings, seed=seed, first_index=first).x
+                        )
+                    )
+                )
                 _atomic_save(target, lambda p, im=images, lb=labels: np.savez(p, arr_0=im, arr_1=lb.numpy()))
         else:
             targets = [work / f"{i:06d}.png" for i in range(first, last)]
             bad = [t for t in targets if not _good_png(t, shape)]
             if bad:
-                images = to_uint8(decode(generate(model, condition(labels), decomposition, settings, seed=seed,
-                                                  first_index=first).x))
+                images = to_uint8(
+                    decode(generate(model, condition(labels), decomposition, settings, seed=seed, first_index=first).x)
+                )
                 for target, image in zip(targets, images):
                     if target in bad:
-                        _atomic_save(target, lambda p, im=image: Image.fromarray(
-                            im[..., 0] if im.shape[-1] == 1 else im).save(p, format="PNG"))
+                        _atomic_save(
+                            target,
+                            lambda p, im=image: Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
+                                p, format="PNG"
+                            ),
+                        )
         on_batch(last - first)
     distributed.barrier(ctx)
     if npz and ctx.main:
@@ -246,20 +263,33 @@ def write_run_sample_set(
     text = {} if prompts is None else {"classes": len(prompts.texts), "condition": prompts.condition}
     if prompts is not None:
         source["prompts"] = prompts.digest
-    return write_sample_set(trained.model, build_pyramid(trained.recipe, info.level_stats), settings, out,
-                            num=num, batch=batch, seed=seed, source=source,
-                            ctx=ctx, decode=from_config(info.autoencoder, ctx.device).decode,
-                            overwrite=overwrite, on_batch=on_batch,
-                            **{"classes": sampled_classes(trained.recipe, info), **text})
+    return write_sample_set(
+        trained.model,
+        build_pyramid(trained.recipe, info.level_stats),
+        settings,
+        out,
+        num=num,
+        batch=batch,
+        seed=seed,
+        source=source,
+        ctx=ctx,
+        decode=from_config(info.autoencoder, ctx.device).decode,
+        overwrite=overwrite,
+        on_batch=on_batch,
+        **{"classes": sampled_classes(trained.recipe, info), **text},
+    )
 
 
-def _inspect(out: Path, work: Path, npz: bool, want: dict, classes: int | Sequence[int],
-             shape: Sequence[int]) -> tuple[dict[str, np.ndarray] | None, str]:
+def _inspect(
+    out: Path, work: Path, npz: bool, want: dict, classes: int | Sequence[int], shape: Sequence[int]
+) -> tuple[dict[str, np.ndarray] | None, str]:
     """Read-only look at what `out` already holds: a finished, verified `.npz` (its arrays)
     and, when something there was made differently, why (empty when all agrees)."""
     if out.exists() and (out.is_dir() if npz else not out.is_dir()):
-        raise DfmError(f"--out {out}: is a {'folder' if out.is_dir() else 'file'}; "
-                       f"give {'a folder' if not npz else 'an .npz file name'} that is not taken")
+        raise DfmError(
+            f"--out {out}: is a {'folder' if out.is_dir() else 'file'}; "
+            f"give {'a folder' if not npz else 'an .npz file name'} that is not taken"
+        )
     held, problems = None, []
     if npz and out.exists():
         arrays = _load_npz(out)
@@ -276,7 +306,9 @@ def _inspect(out: Path, work: Path, npz: bool, want: dict, classes: int | Sequen
         if old is None and ours:
             problems.append(f"{work} holds samples without a manifest (from an older dfm)")
         elif old is not None and (diff := manifest_difference(old, want)):
-            problems.append(f"{'its unfinished parts were' if npz else 'holds samples'} made with other settings ({diff})")
+            problems.append(
+                f"{'its unfinished parts were' if npz else 'holds samples'} made with other settings ({diff})"
+            )
     return held, "; ".join(problems)
 
 
@@ -322,6 +354,14 @@ def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: No
     trained = load_for_sampling(checkpoint)
     settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels)
     with torch.no_grad():
-        write_run_sample_set(trained, settings, out, num=num, batch=batch, seed=0,
-                             ctx=distributed.Context(device=next(trained.model.parameters()).device), on_batch=on_batch)
+        write_run_sample_set(
+            trained,
+            settings,
+            out,
+            num=num,
+            batch=batch,
+            seed=0,
+            ctx=distributed.Context(device=next(trained.model.parameters()).device),
+            on_batch=on_batch,
+        )
     return out

@@ -27,18 +27,25 @@ import torch
 from rich.console import Console
 
 from dfm_cli import distributed
+from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.autoencoders import DiffusersAE
-from dfm_cli.training.autoencoder_losses import downsample, reconstruction_loss, scale_equivariance_loss
-from dfm_cli.training.batches import StreamBatches
-from dfm_cli.data.checkpoints import RunInfo, complete_checkpoints, load_training_state, run_lock, save_training_state, truncate_stats
+from dfm_cli.data.checkpoints import (
+    RunInfo,
+    complete_checkpoints,
+    load_training_state,
+    run_lock,
+    save_training_state,
+    truncate_stats,
+)
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.methods.factory import plain_pyramid
-from dfm_cli.method.level_report import analyse
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
-from dfm_cli.config.recipe import Recipe
+from dfm_cli.method.level_report import analyse
+from dfm_cli.methods.factory import plain_pyramid
 from dfm_cli.seeding import MODEL_INIT, SAMPLE_DRAWS, mix_seed
+from dfm_cli.training.autoencoder_losses import downsample, reconstruction_loss, scale_equivariance_loss
+from dfm_cli.training.batches import StreamBatches
 from dfm_cli.training.loop import check_resumable, ema_decay_at, lr_at, progress_line, update_ema
 
 EXPORT = "autoencoder"  # the diffusers folder inside the run: what --ae-weights takes
@@ -53,23 +60,35 @@ def build_vae(recipe: Recipe, channels: int):
 
     a = recipe.ae
     n = len(a.block_out_channels)
-    config = dict(in_channels=channels, out_channels=channels, down_block_types=("DownEncoderBlock2D",) * n,
-                  up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(a.block_out_channels),
-                  layers_per_block=a.layers_per_block, latent_channels=a.latent_channels,
-                  norm_num_groups=math.gcd(32, *a.block_out_channels), sample_size=recipe.data.resolution,
-                  scaling_factor=1.0, shift_factor=0.0, mid_block_add_attention=a.mid_attention)
+    config = dict(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(a.block_out_channels),
+        layers_per_block=a.layers_per_block,
+        latent_channels=a.latent_channels,
+        norm_num_groups=math.gcd(32, *a.block_out_channels),
+        sample_size=recipe.data.resolution,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        mid_block_add_attention=a.mid_attention,
+    )
     if not recipe.train.init_from:
         torch.manual_seed(mix_seed(recipe.train.seed, MODEL_INIT, 0))
         return AutoencoderKL(**config)
     folder = exported_folder(recipe.train.init_from)
     diffusers.utils.logging.set_verbosity_error()  # loading advice (accelerate) is noise to our users
     vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
-    for key in ("in_channels", "block_out_channels", "layers_per_block", "latent_channels",
-                "mid_block_add_attention"):
+    for key in ("in_channels", "block_out_channels", "layers_per_block", "latent_channels", "mid_block_add_attention"):
         have, want = vae.config[key], config[key]
-        if (list(have) if isinstance(have, (list, tuple)) else have) != (list(want) if isinstance(want, tuple) else want):
-            raise DfmError(f"train.init_from = {recipe.train.init_from!r}: its {key} is {have!r}, but this recipe "
-                           f"asks for {want!r}; make the [ae] section match the autoencoder you start from")
+        if (list(have) if isinstance(have, (list, tuple)) else have) != (
+            list(want) if isinstance(want, tuple) else want
+        ):
+            raise DfmError(
+                f"train.init_from = {recipe.train.init_from!r}: its {key} is {have!r}, but this recipe "
+                f"asks for {want!r}; make the [ae] section match the autoencoder you start from"
+            )
     return vae
 
 
@@ -79,8 +98,10 @@ def exported_folder(path: str | Path) -> Path:
     for candidate in (p, p / EXPORT):
         if (candidate / "config.json").is_file():
             return candidate
-    raise DfmError(f"train.init_from = '{path}': no autoencoder there; pass a run folder written by "
-                   f"`dfm train` with model.kind = 'autoencoder' (or its {EXPORT}/ folder)")
+    raise DfmError(
+        f"train.init_from = '{path}': no autoencoder there; pass a run folder written by "
+        f"`dfm train` with model.kind = 'autoencoder' (or its {EXPORT}/ folder)"
+    )
 
 
 def step_loss(vae, recipe: Recipe, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -123,20 +144,30 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
         with run_lock(run_dir):
             found = complete_checkpoints(run_dir)
             check_resumable(run_dir, recipe, found[-1] if found else None)
-            dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, strict=recipe.data.strict,
-                                    classes=recipe.data.classes)
+            dataset = build_dataset(
+                recipe.data.name,
+                recipe.data.path,
+                recipe.data.resolution,
+                strict=recipe.data.strict,
+                classes=recipe.data.classes,
+            )
             vae = build_vae(recipe, dataset.channels).to(ctx.device).train()
             ema = copy.deepcopy(vae).requires_grad_(False).eval()
-            opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                                    weight_decay=t.weight_decay)
+            opt = torch.optim.AdamW(
+                vae.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay
+            )
             start = 0
             if found:
                 start = load_training_state(found[-1], vae, ema, opt, ctx)["step"]
                 console.print(f"resuming {run_dir} from step {start} ({found[-1].name})")
             truncate_stats(run_dir / "stats.jsonl", start)
             (run_dir / "recipe.toml").write_text(recipe.to_toml())
-            info = RunInfo(tuple(dataset.shape), dataset.num_classes, tuple(dataset.class_names),
-                           {"name": "pixel", "channels": dataset.channels})
+            info = RunInfo(
+                tuple(dataset.shape),
+                dataset.num_classes,
+                tuple(dataset.class_names),
+                {"name": "pixel", "channels": dataset.channels},
+            )
             batches = iter(StreamBatches(len(dataset), t.batch_size, t.seed, start))
             began, sums = time.perf_counter(), {}
             with (run_dir / "stats.jsonl").open("a") as stats:
@@ -162,15 +193,35 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
                         stats.flush()
                         sums = {}
                         speed = (done - start) * t.batch_size / (time.perf_counter() - began)
-                        console.print(progress_line(done, t.steps, {**row, "images_per_s": speed},
-                                                    (time.perf_counter() - began) / (done - start)) +
-                                      f"  psnr {row['psnr']:.2f} dB", highlight=False)
+                        console.print(
+                            progress_line(
+                                done,
+                                t.steps,
+                                {**row, "images_per_s": speed},
+                                (time.perf_counter() - began) / (done - start),
+                            )
+                            + f"  psnr {row['psnr']:.2f} dB",
+                            highlight=False,
+                        )
                     if done % t.checkpoint_every == 0 or done == t.steps:
-                        state = {"step": done, "images_seen": done * t.batch_size, "model_kind": "autoencoder",
-                                 **info.to_state()}
-                        save_training_state(run_dir, done, vae, ema, opt, state, recipe.to_toml(),
-                                            t.keep_checkpoints, bool(t.milestone_every) and done % t.milestone_every == 0,
-                                            ctx)
+                        state = {
+                            "step": done,
+                            "images_seen": done * t.batch_size,
+                            "model_kind": "autoencoder",
+                            **info.to_state(),
+                        }
+                        save_training_state(
+                            run_dir,
+                            done,
+                            vae,
+                            ema,
+                            opt,
+                            state,
+                            recipe.to_toml(),
+                            t.keep_checkpoints,
+                            bool(t.milestone_every) and done % t.milestone_every == 0,
+                            ctx,
+                        )
             if start < t.steps or not (run_dir / REPORT).is_file():
                 export(recipe, ema, dataset, run_dir)
             return json.loads((run_dir / REPORT).read_text())
@@ -193,8 +244,9 @@ def gather(dataset, indices: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def latent_statistics(vae, images: torch.Tensor, batch: int = 256) -> tuple[float, float]:
     """(mean, std) of the posterior-mean latents of `images`, over every value."""
-    z = torch.cat([vae.encode(images[i:i + batch].to(vae.device)).latent_dist.mean.cpu()
-                   for i in range(0, len(images), batch)])
+    z = torch.cat(
+        [vae.encode(images[i : i + batch].to(vae.device)).latent_dist.mean.cpu() for i in range(0, len(images), batch)]
+    )
     return float(z.mean()), float(z.std())
 
 
@@ -220,16 +272,36 @@ def autoencoder_report(recipe: Recipe, folder: Path, images: torch.Tensor) -> di
     it), the per-level energy equivariance score of `dfm decompose --ae` under the recipe's
     decomposition, and the scale-equivariance loss at each of `ae.se_factors`."""
     coder = DiffusersAE("kl", str(folder))
-    rec = torch.cat([coder.decode(coder.encode(images[i:i + 250])) for i in range(0, len(images), 250)])
+    rec = torch.cat([coder.decode(coder.encode(images[i : i + 250])) for i in range(0, len(images), 250)])
     split = plain_pyramid(recipe)
-    score = analyse(images, split, lambda v: torch.cat([coder.encode(v[i:i + 250]) for i in range(0, len(v), 250)]))
+    score = analyse(images, split, lambda v: torch.cat([coder.encode(v[i : i + 250]) for i in range(0, len(v), 250)]))
     vae = coder.vae
-    se = {str(f): float(scale_equivariance_loss(lambda v: vae.encode(v).latent_dist.mean,
-                                                lambda v: vae.decode(v).sample.clamp(-1, 1), images[:250], f))
-          for f in recipe.ae.se_factors}
-    se_psnr = {str(f): float(psnr(vae.decode(downsample(vae.encode(images[:250]).latent_dist.mean, f)).sample,
-                                  downsample(images[:250], f)).mean()) for f in recipe.ae.se_factors}
-    return {"psnr": float(psnr(rec, images).mean()), "images": len(images), "equivariance": score.equivariance,
-            "image_shares": score.shares, "latent_shares": score.latent_shares,
-            "se_l1": se, "se_psnr": se_psnr, "scaling_factor": coder.scale, "shift_factor": coder.shift,
-            "latent_shape": list(coder.latent_shape(tuple(images.shape[1:]))), "weights": str(folder)}
+    se = {
+        str(f): float(
+            scale_equivariance_loss(
+                lambda v: vae.encode(v).latent_dist.mean, lambda v: vae.decode(v).sample.clamp(-1, 1), images[:250], f
+            )
+        )
+        for f in recipe.ae.se_factors
+    }
+    se_psnr = {
+        str(f): float(
+            psnr(
+                vae.decode(downsample(vae.encode(images[:250]).latent_dist.mean, f)).sample, downsample(images[:250], f)
+            ).mean()
+        )
+        for f in recipe.ae.se_factors
+    }
+    return {
+        "psnr": float(psnr(rec, images).mean()),
+        "images": len(images),
+        "equivariance": score.equivariance,
+        "image_shares": score.shares,
+        "latent_shares": score.latent_shares,
+        "se_l1": se,
+        "se_psnr": se_psnr,
+        "scaling_factor": coder.scale,
+        "shift_factor": coder.shift,
+        "latent_shape": list(coder.latent_shape(tuple(images.shape[1:]))),
+        "weights": str(folder),
+    }

@@ -55,8 +55,14 @@ def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, pyramid_weight: f
     return loss + pyramid_weight * pyramid_l1(x, target) if pyramid_weight else loss
 
 
-def scale_equivariance_loss(encode: Coder, decode: Coder, x: torch.Tensor, factor: int,
-                            pyramid_weight: float = 0.0, z: torch.Tensor | None = None) -> torch.Tensor:
+def scale_equivariance_loss(
+    encode: Coder,
+    decode: Coder,
+    x: torch.Tensor,
+    factor: int,
+    pyramid_weight: float = 0.0,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
     """How far `decode(down(encode(x)))` is from `down(x)` (`z`: the latent, if already computed).
 
     Zero for the identity and for any per-pixel linear autoencoder; positive for one that

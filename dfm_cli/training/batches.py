@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.method.flow import Draws, FlowObjective
-from dfm_cli.config.recipe import Recipe
 from dfm_cli.seeding import BATCH_STAGE, DATA_ORDER, SAMPLE_DRAWS, mix_seed
 
 
@@ -55,8 +55,10 @@ def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
     local = b // world
     micro = micro or local
     if local % micro:
-        raise DfmError(f"train.batch_per_gpu = {micro} does not divide the per-process batch {local} "
-                       f"(train.batch_size {b} / {world} processes)")
+        raise DfmError(
+            f"train.batch_per_gpu = {micro} does not divide the per-process batch {local} "
+            f"(train.batch_size {b} / {world} processes)"
+        )
     return local, micro
 
 
@@ -75,8 +77,12 @@ class StepBatches(Sampler[BatchKey]):
 
     def __init__(self, n: int, recipe: Recipe, start: int, rank: int, world: int):
         self.stream = StreamBatches(n, recipe.train.batch_size, recipe.train.seed, start, rank, world)
-        self.start, self.batch_size, self.rank, self.local = start, recipe.train.batch_size, rank, split_batch(
-            recipe, world)[0]
+        self.start, self.batch_size, self.rank, self.local = (
+            start,
+            recipe.train.batch_size,
+            rank,
+            split_batch(recipe, world)[0],
+        )
 
     def __iter__(self) -> Iterator[BatchKey]:
         for step, indices in enumerate(self.stream, self.start):
@@ -89,8 +95,14 @@ class DrawnBatches(Dataset):
     `data.num_workers > 0`, so the step does not wait for the draws; they are the same
     draws, from the same seeds, as if the step made them itself."""
 
-    def __init__(self, dataset: Dataset, objective: FlowObjective, shapes: Sequence[Sequence[int]], seed: int,
-                 label_dropout: float):
+    def __init__(
+        self,
+        dataset: Dataset,
+        objective: FlowObjective,
+        shapes: Sequence[Sequence[int]],
+        seed: int,
+        label_dropout: float,
+    ):
         self.dataset, self.objective, self.shapes = dataset, objective, shapes
         self.seed, self.label_dropout = seed, label_dropout
 
@@ -100,8 +112,9 @@ class DrawnBatches(Dataset):
         else:
             x, y = default_collate([self.dataset[i] for i in key.indices])
         seeds = [mix_seed(self.seed, SAMPLE_DRAWS, key.first + i) for i in range(len(key.indices))]
-        draws = self.objective.draw(self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step),
-                                    self.label_dropout, step=key.step)
+        draws = self.objective.draw(
+            self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step), self.label_dropout, step=key.step
+        )
         return x, y, draws
 
 

@@ -26,32 +26,57 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from dfm_cli import distributed
+from dfm_cli.config.recipe import Recipe, load_recipe
 from dfm_cli.data.autoencoders import from_config
-from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
-from dfm_cli.data.checkpoints import (RunInfo, complete_checkpoints, load_training_state, run_lock, save_training_state,
-                                truncate_stats)
+from dfm_cli.data.checkpoints import (
+    RunInfo,
+    complete_checkpoints,
+    load_training_state,
+    run_lock,
+    save_training_state,
+    truncate_stats,
+)
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
-from dfm_cli.methods.factory import (build_model, load_single_level, build_objective, build_pyramid, cascade_settings, plain_pyramid,
-                             precondition_rms)
-from dfm_cli.method.flow import Draws
-from dfm_cli.models.conversion import convert_single_level, per_level_parameters
-from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
-from dfm_cli.media import save_samples
-from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops, training_forward_flops
-from dfm_cli.config.recipe import Recipe, load_recipe
-from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
-from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.listing import evenly_spaced
-from dfm_cli.training.stats import Interval
+from dfm_cli.media import save_samples
 from dfm_cli.method.cond import TextCond
+from dfm_cli.method.flow import Draws
+from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
+from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.methods.factory import (
+    build_model,
+    build_objective,
+    build_pyramid,
+    cascade_settings,
+    load_single_level,
+    plain_pyramid,
+    precondition_rms,
+)
+from dfm_cli.models.conversion import convert_single_level, per_level_parameters
+from dfm_cli.seeding import MODEL_INIT, mix_seed
+from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
+from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops, training_forward_flops
+from dfm_cli.training.stats import Interval
 
 # Keys that may change between a run and its resumption without changing what is learned.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.milestone_every", "train.preview_every", "train.max_nonfinite_steps",
-                     "train.batch_per_gpu", "train.compile", "train.peak_tflops", "data.num_workers",
-                     "train.eval_every", "train.eval_num", "train.eval_metrics",
-                     "train.eval_reference_num"}
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.milestone_every",
+    "train.preview_every",
+    "train.max_nonfinite_steps",
+    "train.batch_per_gpu",
+    "train.compile",
+    "train.peak_tflops",
+    "data.num_workers",
+    "train.eval_every",
+    "train.eval_num",
+    "train.eval_metrics",
+    "train.eval_reference_num",
+}
 PLAIN_PROGRESS_S = 30.0  # without a terminal, a progress line at least this often
 
 Hook = Callable[[int, torch.nn.Module], dict]
@@ -120,8 +145,9 @@ class Step:
         self.shapes = [(inner.channels, *size) for size in pyramid.level_sizes(inner.level_sizes[-1])]
         self.per_level = per_level_parameters(inner)
 
-    def __call__(self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws,
-                 interval: Interval) -> tuple[float, bool]:
+    def __call__(
+        self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws, interval: Interval
+    ) -> tuple[float, bool]:
         """One step on this rank's batch and its `draws` (see `DrawnBatches`); returns (grad
         norm, whether the step was applied). Applied steps join `interval`."""
         t, ctx = self.recipe.train, self.ctx
@@ -132,8 +158,13 @@ class Step:
         for j, lo in enumerate(chunks):
             sl = slice(lo, lo + self.micro)
             with distributed.no_grad_sync(self.model, skip=j < len(chunks) - 1), self.autocast():
-                out = self.objective.loss(self.forward, self.pyramid.decompose(x[sl]), y[sl], draws[sl],
-                                          null=distributed.unwrap(self.model).null_condition(len(x[sl])))
+                out = self.objective.loss(
+                    self.forward,
+                    self.pyramid.decompose(x[sl]),
+                    y[sl],
+                    draws[sl],
+                    null=distributed.unwrap(self.model).null_condition(len(x[sl])),
+                )
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
             outs.append(out)
@@ -170,8 +201,9 @@ def compiled(forward: torch.nn.Module, probe: Callable[[Callable], object], cons
         return forward
 
 
-def train(recipe: Recipe, run_dir: Path, console: Console | None = None,
-          hooks: Sequence[tuple[int, Hook]] = ()) -> dict:
+def train(
+    recipe: Recipe, run_dir: Path, console: Console | None = None, hooks: Sequence[tuple[int, Hook]] = ()
+) -> dict:
     """Train (or resume) the run in `run_dir`; `hooks` are `(every_n_steps, fn(step, ema))`
     whose returned dicts join the stats (periodic evaluation), every n steps and at the last.
     Returns the last log line."""
@@ -182,8 +214,9 @@ def train(recipe: Recipe, run_dir: Path, console: Console | None = None,
         distributed.shutdown(ctx)
 
 
-def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console,
-           hooks: Sequence[tuple[int, Hook]]) -> dict:
+def _train(
+    recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console, hooks: Sequence[tuple[int, Hook]]
+) -> dict:
     split_batch(recipe, ctx.world)
     with ExitStack() as held:
         refused = None
@@ -197,15 +230,22 @@ def _train(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Con
         return _train_held(recipe, run_dir, ctx, console, hooks)
 
 
-def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console,
-                hooks: Sequence[tuple[int, Hook]]) -> dict:
+def _train_held(
+    recipe: Recipe, run_dir: Path, ctx: distributed.Context, console: Console, hooks: Sequence[tuple[int, Hook]]
+) -> dict:
     t = recipe.train
     found = complete_checkpoints(run_dir)
     check_resumable(run_dir, recipe, found[-1] if found else None)
     split = stage2_start(recipe)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
-    dataset = build_dataset(recipe.data.name, recipe.data.path, recipe.data.resolution, recipe.data.frames,
-                            strict=recipe.data.strict, classes=recipe.data.classes)
+    dataset = build_dataset(
+        recipe.data.name,
+        recipe.data.path,
+        recipe.data.resolution,
+        recipe.data.frames,
+        strict=recipe.data.strict,
+        classes=recipe.data.classes,
+    )
     if recipe.data.captions:  # encoded once into the run folder
         from dfm_cli.data.captions import captioned_folder
 
@@ -213,29 +253,44 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     needs_stats = recipe.flow.standardize or recipe.flow.precondition
     level_stats = data_level_statistics(recipe, dataset) if needs_stats else None
     pyramid, objective = build_pyramid(recipe, level_stats), build_objective(recipe)
-    info = RunInfo(tuple(dataset.shape), dataset.num_classes, tuple(dataset.class_names),
-                   getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel", "channels": dataset.channels}),
-                   level_stats, getattr(dataset, "text", None))
+    info = RunInfo(
+        tuple(dataset.shape),
+        dataset.num_classes,
+        tuple(dataset.class_names),
+        getattr(dataset, "index", {}).get("autoencoder", {"name": "pixel", "channels": dataset.channels}),
+        level_stats,
+        getattr(dataset, "text", None),
+    )
     if info.text and t.eval_every:
-        raise DfmError("train.eval_every: in-training FID is for class-conditional runs; for a text-conditioned "
-                       "run use `dfm sample RUN --prompts FILE --num N --out S` and `dfm eval S --clip ...`")
+        raise DfmError(
+            "train.eval_every: in-training FID is for class-conditional runs; for a text-conditioned "
+            "run use `dfm sample RUN --prompts FILE --num N --out S` and `dfm eval S --clip ...`"
+        )
     if t.eval_every:
         from dfm_cli.training.periodic_eval import TrainingEvaluation
 
         hooks = [*hooks, (t.eval_every, TrainingEvaluation(recipe, dataset, info, pyramid, ctx, run_dir))]
     torch.manual_seed(mix_seed(t.seed, MODEL_INIT, 0))
-    base = build_model(recipe, dataset.shape, dataset.num_classes,
-                       precondition_rms(recipe, level_stats), info.text).to(ctx.device)
+    base = build_model(recipe, dataset.shape, dataset.num_classes, precondition_rms(recipe, level_stats), info.text).to(
+        ctx.device
+    )
     if info.text:
         base.null_text.set(dataset.null_text())
     if t.init_from and not found:  # a resumed run has its own weights
-        convert_single_level(base, load_single_level(t.init_from, info, recipe.model.kind),
-                             0 if recipe.flow.upsample_coarse else None)
+        convert_single_level(
+            base, load_single_level(t.init_from, info, recipe.model.kind), 0 if recipe.flow.upsample_coarse else None
+        )
         console.print(f"starting from the single-level model {t.init_from} (new levels zero-initialized)")
     ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
     model = distributed.wrap(base, ctx, t.parallel)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                            weight_decay=t.weight_decay, fused=ctx.device.type == "cuda")
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        fused=ctx.device.type == "cuda",
+    )
     start, nonfinite = 0, 0
     if found:
         state = load_training_state(found[-1], model, ema, opt, ctx)
@@ -249,19 +304,23 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
     # a text run's grids show the captions of evenly spaced training items
     captions = dataset.text_rows(evenly_spaced(dataset.num, recipe.sample.n).tolist()) if info.text else None
     if t.compile:
+
         def probe(fn):
             with torch.no_grad(), step_fn.autocast():
                 xs = [torch.zeros(1, *s, device=ctx.device) for s in step_fn.shapes]
                 zeros = torch.zeros(1, dtype=torch.long, device=ctx.device)
                 fn(xs, torch.zeros(1, len(xs), device=ctx.device), base.null_condition(1), zeros)
+
         step_fn.forward = compiled(model, probe, console)
-    loader = DataLoader(DrawnBatches(dataset, objective, step_fn.shapes, t.seed, recipe.model.class_dropout),
-                        batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
-                        num_workers=recipe.data.num_workers, pin_memory=ctx.device.type == "cuda",
-                        collate_fn=keep_batch)
+    loader = DataLoader(
+        DrawnBatches(dataset, objective, step_fn.shapes, t.seed, recipe.model.class_dropout),
+        batch_sampler=StepBatches(len(dataset), recipe, start, ctx.rank, ctx.world),
+        num_workers=recipe.data.num_workers,
+        pin_memory=ctx.device.type == "cuda",
+        collate_fn=keep_batch,
+    )
     flops = training_forward_flops(recipe, distributed.unwrap(model)) * 3
-    peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32,
-                       t.peak_tflops)
+    peak = peak_tflops(device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32, t.peak_tflops)
     interval, last = Interval(recipe.flow.levels), {}
 
     def checkpoint(step: int) -> None:
@@ -271,15 +330,26 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
                 f"step {step}: the EMA weights hold non-finite values, so no checkpoint was written; the last "
                 f"good checkpoint is {good[-1] if good else 'none'}; lower train.lr or raise train.warmup_steps"
             )
-        state = {"step": step, "images_seen": step * t.batch_size, "nonfinite_steps": nonfinite,
-                 "world_size": ctx.world, **info.to_state()}
+        state = {
+            "step": step,
+            "images_seen": step * t.batch_size,
+            "nonfinite_steps": nonfinite,
+            "world_size": ctx.world,
+            **info.to_state(),
+        }
         milestone = bool(t.milestone_every) and step % t.milestone_every == 0
-        save_training_state(run_dir, step, model, ema, opt, state, recipe.to_toml(), t.keep_checkpoints,
-                            milestone, ctx)
+        save_training_state(run_dir, step, model, ema, opt, state, recipe.to_toml(), t.keep_checkpoints, milestone, ctx)
 
     plain = not console.is_terminal  # a log file gets plain lines, a terminal the live bar
-    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, disable=plain)
+    progress = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=plain,
+    )
     stats_file = (run_dir / "stats.jsonl").open("a") if ctx.main else None
     began = last_plain = time.perf_counter()
     with progress, stats_file or nullcontext():
@@ -299,8 +369,7 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
             done = step + 1
             if not applied:
                 nonfinite += 1
-                console.print(f"[yellow]step {done}: non-finite loss or gradient, step skipped "
-                              f"({nonfinite} so far)[/]")
+                console.print(f"[yellow]step {done}: non-finite loss or gradient, step skipped ({nonfinite} so far)[/]")
                 if t.max_nonfinite_steps and nonfinite > t.max_nonfinite_steps:
                     good = complete_checkpoints(run_dir)
                     raise TrainingStopped(
@@ -311,8 +380,13 @@ def _train_held(recipe: Recipe, run_dir: Path, ctx: distributed.Context, console
             logged = done % t.log_every == 0 or done == t.steps
             row = {"step": done, "images": done * t.batch_size}
             if logged:
-                last = {**row, "images_seen": done * t.batch_size, "lr": lr_at(recipe, step),
-                        "nonfinite_steps": nonfinite, **interval.summary(ctx, flops, peak)}
+                last = {
+                    **row,
+                    "images_seen": done * t.batch_size,
+                    "lr": lr_at(recipe, step),
+                    "nonfinite_steps": nonfinite,
+                    **interval.summary(ctx, flops, peak),
+                }
                 row = last
             paused = time.perf_counter()
             for every, hook in hooks:
@@ -355,8 +429,7 @@ def progress_line(done: int, total: int, last: dict, seconds_per_step: float) ->
 
 def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
     """Whether every parameter is finite on every rank (each rank checks its own shards)."""
-    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-              for p in module.parameters())
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in module.parameters())
     return float(distributed.all_sum(ctx, torch.tensor([float(bad)]))) == 0
 
 
@@ -370,8 +443,15 @@ def data_level_statistics(recipe: Recipe, dataset) -> dict:
     return {**level_statistics(dataset, pyramid), "decomposition": recipe.flow.decomposition}
 
 
-def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info: RunInfo,
-                ctx: distributed.Context, captions: TextCond | None = None) -> None:
+def sample_grid(
+    recipe: Recipe,
+    ema: torch.nn.Module,
+    pyramid,
+    path: Path,
+    info: RunInfo,
+    ctx: distributed.Context,
+    captions: TextCond | None = None,
+) -> None:
     """A grid with the recipe's sampler settings, one class per column (or, for a text run,
     one of `captions` per cell), decoded by the data's autoencoder: `path`.png for images,
     `path`.gif for video. Every rank samples (a sharded EMA needs them all); rank 0 writes."""
@@ -380,8 +460,13 @@ def sample_grid(recipe: Recipe, ema: torch.nn.Module, pyramid, path: Path, info:
     columns = len(classes) if captions is None else int(len(captions) ** 0.5)
     ema.eval()
     settings = SamplerSettings.resolve(recipe, recipe.flow.levels)
-    result = generate(ema, class_balanced_labels(s.n, classes) if captions is None else captions, pyramid, settings,
-                      seed=recipe.train.seed)
+    result = generate(
+        ema,
+        class_balanced_labels(s.n, classes) if captions is None else captions,
+        pyramid,
+        settings,
+        seed=recipe.train.seed,
+    )
     if ctx.main:
         pixels = from_config(info.autoencoder, result.x.device).decode(result.x)
         suffix = ".gif" if pixels.ndim == 5 else ".png"

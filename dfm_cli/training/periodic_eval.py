@@ -19,16 +19,15 @@ import torch
 from rich.progress import Progress
 
 from dfm_cli import distributed
-
-from dfm_cli.evaluation import evaluate
-from dfm_cli.evaluation.evaluate import reference_images
+from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.autoencoders import from_config
 from dfm_cli.data.checkpoints import RunInfo
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
+from dfm_cli.evaluation import evaluate
+from dfm_cli.evaluation.evaluate import reference_images
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import as_rgb, to_uint8
-from dfm_cli.config.recipe import Recipe
 from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
 
 METRICS = ("fid", "swd")
@@ -50,8 +49,7 @@ def swd_levels(size: int, patch: int = 7) -> int:
 class TrainingEvaluation:
     """The `(step, ema) -> {"eval_<metric>": value}` hook that `train` calls."""
 
-    def __init__(self, recipe: Recipe, dataset, info: RunInfo, decomposition, ctx: distributed.Context,
-                 run_dir: Path):
+    def __init__(self, recipe: Recipe, dataset, info: RunInfo, decomposition, ctx: distributed.Context, run_dir: Path):
         t = recipe.train
         unknown = sorted(set(t.eval_metrics) - set(METRICS))
         if unknown or not t.eval_metrics:
@@ -62,9 +60,11 @@ class TrainingEvaluation:
         if recipe.data.name == "store":  # a store of built-in data compares with the images it encoded
             index = getattr(dataset, "index", {})
             if index.get("source") not in evaluate.DATASETS:
-                raise DfmError("train.eval_every: the training data is a latent store of your own images, which "
-                               "holds no pixels to compare with; set train.eval_every = 0 and evaluate with "
-                               "`dfm sample --num` and `dfm eval --ref SOURCE`")
+                raise DfmError(
+                    "train.eval_every: the training data is a latent store of your own images, which "
+                    "holds no pixels to compare with; set train.eval_every = 0 and evaluate with "
+                    "`dfm sample --num` and `dfm eval --ref SOURCE`"
+                )
             images_of = build_dataset(index["source"], "", index["resolution"])
         self.recipe, self.info, self.decomposition, self.ctx = recipe, info, decomposition, ctx
         self.request = evaluate.Request(fid="fid" in t.eval_metrics, device=ctx.device)
@@ -76,18 +76,19 @@ class TrainingEvaluation:
         if ctx.main:
             if t.eval_reference_num:  # the same images as `dfm ablate`'s reference_num: one feature cache
                 images = reference_images(images_of, t.eval_reference_num)
-                self.reference = evaluate.Source(f"{t.eval_reference_num} training images", images,
-                                                 cache_dir=evaluate.content_cache(images))
+                self.reference = evaluate.Source(
+                    f"{t.eval_reference_num} training images", images, cache_dir=evaluate.content_cache(images)
+                )
             elif recipe.data.name in evaluate.DATASETS and not recipe.data.classes:  # shares dfm eval's feature cache
                 self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
             elif images_of is not dataset:
                 self.reference = evaluate.load_source(index["source"], index["resolution"])
             else:
-                self.reference = evaluate.Source(f"{run_dir} training data", reference_images(dataset),
-                                                 cache_dir=run_dir / "eval-reference")
+                self.reference = evaluate.Source(
+                    f"{run_dir} training data", reference_images(dataset), cache_dir=run_dir / "eval-reference"
+                )
             ref = self.reference.images
-            self.swd_reference = evaluate.Source(
-                "training data (SWD subset)", ref[evenly_spaced(len(ref), t.eval_num)])
+            self.swd_reference = evaluate.Source("training data (SWD subset)", ref[evenly_spaced(len(ref), t.eval_num)])
 
     @torch.no_grad()
     def samples(self, ema: torch.nn.Module) -> np.ndarray:
@@ -98,9 +99,8 @@ class TrainingEvaluation:
         decode = from_config(self.info.autoencoder, self.ctx.device).decode
         out = []
         for first in range(0, num, BATCH):
-            labels = class_balanced_labels(num, sampled_classes(self.recipe, self.info))[first:first + BATCH]
-            result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed,
-                              first_index=first)
+            labels = class_balanced_labels(num, sampled_classes(self.recipe, self.info))[first : first + BATCH]
+            result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed, first_index=first)
             out.append(to_uint8(decode(result.x)))
         return as_rgb(np.concatenate(out))
 
@@ -115,7 +115,11 @@ class TrainingEvaluation:
             found, _ = evaluate.evaluate(generated, self.reference, self.request, quiet)
             row["eval_fid"] = found.get("fid", found.get("frame_fid"))
         if "swd" in self.recipe.train.eval_metrics:
-            found, _ = evaluate.evaluate(generated, self.swd_reference, evaluate.Request(
-                swd=True, swd_levels=swd_levels(min(images.shape[-3:-1])), device=self.ctx.device), quiet)
+            found, _ = evaluate.evaluate(
+                generated,
+                self.swd_reference,
+                evaluate.Request(swd=True, swd_levels=swd_levels(min(images.shape[-3:-1])), device=self.ctx.device),
+                quiet,
+            )
             row["eval_swd"] = found["swd"]
         return row

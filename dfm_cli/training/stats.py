@@ -40,10 +40,10 @@ class Interval:
         bins = (t_active * T_BINS).long().clamp(max=T_BINS - 1)
         self.sums[0] += float(out["per_sample"].detach().double().sum())
         self.sums[1] += mse.shape[0]
-        self.sums[2: 2 + s] += (mse * active).sum(0)
-        self.sums[2 + s: 2 + 2 * s] += active.double().sum(0)
-        self.sums[2 + 2 * s: 2 + 2 * s + T_BINS].index_add_(0, bins, own)
-        self.sums[2 + 2 * s + T_BINS:].index_add_(0, bins, torch.ones_like(own))
+        self.sums[2 : 2 + s] += (mse * active).sum(0)
+        self.sums[2 + s : 2 + 2 * s] += active.double().sum(0)
+        self.sums[2 + 2 * s : 2 + 2 * s + T_BINS].index_add_(0, bins, own)
+        self.sums[2 + 2 * s + T_BINS :].index_add_(0, bins, torch.ones_like(own))
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` of non-training work (evaluation, previews) out of the speed."""
@@ -68,8 +68,8 @@ class Interval:
         tflops = images_per_s * flops_per_image / 1e12
         return {
             "loss": float(sums[0] / max(float(sums[1]), 1)),
-            "loss_level": ratio(sums[2: 2 + s], sums[2 + s: 2 + 2 * s]),
-            "loss_t_bin": ratio(sums[2 + 2 * s: 2 + 2 * s + T_BINS], sums[2 + 2 * s + T_BINS:]),
+            "loss_level": ratio(sums[2 : 2 + s], sums[2 + s : 2 + 2 * s]),
+            "loss_t_bin": ratio(sums[2 + 2 * s : 2 + 2 * s + T_BINS], sums[2 + 2 * s + T_BINS :]),
             "grad_norm": self.grad_norm / steps,
             "images_per_s": images_per_s,
             "step_time_s": elapsed / steps,
