@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dfm_cli import distributed
+from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import load_recipe
-from dfm_cli.methods.factory import build_model, build_objective, build_pyramid, pick_device
-from dfm_cli.training.loop import Step, compiled
+from dfm_cli.methods.factory import build_model, pick_device
+from dfm_cli.training.loop import Step, StepSettings, compiled
 from dfm_cli.training.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
 from dfm_cli.training.stats import Interval
 
@@ -50,15 +51,15 @@ class Bench:
         model = build_model(self.recipe, (channels, size, size), 1000).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         ctx = distributed.Context(device=device)
+        method = method_of(self.recipe)
         self.step = Step(
-            self.recipe,
+            StepSettings.of(self.recipe),
             ctx,
-            model,
             model,
             copy.deepcopy(model).requires_grad_(False),
             opt,
-            build_objective(self.recipe),
-            build_pyramid(self.recipe),
+            method.objective(),
+            method.decomposition(),
         )
         if use_compile:
             self.step.forward = compiled(model, lambda fn: None, Console())

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dfm_cli.errors import DfmError
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,11 @@ def _fully_shard(model: nn.Module) -> nn.Module:
     """FSDP2 with one unit per transformer block, plus the root for the rest."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.blocks:
+    for block in cast(Iterable[nn.Module], model.blocks):
         fully_shard(block)
-    return fully_shard(model)
+    # `fully_shard` swaps the module's class for a subclass of both its own and `FSDPModule`;
+    # its stub returns only the latter.
+    return cast(nn.Module, fully_shard(model))
 
 
 def shard_like(ema: nn.Module, ctx: Context, parallel: str) -> nn.Module:
@@ -121,7 +127,7 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
             yield
         return
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(not skip)
+        cast("FSDPModule", model).set_requires_gradient_sync(not skip)
     yield
 
 

@@ -23,7 +23,9 @@ class DfmError(ValueError):
 
 
 # Errors that mean "this file's bytes are not what they claim to be", never a bug of ours.
-FORMAT_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, EOFError, UnicodeDecodeError)
+FORMAT_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, EOFError, UnicodeDecodeError)
+# What `reading` turns into a `DfmError`: the format errors, and a bad path or value.
+_READ_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, *FORMAT_ERRORS)
 # Errors a disk or file system gives for any path, with or without a file name.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 # Libraries that decode files: an `OSError` raised inside them ("image file is truncated")
@@ -98,7 +100,7 @@ def reading(path: str | Path, what: str = "file") -> Iterator[None]:
         raise
     except KeyError as e:
         raise DfmError(f"{path}: not a readable {what} (missing {e})") from None
-    except (OSError, ValueError, *FORMAT_ERRORS) as e:
+    except _READ_ERRORS as e:
         named = file_error_message(e) if isinstance(e, OSError) and e.filename is not None else None
         raise DfmError(named or f"{path}: not a readable {what} ({_first_line(e)})") from None
 

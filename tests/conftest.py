@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,81 @@ TINY = ROOT / "recipes" / "tiny.toml"
 
 
 def run_dfm(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m dfm_cli ARGS` as a user would run it; returns the finished process."""
+    """`python -m dfm_cli ARGS` as a user would run it; returns the finished process.
+
+    Only for tests marked `e2e` (see `require_e2e`)."""
+    require_e2e(f"run_dfm{tuple(map(str, args))}")
     proc = subprocess.run(
         [sys.executable, "-m", "dfm_cli", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"dfm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+# ----------------------------------------------------------------- the e2e marker, enforced
+# Every test that runs the real `dfm` in a subprocess is marked `e2e`, so that
+# `pytest -m "not e2e"` is the quick in-process loop. The item being set up, run or torn down
+# is recorded here (module- and session-scoped fixtures run inside the setup of the first
+# test that needs them, so they are checked against that test), and `run_dfm` plus an audit
+# hook on every `subprocess.Popen` that would start `dfm`/`python -m dfm_cli`/torchrun refuse
+# to run for a test without the marker.
+_current_item: pytest.Item | None = None
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    global _current_item
+    _current_item = item
+    try:
+        return (yield)
+    finally:
+        _current_item = None
+
+
+def require_e2e(what: str) -> None:
+    """Fail clearly unless the test running now (or whose fixtures are being set up) is `e2e`."""
+    item = _current_item
+    if item is not None and item.get_closest_marker("e2e") is not None:
+        return
+    where = item.nodeid if item is not None else "outside any test (collection?)"
+    raise AssertionError(
+        f"{what} starts the real `dfm` in a subprocess, but {where} is not marked e2e: "
+        "add @pytest.mark.e2e to the test (or to every test using the fixture that runs it), "
+        "so that `pytest -m 'not e2e'` stays the quick in-process loop"
+    )
+
+
+def _starts_dfm(argv) -> bool:
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        argv = [argv]
+    words = [os.fsdecode(a) for a in argv]
+    modules = {b for a, b in zip(words, words[1:]) if a == "-m"}  # python -m dfm_cli / torch.distributed.run
+    return bool(
+        (words and Path(words[0]).name in {"dfm", "torchrun"})
+        or modules & {"dfm_cli", "torch.distributed.run", "torch.distributed.launch"}
+    )
+
+
+def _audit_dfm_subprocesses(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen" and _current_item is not None and _starts_dfm(args[1]):
+        require_e2e(f"subprocess {args[1]!r}")
+
+
+sys.addaudithook(_audit_dfm_subprocesses)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep `slow` deselected under any -m that does not name it: a command-line -m replaces
+    pyproject's `-m 'not slow'`, so `pytest -m "not e2e"` would otherwise run the slow tests.
+    `-m slow` (or any expression naming slow) and an explicit `-m ""` still select them."""
+    expr = config.option.markexpr
+    if not expr or "slow" in expr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
 
 
 @pytest.fixture(autouse=True)

@@ -217,6 +217,7 @@ def test_a_failing_command_names_its_log(tmp_path):
         )
 
 
+@pytest.mark.e2e
 def test_cli_dry_run_lists_cells_runs_and_time():
     proc = run_dfm("ablate", TINY_SWEEP, "--dry-run")
     assert "4 cells, 2 trained runs" in proc.stdout and proc.stdout.count("shared by 2") == 4
@@ -225,6 +226,7 @@ def test_cli_dry_run_lists_cells_runs_and_time():
     assert bad.returncode == 2 and "is a recipe, not a sweep" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.e2e
 def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     """The CI sweep for real: 2 trained runs for 4 cells, and a sweep interrupted in its second
     training, then run again, ends with the same numbers."""

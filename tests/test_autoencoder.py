@@ -128,6 +128,7 @@ def test_autoencoder_recipes_validate_and_refuse_bad_sizes():
             assert load_recipe(path).model.kind == "autoencoder" or path.name.startswith("table5")
 
 
+@pytest.mark.e2e
 def test_cli_autoencoder_to_store_to_dfm_samples(tmp_path):
     """The acceptance path: train the tiny autoencoder, encode built-in data with it, train DFM
     on the store, sample (decoded by the same autoencoder); an autoencoder run is not sampled."""

@@ -11,8 +11,9 @@ import torch
 from conftest import ROOT, run_dfm
 
 from dfm_cli.baselines.cascaded import CascadedDiT, CascadedObjective, CascadeSettings, sample_cascaded
+from dfm_cli.config.method import method_of
+from dfm_cli.config.recipe import load_recipe
 from dfm_cli.models.dit import model_size
-from dfm_cli.training.perf import cascade_flops
 
 TINY_CASCADE = ROOT / "recipes" / "tiny" / "cascaded.toml"
 
@@ -48,10 +49,13 @@ def test_stage_2_sees_stage_1_only_through_its_conditioning_tokens():
 
 def test_training_draws_follow_the_step_and_the_augmentation_law():
     settings = CascadeSettings(split=0.8, aug_loc=1.5, aug_scale=1.0)
-    objective = CascadedObjective(settings, 100, p_stage=(0.5, 0.5))
+    recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8", "flow.p_stage=[0.5, 0.5]"])
+    method = method_of(recipe)
+    objective = method.objective()
+    assert objective == CascadedObjective(p_stage=(0.5, 0.5), cascade=settings)
     shapes = [(1, 2, 2), (1, 4, 4)]
-    assert objective.draw(shapes, range(4), 0, step=79).stage.tolist() == [0] * 4
-    draws = objective.draw(shapes, range(4000), 0, step=80)
+    assert method.objective_at(objective, 79).draw(shapes, range(4), 0).stage.tolist() == [0] * 4
+    draws = method.objective_at(objective, 80).draw(shapes, range(4000), 0)
     assert draws.stage.tolist() == [1] * 4000
     assert [tuple(n.shape[1:]) for n in draws.noise] == [(1, 2, 2), (1, 4, 4), (1, 4, 4)]  # + the conditioning
     aug = draws.t[:, 2].sort().values.double()
@@ -97,7 +101,7 @@ def test_stage_2_starts_from_stage_1_in_the_model_and_its_ema_and_both_count_tow
     for a, b in zip(model.stage1.blocks.parameters(), model.stage2.blocks.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(model.stage1.y_embedder.weight, model.stage2.y_embedder.weight)
-    stage1, stage2 = cascade_flops(model)
+    stage1, stage2 = model.stage_flops()
     assert stage2 > 2 * stage1 > 0  # twice the tokens, attention over all of them
 
 
@@ -108,6 +112,7 @@ def test_the_augmentation_level_starts_silent():
     assert model.aug_embedder(torch.rand(4)).abs().max() == 0
 
 
+@pytest.mark.e2e
 def test_tiny_cascaded_recipe_trains_both_stages_and_samples(tmp_path):
     run_dfm("train", TINY_CASCADE, "--out", tmp_path / "R")
     stats = (tmp_path / "R" / "stats.jsonl").read_text().splitlines()
@@ -146,11 +151,15 @@ def test_the_ema_warms_up_again_at_the_switch():
     """Stage 2's early weights are poor: its EMA averages from the switch with a fresh warm-up,
     as a new run's does; other methods keep one warm-up."""
     from dfm_cli.config.recipe import load_recipe
-    from dfm_cli.training.loop import ema_decay_at, stage2_start
+    from dfm_cli.training.schedules import ema_decay_at
 
     recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8", "train.ema_decay=0.999"])
-    assert stage2_start(recipe) == 80
-    assert ema_decay_at(recipe, 79) == pytest.approx(80 / 89) and ema_decay_at(recipe, 80) == pytest.approx(0.1)
-    assert ema_decay_at(recipe, 90) == pytest.approx(11 / 20)
+
+    def ema_decay(recipe, step):
+        return ema_decay_at(recipe.train.ema_decay, step - method_of(recipe).ema_warmup_start(step))
+
+    assert method_of(recipe).switch_step == 80
+    assert ema_decay(recipe, 79) == pytest.approx(80 / 89) and ema_decay(recipe, 80) == pytest.approx(0.1)
+    assert ema_decay(recipe, 90) == pytest.approx(11 / 20)
     plain = load_recipe(ROOT / "recipes" / "tiny.toml", ["train.steps=100", "train.ema_decay=0.999"])
-    assert stage2_start(plain) == 0 and ema_decay_at(plain, 80) == pytest.approx(81 / 90)
+    assert method_of(plain).ema_warmup_start(80) == 0 and ema_decay(plain, 80) == pytest.approx(81 / 90)

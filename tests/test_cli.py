@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import TINY, run_dfm
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 from dfm_cli.method.decompose import LaplacianPyramid
 
 
+@pytest.mark.e2e
 def test_train_writes_a_complete_run_folder(tmp_path):
     run = tmp_path / "run"
     proc = run_dfm("train", TINY, "--out", run)
@@ -32,6 +34,7 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     assert "resuming" in again.stderr and len((run / "stats.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.e2e
 def test_resume_with_a_different_recipe_is_refused(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
@@ -40,6 +43,7 @@ def test_resume_with_a_different_recipe_is_refused(tmp_path):
     run_dfm("train", TINY, "--out", run, "--set", "train.steps=10")  # extending is fine
 
 
+@pytest.mark.e2e
 def test_sample_writes_grid_previews_and_reports_nfe(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
@@ -88,6 +92,7 @@ def test_sample_writes_grid_previews_and_reports_nfe(tmp_path):
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_decompose_default_photo_and_video(tmp_path):
     out = tmp_path / "dec"
     proc = run_dfm("decompose", "--levels", "3", "--out", out)

@@ -204,6 +204,7 @@ def test_eval_reads_a_folder_through_the_same_lister(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow  # two `dfm train` processes
 def test_dfm_train_skips_a_corrupt_image_once_or_stops_in_one_line_under_strict(tmp_path):
     from conftest import TINY, run_dfm

@@ -199,6 +199,7 @@ def sets(tmp_path):
     return a, b
 
 
+@pytest.mark.e2e
 def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
     a, b = sets
     out = tmp_path / "m.json"
@@ -243,6 +244,7 @@ def test_eval_cli_thresholds_json_and_errors(sets, tmp_path, random_inception):
     assert missing.returncode == 2 and "not an .npz file" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_reference_statistics_round_trip(sets, tmp_path, random_inception):
     a, b = sets
     stats = tmp_path / "ref_stats.npz"
@@ -391,6 +393,7 @@ def test_swd_is_small_for_the_same_distribution_and_grows_with_other_structure()
 
 
 # ----------------------------------------------------------------- FDD, CLIP and FVD, end to end
+@pytest.mark.e2e
 def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
     import open_clip
     import timm
@@ -472,6 +475,7 @@ def test_fdd_clip_and_fvd_run_end_to_end_with_local_weights(tmp_path, sets):
 
 
 # ----------------------------------------------------------------- scoring a run
+@pytest.mark.e2e
 def test_eval_without_samples_scores_the_newest_run_and_reuses_its_set(tmp_path):
     (tmp_path / "runs").mkdir()
     run_dfm("train", TINY, "--out", tmp_path / "runs" / "tiny")
@@ -523,6 +527,7 @@ def test_a_runs_reference_is_its_training_data_at_its_resolution(tmp_path):
 
 
 # ----------------------------------------------------------------- evaluation sets
+@pytest.mark.e2e
 def test_sample_sets_are_balanced_resumable_and_batch_independent(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
@@ -550,6 +555,7 @@ def test_sample_sets_are_balanced_resumable_and_batch_independent(tmp_path):
     assert bad.returncode == 2 and ".npz file or a folder" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_torchrun_sharded_sample_set_equals_one_process(tmp_path):
     import random
     import subprocess

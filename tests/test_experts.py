@@ -84,6 +84,7 @@ def test_a_stage_never_reads_another_stages_experts(kind):
         assert expert.expert_weight.grad[1].abs().max() == 0
 
 
+@pytest.mark.e2e
 def test_experts_train_apart_through_the_cli(tmp_path):
     run_dfm("train", TINY, "--set", "model.specialize=mlp", "--set", "train.steps=4", "--out", tmp_path / "R")
     from dfm_cli.methods.factory import load_trained

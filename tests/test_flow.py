@@ -30,11 +30,11 @@ def test_masked_level_gets_exactly_zero_gradient():
     out = obj.loss(model, x1, y, draws_for(obj, x1))
     assert (out["stage"] == 0).all() and (out["t"][:, 1] == 0).all()
     out["loss"].backward()
-    head2 = [p.grad for p in model.heads[1].parameters()]
+    head2 = [p.grad for p in model.level_heads[1].parameters()]
     assert all(g is not None for g in head2), "the masked head must stay in the graph (DDP)"
     assert all((g == 0).all() for g in head2)
     assert (model.patch_embeds[1].proj.weight.grad == 0).all()  # its input was zeroed
-    assert any((p.grad != 0).any() for p in model.heads[0].parameters())
+    assert any((p.grad != 0).any() for p in model.level_heads[0].parameters())
 
 
 def test_p_stage_one_zero_equals_flow_matching_on_the_coarse_level():

@@ -123,7 +123,7 @@ def test_trains_with_the_flow_objective_and_samples_progressively():
     for name in (
         "patch_embeds.1.weight",
         "t_embedders.0.mlp.2.weight",
-        "heads.0.weight",
+        "level_heads.0.weight",
         "stage_embedder.weight",
         "transformer_blocks.0.attn.to_q.weight",
         "single_transformer_blocks.0.proj_out.weight",
@@ -179,6 +179,7 @@ def test_flops_per_sample_counts_what_the_forward_multiplies(sizes):
     assert deeper.flops_per_sample() - model.flops_per_sample() == block
 
 
+@pytest.mark.e2e
 def test_tiny_flux_recipe_trains_2_steps_and_samples_from_a_prompt(tiny_text, tmp_path):
     """`recipes/tiny/flux.toml` through the CLI: a captioned folder, CLIP captions encoded once
     into the run, a random FLUX-style DFM trained 2 steps, then a grid from a prompt."""
@@ -190,6 +191,7 @@ def test_tiny_flux_recipe_trains_2_steps_and_samples_from_a_prompt(tiny_text, tm
     assert (tmp_path / "g.png").is_file()
 
 
+@pytest.mark.e2e
 def test_flux_init_from_a_diffusers_folder_starts_at_the_pretrained_velocity(tiny_text):
     """`train.init_from` = a FLUX transformer folder (the paper's placement): at step 0 the DFM
     model's coarse level predicts what the pretrained FLUX predicts on the upsampled input."""

@@ -77,9 +77,9 @@ def test_coarse_placement_reproduces_the_pretrained_velocity_on_the_upsampled_co
 
 
 def test_upsampled_coarse_decomposition_recomposes_exactly():
-    from dfm_cli.methods.factory import plain_pyramid
+    from dfm_cli.methods.factory import base_decomposition
 
-    pyramid = plain_pyramid(load_recipe(TINY, ["flow.upsample_coarse=true"]))
+    pyramid = base_decomposition(load_recipe(TINY, ["flow.upsample_coarse=true"]))
     x = torch.randn(2, 1, 32, 32)
     levels = pyramid.decompose(x)
     assert [tuple(v.shape[2:]) for v in levels] == [(32, 32), (32, 32)]
@@ -111,6 +111,7 @@ def test_per_level_only_steps_keep_the_shared_layers_fixed(tmp_path):
     assert not torch.equal(after["patch_embeds.0.proj.weight"], torch.zeros_like(after["patch_embeds.0.proj.weight"]))
 
 
+@pytest.mark.e2e
 def test_cli_init_from_trains_and_samples_and_refuses_a_multi_level_source(tmp_path):
     run_dfm("train", TINY, *[a for s in FM for a in ("--set", s)], "--set", "train.steps=2", "--out", tmp_path / "fm")
     run_dfm("train", TINY, "--init-from", tmp_path / "fm", "--set", "train.steps=2", "--out", tmp_path / "dfm")

@@ -39,8 +39,8 @@ def test_renoising_at_each_jump_gives_the_next_stages_training_start(factors):
     sizes = pyramid.level_sizes((size, size))
     for k in range(1, schedule.stages):
         n_fine, n_coarse = sizes[k][0] ** 2, sizes[k - 1][0] ** 2
-        lowpass = matrix(lambda e: pyramid.lowpasses(e.reshape(1, 1, size, size).float())[k - 1].double(), size**2)
-        upsample = matrix(lambda e: up(e.reshape(1, 1, *sizes[k - 1]), factors[k - 1]), n_coarse)
+        lowpass = matrix(lambda e, k=k: pyramid.lowpasses(e.reshape(1, 1, size, size).float())[k - 1].double(), size**2)
+        upsample = matrix(lambda e, k=k: up(e.reshape(1, 1, *sizes[k - 1]), factors[k - 1]), n_coarse)
         e_prev = schedule.end(k - 1)
         end_mean, end_cov = (
             e_prev * lowpass @ mu,
@@ -110,10 +110,12 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data(factors):
     assert nfe == 3 * len(sizes)
 
 
+@pytest.mark.e2e
 def test_tiny_pyramidal_recipe_trains_and_samples_and_counts_each_stages_flops(tmp_path):
+    from dfm_cli.config.method import method_of
     from dfm_cli.config.recipe import load_recipe
     from dfm_cli.methods.factory import build_model
-    from dfm_cli.training.perf import forward_flops, training_forward_flops
+    from dfm_cli.training.perf import forward_flops
 
     recipe_path = ROOT / "recipes" / "tiny" / "pyramidal.toml"
     run_dfm("train", recipe_path, "--out", tmp_path / "R")
@@ -123,5 +125,5 @@ def test_tiny_pyramidal_recipe_trains_and_samples_and_counts_each_stages_flops(t
     model = build_model(recipe, (1, 16, 16), 10)
     assert model.level_sizes == [(16, 16)]  # one DiT at the finest size
     per_stage = [forward_flops(model, (1, 4, 4)), forward_flops(model, (1, 8, 8))]
-    assert training_forward_flops(recipe, model) == pytest.approx(0.5 * per_stage[0] + 0.5 * per_stage[1])
+    assert method_of(recipe).forward_flops(model) == pytest.approx(0.5 * per_stage[0] + 0.5 * per_stage[1])
     assert per_stage[0] < per_stage[1] == forward_flops(model)

@@ -74,6 +74,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_recipe(write(tmp_path, "[train\n"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "text,key",
     [
@@ -92,6 +93,7 @@ def test_cli_rejects_bad_recipes_in_one_line_without_traceback(tmp_path, text, k
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_resolved_recipe(tmp_path):
     proc = run_dfm(
         "train", ROOT / "recipes/quickstart.toml", "--set", "train.steps=3", "--dry-run", "--out", tmp_path / "run"
@@ -170,6 +172,7 @@ def test_the_boundaries_themselves_are_accepted(tmp_path):
     assert r.model.class_dropout == 1.0 and r.train.betas == [0.0, 0.999]
 
 
+@pytest.mark.e2e
 def test_a_recipe_that_is_not_utf8_names_the_file(tmp_path):
     path = tmp_path / "latin1.toml"
     path.write_bytes("# café\n[train]\nsteps = 3\n".encode("latin-1"))

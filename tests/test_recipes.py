@@ -70,15 +70,17 @@ def test_every_paper_experiment_has_a_tiny_twin_with_the_same_keys(paper, twin):
 
 def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     """Train `recipe` in-process, then draw 4 samples with each of `sample_recipes`' settings."""
-    from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate
-    from dfm_cli.methods.factory import build_pyramid, load_trained
+    from dfm_cli.config.method import method_of
+    from dfm_cli.method.sampler import class_balanced_labels
+    from dfm_cli.methods.factory import load_trained
     from dfm_cli.training.loop import train
 
     assert recipe.train.steps == 2, "tiny twins train 2 steps"
     train(recipe, run, console=Console(quiet=True))
     assert len((run / "stats.jsonl").read_text().splitlines()) >= 1
     model, trained, info = load_trained(run)
-    decomposition = build_pyramid(trained, info.level_stats)
+    method = method_of(trained)
+    decomposition = method.decomposition(info.level_stats)
     if info.text:  # a text-conditioned twin samples from prompts, encoded by the run's own encoder
         from dfm_cli.data.text_encoders import Prompts
 
@@ -86,8 +88,8 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
     else:
         condition = class_balanced_labels(4, info.num_classes)
     for r in sample_recipes:
-        settings = SamplerSettings.resolve(r, model.levels)
-        x = generate(model, condition, decomposition, settings, seed=0).x
+        settings = r.sampler_settings(model.levels)
+        x = method.generate(model, condition, decomposition, settings, seed=0).x
         assert x.shape[0] == 4 and torch.isfinite(x).all()
 
 

@@ -213,11 +213,12 @@ def cli(*args, cwd=None):
         os.chdir(old)
 
 
+@pytest.mark.e2e
 def test_sample_without_a_run_takes_the_newest_under_runs(trained, tmp_path):
     none = cli("sample", cwd=tmp_path)
     assert none.exit_code == 2 and "no trained run under runs/" in none.stderr
     assert len(none.stderr.strip().splitlines()) == 1
-    for name, age in (("old", 100), ("new", 0), ("empty", -50)):
+    for name, _age in (("old", 100), ("new", 0), ("empty", -50)):
         shutil.copytree(trained, tmp_path / "runs" / name)
     shutil.rmtree(tmp_path / "runs" / "empty" / "checkpoints")
     for ckpt in (tmp_path / "runs" / "old" / "checkpoints").glob("step-*"):
@@ -228,6 +229,7 @@ def test_sample_without_a_run_takes_the_newest_under_runs(trained, tmp_path):
     assert "newest run under runs/: runs/new" in got.stdout and (tmp_path / "grid.png").is_file()
 
 
+@pytest.mark.e2e
 def test_sample_prints_plain_progress_lines_to_a_log(trained, tmp_path):
     proc = run_dfm("sample", trained, "--num", "6", "--batch", "3", "--steps", "1,1", "--out", tmp_path / "s.npz")
     assert "sample 3/6" in proc.stderr and "sample 6/6 (100%)" in proc.stderr
@@ -237,6 +239,7 @@ def test_sample_prints_plain_progress_lines_to_a_log(trained, tmp_path):
     assert again.returncode == 2 and "seed 0 → 2" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -271,6 +274,7 @@ def test_bad_flags_stop_before_any_work_with_one_line(trained, tmp_path, args, m
     assert sorted(tmp_path.iterdir()) == before  # nothing written
 
 
+@pytest.mark.e2e
 def test_non_finite_weights_are_an_error_not_a_black_grid(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

@@ -181,12 +181,12 @@ def recipe_with(**flow):
 
 def test_settings_resolve_flags_over_recipe_and_cut_tau_to_the_stages():
     r = recipe_with()
-    assert SamplerSettings.resolve(r, 3) == SamplerSettings((6, 4, 2), (0.6, 0.8), cfg=2.0)
-    assert SamplerSettings.resolve(r, 3, stages=2).tau == (0.6,)
-    assert SamplerSettings.resolve(r, 3, steps=[5, 5]).steps == (5, 5)  # --steps alone sets the stages
-    assert SamplerSettings.resolve(r, 3, tau=[0.8]).tau == (0.8, 0.8)  # one --tau serves every transition
-    assert SamplerSettings.resolve(r, 3, stages=1).tau == ()
-    got = SamplerSettings.resolve(r, 3, cfg=1.0, interval=[0.1, 0.9], solver="heun")
+    assert r.sampler_settings(3) == SamplerSettings((6, 4, 2), (0.6, 0.8), cfg=2.0)
+    assert r.sampler_settings(3, stages=2).tau == (0.6,)
+    assert r.sampler_settings(3, steps=[5, 5]).steps == (5, 5)  # --steps alone sets the stages
+    assert r.sampler_settings(3, tau=[0.8]).tau == (0.8, 0.8)  # one --tau serves every transition
+    assert r.sampler_settings(3, stages=1).tau == ()
+    got = r.sampler_settings(3, cfg=1.0, interval=[0.1, 0.9], solver="heun")
     assert (got.cfg, got.interval, got.solver) == (1.0, (0.1, 0.9), "heun")
 
 
@@ -209,7 +209,7 @@ def test_settings_resolve_flags_over_recipe_and_cut_tau_to_the_stages():
 )
 def test_settings_refuse_bad_flags_naming_the_flag(flags, message):
     with pytest.raises(DfmError) as e:
-        SamplerSettings.resolve(recipe_with(), 3, **flags)
+        recipe_with().sampler_settings(3, **flags)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -217,7 +217,7 @@ def test_bad_recipe_values_name_the_recipe_key():
     r = recipe_with()
     r.sample.guidance_interval = [0.8, 0.2]
     with pytest.raises(DfmError, match=r"sample.guidance_interval 0.8,0.2"):
-        SamplerSettings.resolve(r, 3)
+        r.sampler_settings(3)
 
 
 # ----------------------------------------------------------------- the flow ablations at sampling time
@@ -242,7 +242,7 @@ def test_without_input_masking_later_levels_are_fed_as_their_noise():
     pyr, labels = LaplacianPyramid(2, [2]), torch.arange(4)
     noise = sample_noise(random_model(), 3, range(4))
     for mask_input in (True, False):
-        settings = SamplerSettings.resolve(recipe_with(mask_input=mask_input), 2, steps=[3, 2], tau=[0.7])
+        settings = recipe_with(mask_input=mask_input).sampler_settings(2, steps=[3, 2], tau=[0.7])
         assert settings.mask_input is mask_input
         spy = Spy(random_model())
         generate(spy, labels, pyr, settings, seed=3)
@@ -261,12 +261,12 @@ def test_tied_sampler_moves_all_active_levels_with_one_t():
     from dfm_cli.method.sampler import sample_noise
 
     pyr, labels = LaplacianPyramid(3, [2, 2]), torch.arange(4)
-    settings = SamplerSettings.resolve(recipe_with(tied_timesteps=True), 3)
+    settings = recipe_with(tied_timesteps=True).sampler_settings(3)
     assert settings.tied_timesteps
     spy = Spy(random_model(levels=3))
     r = generate(spy, labels, pyr, settings, seed=0)
     shared = []
-    for xs, t, stage in spy.calls:
+    for _xs, t, stage in spy.calls:
         k = int(stage[0])
         assert (t[:, : k + 1] == t[:, :1]).all() and not t[:, k + 1 :].any()
         shared.append(float(t[0, 0]))
@@ -277,5 +277,5 @@ def test_tied_sampler_moves_all_active_levels_with_one_t():
     assert torch.allclose(spy.calls[6][0][1], (1 - 0.6) * torch.cat([noise[1]] * 2))
     assert math.isfinite(float(r.x.abs().max()))
     untied = Spy(random_model(levels=3))
-    generate(untied, labels, pyr, SamplerSettings.resolve(recipe_with(), 3), seed=0)
+    generate(untied, labels, pyr, recipe_with().sampler_settings(3), seed=0)
     assert any(not (t[:, : int(s[0]) + 1] == t[:, :1]).all() for _, t, s in untied.calls)

@@ -53,6 +53,7 @@ def test_pixel_round_trip_is_exact():
     assert ae.latent_shape((3, 5, 8, 8)) == (3, 5, 8, 8)
 
 
+@pytest.mark.e2e
 def test_encode_with_a_tiny_autoencoder_writes_shapes_scale_and_index(tmp_path, tiny_kl):
     src = image_folder(tmp_path / "imgs")
     run_dfm(
@@ -85,6 +86,7 @@ def test_encode_with_a_tiny_autoencoder_writes_shapes_scale_and_index(tmp_path, 
     assert not torch.allclose(flipped, latent)
 
 
+@pytest.mark.e2e
 def test_interrupted_encode_resumes_byte_identically(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     args = ["--frames", "4", "--num-clips", "10", "--resolution", "16", "--shard-size", "3"]
@@ -100,6 +102,7 @@ def test_interrupted_encode_resumes_byte_identically(tmp_path):
     assert json.loads((part / "index.json").read_text())["num"] == 10
 
 
+@pytest.mark.e2e
 def test_unreadable_files_are_reported_or_fail_strictly(tmp_path):
     src = image_folder(tmp_path / "imgs")
     (src / "cats" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
@@ -116,6 +119,7 @@ def test_unreadable_files_are_reported_or_fail_strictly(tmp_path):
     assert not list((tmp_path / "strict").glob("*shard*"))
 
 
+@pytest.mark.e2e
 def test_mp4_clips_to_latents_and_an_exact_temporal_decomposition(tmp_path):
     videos = tmp_path / "videos" / "sprites"
     videos.mkdir(parents=True)
@@ -146,6 +150,7 @@ def test_mp4_clips_to_latents_and_an_exact_temporal_decomposition(tmp_path):
     assert (pyramid.recompose(levels) - clips).abs().max() < 1e-5
 
 
+@pytest.mark.e2e
 def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny_kl):
     src = image_folder(tmp_path / "imgs", n=8)
     run_dfm("encode", src, "--ae", "kl", "--ae-weights", tiny_kl, "--resolution", "16", "--out", tmp_path / "img")
@@ -186,6 +191,7 @@ def test_dfm_trains_from_image_and_video_stores_and_samples_video(tmp_path, tiny
         assert frames.shape[0] == 4 and frames.ndim == 4
 
 
+@pytest.mark.e2e
 def test_decompose_compares_the_latent_pyramid_with_the_image(tmp_path, tiny_kl):
     proc = run_dfm("decompose", "--levels", "2", "--ae", "kl", "--ae-weights", tiny_kl, "--out", tmp_path)
     score = float(proc.stdout.split("scale equivariance of --ae kl:")[1].split()[0])
@@ -194,6 +200,7 @@ def test_decompose_compares_the_latent_pyramid_with_the_image(tmp_path, tiny_kl)
     assert "latent energy share" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_torchrun_encode_writes_the_same_shards(tmp_path):
     import random
     import subprocess
@@ -234,6 +241,7 @@ def shard_shapes(store):
     return {f.name: tuple(load_file(f)["latents"].shape) for f in sorted(store.glob("shard-*.safetensors"))}
 
 
+@pytest.mark.e2e
 def test_a_failed_encode_rerun_at_another_resolution_is_refused_or_restarts_cleanly(tmp_path):
     src = image_folder(tmp_path / "imgs", n=8)
     (src / "cats" / "3-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10)
@@ -253,6 +261,7 @@ def test_a_failed_encode_rerun_at_another_resolution_is_refused_or_restarts_clea
     assert [r["file"].rsplit("/", 1)[1] for r in json.loads((store / "report.json").read_text())] == ["3-corrupt.png"]
 
 
+@pytest.mark.e2e
 def test_bad_encode_flags_fail_before_any_work(tmp_path):
     from dfm_cli.data.encode import EncodeSettings
     from dfm_cli.errors import DfmError

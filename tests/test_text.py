@@ -146,6 +146,7 @@ def test_null_text_is_kept_in_the_checkpoint_state():
     torch.testing.assert_close(again.null_condition(2).tokens[1], null.tokens[0])
 
 
+@pytest.mark.e2e
 def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     """The CLI path: encode captions into a store, train 2 steps on it, sample from a prompt."""
     from dfm_cli.data.store import LatentStore
@@ -234,12 +235,14 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert not (tmp_path / "S2" / "index.json").exists()
 
 
+@pytest.mark.e2e
 def test_prompts_on_a_class_conditional_run_are_refused(tmp_path):
     run_dfm("train", TINY, "--set", "train.steps=1", "--set", "sample.n=2", "--out", tmp_path / "R")
     proc = run_dfm("sample", tmp_path / "R", "--prompt", "a cat", "--out", tmp_path / "g.png", check=False)
     assert proc.returncode == 2 and "class-conditional" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_captioned_folder_trains_with_captions_encoded_once_into_the_run(tmp_path, tiny_clip):
     """`data.captions` + `[text]`: no store needed; a resumed run reuses the encoded captions."""
     config, weights, _ = tiny_clip

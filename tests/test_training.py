@@ -36,6 +36,7 @@ def assert_close(a, b, atol):
             assert diff <= atol, f"{name}.{key}: {diff}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_training_equals_one_process(tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
@@ -68,6 +69,7 @@ def test_two_process_training_equals_one_process(tmp_path, parallel):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+@pytest.mark.e2e
 def test_micro_batches_do_not_change_the_maths(tmp_path):
     run_dfm("train", TINY, "--out", tmp_path / "whole")
     run_dfm("train", TINY, "--out", tmp_path / "micro", "--set", "train.batch_per_gpu=2")
@@ -76,6 +78,7 @@ def test_micro_batches_do_not_change_the_maths(tmp_path):
     assert bad.returncode == 2 and "train.batch_per_gpu = 3" in bad.stderr
 
 
+@pytest.mark.e2e
 def test_killed_at_random_points_resumes_bit_identically(tmp_path):
     args = ["--set", "train.steps=240", "--set", "train.checkpoint_every=20", "--set", "train.log_every=20"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -229,6 +232,7 @@ def test_compile_falls_back_with_a_clear_message():
     assert "torch.compile is unavailable here (no working C++ compiler); training without it" in console.export_text()
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_compiled_training_matches_eager(tmp_path):
     run_dfm("train", TINY, "--out", tmp_path / "eager")
@@ -240,6 +244,7 @@ def stats_steps(run):
     return [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_intact(tmp_path):
     run = tmp_path / "run"
     args = ["--out", str(run), "--set", "train.steps=20", "--set", "train.checkpoint_every=10"]
@@ -270,6 +275,7 @@ def test_a_second_train_on_a_held_folder_is_refused_and_the_first_run_stays_inta
     assert load_recipe(run / "recipe.toml") == load_recipe(TINY, ["train.steps=20", "train.checkpoint_every=10"])
 
 
+@pytest.mark.e2e
 def test_the_lock_goes_with_a_killed_process_and_a_refused_new_folder_is_not_left_behind(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -298,6 +304,7 @@ def test_the_lock_goes_with_a_killed_process_and_a_refused_new_folder_is_not_lef
     assert bad.returncode == 2 and not (tmp_path / "new").exists()
 
 
+@pytest.mark.e2e
 def test_stats_are_cut_back_to_the_resumed_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["--out", run, "--set", "train.steps=12", "--set", "train.log_every=1", "--set", "train.keep_checkpoints=5"]
@@ -320,6 +327,7 @@ def test_stats_are_cut_back_to_the_resumed_checkpoint(tmp_path):
     assert drop_speed(resumed) == drop_speed(straight)
 
 
+@pytest.mark.e2e
 def test_resume_compares_the_recipe_of_the_newest_checkpoint(tmp_path):
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
@@ -355,6 +363,7 @@ def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkey
     assert not (tmp_path / "run" / "samples").exists()
 
 
+@pytest.mark.e2e
 def test_progress_lines_reach_a_log_file_while_training_runs(tmp_path):
     log = tmp_path / "log"
     with log.open("w") as out:
@@ -399,6 +408,7 @@ def test_evaluation_during_training_writes_metric_rows(tmp_path):
         load_recipe(TINY, ["train.eval_every=3", 'train.eval_metrics=["fdd"]'])  # refused before any run
 
 
+@pytest.mark.e2e
 def test_evaluation_during_training_on_a_store_of_built_in_data_compares_with_its_source(tmp_path):
     """A store remembers the built-in data it encoded; in-training metrics use those images.
     A store of one's own folder has no pixels to compare with: refused before training."""
@@ -424,6 +434,7 @@ def test_evaluation_during_training_on_a_store_of_built_in_data_compares_with_it
         train(recipe, tmp_path / "run2", console=Console(quiet=True))
 
 
+@pytest.mark.e2e
 def test_a_state_without_run_info_is_a_one_line_error_naming_the_file(tmp_path):
     from dfm_cli.methods.factory import load_trained
 

@@ -13,8 +13,13 @@ from typing import Any
 import torch
 
 from dfm_cli.ablate.sweep import Sweep
+from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
+from dfm_cli.methods.factory import base_decomposition, build_model, pick_device
+from dfm_cli.models.dit import model_size
+from dfm_cli.models.positions import level_patches
+from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
 
 STARTUP_S = 5.0  # per subprocess (Python + torch imports), for --dry-run estimates
 CPU_FLOPS = 5e10  # FLOP/s assumed for a model too big to time on the CPU
@@ -38,17 +43,13 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
 def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
     """The latents of a store that does not exist yet: 16-channel f8 (FLUX, CogVideoX), or,
     when the model cannot tile those, 4-channel f4 (a small autoencoder `dfm train` makes)."""
-    from dfm_cli.methods.factory import plain_pyramid
-    from dfm_cli.models.dit import model_size
-    from dfm_cli.models.positions import level_patches
-
     d = recipe.data
     frames = ((d.frames - 1) // 4 + 1,) if d.frames else ()
     for channels, factor, what in ((16, 8, "FLUX / CogVideoX autoencoders"), (4, 4, "a small trained autoencoder")):
         shape = (channels, *frames, d.resolution // factor, d.resolution // factor)
         try:
             level_patches(
-                plain_pyramid(recipe).level_sizes(shape[1:]),
+                base_decomposition(recipe).level_sizes(shape[1:]),
                 model_size(recipe.model.name).patch,
                 recipe.model.temporal_patch,
             )
@@ -61,30 +62,17 @@ def assumed_latent_shape(recipe: Recipe) -> tuple[tuple[int, ...], str]:
 def forward_flops_of(recipe: Recipe) -> float:
     """Model FLOPs of one forward pass per image. Big models are built shape-only (on the meta
     device, whose first use imports torch's compiler stack, seconds); small ones for real."""
-    from dfm_cli.methods.factory import build_model
-    from dfm_cli.models.dit import model_size
-    from dfm_cli.training.perf import training_forward_flops
-
-    m, f = recipe.model, recipe.flow
+    m = recipe.model
     shape = data_shape(recipe)[0]
-    key = (
-        m.name,
-        m.pos,
-        m.temporal_patch,
-        shape,
-        f.levels,
-        tuple(f.factors),
-        tuple(f.temporal_factors),
-        f.method,
-        tuple(f.p_stage) if f.method == "pyramidal" else (),
-        f.cascade_split if f.method == "cascaded" else None,
-        m.specialize,
-    )
+    # the model's section and the whole flow section: a method's FLOPs may read any flow key
+    sections = recipe.to_dict()
+    key = (json.dumps(sections["model"], sort_keys=True), shape, json.dumps(sections["flow"], sort_keys=True))
     if key not in _FLOPS:
         size = model_size(m.name)
         big = 12 * size.depth * size.hidden**2 > 2e7
+        method = method_of(recipe)
         with torch.device("meta" if big else "cpu"):
-            _FLOPS[key] = training_forward_flops(recipe, build_model(recipe, shape, 10))
+            _FLOPS[key] = method.forward_flops(method.build_model(shape, 10))
     return _FLOPS[key]
 
 
@@ -106,9 +94,6 @@ def sample_flops(recipe: Recipe, num: int) -> float:
 def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[float, float, str]:
     """FLOP/s of training and of sampling this model here, and how they were obtained: timed
     (one training step, one sampling forward) when a step is small, else a per-FLOP constant."""
-    from dfm_cli.methods.factory import build_model, pick_device
-    from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
-
     device = pick_device()
     shape = data_shape(recipe)[0]
     fwd = forward_flops_of(recipe)
@@ -137,8 +122,7 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
         cache[key] = (rate, rate, how)
         return cache[key]
     model = build_model(recipe, shape, 10).to(device)
-    # what the model is built for (Pyramidal Flow: its finest stage; a cascade also reads its conditioning)
-    sizes = [*model.level_sizes, *model.level_sizes[-1:] * (recipe.flow.method == "cascaded")]
+    sizes = method_of(recipe).model_inputs(model)  # what the model's forward takes
 
     def step(b: int, train: bool) -> float:
         levels = [torch.randn(b, shape[0], *s, device=device) for s in sizes]

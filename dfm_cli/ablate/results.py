@@ -188,14 +188,14 @@ def curve_series(sweep: Sweep, out: Path) -> tuple[str, dict[str, dict[str, list
     """The in-training `eval_*` curves of every run, labelled by the cells it serves, and their
     x axis: training images, or training FLOPs when the runs' images cost different compute
     (Pyramidal Flow, a cascade), so that points at one x had equal compute."""
-    runs = {
+    measured = {
         " / ".join(c.name for c in run.cells): (
             training_curves(run_dir(out, run.run_id) / "stats.jsonl"),
             train_compute(run.recipe),
         )
         for run in sweep.runs
     }
-    runs = {label: (curves, flops / images) for label, (curves, (images, flops)) in runs.items() if curves}
+    runs = {label: (curves, flops / images) for label, (curves, (images, flops)) in measured.items() if curves}
     if not runs:
         return "training images", {}
     per_image = [f for _, f in runs.values()]

@@ -348,7 +348,7 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
             )
     else:
         raise DfmError(f'{sweep.path}: baseline = {b!r}: give a cell name or a table such as {{"flow.levels" = 1}}')
-    out = {}
+    out: dict[str, Cell | None] = {}
     for cell in sweep.cells:
         others = [k for k in sweep.swept if k not in keys]
         out[cell.name] = max(

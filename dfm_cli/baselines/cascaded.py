@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from dfm_cli.baselines.pyramidal import GaussianStack, up
+from dfm_cli.baselines.pyramidal import up
 from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond, where_dropped
 from dfm_cli.method.flow import Draws, FlowObjective, Velocity
@@ -122,17 +122,36 @@ class CascadedDiT(nn.Module):
             if k == 0:
                 out[0] = out[0].index_put((rows,), self.stage1([coarse[rows]], t[rows, :1], y[rows], zeros[rows])[0])
                 continue
-            extra = self.cond_embed(cond[rows][:, :, None])
-            v = self.stage2.network(
-                [fine[rows]],
-                t[rows, 1:2],
-                y[rows],
-                zeros[rows],
-                extra_tokens=extra,
-                extra_c=self.aug_embedder(t[rows, 2]),
-            )[0]
+            v = self._stage2(fine[rows], cond[rows], t[rows], y[rows], zeros[rows])
             out[1] = out[1].index_put((rows,), v)
         return out
+
+    def _stage2(
+        self, fine: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, y: Cond, stage: torch.Tensor
+    ) -> torch.Tensor:
+        """Stage 2's velocity: the conditioning image's tokens join the sequence at the image
+        tokens' positions, its augmentation level joins the adaLN conditioning, and the heads
+        read the image tokens only."""
+        s2 = self.stage2
+        tokens = s2.tokens([fine])
+        extra = self.cond_embed(cond[:, :, None])
+        x = torch.cat([tokens.x, extra + (0 if tokens.pos is None else tokens.pos.to(extra.dtype))], 1)
+        rope = None if tokens.rope is None else torch.cat([tokens.rope, tokens.rope])
+        c, text = s2.conditioning(t[:, 1:2], y, stage)
+        c = c + self.aug_embedder(t[:, 2])
+        h = s2.transform(x, c, rope, text, stage)
+        return s2.decode(h[:, : tokens.x.shape[1]], c, tokens.grid)[0]
+
+    def stage_flops(self) -> tuple[float, float]:
+        """Forward FLOPs per image of stage 1 and of stage 2 (twice the tokens through the
+        blocks, the conditioning's patch embedding and timestep embedder; the head on the
+        image tokens)."""
+        t, h, w = self.stage2.grid
+        d = self.stage2.blocks[0].attn.qkv.in_features
+        head = self.stage2.level_heads[0].linear.out_features
+        stage2 = self.stage2.flops_per_sample((2 * t, h, w)) - 2 * t * h * w * d * head  # heads see image tokens
+        aug = 2 * (self.aug_embedder.mlp[0].in_features * d + d * d)
+        return self.stage1.flops_per_sample(), stage2 + aug
 
 
 @torch.no_grad()
@@ -144,13 +163,14 @@ def switch_to_stage2(model: CascadedDiT, ema: CascadedDiT) -> None:
         e.copy_(p)
 
 
+@dataclass(frozen=True)
 class CascadedObjective(FlowObjective):
     """Flow Matching for stage 1 on the coarse data, then for stage 2 on the full data given the
-    augmented coarse image: the step decides the stage (`draw(..., step=)`)."""
+    augmented coarse image. Which stage trains is a phase of the run, not a draw: the method
+    hands the training loop the objective of each step's phase (`stage`)."""
 
-    def __init__(self, cascade: CascadeSettings, steps: int, **kw) -> None:
-        super().__init__(**kw)
-        self.cascade, self.steps = cascade, steps
+    cascade: CascadeSettings = CascadeSettings()
+    stage: int = 0
 
     def draw(
         self,
@@ -158,9 +178,7 @@ class CascadedObjective(FlowObjective):
         sample_seeds: Sequence[int],
         batch_seed: int,
         label_dropout: float = 0.0,
-        step: int = 0,
     ) -> Draws:
-        stage = int(step >= self.cascade.split_step(self.steps))
         t, drop, noise = [], [], [[] for _ in range(3)]
         for seed in sample_seeds:
             g = torch.Generator().manual_seed(seed)
@@ -172,7 +190,7 @@ class CascadedObjective(FlowObjective):
             for j, shape in enumerate([*level_shapes, level_shapes[-1]]):
                 noise[j].append(torch.randn(*shape, generator=g))
         n = len(sample_seeds)
-        return Draws(torch.full((n,), stage), torch.stack(t), torch.tensor(drop), [torch.stack(v) for v in noise])
+        return Draws(torch.full((n,), self.stage), torch.stack(t), torch.tensor(drop), [torch.stack(v) for v in noise])
 
     def loss(
         self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
@@ -199,27 +217,6 @@ class CascadedObjective(FlowObjective):
             "stage": d.stage,
             "t": d.t[:, :2],
         }
-
-
-class CascadeStack(GaussianStack):
-    """The coarse and full-size data for the cascade (a 2-level Gaussian pyramid); it carries
-    the cascade's settings, and generates with `sample_cascaded`."""
-
-    def __init__(self, pyramid, cascade: CascadeSettings) -> None:
-        super().__init__(pyramid)
-        self.cascade = cascade
-
-    def generate(
-        self,
-        velocity: Velocity,
-        y: Cond,
-        model: CascadedDiT,
-        steps: Sequence[int],
-        seed: int,
-        indices: Sequence[int],
-        device: torch.device,
-    ) -> tuple[torch.Tensor, int]:
-        return sample_cascaded(velocity, y, model, steps, self.cascade.cond_noise, seed, indices, device)
 
 
 @torch.no_grad()

@@ -61,29 +61,6 @@ class GaussianStack:
         return self.pyramid.upsample_to(x, size)
 
 
-class PyramidStages(GaussianStack):
-    """The Gaussian pyramid with Pyramidal Flow's stage schedule; generates stage by stage."""
-
-    def __init__(self, pyramid: TwoBandPyramid, gamma: float) -> None:
-        super().__init__(pyramid)
-        self.schedule = PyramidalSchedule(tuple(pyramid.factors), gamma)
-
-    def generate(
-        self,
-        velocity: Velocity,
-        y: Cond,
-        model,
-        steps: Sequence[int],
-        seed: int,
-        indices: Sequence[int],
-        device: torch.device,
-    ) -> tuple[torch.Tensor, int]:
-        sizes = self.level_sizes(model.level_sizes[-1])
-        return sample_pyramidal(
-            velocity, y, self.schedule, sizes[: len(steps)], model.channels, steps, seed, indices, device
-        )
-
-
 @dataclass(frozen=True)
 class PyramidalSchedule:
     """Each stage's signal window and the renoising at each jump, from K stages, the

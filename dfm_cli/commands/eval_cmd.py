@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Annotated
+from types import TracebackType
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dfm_cli.commands.common import app, console, user_errors
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.data.checkpoints import resolve_checkpoint
 from dfm_cli.errors import DfmError, reading
+from dfm_cli.evaluation.evaluate import (
+    METRICS,
+    Request,
+    computation_order,
+    default_eval_num,
+    evaluate,
+    load_source,
+    reference_statistics,
+    run_reference,
+)
+from dfm_cli.evaluation.gates import check_gates, check_thresholds
+from dfm_cli.evaluation.metrics import save_statistics
+from dfm_cli.methods.factory import pick_device
+from dfm_cli.progress import Progress
 from dfm_cli.sampling.runs import newest_run
+from dfm_cli.sampling.sample_set import run_sample_set
 
 
 @app.command("eval")
@@ -21,13 +40,19 @@ def eval_(
     samples: Annotated[
         str | None,
         typer.Argument(
-            help="Samples: an ADM .npz (arr_0), an image folder, a dataset name, or a run folder. Default: the newest run under runs/, scored on its own evaluation set against its training data."
+            help=(
+                "Samples: an ADM .npz (arr_0), an image folder, a dataset name, or a run folder. Default: "
+                "the newest run under runs/, scored on its own evaluation set against its training data."
+            )
         ),
     ] = None,
     ref: Annotated[
         str | None,
         typer.Option(
-            help="Reference: a folder, an .npz (images or mu/sigma), or animal-mnist. Default for a run: the data it was trained on."
+            help=(
+                "Reference: a folder, an .npz (images or mu/sigma), or animal-mnist. Default for a run: the "
+                "data it was trained on."
+            )
         ),
     ] = None,
     fid: Annotated[
@@ -77,13 +102,19 @@ def eval_(
     captions: Annotated[
         Path | None,
         typer.Option(
-            help="Text file for --clip: one caption per sample, or the prompts given to `dfm sample --prompts` (sample i has prompt i mod P)."
+            help=(
+                "Text file for --clip: one caption per sample, or the prompts given to `dfm sample "
+                "--prompts` (sample i has prompt i mod P)."
+            )
         ),
     ] = None,
     i3d_weights: Annotated[
         Path | None,
         typer.Option(
-            help="i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file you trust; dfm never looks one up itself."
+            help=(
+                "i3d_torchscript.pt for --fvd. TorchScript files run the code they hold: pass only a file "
+                "you trust; dfm never looks one up itself."
+            )
         ),
     ] = None,
     swd_levels: Annotated[int, typer.Option(help="Pyramid levels for --swd.")] = 3,
@@ -100,25 +131,7 @@ def eval_(
     """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
 
     `dfm eval --fid --max-fid X` alone scores the newest run under runs/: a CI gate in one line.
-    """
-    import json
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from dfm_cli.data.checkpoints import resolve_checkpoint
-    from dfm_cli.evaluation.evaluate import (
-        Request,
-        default_eval_num,
-        evaluate,
-        load_source,
-        reference_statistics,
-        run_reference,
-    )
-    from dfm_cli.evaluation.gates import check_gates, check_thresholds
-    from dfm_cli.evaluation.metrics import save_statistics
-    from dfm_cli.methods.factory import pick_device
-    from dfm_cli.sampling.sample_set import run_sample_set
-
+    """  # noqa: E501 (the first line is the command's one-line help)
     req = Request(
         fid=fid,
         kid=kid,
@@ -154,8 +167,9 @@ def eval_(
     for flag, value in (("--batch", batch), ("--swd-levels", swd_levels), ("--num", num)):
         if value is not None and value < 1:
             raise DfmError(f"{flag} {value}: must be at least 1")
-    if stats_out is None and not any((fid, kid, isc, fdd, swd, clip, fvd, pr)):
-        raise DfmError("choose at least one metric: --fid, --kid, --isc, --pr, --fdd, --swd, --clip or --fvd")
+    if stats_out is None and not any(getattr(req, m.name) for m in METRICS):
+        *most, last = [m.flag for m in computation_order(METRICS)]
+        raise DfmError(f"choose at least one metric: {', '.join(most)} or {last}")
     if stats_out is not None and stats_out.suffix != ".npz":
         raise DfmError(f"--stats-out {stats_out}: statistics are saved as .npz (ADM layout); use a name ending in .npz")
     for flag, path in (("--json", json_out), ("--stats-out", stats_out)):
@@ -163,21 +177,11 @@ def eval_(
             raise DfmError(f"{flag} {path} is a folder; name a file")
     start = time.perf_counter()
     err = Console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
     run_reference_source = None
     if samples is None or (Path(samples).is_dir() and (Path(samples) / "checkpoints").is_dir()):
         run = newest_run() if samples is None else Path(samples)
         checkpoint = resolve_checkpoint(run)
         num = num or default_eval_num(req.device)
-        from dfm_cli.config.recipe import load_recipe
-
         if not ref:  # before sampling: a run without a pixel reference (a latent store) stops here
             limit = 0 if req.device.type == "cuda" else default_eval_num(req.device)
             run_reference_source = run_reference(load_recipe(checkpoint / "recipe.toml"), run, limit)
@@ -187,17 +191,16 @@ def eval_(
             f"--num {max(10_000, 5 * num)}",
             soft_wrap=True,
         )
-        with progress:
-            task = progress.add_task("sample", total=num)
-            samples = str(run_sample_set(checkpoint, num, batch, lambda n: progress.advance(task, n)))
+        with Progress(err, "sample", num, transient=True) as progress:
+            samples = str(run_sample_set(checkpoint, num, batch, progress.advance))
         err.print(f"evaluation set: {samples}", soft_wrap=True)
     elif num is not None:
         raise DfmError(f"--num {num} sizes a run's evaluation set; {samples} is already a sample set")
     with reading(samples, "sample set"):
         source = load_source(samples)
     if stats_out is not None:
-        with progress:
-            stats = reference_statistics(source, req, progress)
+        with Extractions(err) as tasks:
+            stats = reference_statistics(source, req, tasks)
         save_statistics(stats_out, stats)
         console.print(f"wrote {', '.join(stats)} of {samples} to {stats_out}")
         return
@@ -210,8 +213,8 @@ def eval_(
         ref = reference.name
     else:
         reference = None
-    with progress:
-        results, warnings = evaluate(source, reference, req, progress)
+    with Extractions(err) as tasks:
+        results, warnings = evaluate(source, reference, req, tasks)
     results["seconds"] = round(time.perf_counter() - start, 2)
     failed = check_thresholds(results, limits)
     for w in warnings:
@@ -219,8 +222,8 @@ def eval_(
     table = Table(title=f"{samples} vs {ref}" if ref else samples)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in results.items():
-        table.add_row(key, f"{value:.6g}")
+    for key, result in results.items():
+        table.add_row(key, f"{result:.6g}")
     console.print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,3 +235,34 @@ def eval_(
     if failed:
         typer.echo("threshold failed: " + "; ".join(failed), err=True)
         raise typer.Exit(1)
+
+
+class Extractions:
+    """`evaluate`'s task API (rich's `add_task`/`advance`) over the one progress reporter: each
+    feature extraction gets its own transient bar (plain lines in a log), one after the other."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.current: Progress | None = None
+
+    def add_task(self, description: str, *, total: float | None = None) -> int:
+        self.close()
+        self.current = Progress(self.console, description, int(total or 0), transient=True).__enter__()
+        return 0
+
+    def advance(self, task_id: Any, advance: float = 1, /) -> None:
+        if self.current is not None:
+            self.current.advance(int(advance))
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.__exit__(None, None, None)
+            self.current = None
+
+    def __enter__(self) -> Extractions:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()

@@ -79,7 +79,6 @@ def sample(
         check_out(out, num is not None)
 
     from dfm_cli.data.text_encoders import Prompts, read_prompts
-    from dfm_cli.method.sampler import SamplerSettings
     from dfm_cli.sampling.runs import load_for_sampling, newest_run
 
     if run is None:
@@ -87,9 +86,7 @@ def sample(
         console.print(f"sampling the newest run under runs/: {run}")
     trained = load_for_sampling(run, ema=ema)
     model, info = trained.model, trained.info
-    settings = SamplerSettings.resolve(
-        trained.recipe,
-        trained.recipe.flow.levels,
+    settings = trained.recipe.sampler_settings(
         stages=stages,
         steps=step_list,
         tau=tau_list,
@@ -158,8 +155,7 @@ def write_grid(
 
     from dfm_cli.data.autoencoders import from_config
     from dfm_cli.media import save_samples
-    from dfm_cli.method.sampler import class_balanced_labels, generate, sampled_classes
-    from dfm_cli.methods.factory import build_pyramid
+    from dfm_cli.method.sampler import class_balanced_labels, sampled_classes
 
     model, info = trained.model, trained.info
     classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
@@ -167,10 +163,8 @@ def write_grid(
     decode = from_config(info.autoencoder, next(model.parameters()).device).decode
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
-    result = generate(
-        model,
+    result = trained.generate(
         labels if prompts is None else prompts.condition(labels),
-        build_pyramid(trained.recipe, info.level_stats),
         settings,
         seed=seed,
         previews=previews,

@@ -11,8 +11,15 @@ import math
 import typing
 from typing import Any
 
+from dfm_cli.config.method import METHODS, method_choices, method_class
+from dfm_cli.config.schema import DataSection, Recipe
+from dfm_cli.data.datasets import DATA_NAMES
 from dfm_cli.errors import DfmError, suggest
+from dfm_cli.method.decompose import DECOMPOSITIONS, build_decomposition
+from dfm_cli.method.sampler import progressive_schedule
+from dfm_cli.models.dit import model_size
 from dfm_cli.models.experts import SPECIALIZE
+from dfm_cli.models.positions import level_patches
 
 # Paper defaults for the stage probabilities (docs/method.md §3.1); S = 3 is a guess to ablate.
 DEFAULT_P_STAGE = {1: [1.0], 2: [0.9, 0.1], 3: [0.9, 0.05, 0.05]}
@@ -24,7 +31,6 @@ def _broadcast(values: list, n: int) -> list:
 
 MODEL_KINDS = ("dfm", "flux", "autoencoder")
 EVAL_METRICS = ("fid", "swd")
-DECOMPOSITION_NAMES = ("laplacian", "dwt", "dct")
 BATCH_MEMORY_LIMIT = 64 * 2**30  # bytes: one batch of pixels, float32, before the model runs
 
 
@@ -103,11 +109,11 @@ def _check_ranges(recipe: Recipe, fail) -> None:
         )
     if not t.eval_metrics or any(x not in EVAL_METRICS for x in t.eval_metrics):
         fail("train.eval_metrics", t.eval_metrics, f"choose one or more of {', '.join(EVAL_METRICS)}")
-    if f.decomposition not in DECOMPOSITION_NAMES:
+    if f.decomposition not in list(DECOMPOSITIONS):
         fail(
             "flow.decomposition",
             f.decomposition,
-            f"choose one of {', '.join(DECOMPOSITION_NAMES)}{suggest(f.decomposition, DECOMPOSITION_NAMES)}",
+            f"choose one of {', '.join(list(DECOMPOSITIONS))}{suggest(f.decomposition, list(DECOMPOSITIONS))}",
         )
     for key, values in (
         ("flow.factors", f.factors),
@@ -172,46 +178,10 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
 
 
 def _check_method(recipe: Recipe, fail) -> None:
-    """`flow.method`: DFM (FM with one level), or the Pyramidal Flow and Cascaded baselines,
-    which use the levels' sizes only (no bands, no per-level model layers)."""
-    f, m = recipe.flow, recipe.model
-    if f.method not in ("dfm", "pyramidal", "cascaded"):
-        fail("flow.method", f.method, "choose 'dfm' (FM with flow.levels = 1), 'pyramidal' or 'cascaded'")
-    if f.method == "dfm":
-        return
-    if recipe.train.init_from:
-        fail(
-            "train.init_from",
-            recipe.train.init_from,
-            f"starting from a trained model is for flow.method = 'dfm'; a '{f.method}' run trains from scratch",
-        )
-    if f.method == "pyramidal" and f.levels < 2:
-        fail("flow.levels", f.levels, "Pyramidal Flow needs at least 2 stages")
-    if f.method == "cascaded":
-        if f.levels != 2:
-            fail("flow.levels", f.levels, "the cascade has 2 stages (2 models)")
-        if not 0 < f.cascade_split < 1:
-            fail("flow.cascade_split", f.cascade_split, "must lie in (0, 1): the share of steps for stage 1")
-        if len(f.cascade_aug) != 2 or not f.cascade_aug[1] > 0:
-            fail("flow.cascade_aug", f.cascade_aug, "needs [loc, scale] with scale > 0")
-        if not 0 <= recipe.sample.cond_noise < 1:
-            fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
-    for key, value, default in (
-        ("flow.standardize", f.standardize, False),
-        ("flow.precondition", f.precondition, False),
-        ("flow.upsample_coarse", f.upsample_coarse, False),
-        ("model.kind", m.kind, "dfm"),
-        ("model.specialize", m.specialize, "none"),
-        ("flow.decomposition", f.decomposition, "laplacian"),
-        ("data.frames", recipe.data.frames, 0),
-    ):
-        if value != default:
-            fail(
-                key,
-                value,
-                f"is not used by flow.method = '{f.method}' (a Gaussian pyramid of images, no "
-                f"per-level layers); leave it at {default!r}",
-            )
+    """`flow.method` names a registered method, which then checks the keys it uses."""
+    if recipe.flow.method not in METHODS:
+        fail("flow.method", recipe.flow.method, method_choices(recipe.flow.method))
+    method_class(recipe.flow.method).check(recipe, fail)
 
 
 def _check_text(recipe: Recipe, fail) -> None:
@@ -253,9 +223,6 @@ def _check_text(recipe: Recipe, fail) -> None:
 
 def validate(recipe: Recipe, source: str) -> None:
     """Range and cross-key checks; fills in derived defaults (p_stage, broadcast factors and tau)."""
-    from dfm_cli.method.decompose import build_decomposition
-    from dfm_cli.models.dit import model_size
-    from dfm_cli.models.positions import level_patches
 
     def fail(key: str, value: Any, why: str) -> typing.NoReturn:
         raise DfmError(f"{source}: {key} = {value!r}: {why}")
@@ -280,7 +247,7 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("sample.guidance_interval", s.guidance_interval, "needs [low, high]")
     if s.solver not in ("euler", "heun"):
         fail("sample.solver", s.solver, "choose 'euler' or 'heun'")
-    from dfm_cli.data.datasets import DATA_NAMES as names
+    names = DATA_NAMES
 
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{suggest(d.name, names)}")
@@ -341,8 +308,6 @@ def validate(recipe: Recipe, source: str) -> None:
             level_patches(sizes, size.patch, m.temporal_patch)
     except DfmError as e:
         fail("model.name", m.name, str(e))
-    from dfm_cli.method.sampler import progressive_schedule
-
     try:
         progressive_schedule(s.steps, s.tau)
     except DfmError as e:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -184,10 +184,12 @@ def load_checkpoint(ckpt: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a process holds, as JSON: torch CPU and CUDA, numpy, python."""
+    # numpy's stub types the no-argument call as the dict of `legacy=False`; it returns the legacy tuple
+    numpy_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     return {
         "torch": torch.get_rng_state().tolist(),
         "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": [np.random.get_state()[0], np.random.get_state()[1].tolist(), *np.random.get_state()[2:]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
 

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from torch.utils.data import Dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.listing import IMAGE_EXTENSIONS, evenly_spaced, list_files
 from dfm_cli.media import adm_center_crop
+
+if TYPE_CHECKING:
+    from dfm_cli.data.store import LatentStore
 
 ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 SPRITE_CLASSES = ("square", "disc", "cross", "triangle")
@@ -47,6 +51,10 @@ class ImageDataset(Dataset):
 
     shape: tuple[int, ...]
     class_names: tuple[str, ...]
+
+    if TYPE_CHECKING:  # every subclass has its own; `Dataset` declares none
+
+        def __len__(self) -> int: ...
 
     @property
     def channels(self) -> int:
@@ -299,7 +307,8 @@ class ImageFolder(ImageDataset):
     def __init__(self, root: str | Path, resolution: int, strict: bool = False):
         self.root, self.resolution, self.strict = Path(root), resolution, strict
         listing = list_files(self.root, IMAGE_EXTENSIONS, what="data.path")
-        self.items, self.class_names = listing.files, listing.class_names
+        self.items: Sequence[tuple[Path, int]] = listing.files
+        self.class_names = listing.class_names
         self._reported: set[Path] = set()
         self.shape = (3, resolution, resolution)
         first = self._first_readable(0)
@@ -353,9 +362,10 @@ class ImageFolder(ImageDataset):
 
 def build_dataset(
     name: str, path: str, resolution: int, frames: int = 0, strict: bool = False, classes: Sequence[int] = ()
-) -> Dataset:
+) -> ImageDataset | LatentStore:
     """`data.name`: a built-in dataset, `folder` (see `list_files`) or `store` (from `dfm encode`);
     with `classes` (`data.classes`), only the items of those classes."""
+    data: ImageDataset | LatentStore
     if name in BUILTIN:
         data = builtin(name, resolution, frames)
         data = data.in_memory() if isinstance(data, SpriteClips) else data
@@ -370,7 +380,7 @@ def build_dataset(
     return select_classes(data, classes) if classes else data
 
 
-def select_classes(data, classes: Sequence[int]):
+def select_classes(data: ImageDataset | LatentStore, classes: Sequence[int]) -> ImageDataset:
     """Only the items whose label is in `classes`. Labels keep their ids, so a model trained
     on every class conditions the same way (a finetune on a subset, paper §4.5 stand-in)."""
     bad = [c for c in classes if not 0 <= c < data.num_classes]

@@ -30,7 +30,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,18 @@ REPORT, MANIFEST = "report.json", "manifest.json"
 
 class EncodeFailed(DfmError):
     """`--strict` and an unreadable source file."""
+
+
+class EncodeSource(Dataset):
+    """What `dfm encode` reads (see `sources.py`): one `Item` per index, and the data's
+    `channels` and `class_names`."""
+
+    channels: int
+    class_names: tuple[str, ...]
+
+    if TYPE_CHECKING:  # every source has its own; `Dataset` declares none
+
+        def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -159,10 +171,14 @@ def weights_digest(weights: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def manifest(settings: EncodeSettings, source: Dataset, ae) -> dict[str, Any]:
+def manifest(settings: EncodeSettings, source: EncodeSource, ae) -> dict[str, Any]:
     """What a store is a function of: everything that changes a shard or its statistics."""
     s = settings
     pyramid = s.decomposition()
+    captions = None
+    if s.captions is not None:
+        assert s.text is not None  # __post_init__: --captions comes with its encoder
+        captions = {"file": str(Path(s.captions).resolve()), "sha256": _sha256(Path(s.captions)), **s.text.to_dict()}
     folder = bool(getattr(source, "digest", ""))  # built-in sets have none: their name fixes them
     return {
         "source": str(Path(s.source).resolve()) if folder else s.source,
@@ -182,9 +198,7 @@ def manifest(settings: EncodeSettings, source: Dataset, ae) -> dict[str, Any]:
         "factors": pyramid.factors,
         "temporal_factors": pyramid.temporal_factors,
         "antialias": s.antialias,
-        "captions": None
-        if s.captions is None
-        else {"file": str(Path(s.captions).resolve()), "sha256": _sha256(Path(s.captions)), **s.text.to_dict()},
+        "captions": captions,
     }
 
 
@@ -253,7 +267,7 @@ class StorePlan:
     manifest: dict[str, Any]
 
 
-def prepare_store(source: Dataset, ae, settings: EncodeSettings, ctx: distributed.Context) -> StorePlan:
+def prepare_store(source: EncodeSource, ae, settings: EncodeSettings, ctx: distributed.Context) -> StorePlan:
     """Check that the encode can run and claim `settings.out` for it: a store made with other
     settings is refused (or cleared with `overwrite`). Nothing is encoded yet."""
     s = settings
@@ -265,7 +279,7 @@ def prepare_store(source: Dataset, ae, settings: EncodeSettings, ctx: distribute
 
 
 def encode_store(
-    source: Dataset,
+    source: EncodeSource,
     ae,
     settings: EncodeSettings,
     ctx: distributed.Context,
@@ -339,7 +353,7 @@ def encode_store(
 
 
 def _encode_shard(
-    source: Dataset,
+    source: EncodeSource,
     ae,
     s: EncodeSettings,
     out: Path,

@@ -19,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from dfm_cli.data.autoencoders import build_autoencoder
 from dfm_cli.data.datasets import BUILTIN, ImageDataset, builtin
-from dfm_cli.data.encode import EncodeSettings
+from dfm_cli.data.encode import EncodeSettings, EncodeSource
 from dfm_cli.errors import DfmError
 from dfm_cli.listing import IMAGE_EXTENSIONS, list_files
 from dfm_cli.media import VIDEO_SUFFIXES, adm_center_crop
@@ -43,7 +42,7 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:120] or 'unreadable'}"
 
 
-class ImageFiles(Dataset):
+class ImageFiles(EncodeSource):
     """Images from a folder, ADM centre-cropped to `resolution`; RGB."""
 
     channels = 3
@@ -66,7 +65,7 @@ class ImageFiles(Dataset):
         return Item(array, label, str(path))
 
 
-class VideoFiles(Dataset):
+class VideoFiles(EncodeSource):
     """One clip of `frames` frames per video file, ADM centre-cropped per frame; RGB."""
 
     channels = 3
@@ -111,7 +110,7 @@ class VideoFiles(Dataset):
         return Item(np.stack(clip), label, str(path))
 
 
-class BuiltinItems(Dataset):
+class BuiltinItems(EncodeSource):
     """A built-in dataset as items; its files are generated, so they can always be read."""
 
     def __init__(self, name: str, data: ImageDataset):
@@ -135,7 +134,7 @@ def build_source(
     fps: float = 0.0,
     labels_file: Path | None = None,
     num: int = 0,
-) -> Dataset:
+) -> EncodeSource:
     """SOURCE of `dfm encode`: a built-in dataset name, or a folder of images (or of videos,
     with `frames`). Every source says its `channels` and `class_names`, and a `digest` of its
     listing (empty for a built-in set, which its name and `num` fix)."""
@@ -150,7 +149,7 @@ def build_source(
     return ImageFiles(Path(spec), resolution, labels_file)
 
 
-def open_encode(settings: EncodeSettings, device: torch.device = torch.device("cpu")) -> tuple[Dataset, Any]:
+def open_encode(settings: EncodeSettings, device: torch.device = torch.device("cpu")) -> tuple[EncodeSource, Any]:
     """The source and the autoencoder of one `dfm encode`; the autoencoder takes as many
     channels as the source has (1 for animal-mnist, 3 for everything else)."""
     s = settings

@@ -64,7 +64,7 @@ class LatentStore(Dataset):
             begin, end = info["data_offsets"]
             self._maps[(shard, key)] = np.memmap(
                 self.root / shard,
-                dtype=_DTYPES[info["dtype"]],
+                dtype=np.dtype(_DTYPES[info["dtype"]]),  # what memmap does with it (None: float64)
                 mode="r",
                 offset=header["__offset__"] + begin,
                 shape=tuple(info["shape"]),

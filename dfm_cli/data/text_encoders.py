@@ -16,6 +16,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 
@@ -55,24 +56,33 @@ class TextSettings:
         return asdict(self)
 
 
+class _ClipText(Protocol):
+    """What `TextEncoder` reads of an open_clip `CLIP` model (open_clip ships no type information)."""
+
+    token_embedding: torch.nn.Module
+    positional_embedding: torch.Tensor
+    transformer: torch.nn.Module
+    ln_final: torch.nn.Module
+    attn_mask: torch.Tensor
+    text_projection: torch.Tensor | torch.nn.Linear
+
+
 class TextEncoder:
     """Captions → `TextCond` (float32, on the CPU), with `dims = (max_tokens, token_dim, pooled_dim)`."""
 
     def __init__(self, settings: TextSettings, device: torch.device) -> None:
         self.settings, self.device = settings, device
-        self.clip = self.t5 = None
+        self.clip: torch.nn.Module | None = None
+        self.t5: torch.nn.Module | None = None
         if "clip" in settings.encoder:
             from dfm_cli.data.weights import load_open_clip
 
-            self.clip, self.clip_tokenizer = load_open_clip(
-                settings.clip_model, Path(settings.clip_weights), "--clip-model"
-            )
-            self.clip = self.clip.to(device)
-            if settings.encoder == "clip" and settings.max_tokens > self.clip.positional_embedding.shape[0]:
-                raise DfmError(
-                    f"--text-tokens {settings.max_tokens}: CLIP reads at most "
-                    f"{self.clip.positional_embedding.shape[0]} tokens"
-                )
+            clip, self.clip_tokenizer = load_open_clip(settings.clip_model, Path(settings.clip_weights), "--clip-model")
+            self.clip = clip.to(device)
+            if settings.encoder == "clip":
+                positions = cast(_ClipText, self.clip).positional_embedding.shape[0]
+                if settings.max_tokens > positions:
+                    raise DfmError(f"--text-tokens {settings.max_tokens}: CLIP reads at most {positions} tokens")
         if "t5" in settings.encoder:
             self.t5, self.t5_tokenizer = _load_t5(Path(settings.t5_weights))
             self.t5 = self.t5.to(device)
@@ -85,10 +95,11 @@ class TextEncoder:
         t5 = self._t5(captions) if self.t5 is not None else None
         if clip is not None and t5 is not None:
             return TextCond(t5.tokens, t5.mask, clip.pooled)
-        return clip or t5
+        return cast(TextCond, clip or t5)  # `TextSettings` asks for CLIP or T5 or both, so one ran
 
     def _clip(self, captions: list[str]) -> TextCond:
-        net = self.clip
+        assert self.clip is not None  # called only with a CLIP encoder
+        net = cast(_ClipText, self.clip)
         text = self.clip_tokenizer(captions).to(self.device)
         x = net.token_embedding(text) + net.positional_embedding
         x = net.ln_final(net.transformer(x, attn_mask=net.attn_mask))
@@ -104,6 +115,7 @@ class TextEncoder:
         return TextCond(x[:, :n].float().cpu(), (text[:, :n] != 0).cpu(), pooled.float().cpu())
 
     def _t5(self, captions: list[str]) -> TextCond:
+        assert self.t5 is not None  # called only with a T5 encoder
         batch = self.t5_tokenizer(
             captions, padding="max_length", max_length=self.settings.max_tokens, truncation=True, return_tensors="pt"
         ).to(self.device)

@@ -11,7 +11,9 @@ Sources (samples or reference):
 Without samples, `dfm eval` scores a run: `sampling.sample_set.run_sample_set` writes (or reuses) its evaluation
 set in the run folder and `run_reference` loads the data it was trained on.
 
-Thresholds on the results (`--max-fid`, …) are `gates.py`'s.
+Each metric is one entry of `METRICS`: the network whose features it reads, how it is
+computed, the result keys it writes and its gates. Thresholds on the results (`--max-fid`,
+…) are checked by `gates.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dfm_cli.data.datasets import BUILTIN, TensorImages, build_dataset, builtin
+from dfm_cli.data.datasets import BUILTIN, ImageFolder, TensorImages, build_dataset, builtin
+from dfm_cli.data.store import INDEX
+from dfm_cli.data.text_encoders import read_prompts
 from dfm_cli.errors import DfmError, reading
 from dfm_cli.evaluation import features as feats
 from dfm_cli.evaluation import metrics
@@ -59,6 +65,7 @@ def content_cache(images: np.ndarray) -> Path:
 
 def load_source(spec: str, resolution: int | None = None) -> Source:
     """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
+    images: np.ndarray | None
     if spec in BUILTIN:
         res = resolution or 32
         images = builtin(spec, res).raw_all()
@@ -113,6 +120,23 @@ class Request:
     device: torch.device = torch.device("cpu")
 
 
+class Tasks(Protocol):
+    """Where feature extraction reports its progress: rich's task API. `dfm eval` adapts the
+    reporter of `dfm_cli.progress` to it; training passes a disabled rich `Progress`."""
+
+    def add_task(self, description: str, *, total: float | None = ...) -> Any: ...
+
+    def advance(self, task_id: Any, advance: float = ..., /) -> None: ...
+
+
+class Extractor(Protocol):
+    """A feature network of `features.py`: images (or clips) in, named feature arrays out."""
+
+    name: str
+
+    def __call__(self, images: np.ndarray, /) -> dict[str, np.ndarray]: ...
+
+
 def _frames(images: np.ndarray) -> np.ndarray:
     """Video clips `N T H W C` → frames `N·T H W C` (frame-FID); images pass through."""
     return images.reshape(-1, *images.shape[2:]) if images.ndim == 5 else images
@@ -121,11 +145,11 @@ def _frames(images: np.ndarray) -> np.ndarray:
 class FeatureCache:
     """Features of one source per extractor, computed once (and cached on disk for datasets)."""
 
-    def __init__(self, source: Source, batch: int, progress):
+    def __init__(self, source: Source, batch: int, progress: Tasks):
         self.source, self.batch, self.progress = source, batch, progress
         self.memory: dict[str, dict[str, np.ndarray]] = {}
 
-    def get(self, extractor, key: str) -> dict[str, np.ndarray]:
+    def get(self, extractor: Extractor, key: str) -> dict[str, np.ndarray]:
         if key in self.memory:
             return self.memory[key]
         path = self.source.cache_dir / f"{key}.npz" if self.source.cache_dir else None
@@ -133,13 +157,15 @@ class FeatureCache:
             with np.load(path) as data:
                 self.memory[key] = {k: data[k] for k in data.files}
             return self.memory[key]
+        if self.source.images is None:  # the metrics check this first, with a message naming their flag
+            raise DfmError(f"{self.source.name} holds only statistics, no images to extract features from")
         images = self.source.images if extractor.name == "i3d" else _frames(self.source.images)
         task = self.progress.add_task(f"{extractor.name} {self.source.name}", total=len(images))
         out = feats.extract(extractor, images, self.batch, lambda n: self.progress.advance(task, n))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".tmp-{path.name}")
-            np.savez(tmp, **out)
+            np.savez(tmp, allow_pickle=True, **out)  # numpy's default, named so that mypy does not read `**out` as it
             tmp.replace(path)
         self.memory[key] = out
         return out
@@ -149,23 +175,6 @@ def _weights_key(path: Path | None) -> str:
     if path is None:
         return "default"
     return hashlib.sha1(f"{Path(path).resolve()}:{Path(path).stat().st_size}".encode()).hexdigest()[:10]
-
-
-def _stats(cache: FeatureCache, extractor, key: str, field_: str, suffix: str):
-    """(mu, sigma) from precomputed `mu{suffix}`/`sigma{suffix}` when the source has them,
-    else from its features."""
-    mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
-    if mu_key in cache.source.stats:
-        return cache.source.stats[mu_key], cache.source.stats[sigma_key]
-    if cache.source.images is None:
-        raise DfmError(f"{cache.source.name} has no images and no {mu_key}/{sigma_key} statistics")
-    return metrics.feature_statistics(cache.get(extractor, key)[field_])
-
-
-def _frechet(samples: FeatureCache, ref: FeatureCache, extractor, key: str, field_: str, suffix: str) -> float:
-    return metrics.frechet_distance(
-        *_stats(samples, extractor, key, field_, suffix), *_stats(ref, extractor, key, field_, suffix)
-    )
 
 
 def sample_warnings(images: np.ndarray) -> list[str]:
@@ -189,14 +198,240 @@ def _nonfinite_warning(name: str, features: np.ndarray) -> list[str]:
     return [f"{bad} of {len(features)} {name} feature vectors are not finite; the metrics are NaN"] if bad else []
 
 
-def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tuple[dict[str, float], list[str]]:
+# --------------------------------------------------------------------------- the metric registry
+
+
+@dataclass(frozen=True)
+class Network:
+    """A feature network that metrics share: built once per `evaluate()`, its features cached
+    under `key`. Its metrics are computed together, in `NETWORKS` order, right after the
+    samples' features are extracted and checked (`check`: the field whose non-finite rows are
+    warned about, named `label`)."""
+
+    build: Callable[[Request], Extractor] | None  # None: the metrics read the pixels
+    key: Callable[[Request], str] = lambda req: ""
+    check: str = ""
+    label: str = ""
+
+
+NETWORKS: dict[str, Network] = {
+    "inception": Network(
+        lambda req: feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor),
+        lambda req: f"{req.fid_extractor}-{_weights_key(req.inception_weights)}",
+        check="pool",
+        label="Inception",
+    ),
+    "dinov2": Network(
+        lambda req: feats.DinoV2Features(req.dinov2_weights, req.device),
+        lambda req: f"dinov2-{_weights_key(req.dinov2_weights)}",
+    ),
+    "pixels": Network(None),
+    "clip": Network(
+        lambda req: feats.ClipFeatures(req.clip_model, req.clip_weights, req.device),
+        lambda req: f"clip-{_weights_key(req.clip_weights)}",
+    ),
+    "i3d": Network(
+        lambda req: feats.I3DFeatures(req.i3d_weights, req.device), lambda req: f"i3d-{_weights_key(req.i3d_weights)}"
+    ),
+}
+
+
+@dataclass
+class Scoring:
+    """What a metric is computed from: both sides' feature caches, the request, and the
+    network of the metric being computed (built by `evaluate`)."""
+
+    samples: FeatureCache
+    ref: FeatureCache | None
+    req: Request
+    video: bool
+    extractor: Extractor | None = None
+    key: str = ""
+
+    def features(self, side: FeatureCache, field_: str) -> np.ndarray:
+        if self.extractor is None:
+            raise TypeError("this metric has no feature network")  # a registry mistake, not the user's
+        return side.get(self.extractor, self.key)[field_]
+
+    def reference(self) -> FeatureCache:
+        if self.ref is None:  # `evaluate` refused a metric that needs a reference before this
+            raise DfmError("this metric compares against a reference: pass --ref")
+        return self.ref
+
+    def reference_with_images(self, missing: str) -> FeatureCache:
+        """The reference, which must hold images; `missing` is the message otherwise ({} its name)."""
+        ref = self.reference()
+        if ref.source.images is None:
+            raise DfmError(missing.format(ref.source.name))
+        return ref
+
+    def stats(self, side: FeatureCache, field_: str, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) from precomputed `mu{suffix}`/`sigma{suffix}` when the source has them,
+        else from its features."""
+        mu_key, sigma_key = f"mu{suffix}", f"sigma{suffix}"
+        if mu_key in side.source.stats:
+            return side.source.stats[mu_key], side.source.stats[sigma_key]
+        if side.source.images is None:
+            raise DfmError(f"{side.source.name} has no images and no {mu_key}/{sigma_key} statistics")
+        return metrics.feature_statistics(self.features(side, field_))
+
+    def frechet(self, field_: str, suffix: str) -> float:
+        return metrics.frechet_distance(
+            *self.stats(self.samples, field_, suffix), *self.stats(self.reference(), field_, suffix)
+        )
+
+
+def _fid(s: Scoring) -> dict[str, float]:
+    return {"frame_fid" if s.video else "fid": s.frechet("pool", "")}
+
+
+def _kid(s: Scoring) -> dict[str, float]:
+    ref = s.reference_with_images("--kid needs reference images; {} holds only statistics")
+    kid, kid_std = metrics.kid(s.features(s.samples, "pool"), s.features(ref, "pool"))
+    return {"kid": kid, "kid_std": kid_std}
+
+
+def _isc(s: Scoring) -> dict[str, float]:
+    if not getattr(s.extractor, "has_logits", False):
+        raise DfmError(
+            "IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
+            f"{feats.TORCH_FIDELITY_FILE} with --inception-weights"
+        )
+    isc, isc_std = metrics.inception_score(s.features(s.samples, "logits"))
+    return {"isc": isc, "isc_std": isc_std}
+
+
+def _pr(s: Scoring) -> dict[str, float]:
+    ref = s.reference_with_images("--pr needs reference images (k-NN balls around each one); {} holds only statistics")
+    precision, recall = metrics.precision_recall(s.features(ref, "pool"), s.features(s.samples, "pool"))
+    return {"precision": precision, "recall": recall}
+
+
+def _fdd(s: Scoring) -> dict[str, float]:
+    return {"fdd": s.frechet("cls", "_dinov2")}
+
+
+def _swd(s: Scoring) -> dict[str, float]:
+    ref = s.reference_with_images("--swd needs reference images; {} holds only statistics").source.images
+    samples = s.samples.source.images
+    assert samples is not None and ref is not None  # checked by `evaluate` and `reference_images`
+    return metrics.swd(_frames(samples), _frames(ref), s.req.swd_levels)
+
+
+def _captions(s: Scoring) -> list[str]:
+    """One caption per sample from `--captions` (P prompts repeat when P divides the count)."""
+    req, n = s.req, len(s.samples.source.images if s.samples.source.images is not None else ())
+    if req.captions is None:
+        raise DfmError("--clip needs --captions FILE: one caption per line, in sample order")
+    captions = read_prompts(Path(req.captions))
+    if n % len(captions):
+        raise DfmError(
+            f"{req.captions}: {len(captions)} captions for {n} samples; give one per sample, or the "
+            "P prompts of `dfm sample --prompts` (sample i has prompt i mod P) when P divides the count"
+        )
+    return [captions[i % len(captions)] for i in range(n)]
+
+
+def _clip(s: Scoring) -> dict[str, float]:
+    captions = _captions(s)
+    image_f = s.features(s.samples, "image")
+    assert isinstance(s.extractor, feats.ClipFeatures)  # the "clip" network
+    batch = s.req.batch
+    text_f = np.concatenate([s.extractor.text(captions[i : i + batch]) for i in range(0, len(captions), batch)])
+    return {"clip_score": metrics.clip_score(image_f, text_f)}
+
+
+def _fvd(s: Scoring) -> dict[str, float]:
+    return {"fvd": s.frechet("i3d", "_i3d")}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A threshold flag on a metric's results: `--{direction}-{name}` reads `keys`."""
+
+    direction: str  # "max" or "min"
+    name: str
+    keys: tuple[str, ...]
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.direction}-{self.name}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of `dfm eval`: the `Request` field and flag `--{name}` that ask for it, the
+    network whose features it reads, how it is computed, the result keys it writes and the
+    gates on them. Adding a metric is one entry in `METRICS` (plus its typer flags)."""
+
+    name: str
+    network: str  # a key of NETWORKS
+    compute: Callable[[Scoring], dict[str, float]]
+    keys: tuple[str, ...]
+    gates: tuple[Gate, ...] = ()
+    needs_ref: bool = False
+    frechet: bool = False  # a Fréchet distance: biased on few samples
+    video_only: bool = False
+    check: Callable[[Scoring], object] | None = None  # the user's inputs, before its network is built
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+
+# In the order of the gates and the "compare against a reference" message; computed grouped by network.
+METRICS: tuple[Metric, ...] = (
+    Metric("fid", "inception", _fid, ("fid", "frame_fid"), (Gate("max", "fid", ("fid", "frame_fid")),), True, True),
+    Metric("kid", "inception", _kid, ("kid", "kid_std"), (Gate("max", "kid", ("kid",)),), True),
+    Metric("fdd", "dinov2", _fdd, ("fdd",), (Gate("max", "fdd", ("fdd",)),), True, True),
+    Metric("swd", "pixels", _swd, ("swd",), (Gate("max", "swd", ("swd",)),), True),
+    Metric(
+        "fvd",
+        "i3d",
+        _fvd,
+        ("fvd",),
+        (Gate("max", "fvd", ("fvd",)),),
+        True,
+        True,
+        video_only=True,
+    ),
+    Metric("isc", "inception", _isc, ("isc", "isc_std"), (Gate("min", "isc", ("isc",)),)),
+    Metric("clip", "clip", _clip, ("clip_score",), (Gate("min", "clip", ("clip_score",)),), check=_captions),
+    Metric(
+        "pr",
+        "inception",
+        _pr,
+        ("precision", "recall"),
+        (Gate("min", "precision", ("precision",)), Gate("min", "recall", ("recall",))),
+        True,
+    ),
+)
+
+
+def computation_order(chosen: Sequence[Metric]) -> list[Metric]:
+    """`chosen` grouped by network in `NETWORKS` order, so each network is built once and its
+    metrics' results sit together.
+
+    >>> [m.name for m in computation_order(METRICS)]
+    ['fid', 'kid', 'isc', 'pr', 'fdd', 'swd', 'clip', 'fvd']
+    """
+    order = list(NETWORKS)
+    return sorted(chosen, key=lambda m: order.index(m.network))
+
+
+def requested(req: Request) -> list[Metric]:
+    """The metrics `req` asks for, in computation order."""
+    return computation_order([m for m in METRICS if getattr(req, m.name)])
+
+
+def evaluate(samples: Source, ref: Source | None, req: Request, progress: Tasks) -> tuple[dict[str, float], list[str]]:
     """Compute the requested metrics; returns (results, warnings)."""
     if samples.images is None:
         raise DfmError(f"{samples.name}: the samples must hold images (arr_0), not only statistics")
-    needs_ref = req.fid or req.kid or req.fdd or req.swd or req.fvd or req.pr
-    if needs_ref and ref is None:
+    chosen = requested(req)
+    if any(m.needs_ref for m in chosen) and ref is None:
         raise DfmError(
-            "--fid/--kid/--fdd/--swd/--fvd/--pr compare against a reference: pass --ref (a folder, an "
+            f"{'/'.join(m.flag for m in METRICS if m.needs_ref)} compare against a reference: pass --ref (a folder, an "
             f".npz or {', '.join(DATASETS)})"
         )
     for source in (samples, ref):
@@ -205,7 +440,7 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
                 have, lack = (f"mu{suffix}", f"sigma{suffix}")[:: 1 if f"mu{suffix}" in source.stats else -1]
                 raise DfmError(f"{source.name}: has {have} but no {lack}; statistics need both (ADM layout)")
     warnings = sample_warnings(samples.images)
-    if len(samples.images) < MIN_SAMPLES and (req.fid or req.fdd or req.fvd):
+    if len(samples.images) < MIN_SAMPLES and any(m.frechet for m in chosen):
         warnings.append(
             f"only {len(samples.images)} samples: Fréchet distances are biased below {MIN_SAMPLES} "
             "(the paper uses 10k-50k); compare numbers only at equal counts"
@@ -215,65 +450,29 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress) -> tup
             f"resolutions differ: samples {samples.images.shape[1:-1]} vs reference {ref.images.shape[1:-1]}"
         )
     video = samples.images.ndim == 5
-    if (req.fvd) and not video:
-        raise DfmError("--fvd needs video samples (arr_0 of shape N T H W C)")
-    s_cache = FeatureCache(samples, req.batch, progress)
-    r_cache = FeatureCache(ref, req.batch, progress) if ref is not None else None
+    for metric in chosen:
+        if metric.video_only and not video:
+            raise DfmError(f"{metric.flag} needs video samples (arr_0 of shape N T H W C)")
+    scoring = Scoring(
+        FeatureCache(samples, req.batch, progress),
+        FeatureCache(ref, req.batch, progress) if ref is not None else None,
+        req,
+        video,
+    )
     out: dict[str, float] = {"num_samples": float(len(samples.images))}
-
-    if req.fid or req.kid or req.isc or req.pr:
-        inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
-        key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
-        warnings += _nonfinite_warning("sample Inception", s_cache.get(inception, key)["pool"])
-        if req.fid:
-            out["frame_fid" if video else "fid"] = _frechet(s_cache, r_cache, inception, key, "pool", "")
-        if req.kid:
-            if r_cache.source.images is None:
-                raise DfmError(f"--kid needs reference images; {ref.name} holds only statistics")
-            out["kid"], out["kid_std"] = metrics.kid(
-                s_cache.get(inception, key)["pool"], r_cache.get(inception, key)["pool"]
-            )
-        if req.isc:
-            if not inception.has_logits:
-                raise DfmError(
-                    "IS needs Inception logits, which the fid-helper weights lack; pass torch-fidelity's "
-                    f"{feats.TORCH_FIDELITY_FILE} with --inception-weights"
+    built = None
+    for metric in chosen:
+        if metric.check is not None:
+            metric.check(scoring)
+        if metric.network != built:  # `chosen` is grouped by network: each is built once
+            built, network = metric.network, NETWORKS[metric.network]
+            scoring.extractor = network.build(req) if network.build is not None else None
+            scoring.key = network.key(req)
+            if network.check:
+                warnings += _nonfinite_warning(
+                    f"sample {network.label}", scoring.features(scoring.samples, network.check)
                 )
-            out["isc"], out["isc_std"] = metrics.inception_score(s_cache.get(inception, key)["logits"])
-        if req.pr:
-            if r_cache.source.images is None:
-                raise DfmError(
-                    f"--pr needs reference images (k-NN balls around each one); {ref.name} holds only statistics"
-                )
-            out["precision"], out["recall"] = metrics.precision_recall(
-                r_cache.get(inception, key)["pool"], s_cache.get(inception, key)["pool"]
-            )
-    if req.fdd:
-        dino = feats.DinoV2Features(req.dinov2_weights, req.device)
-        out["fdd"] = _frechet(s_cache, r_cache, dino, f"dinov2-{_weights_key(req.dinov2_weights)}", "cls", "_dinov2")
-    if req.swd:
-        if ref.images is None:
-            raise DfmError(f"--swd needs reference images; {ref.name} holds only statistics")
-        out.update(metrics.swd(_frames(samples.images), _frames(ref.images), req.swd_levels))
-    if req.clip:
-        if req.captions is None:
-            raise DfmError("--clip needs --captions FILE: one caption per line, in sample order")
-        from dfm_cli.data.text_encoders import read_prompts
-
-        captions, n = read_prompts(Path(req.captions)), len(samples.images)
-        if n % len(captions):
-            raise DfmError(
-                f"{req.captions}: {len(captions)} captions for {n} samples; give one per sample, or the "
-                "P prompts of `dfm sample --prompts` (sample i has prompt i mod P) when P divides the count"
-            )
-        captions = [captions[i % len(captions)] for i in range(n)]
-        clip = feats.ClipFeatures(req.clip_model, req.clip_weights, req.device)
-        image_f = s_cache.get(clip, f"clip-{_weights_key(req.clip_weights)}")["image"]
-        text_f = np.concatenate([clip.text(captions[i : i + req.batch]) for i in range(0, len(captions), req.batch)])
-        out["clip_score"] = metrics.clip_score(image_f, text_f)
-    if req.fvd:
-        i3d = feats.I3DFeatures(req.i3d_weights, req.device)
-        out["fvd"] = _frechet(s_cache, r_cache, i3d, f"i3d-{_weights_key(req.i3d_weights)}", "i3d", "_i3d")
+        out.update(metric.compute(scoring))
     return out, warnings
 
 
@@ -323,14 +522,14 @@ def reference_images(dataset, num: int = 0) -> np.ndarray:
 def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     """The images `run` was trained on, at its resolution (grey repeated to RGB, as samples are);
     with `limit`, that many evenly spaced over the whole set (a class-sorted set keeps every class)."""
-    from dfm_cli.data.datasets import ImageFolder
-
     d = recipe.data
     if d.classes and d.name != "store":  # a class subset: its own images, cached by content
         images = reference_images(build_dataset(d.name, d.path, d.resolution, d.frames, classes=d.classes))
         source = Source(f"{d.name or d.path} (classes {d.classes})", images, cache_dir=content_cache(images))
     elif d.name == "sprites":  # clips at the run's own frame count, not dfm eval's default
-        clips = build_dataset("sprites", "", d.resolution, d.frames).images
+        sprites = build_dataset("sprites", "", d.resolution, d.frames)
+        assert isinstance(sprites, TensorImages)  # built-in clips are held in memory
+        clips = sprites.images
         source = Source(
             "sprites",
             clips.permute(0, 2, 3, 4, 1).numpy(),
@@ -344,8 +543,6 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
             d.path, folder.raw_all(), cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}"
         )
     else:
-        from dfm_cli.data.store import INDEX
-
         index = Path(d.path) / INDEX
         with reading(index, "store index"):
             meta = json.loads(index.read_text())
@@ -366,16 +563,14 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     return source
 
 
-def reference_statistics(source: Source, req: Request, progress) -> dict[str, np.ndarray]:
+def reference_statistics(source: Source, req: Request, progress: Tasks) -> dict[str, np.ndarray]:
     """ADM-layout statistics of a source: `mu`/`sigma` (Inception pool), plus DINOv2 with FDD."""
     cache = FeatureCache(source, req.batch, progress)
-    inception = feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor)
-    key = f"{req.fid_extractor}-{_weights_key(req.inception_weights)}"
-    mu, sigma = metrics.feature_statistics(cache.get(inception, key)["pool"])
-    out = {"mu": mu, "sigma": sigma}
-    if req.fdd:
-        dino = feats.DinoV2Features(req.dinov2_weights, req.device)
-        out["mu_dinov2"], out["sigma_dinov2"] = metrics.feature_statistics(
-            cache.get(dino, f"dinov2-{_weights_key(req.dinov2_weights)}")["cls"]
-        )
+    wanted = [("inception", "pool", "")] + ([("dinov2", "cls", "_dinov2")] if req.fdd else [])
+    out: dict[str, np.ndarray] = {}
+    for name, field_, suffix in wanted:
+        network = NETWORKS[name]
+        assert network.build is not None  # a feature network, not the pixels
+        features = cache.get(network.build(req), network.key(req))[field_]
+        out[f"mu{suffix}"], out[f"sigma{suffix}"] = metrics.feature_statistics(features)
     return out

@@ -29,6 +29,7 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -213,7 +214,7 @@ class DinoV2Features:
 
     def __init__(self, weights: Path | None, device: torch.device):
         import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
         if weights is None:
             raise DfmError(
@@ -225,9 +226,13 @@ class DinoV2Features:
         if dim not in DINOV2_ARCHS:
             raise DfmError(f"{weights}: not a DINOv2 ViT checkpoint (cls_token width {dim})")
         arch = DINOV2_ARCHS[dim] + ("_reg4_dinov2" if "register_tokens" in state else "_dinov2")
-        self.net = timm.create_model(arch, pretrained=False, img_size=518, dynamic_img_size=True, num_classes=0)
-        self.net.load_state_dict(checkpoint_filter_fn(state, self.net))
-        self.net = self.net.eval().requires_grad_(False).to(device)
+        # a `vit_*` architecture, so a `VisionTransformer` (`create_model` is typed as any module)
+        net = cast(
+            VisionTransformer,
+            timm.create_model(arch, pretrained=False, img_size=518, dynamic_img_size=True, num_classes=0),
+        )
+        net.load_state_dict(checkpoint_filter_fn(state, net))
+        self.net = net.eval().requires_grad_(False).to(device)
         self.device = device
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -237,6 +242,16 @@ class DinoV2Features:
 
 
 # --------------------------------------------------------------------------- CLIP
+
+
+class _OpenClip(Protocol):
+    """What `ClipFeatures` uses of an open_clip model (open_clip ships no type information)."""
+
+    visual: Any  # the image tower: its `image_size`, and `image_mean`/`image_std` where it has them
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor: ...
 
 
 class ClipFeatures:
@@ -252,8 +267,8 @@ class ClipFeatures:
                 "the CLIP score needs CLIP weights; pass --clip-weights PATH (an open_clip checkpoint, "
                 "e.g. ViT-L-14 open_clip_pytorch_model.bin) and --clip-model NAME"
             )
-        self.net, self.tokenizer = load_open_clip(model, Path(weights), "--clip-model")
-        self.net = self.net.to(device)
+        net, self.tokenizer = load_open_clip(model, Path(weights), "--clip-model")
+        self.net = cast(_OpenClip, net.to(device))
         size = self.net.visual.image_size
         self.size = size[0] if isinstance(size, (tuple, list)) else size
         self.mean = getattr(self.net.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN

@@ -9,20 +9,11 @@ from __future__ import annotations
 import math
 
 from dfm_cli.errors import DfmError
-from dfm_cli.evaluation.evaluate import Request
+from dfm_cli.evaluation.evaluate import METRICS, Request
 
-# Gates: flag → (the metrics it reads, "max" or "min", the flag that computes them).
-GATES = {
-    "--max-fid": (("fid", "frame_fid"), "max", "--fid"),
-    "--max-kid": (("kid",), "max", "--kid"),
-    "--max-fdd": (("fdd",), "max", "--fdd"),
-    "--max-swd": (("swd",), "max", "--swd"),
-    "--max-fvd": (("fvd",), "max", "--fvd"),
-    "--min-isc": (("isc",), "min", "--isc"),
-    "--min-clip": (("clip_score",), "min", "--clip"),
-    "--min-precision": (("precision",), "min", "--pr"),
-    "--min-recall": (("recall",), "min", "--pr"),
-}
+# Gates: flag → (the metrics it reads, "max" or "min", the flag that computes them), from the
+# metric registry (`evaluate.METRICS`).
+GATES = {gate.flag: (gate.keys, gate.direction, metric.flag) for metric in METRICS for gate in metric.gates}
 
 
 def check_gates(req: Request, limits: dict[str, float | None]) -> None:

@@ -50,7 +50,7 @@ def save_statistics(path: Path, stats: dict[str, np.ndarray]) -> Path:
     if path.suffix != ".npz":
         raise DfmError(f"{path}: statistics are saved as .npz (ADM layout); use a name ending in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **stats)
+    np.savez(path, allow_pickle=True, **stats)  # numpy's default, named so that mypy does not read `**stats` as it
     return path
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -53,17 +54,21 @@ def cat_cond(parts: Sequence[Cond]) -> Cond:
     """Concatenate conditions along the batch (the guided and unguided halves of CFG)."""
     if isinstance(parts[0], TextCond):
         return TextCond(*(torch.cat([getattr(p, k) for p in parts]) for k in ("tokens", "mask", "pooled")))
-    return torch.cat(list(parts))
+    # A batch's conditions are all of one kind: labels here.
+    return torch.cat(cast("list[torch.Tensor]", list(parts)))
 
 
-def where_dropped(drop: torch.Tensor, null: Cond, y: Cond) -> Cond:
-    """`y` with the rows in `drop` replaced by `null` (label dropout for classifier-free guidance)."""
+def where_dropped(drop: torch.Tensor, null: int | Cond, y: Cond) -> Cond:
+    """`y` with the rows in `drop` replaced by `null` (label dropout for classifier-free guidance):
+    the null class (an int or a tensor of labels) for labels, the empty caption's `TextCond` for text."""
     if isinstance(y, TextCond):
+        assert isinstance(null, TextCond), "the null condition is of the same kind as y"
 
         def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return torch.where(drop.reshape(-1, *([1] * (a.ndim - 1))), a.to(b.dtype), b)
 
         return TextCond(pick(null.tokens, y.tokens), pick(null.mask, y.mask), pick(null.pooled, y.pooled))
+    assert not isinstance(null, TextCond), "the null condition is of the same kind as y"
     return torch.where(drop, null, y)
 
 
@@ -73,6 +78,10 @@ class NullText(nn.Module):
     It is a buffer, so the checkpoint carries it: caption dropout in training and the
     unguided half of CFG at sampling see exactly the same null. Training sets it from the
     store's `null_text` before the first step."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
 
     def __init__(self, max_tokens: int, token_dim: int, pooled_dim: int) -> None:
         super().__init__()

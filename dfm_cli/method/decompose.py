@@ -263,7 +263,7 @@ class BlockDCT(TwoBandPyramid):
         _spatial_only("dct", self.temporal_factors)
         self.block = block
 
-    def _blocks(self, coarse: tuple[int, int], f: int) -> tuple[int, int]:
+    def _blocks(self, coarse: Sequence[int], f: int) -> tuple[int, int]:
         """(fine block, coarse block) for a transition of factor f onto a coarse `(h, w)`."""
         m = math.gcd(coarse[0], coarse[1], max(1, self.block // f))
         return m * f, m

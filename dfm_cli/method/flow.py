@@ -80,14 +80,12 @@ class FlowObjective:
         sample_seeds: Sequence[int],
         batch_seed: int,
         label_dropout: float = 0.0,
-        step: int = 0,
     ) -> Draws:
         """Every random choice for a batch, one generator per sample.
 
         Sample i's stage, timesteps, label dropout and noise come only from
         `sample_seeds[i]`, so they do not depend on how a global batch is split over ranks or
-        micro-batches; `batch_seed` serves the per-batch stage option (`step`, the training
-        step, serves objectives whose stage follows the step, the cascade's). `level_shapes` are the
+        micro-batches; `batch_seed` serves the per-batch stage option. `level_shapes` are the
         per-sample level shapes (`C H W` or `C T H W`).
         """
         probs = torch.tensor(list(self.p_stage), dtype=torch.float64)

@@ -100,7 +100,9 @@ def write_report(report: LevelReport, out: Path) -> list[Path]:
         written.append(save_grid(view, out / f"level_{s}.png", nrow=view.shape[0]))
     frames = _frames(report.recomposition)
     written.append(save_grid(frames, out / "recomposition.png", nrow=frames.shape[0]))
-    np.savez(out / "levels.npz", **{f"level_{s}": b[0].numpy() for s, b in enumerate(report.levels, 1)})
+    arrays = {f"level_{s}": b[0].numpy() for s, b in enumerate(report.levels, 1)}
+    # allow_pickle is numpy's default, named so that mypy does not read `**arrays` as it
+    np.savez(out / "levels.npz", allow_pickle=True, **arrays)
     written.append(out / "levels.npz")
     for s, band in enumerate(report.latent_levels or [], 1):
         view = band if s == 1 else signed_to_unit(band)

@@ -8,22 +8,30 @@ measures them on the data (`train.data_level_statistics`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset
 
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import Decomposition, LaplacianPyramid
 
 
-def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096, batch: int = 256) -> dict[str, Any]:
+class Items(Protocol):
+    """A dataset of `(x, label)` items (a latent store, a training set)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]: ...
+
+
+def level_statistics(data: Items, pyramid: LaplacianPyramid, limit: int = 4096, batch: int = 256) -> dict[str, Any]:
     """Mean and std per level and channel of the decomposed data, from `limit` items spread
     evenly over the whole set (a store is sorted by class, so its first items would see only
     a few classes). Records the decomposition, antialias included, that they belong to."""
     n = min(limit, len(data))
     picks = [i * len(data) // n for i in range(n)]
-    sums = sq = None
+    sums: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
     count = torch.zeros(pyramid.levels, dtype=torch.float64)
     for start in range(0, n, batch):
         x = torch.stack([data[i][0] for i in picks[start : start + batch]]).double()
@@ -31,8 +39,9 @@ def level_statistics(data: Dataset, pyramid: LaplacianPyramid, limit: int = 4096
         dims = [0] + list(range(2, x.ndim))
         s = torch.stack([lv.sum(dims) for lv in levels])
         q = torch.stack([(lv**2).sum(dims) for lv in levels])
-        sums, sq = (s, q) if sums is None else (sums + s, sq + q)
+        sums, sq = (s, q) if sums is None or sq is None else (sums + s, sq + q)
         count += torch.tensor([lv.numel() / lv.shape[1] for lv in levels], dtype=torch.float64)
+    assert sums is not None and sq is not None  # n >= 1: at least one batch
     mean = sums / count[:, None]
     std = (sq / count[:, None] - mean**2).clamp_min(1e-12).sqrt()
     return {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -84,6 +85,16 @@ def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool 
 # --------------------------------------------------------------------------- settings
 
 
+class SampleKeys(Protocol):
+    """The sampler's defaults as a recipe's `[sample]` section gives them."""
+
+    steps: Sequence[int]
+    tau: Sequence[float]
+    cfg: float
+    guidance_interval: Sequence[float]
+    solver: str
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Everything that decides what the sampler draws, besides the model, labels and seed.
@@ -120,9 +131,11 @@ class SamplerSettings:
     @classmethod
     def resolve(
         cls,
-        recipe: dfm_cli.config.recipe.Recipe,  # named, not imported: the recipe module imports this one
+        sample: SampleKeys,
         levels: int,
         *,
+        mask_input: bool = True,
+        tied_timesteps: bool = False,
         stages: int | None = None,
         steps: Sequence[int] | None = None,
         tau: Sequence[float] | None = None,
@@ -136,18 +149,17 @@ class SamplerSettings:
         value serves every transition; the recipe's steps and tau are cut to the stages asked.
         Errors name the flag when one was given, else the recipe key.
 
-        >>> from dfm_cli.config.recipe import Recipe
-        >>> r = Recipe()
-        >>> r.sample.steps, r.sample.tau = [10, 6, 4], [0.9]
-        >>> SamplerSettings.resolve(r, 3, stages=2).steps, SamplerSettings.resolve(r, 3).tau
+        >>> from types import SimpleNamespace
+        >>> s = SimpleNamespace(steps=[10, 6, 4], tau=[0.9], cfg=1.0, guidance_interval=[0, 1], solver="euler")
+        >>> SamplerSettings.resolve(s, 3, stages=2).steps, SamplerSettings.resolve(s, 3).tau
         ((10, 6), (0.9, 0.9))
-        >>> SamplerSettings.resolve(r, 3, steps=[5, 5], tau=[0.8]).tau
+        >>> SamplerSettings.resolve(s, 3, steps=[5, 5], tau=[0.8]).tau
         (0.8,)
-        >>> SamplerSettings.resolve(r, 3, stages=4)
+        >>> SamplerSettings.resolve(s, 3, stages=4)
         Traceback (most recent call last):
         dfm_cli.errors.DfmError: --stages 4: the model has 3 levels; pick 1..3
         """
-        s = recipe.sample
+        s = sample
         if stages is None:
             stages = len(steps) if steps else levels
         if not 1 <= stages <= levels:
@@ -179,7 +191,7 @@ class SamplerSettings:
             label = f"--{name}" if given else keys.get(name, f"sample.{name}")
             shown = flags[name] if given else values[name]
             raise DfmError(f"{label} {_csv(shown) if isinstance(shown, (list, tuple)) else shown}: {why}")
-        return cls(**values, mask_input=recipe.flow.mask_input, tied_timesteps=recipe.flow.tied_timesteps)
+        return cls(**values, mask_input=mask_input, tied_timesteps=tied_timesteps)
 
 
 def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str, str]]:
@@ -371,24 +383,12 @@ def generate(
     `levels`, `level_sizes`, `channels` and `null_condition`.
     """
     device = next(model.parameters()).device
-    guided = GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)
-    if hasattr(decomposition, "generate"):  # the Pyramidal and Cascaded baselines sample their own way
-        x, nfe = decomposition.generate(
-            guided,
-            labels.to(device),
-            model,
-            settings.steps,
-            seed,
-            range(first_index, first_index + len(labels)),
-            device,
-        )
-        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
     if settings.stages > model.levels:
         raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")
     noise = sample_noise(model, seed, range(first_index, first_index + len(labels)))
     full = model.level_sizes[-1]
     return sample(
-        guided,
+        guided_velocity(model, settings),
         [n.to(device) for n in noise],
         labels.to(device),
         settings.schedule(),
@@ -398,3 +398,8 @@ def generate(
         upsample=lambda x: decomposition.upsample_to(x, full),
         mask_input=settings.mask_input,
     )
+
+
+def guided_velocity(model: torch.nn.Module, settings: SamplerSettings) -> GuidedVelocity:
+    """The model's velocity with the settings' classifier-free guidance, against its null condition."""
+    return GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)

@@ -18,7 +18,7 @@ import torch
 from dfm_cli.errors import DfmError
 from dfm_cli.models.dit import DFMDiT
 
-PER_LEVEL = ("patch_embeds", "t_embedders", "heads")  # the layers each level has its own copy of
+PER_LEVEL = ("patch_embeds", "t_embedders", "level_heads")  # the layers each level has its own copy of
 
 
 def per_level_parameters(model: DFMDiT) -> set[str]:

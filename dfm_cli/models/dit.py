@@ -183,6 +183,27 @@ class DiTSize:
     mlp_ratio: float = 4.0
 
 
+TextTokens = tuple[torch.Tensor, torch.Tensor]
+"""A caption's embedded tokens `B L D` and their mask `B L`, for the blocks' cross-attention."""
+
+
+@dataclass
+class Tokens:
+    """A token sequence `B N D` on a `(T, H, W)` grid, with its RoPE rotations or sin-cos
+    embedding (already added to `x`), whichever the model uses."""
+
+    x: torch.Tensor
+    grid: tuple[int, int, int]
+    rope: torch.Tensor | None
+    pos: torch.Tensor | None
+
+
+def renamed_heads(module: nn.Module, state: dict, prefix: str, *args: object) -> None:
+    """Checkpoints written before the per-level output heads were named `level_heads` load as they are."""
+    for key in [k for k in state if k.startswith(prefix + "heads.")]:
+        state[prefix + "level_" + key[len(prefix) :]] = state.pop(key)
+
+
 class DFMDiT(nn.Module):
     """The DFM-DiT. `forward(levels, t, y, stage)` returns one velocity per level.
 
@@ -245,7 +266,8 @@ class DFMDiT(nn.Module):
             DiTBlock(size.hidden, size.heads, size.mlp_ratio, text=bool(self.text_dims)) for _ in range(size.depth)
         )
         self.final_norm = nn.LayerNorm(size.hidden, elementwise_affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
+        self.level_heads = nn.ModuleList(LevelHead(size.hidden, channels, p) for p in patches)
+        self.register_load_state_dict_pre_hook(renamed_heads)
         head_dim = size.hidden // size.heads
         self.register_buffer(
             "rope",
@@ -297,69 +319,93 @@ class DFMDiT(nn.Module):
             for layer in (block.ada[-1], *([block.cross.proj] if block.cross is not None else [])):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        for head in self.heads:
+        for head in self.level_heads:
             for layer in (head.ada[-1], head.linear):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
     def forward(
         self,
-        levels: Sequence[torch.Tensor],
+        xs: Sequence[torch.Tensor],
         t: torch.Tensor,
         y: Cond,
         stage: torch.Tensor,
     ) -> list[torch.Tensor]:
         if self.level_rms is None:
-            return self.network(levels, t, y, stage)
+            return self.network(xs, t, y, stage)
         c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
-        scaled = [x * per_sample(c_in[:, s], x) for s, x in enumerate(levels)]
+        scaled = [x * per_sample(c_in[:, s], x) for s, x in enumerate(xs)]
         out = self.network(scaled, t, y, stage)
         return [
-            per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o
-            for s, (x, o) in enumerate(zip(levels, out))
+            per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o for s, (x, o) in enumerate(zip(xs, out))
         ]
 
     def network(
         self,
-        levels: Sequence[torch.Tensor],
+        xs: Sequence[torch.Tensor],
         t: torch.Tensor,
         y: Cond,
         stage: torch.Tensor,
-        extra_tokens: torch.Tensor | None = None,
-        extra_c: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """The transformer itself, without pre/post-conditioning. Inputs smaller than the
         model's size (Pyramidal Flow's early stages) give a smaller token grid, with positions
-        for that grid. `extra_tokens` (`B N D`, one per image token, e.g. a cascade's
-        conditioning image) join the sequence at the same positions and are dropped before the
-        heads; `extra_c` joins the adaLN conditioning."""
-        if not self.video:  # images are one-frame videos for the patch embeddings
-            levels = [x[:, :, None] for x in levels]
-        head = self.heads[-1]
+        for that grid."""
+        tokens = self.tokens(xs)
+        c, text = self.conditioning(t, y, stage)
+        return self.decode(self.transform(tokens.x, c, tokens.rope, text, stage), c, tokens.grid)
+
+    def tokens(self, xs: Sequence[torch.Tensor]) -> Tokens:
+        """The levels' patch embeddings summed into one token sequence, with its positions."""
+        levels = list(xs) if self.video else [x[:, :, None] for x in xs]  # images: one-frame videos
+        head = self.level_heads[-1]
         grid = (levels[-1].shape[2] // head.pt, levels[-1].shape[3] // head.p, levels[-1].shape[4] // head.p)
         rope, pos = (self.rope, self.pos_embed) if grid == self.grid else self._positions(grid, x=levels[-1])
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
         if pos is not None:
             x = x + pos.to(x.dtype)
-        n = x.shape[1]
-        if extra_tokens is not None:
-            x = torch.cat([x, extra_tokens + (0 if pos is None else pos.to(x.dtype))], 1)
-            rope = None if rope is None else torch.cat([rope, rope])
+        return Tokens(x, grid, rope, pos)
+
+    def conditioning(self, t: torch.Tensor, y: Cond, stage: torch.Tensor) -> tuple[torch.Tensor, TextTokens | None]:
+        """The adaLN conditioning (every level's time, the class or pooled caption, the
+        stage) and, for a text model, the caption tokens the blocks attend to."""
         c = sum(emb(t[:, s]) for s, emb in enumerate(self.t_embedders))
-        text = None
         if isinstance(y, TextCond):
             c = c + self.text_pooled(y.pooled.to(c.dtype)) + self.stage_embedder(stage)
-            text = (self.text_tokens(y.tokens.to(x.dtype)), y.mask.bool())
-        else:
-            c = c + self.y_embedder(y) + self.stage_embedder(stage)
-        if extra_c is not None:
-            c = c + extra_c
+            return c, (self.text_tokens(y.tokens.to(c.dtype)), y.mask.bool())
+        return c + self.y_embedder(y) + self.stage_embedder(stage), None
+
+    def transform(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: torch.Tensor | None,
+        text: TextTokens | None,
+        stage: torch.Tensor,
+    ) -> torch.Tensor:
+        """The blocks over a token sequence (per-stage experts pick their weights by `stage`)."""
         for expert in self.experts:
             expert.stage = stage
         for block in self.blocks:
             x = block(x, c, rope, text)
-        x = self.final_norm(x[:, :n])
-        return [head(x, c, grid, self.video) for head in self.heads]
+        return x
+
+    def decode(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int, int]) -> list[torch.Tensor]:
+        """Every level's velocity from the (image) tokens."""
+        x = self.final_norm(x)
+        return [head(x, c, grid, self.video) for head in self.level_heads]
+
+    def flops_per_sample(self, grid: tuple[int, int, int] | None = None) -> float:
+        """FLOPs of one forward pass for one sample (2 per multiply-add), on the model's token
+        grid or on `grid`; norms, activations and positions are not counted (elementwise)."""
+        t, h, w = grid or self.grid
+        n = t * h * w
+        d = self.blocks[0].attn.qkv.in_features
+        mlp = self.blocks[0].mlp[0].out_features
+        per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp + 2 * d * 6 * d
+        embeds = sum(2 * n * e.proj.in_features * d for e in self.patch_embeds)
+        heads = sum(2 * n * d * hd.linear.out_features + 2 * d * 2 * d for hd in self.level_heads)
+        timesteps = sum(2 * (e.mlp[0].in_features * d + d * d) for e in self.t_embedders)
+        return float(len(self.blocks) * per_block + embeds + heads + timesteps)
 
     def _positions(
         self, grid: tuple[int, int, int], x: torch.Tensor

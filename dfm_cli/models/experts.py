@@ -13,6 +13,8 @@ before its blocks run (`set_stage`); each sample's rows go through its own stage
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,7 +72,7 @@ def specialize(blocks: nn.ModuleList, kind: str, stages: int) -> list[StageLinea
     if kind == "none":
         return wrapped
     for block in blocks:
-        scope = block.mlp if kind == "mlp" else block
+        scope = cast(nn.Module, block.mlp) if kind == "mlp" else block
         for name, module in list(scope.named_modules()):
             if isinstance(module, nn.Linear):
                 parent = scope.get_submodule(name.rpartition(".")[0]) if "." in name else scope

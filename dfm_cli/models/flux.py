@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from einops import rearrange
@@ -27,6 +28,7 @@ from torch import nn
 
 from dfm_cli.errors import DfmError, reading
 from dfm_cli.method.cond import NullText, TextCond
+from dfm_cli.models.dit import renamed_heads
 from dfm_cli.models.positions import level_patches
 
 FLUX_DEV_TEXT = (512, 4096, 768)  # FLUX-dev's T5 tokens (max length, width) and CLIP pooled width
@@ -81,6 +83,7 @@ class DFMFlux(nn.Module):
     video = False
     level_rms = None
     num_classes = 0
+    img_ids: torch.Tensor  # a buffer
 
     def __init__(
         self,
@@ -91,7 +94,9 @@ class DFMFlux(nn.Module):
         text_dims: tuple[int, int, int] = FLUX_DEV_TEXT,
         guidance: float = 3.5,
     ) -> None:
-        from diffusers import FluxTransformer2DModel  # heavy: imported when a FLUX model is built
+        # heavy: imported when a FLUX model is built. From its own module: for type checkers,
+        # `diffusers.FluxTransformer2DModel` is the placeholder diffusers defines for when torch is missing
+        from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
         super().__init__()
         self.level_sizes = [tuple(s) for s in level_sizes]
@@ -130,7 +135,8 @@ class DFMFlux(nn.Module):
         # per level (init_from.PER_LEVEL)
         self.patch_embeds = nn.ModuleList(nn.Linear(channels * p * p, hidden) for p in self.patches)
         self.t_embedders = nn.ModuleList(FluxTimestepEmbedder(hidden) for _ in self.level_sizes)
-        self.heads = nn.ModuleList(nn.Linear(hidden, channels * p * p) for p in self.patches)
+        self.level_heads = nn.ModuleList(nn.Linear(hidden, channels * p * p) for p in self.patches)
+        self.register_load_state_dict_pre_hook(renamed_heads)
         self.stage_embedder = nn.Embedding(self.levels, hidden)
         nn.init.normal_(self.stage_embedder.weight, std=0.02)
         self.null_text = NullText(*text_dims)
@@ -180,7 +186,7 @@ class DFMFlux(nn.Module):
         x = self.norm_out(x, temb)
         return [
             -rearrange(head(x), "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=gh, w=gw, ph=p, pw=p)
-            for head, p in zip(self.heads, self.patches)
+            for head, p in zip(self.level_heads, self.patches)
         ]
 
     def flops_per_sample(self) -> float:
@@ -189,14 +195,15 @@ class DFMFlux(nn.Module):
         MLPs, final norm's modulation, heads) and the attention scores and weighted sums over
         the image tokens plus `text_dims[0]` text tokens. Norms, activations and RoPE are not
         counted (elementwise)."""
-        n, l, d = self.grid[1] * self.grid[2], self.text_dims[0], self.inner_dim
-        tokens = n + l
+        n, txt, d = self.grid[1] * self.grid[2], self.text_dims[0], self.inner_dim
+        tokens = n + txt
 
         def linear(m: nn.Linear, rows: int = 1) -> int:
             return 2 * rows * m.in_features * m.out_features
 
-        flops = sum(linear(e, n) for e in self.patch_embeds) + sum(linear(h, n) for h in self.heads)
-        flops += linear(self.context_embedder, l) + linear(self.norm_out.linear)
+        flops = sum(linear(cast(nn.Linear, e), n) for e in self.patch_embeds)
+        flops += sum(linear(cast(nn.Linear, h), n) for h in self.level_heads)
+        flops += linear(self.context_embedder, txt) + linear(self.norm_out.linear)
         embedders = [self.text_embedder, *self.t_embedders]
         if self.guidance_embedder is not None:
             embedders.append(self.guidance_embedder)
@@ -217,7 +224,7 @@ class DFMFlux(nn.Module):
 
 _RENAMES = (  # diffusers FluxTransformer2DModel prefix -> one-level DFMFlux prefix; first match wins
     ("x_embedder.", "patch_embeds.0."),
-    ("proj_out.", "heads.0."),
+    ("proj_out.", "level_heads.0."),
     ("time_text_embed.timestep_embedder.linear_1.", "t_embedders.0.mlp.0."),
     ("time_text_embed.timestep_embedder.linear_2.", "t_embedders.0.mlp.2."),
     ("time_text_embed.", ""),

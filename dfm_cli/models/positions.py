@@ -51,7 +51,8 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     A rotation: norms are kept, and `q·k` after RoPE depends only on the positions' offset.
 
     >>> import math, torch
-    >>> apply_rope(torch.tensor([[1.0, 0.0]]), rope_rotations(torch.tensor([[math.pi / 2]]))).abs().round(decimals=6).tolist()
+    >>> quarter_turn = rope_rotations(torch.tensor([[math.pi / 2]]))
+    >>> apply_rope(torch.tensor([[1.0, 0.0]]), quarter_turn).abs().round(decimals=6).tolist()
     [[0.0, 1.0]]
     """
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))

@@ -6,17 +6,20 @@ usage lines `dfm train RECIPE && dfm sample` work as typed.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from dfm_cli.config.method import Method, method_of
+from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.checkpoints import STATE, RunInfo, complete_checkpoints, resolve_checkpoint
 from dfm_cli.errors import DfmError
-
-if TYPE_CHECKING:
-    from dfm_cli.config.recipe import Recipe
+from dfm_cli.method.cond import Cond
+from dfm_cli.method.decompose import Decomposition
+from dfm_cli.method.sampler import SampleResult, SamplerSettings
+from dfm_cli.methods.factory import load_trained
 
 RUNS = Path("runs")
 
@@ -47,12 +50,27 @@ class TrainedRun:
     recipe: Recipe
     info: RunInfo
 
+    @functools.cached_property
+    def method(self) -> Method:
+        return method_of(self.recipe)
+
+    @functools.cached_property
+    def decomposition(self) -> Decomposition:
+        """What the model's levels recompose with (standardized with the run's statistics)."""
+        return self.method.decomposition(self.info.level_stats)
+
+    def generate(
+        self, labels: Cond, settings: SamplerSettings, *, seed: int, first_index: int = 0, previews: bool = False
+    ) -> SampleResult:
+        """The run's samples for `labels`, the way its method samples (see `Method.generate`)."""
+        return self.method.generate(
+            self.model, labels, self.decomposition, settings, seed=seed, first_index=first_index, previews=previews
+        )
+
 
 def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
     """Load a run folder or checkpoint; refuse weights that hold NaN or inf, which would
     otherwise sample a blank grid and exit 0."""
-    from dfm_cli.methods.factory import load_trained
-
     ckpt = resolve_checkpoint(path)
     model, recipe, info = load_trained(ckpt, ema=ema)
     weights = ckpt / f"{'ema' if ema else 'model'}.safetensors"

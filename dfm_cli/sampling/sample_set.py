@@ -40,7 +40,7 @@ from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.method.cond import Cond
-from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.method.sampler import SampleResult, SamplerSettings, class_balanced_labels, generate, sampled_classes
 from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 
 MANIFEST = "manifest.json"
@@ -149,6 +149,7 @@ def write_sample_set(
     overwrite: bool = False,
     on_batch: Callable[[int], None] = lambda n: None,
     condition: Callable[[torch.Tensor], Cond] = lambda labels: labels,
+    generate: Callable[..., SampleResult] = generate,
 ) -> Path:
     """Make (or resume, shrink, extend) the set of samples 0..num-1 in `out` (`.npz` or folder).
 
@@ -156,7 +157,8 @@ def write_sample_set(
     (see `set_manifest`). Batch k of the missing samples goes to rank `k % world`. Sample i's
     label is the i-th balanced one of `classes`; `condition` turns labels into what the model
     takes (for a text run: prompt indices into the encoded prompts, with `classes` = the prompt
-    count, so sample i has prompt `i % P` and `arr_1` holds prompt indices).
+    count, so sample i has prompt `i % P` and `arr_1` holds prompt indices). `generate` samples
+    a batch (`sampler.generate`'s signature; a run passes its method's).
     """
     if num < 1 or batch < 1:
         raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
@@ -256,7 +258,6 @@ def write_run_sample_set(
     and its weights' digest in the manifest. What `dfm sample --num` and evaluation call.
     A text run samples `prompts` in turn (their digest joins the manifest)."""
     from dfm_cli.data.autoencoders import from_config
-    from dfm_cli.methods.factory import build_pyramid
 
     info = trained.info
     source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
@@ -265,7 +266,7 @@ def write_run_sample_set(
         source["prompts"] = prompts.digest
     return write_sample_set(
         trained.model,
-        build_pyramid(trained.recipe, info.level_stats),
+        trained.decomposition,
         settings,
         out,
         num=num,
@@ -276,6 +277,7 @@ def write_run_sample_set(
         decode=from_config(info.autoencoder, ctx.device).decode,
         overwrite=overwrite,
         on_batch=on_batch,
+        generate=trained.method.generate,
         **{"classes": sampled_classes(trained.recipe, info), **text},
     )
 
@@ -352,7 +354,7 @@ def run_sample_set(checkpoint: Path, num: int, batch: int, on_batch=lambda n: No
         on_batch(num)
         return out
     trained = load_for_sampling(checkpoint)
-    settings = SamplerSettings.resolve(trained.recipe, trained.recipe.flow.levels)
+    settings = trained.recipe.sampler_settings()
     with torch.no_grad():
         write_run_sample_set(
             trained,

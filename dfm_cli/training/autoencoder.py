@@ -42,11 +42,13 @@ from dfm_cli.errors import DfmError
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
 from dfm_cli.method.level_report import analyse
-from dfm_cli.methods.factory import plain_pyramid
+from dfm_cli.methods.factory import base_decomposition
 from dfm_cli.seeding import MODEL_INIT, SAMPLE_DRAWS, mix_seed
 from dfm_cli.training.autoencoder_losses import downsample, reconstruction_loss, scale_equivariance_loss
 from dfm_cli.training.batches import StreamBatches
-from dfm_cli.training.loop import check_resumable, ema_decay_at, lr_at, progress_line, update_ema
+from dfm_cli.training.loop import progress_line
+from dfm_cli.training.resume import check_resumable
+from dfm_cli.training.schedules import ema_decay_at, lr_at, update_ema
 
 EXPORT = "autoencoder"  # the diffusers folder inside the run: what --ae-weights takes
 REPORT = "report.json"
@@ -153,8 +155,9 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
             )
             vae = build_vae(recipe, dataset.channels).to(ctx.device).train()
             ema = copy.deepcopy(vae).requires_grad_(False).eval()
+            beta1, beta2 = t.betas  # config.checks: exactly two
             opt = torch.optim.AdamW(
-                vae.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay
+                vae.parameters(), lr=t.lr, betas=(beta1, beta2), eps=t.eps, weight_decay=t.weight_decay
             )
             start = 0
             if found:
@@ -169,7 +172,8 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
                 {"name": "pixel", "channels": dataset.channels},
             )
             batches = iter(StreamBatches(len(dataset), t.batch_size, t.seed, start))
-            began, sums = time.perf_counter(), {}
+            began = time.perf_counter()
+            sums: dict[str, float] = {}
             with (run_dir / "stats.jsonl").open("a") as stats:
                 for step in range(start, t.steps):
                     x = gather(dataset, next(batches)).to(ctx.device)
@@ -179,10 +183,10 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
                     if not torch.isfinite(grad_norm):
                         raise DfmError(f"step {step + 1}: non-finite gradient; lower train.lr or ae.kl_weight")
                     for group in opt.param_groups:
-                        group["lr"] = lr_at(recipe, step)
+                        group["lr"] = lr_at(recipe.train.lr, recipe.train.warmup_steps, step)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    update_ema(ema, vae, ema_decay_at(recipe, step))
+                    update_ema(ema, vae, ema_decay_at(recipe.train.ema_decay, step))
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
                     done = step + 1
@@ -273,7 +277,7 @@ def autoencoder_report(recipe: Recipe, folder: Path, images: torch.Tensor) -> di
     decomposition, and the scale-equivariance loss at each of `ae.se_factors`."""
     coder = DiffusersAE("kl", str(folder))
     rec = torch.cat([coder.decode(coder.encode(images[i : i + 250])) for i in range(0, len(images), 250)])
-    split = plain_pyramid(recipe)
+    split = base_decomposition(recipe)
     score = analyse(images, split, lambda v: torch.cat([coder.encode(v[i : i + 250]) for i in range(0, len(v), 250)]))
     vae = coder.vae
     se = {

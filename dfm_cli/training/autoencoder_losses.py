@@ -56,14 +56,15 @@ def reconstruction_loss(x: torch.Tensor, target: torch.Tensor, pyramid_weight: f
 
 
 def scale_equivariance_loss(
-    encode: Coder,
+    encode: Coder | None,
     decode: Coder,
     x: torch.Tensor,
     factor: int,
     pyramid_weight: float = 0.0,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """How far `decode(down(encode(x)))` is from `down(x)` (`z`: the latent, if already computed).
+    """How far `decode(down(encode(x)))` is from `down(x)` (`z`: the latent, if already computed;
+    `encode` may then be None).
 
     Zero for the identity and for any per-pixel linear autoencoder; positive for one that
     mixes scales.
@@ -72,5 +73,8 @@ def scale_equivariance_loss(
     >>> float(scale_equivariance_loss(lambda v: v, lambda v: v, x, 2))
     0.0
     """
-    z = encode(x) if z is None else z
+    if z is None:
+        if encode is None:
+            raise TypeError("scale_equivariance_loss: pass `encode`, or the latent `z`")
+        z = encode(x)
     return reconstruction_loss(decode(downsample(z, factor)), downsample(x, factor), pyramid_weight)

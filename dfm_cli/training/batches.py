@@ -7,13 +7,12 @@ run would have: no sampler state needs saving. Neither depends on the number of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.method.flow import Draws, FlowObjective
 from dfm_cli.seeding import BATCH_STAGE, DATA_ORDER, SAMPLE_DRAWS, mix_seed
@@ -47,9 +46,9 @@ class StreamBatches(Sampler[list[int]]):
             k += 1
 
 
-def split_batch(recipe: Recipe, world: int) -> tuple[int, int]:
-    """(per-rank batch, micro-batch) for the global batch, or a clear error."""
-    b, micro = recipe.train.batch_size, recipe.train.batch_per_gpu
+def split_batch(b: int, micro: int, world: int) -> tuple[int, int]:
+    """(per-rank batch, micro-batch) for the global batch `b` (`train.batch_size`) and the
+    micro-batch `micro` (`train.batch_per_gpu`, 0 = the whole per-rank batch), or a clear error."""
     if b % world:
         raise DfmError(f"train.batch_size = {b} does not split over {world} processes; use a multiple of {world}")
     local = b // world
@@ -75,14 +74,9 @@ class StepBatches(Sampler[BatchKey]):
     """`StreamBatches` with each batch tagged by its step and stream position, the two things
     the per-sample and per-batch seeds of the draws are made from."""
 
-    def __init__(self, n: int, recipe: Recipe, start: int, rank: int, world: int):
-        self.stream = StreamBatches(n, recipe.train.batch_size, recipe.train.seed, start, rank, world)
-        self.start, self.batch_size, self.rank, self.local = (
-            start,
-            recipe.train.batch_size,
-            rank,
-            split_batch(recipe, world)[0],
-        )
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, rank: int, world: int):
+        self.stream = StreamBatches(n, batch_size, seed, start, rank, world)
+        self.start, self.batch_size, self.rank, self.local = start, batch_size, rank, batch_size // world
 
     def __iter__(self) -> Iterator[BatchKey]:
         for step, indices in enumerate(self.stream, self.start):
@@ -93,17 +87,18 @@ class DrawnBatches(Dataset):
     """The training data with every sample's draws (stage, timesteps, label dropout, noise)
     attached. The `DataLoader` builds these batches, in its worker processes when
     `data.num_workers > 0`, so the step does not wait for the draws; they are the same
-    draws, from the same seeds, as if the step made them itself."""
+    draws, from the same seeds, as if the step made them itself. `objective_at(step)` is the
+    objective that draws step `step`'s batch (a method that trains in phases changes it)."""
 
     def __init__(
         self,
         dataset: Dataset,
-        objective: FlowObjective,
+        objective_at: Callable[[int], FlowObjective],
         shapes: Sequence[Sequence[int]],
         seed: int,
         label_dropout: float,
     ):
-        self.dataset, self.objective, self.shapes = dataset, objective, shapes
+        self.dataset, self.objective_at, self.shapes = dataset, objective_at, shapes
         self.seed, self.label_dropout = seed, label_dropout
 
     def __getitems__(self, key: BatchKey) -> tuple[torch.Tensor, torch.Tensor, Draws]:
@@ -112,9 +107,8 @@ class DrawnBatches(Dataset):
         else:
             x, y = default_collate([self.dataset[i] for i in key.indices])
         seeds = [mix_seed(self.seed, SAMPLE_DRAWS, key.first + i) for i in range(len(key.indices))]
-        draws = self.objective.draw(
-            self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step), self.label_dropout, step=key.step
-        )
+        objective = self.objective_at(key.step)
+        draws = objective.draw(self.shapes, seeds, mix_seed(self.seed, BATCH_STAGE, key.step), self.label_dropout)
         return x, y, draws
 
 

@@ -54,46 +54,9 @@ def device_name(device: torch.device) -> str:
 
 
 def forward_flops(model: torch.nn.Module, grid: tuple[int, int, int] | None = None) -> float:
-    """FLOPs of one forward pass for one sample of a `DFMDiT` (2 per multiply-add); a model
-    that counts its own (`DFMFlux`) is asked. `grid` is another token grid than the model's own."""
-    if hasattr(model, "flops_per_sample"):
-        return model.flops_per_sample()
-    t, h, w = grid or model.grid
-    n = t * h * w
-    d = model.blocks[0].attn.qkv.in_features
-    mlp = model.blocks[0].mlp[0].out_features
-    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp + 2 * d * 6 * d
-    embeds = sum(2 * n * e.proj.in_features * d for e in model.patch_embeds)
-    heads = sum(2 * n * d * hd.linear.out_features + 2 * d * 2 * d for hd in model.heads)
-    timesteps = sum(2 * (e.mlp[0].in_features * d + d * d) for e in model.t_embedders)
-    return float(len(model.blocks) * per_block + embeds + heads + timesteps)
-
-
-def cascade_flops(model: torch.nn.Module) -> tuple[float, float]:
-    """Forward FLOPs per image of stage 1 and of stage 2 (twice the tokens through the blocks,
-    the conditioning's patch embedding and timestep embedder; the head on the image tokens)."""
-    t, h, w = model.stage2.grid
-    d = model.stage2.blocks[0].attn.qkv.in_features
-    head = model.stage2.heads[0].linear.out_features
-    stage2 = forward_flops(model.stage2, (2 * t, h, w)) - 2 * t * h * w * d * head  # heads read the image tokens only
-    aug = 2 * (model.aug_embedder.mlp[0].in_features * d + d * d)
-    return forward_flops(model.stage1), stage2 + aug
-
-
-def training_forward_flops(recipe, model: torch.nn.Module) -> float:
-    """Forward FLOPs per training image: the model's; for Pyramidal Flow the average over its
-    stages, each at its own token grid, weighted by `p_stage`; for the cascade, each model's
-    for its share of the steps."""
-    if recipe.flow.method == "cascaded":
-        stage1, stage2 = cascade_flops(model)
-        return recipe.flow.cascade_split * stage1 + (1 - recipe.flow.cascade_split) * stage2
-    if recipe.flow.method != "pyramidal":
-        return forward_flops(model)
-    from dfm_cli.methods.factory import plain_pyramid
-
-    patch = model.heads[-1].p
-    sizes = plain_pyramid(recipe).level_sizes(model.level_sizes[-1])
-    return sum(p * forward_flops(model, (1, h // patch, w // patch)) for p, (h, w) in zip(recipe.flow.p_stage, sizes))
+    """FLOPs of one forward pass for one sample (2 per multiply-add), counted by the model
+    itself from its shapes; `grid` is another token grid than the model's own."""
+    return model.flops_per_sample(grid) if grid else model.flops_per_sample()
 
 
 def train_flops(model: torch.nn.Module, images: int) -> float:

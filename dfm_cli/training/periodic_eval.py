@@ -19,6 +19,7 @@ import torch
 from rich.progress import Progress
 
 from dfm_cli import distributed
+from dfm_cli.config.method import Method
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.autoencoders import from_config
 from dfm_cli.data.checkpoints import RunInfo
@@ -28,7 +29,8 @@ from dfm_cli.evaluation import evaluate
 from dfm_cli.evaluation.evaluate import reference_images
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import as_rgb, to_uint8
-from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, generate, sampled_classes
+from dfm_cli.method.decompose import Decomposition
+from dfm_cli.method.sampler import class_balanced_labels, sampled_classes
 
 METRICS = ("fid", "swd")
 BATCH = 64
@@ -49,7 +51,16 @@ def swd_levels(size: int, patch: int = 7) -> int:
 class TrainingEvaluation:
     """The `(step, ema) -> {"eval_<metric>": value}` hook that `train` calls."""
 
-    def __init__(self, recipe: Recipe, dataset, info: RunInfo, decomposition, ctx: distributed.Context, run_dir: Path):
+    def __init__(
+        self,
+        recipe: Recipe,
+        dataset,
+        info: RunInfo,
+        method: Method,
+        decomposition: Decomposition,
+        ctx: distributed.Context,
+        run_dir: Path,
+    ):
         t = recipe.train
         unknown = sorted(set(t.eval_metrics) - set(METRICS))
         if unknown or not t.eval_metrics:
@@ -67,6 +78,7 @@ class TrainingEvaluation:
                 )
             images_of = build_dataset(index["source"], "", index["resolution"])
         self.recipe, self.info, self.decomposition, self.ctx = recipe, info, decomposition, ctx
+        self.method = method
         self.request = evaluate.Request(fid="fid" in t.eval_metrics, device=ctx.device)
         if self.request.fid:  # fail now, not after the first thousand steps
             from dfm_cli.evaluation.features import resolve_inception_weights
@@ -88,19 +100,22 @@ class TrainingEvaluation:
                     f"{run_dir} training data", reference_images(dataset), cache_dir=run_dir / "eval-reference"
                 )
             ref = self.reference.images
+            assert ref is not None  # every reference above holds images, not only statistics
             self.swd_reference = evaluate.Source("training data (SWD subset)", ref[evenly_spaced(len(ref), t.eval_num)])
 
     @torch.no_grad()
     def samples(self, ema: torch.nn.Module) -> np.ndarray:
         """`eval_num` samples, uint8 channels-last; every rank generates (a sharded EMA needs all)."""
         num = self.recipe.train.eval_num
-        settings = SamplerSettings.resolve(self.recipe, self.recipe.flow.levels)
+        settings = self.recipe.sampler_settings()
         ema.eval()
         decode = from_config(self.info.autoencoder, self.ctx.device).decode
         out = []
         for first in range(0, num, BATCH):
             labels = class_balanced_labels(num, sampled_classes(self.recipe, self.info))[first : first + BATCH]
-            result = generate(ema, labels, self.decomposition, settings, seed=self.recipe.train.seed, first_index=first)
+            result = self.method.generate(
+                ema, labels, self.decomposition, settings, seed=self.recipe.train.seed, first_index=first
+            )
             out.append(to_uint8(decode(result.x)))
         return as_rgb(np.concatenate(out))
 
@@ -113,7 +128,7 @@ class TrainingEvaluation:
         quiet = Progress(disable=True)
         if self.request.fid:
             found, _ = evaluate.evaluate(generated, self.reference, self.request, quiet)
-            row["eval_fid"] = found.get("fid", found.get("frame_fid"))
+            row["eval_fid"] = found["fid"] if "fid" in found else found["frame_fid"]  # video: per-frame FID
         if "swd" in self.recipe.train.eval_metrics:
             found, _ = evaluate.evaluate(
                 generated,

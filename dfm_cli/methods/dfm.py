@@ -1,0 +1,92 @@
+"""Decomposable Flow Matching (`flow.method = "dfm"`): one DiT sees every level of a
+decomposition, trains on the per-stage flow objective and samples progressively. With
+`flow.levels = 1` this is plain Flow Matching, the baseline every table compares against."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dfm_cli.config.method import Method
+from dfm_cli.errors import DfmError
+from dfm_cli.method.cond import Cond
+from dfm_cli.method.decompose import Decomposition
+from dfm_cli.method.flow import FlowObjective
+from dfm_cli.method.level_stats import Standardized
+from dfm_cli.method.sampler import SampleResult, SamplerSettings, generate
+from dfm_cli.methods.factory import base_decomposition
+from dfm_cli.models.dit import DFMDiT, model_size
+from dfm_cli.models.flux import DFMFlux, flux_config
+
+
+class DFM(Method):
+    name = "dfm"
+
+    def decomposition(self, level_stats: dict | None = None) -> Decomposition:
+        """The recipe's decomposition, standardized per level when `flow.standardize` is on."""
+        base = base_decomposition(self.recipe)
+        if not self.recipe.flow.standardize:
+            return base
+        if level_stats is None:
+            raise DfmError("flow.standardize needs per-level statistics (from the store or the data)")
+        return Standardized(base, level_stats["mean"], level_stats["std"])
+
+    def build_model(
+        self,
+        shape: tuple[int, ...],
+        num_classes: int,
+        level_rms: list[float] | None = None,
+        text: dict | None = None,
+    ) -> nn.Module:
+        r = self.recipe
+        if r.flow.precondition and level_rms is None:
+            raise DfmError("flow.precondition needs the per-level RMS of the data (from the store or the data)")
+        sizes = base_decomposition(r).level_sizes(shape[1:])
+        text_dims = tuple(text["dims"]) if text else None
+        if r.model.kind == "flux":
+            if not text:
+                raise DfmError(
+                    "model.kind = 'flux' is text-conditioned: train on a store encoded with "
+                    "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]"
+                )
+            return DFMFlux(flux_config(r.flux, text["dims"]), sizes, shape[0], r.flux.patch, text_dims, r.flux.guidance)
+        return DFMDiT(
+            model_size(r.model.name),
+            sizes,
+            shape[0],
+            num_classes,
+            pos=r.model.pos,
+            temporal_patch=r.model.temporal_patch,
+            level_rms=level_rms if r.flow.precondition else None,
+            text_dims=text_dims,
+            specialize_weights=r.model.specialize,
+        )
+
+    def objective(self) -> FlowObjective:
+        f = self.recipe.flow
+        return FlowObjective(
+            p_stage=tuple(f.p_stage),
+            per_batch_stage=f.per_batch_stage,
+            t_loc=f.t_loc,
+            t_scale=f.t_scale,
+            prev_t_loc=f.prev_t_loc,
+            prev_t_scale=f.prev_t_scale,
+            tied_timesteps=f.tied_timesteps,
+            mask_input=f.mask_input,
+            level_weights=tuple(f.level_weights),
+        )
+
+    def generate(
+        self,
+        model: nn.Module,
+        labels: Cond,
+        decomposition: Decomposition,
+        settings: SamplerSettings,
+        *,
+        seed: int,
+        first_index: int = 0,
+        previews: bool = False,
+    ) -> SampleResult:
+        return generate(model, labels, decomposition, settings, seed=seed, first_index=first_index, previews=previews)
+
+    def forward_flops(self, model: nn.Module) -> float:
+        return model.flops_per_sample()

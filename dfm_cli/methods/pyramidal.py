@@ -1,0 +1,124 @@
+"""Pyramidal Flow as a `Method` (`flow.method = "pyramidal"`): one single-level DiT at the
+finest size, trained on every stage of a Gaussian pyramid and sampled stage by stage with
+renoising at each jump (the maths is in `dfm_cli/baselines/pyramidal.py`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from dfm_cli.baselines.pyramidal import GaussianStack, PyramidalObjective, PyramidalSchedule, sample_pyramidal
+from dfm_cli.config.method import Fail, Method
+from dfm_cli.config.recipe import Recipe
+from dfm_cli.method.cond import Cond
+from dfm_cli.method.decompose import Decomposition
+from dfm_cli.method.sampler import SampleResult, SamplerSettings, guided_velocity
+from dfm_cli.methods.factory import base_decomposition
+from dfm_cli.models.dit import DFMDiT, model_size
+
+# What the multi-stage baselines leave out: DFM's bands, per-level layers, video and the
+# per-level timestep ablations (each stage has one time of its own).
+GAUSSIAN_STAGES_UNUSED: dict[str, Any] = {
+    "flow.standardize": False,
+    "flow.precondition": False,
+    "flow.upsample_coarse": False,
+    "model.kind": "dfm",
+    "model.specialize": "none",
+    "flow.decomposition": "laplacian",
+    "data.frames": 0,
+    "flow.level_weights": [],
+    "flow.tied_timesteps": False,
+    "flow.prev_t_loc": 1.5,
+    "flow.prev_t_scale": 1.0,
+    "flow.mask_input": True,
+}
+
+
+def check_trained_from_scratch(name: str, recipe: Recipe, fail: Fail) -> None:
+    """The baselines have no single-level model to start from."""
+    if recipe.train.init_from:
+        fail(
+            "train.init_from",
+            recipe.train.init_from,
+            f"starting from a trained model is for flow.method = 'dfm'; a '{name}' run trains from scratch",
+        )
+
+
+class PyramidalFlow(Method):
+    name = "pyramidal"
+    unused_keys: ClassVar[dict[str, Any]] = GAUSSIAN_STAGES_UNUSED
+    unused_why = "a Gaussian pyramid of images, no per-level layers"
+
+    @classmethod
+    def check(cls, recipe: Recipe, fail: Fail) -> None:
+        check_trained_from_scratch(cls.name, recipe, fail)
+        if recipe.flow.levels < 2:
+            fail("flow.levels", recipe.flow.levels, "Pyramidal Flow needs at least 2 stages")
+        super().check(recipe, fail)
+
+    def decomposition(self, level_stats: dict | None = None) -> Decomposition:
+        return GaussianStack(base_decomposition(self.recipe))
+
+    @property
+    def schedule(self) -> PyramidalSchedule:
+        return PyramidalSchedule(tuple(self.recipe.flow.factors), self.recipe.flow.gamma)
+
+    def build_model(
+        self,
+        shape: tuple[int, ...],
+        num_classes: int,
+        level_rms: list[float] | None = None,
+        text: dict | None = None,
+    ) -> nn.Module:
+        """The single-level DiT at the finest size; earlier stages feed it smaller grids."""
+        finest = base_decomposition(self.recipe).level_sizes(shape[1:])[-1]
+        return DFMDiT(
+            model_size(self.recipe.model.name),
+            [finest],
+            shape[0],
+            num_classes,
+            pos=self.recipe.model.pos,
+            temporal_patch=self.recipe.model.temporal_patch,
+            text_dims=tuple(text["dims"]) if text else None,
+        )
+
+    def objective(self) -> PyramidalObjective:
+        f = self.recipe.flow
+        return PyramidalObjective(
+            self.schedule, p_stage=tuple(f.p_stage), per_batch_stage=f.per_batch_stage, t_loc=f.t_loc, t_scale=f.t_scale
+        )
+
+    def generate(
+        self,
+        model: nn.Module,
+        labels: Cond,
+        decomposition: Decomposition,
+        settings: SamplerSettings,
+        *,
+        seed: int,
+        first_index: int = 0,
+        previews: bool = False,
+    ) -> SampleResult:
+        device = next(model.parameters()).device
+        sizes = decomposition.level_sizes(model.level_sizes[-1])[: settings.stages]
+        indices = range(first_index, first_index + len(labels))
+        x, nfe = sample_pyramidal(
+            guided_velocity(model, settings),
+            labels.to(device),
+            self.schedule,
+            sizes,
+            model.channels,
+            settings.steps,
+            seed,
+            indices,
+            device,
+        )
+        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
+
+    def forward_flops(self, model: nn.Module) -> float:
+        """The average over the stages, each at its own token grid, weighted by `p_stage`."""
+        patch = model.level_heads[-1].p
+        sizes = base_decomposition(self.recipe).level_sizes(model.level_sizes[-1])
+        p_stage = self.recipe.flow.p_stage
+        return sum(p * model.flops_per_sample((1, h // patch, w // patch)) for p, (h, w) in zip(p_stage, sizes))
