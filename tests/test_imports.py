@@ -164,3 +164,17 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
     assert upward_imports(import_graph(pkg)) == [
         "dfm_cli.method.flow (layer dfm_cli.method) imports dfm_cli.training.loop (layer dfm_cli.training)"
     ]
+
+
+def test_old_module_paths_give_the_moved_modules():
+    """Scripts written against the flat package keep working: an old path is the new module."""
+    import importlib
+
+    import dfm_cli
+
+    for old, new in dfm_cli.MOVED.items():
+        assert importlib.import_module(f"dfm_cli.{old}") is importlib.import_module(f"dfm_cli.{new}"), old
+    from dfm_cli.data import build_dataset  # the datasets module was `dfm_cli.data`
+    from dfm_cli.data.datasets import build_dataset as moved
+
+    assert build_dataset is moved

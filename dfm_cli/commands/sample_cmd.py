@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 
+from dfm_cli import distributed
 from dfm_cli.commands.common import app, console, parse_list, user_errors
+from dfm_cli.data.autoencoders import from_config
+from dfm_cli.data.text_encoders import Prompts, read_prompts
 from dfm_cli.errors import DfmError
+from dfm_cli.media import save_samples
+from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, sampled_classes
+from dfm_cli.progress import Progress
+from dfm_cli.sampling.runs import TrainedRun, load_for_sampling, newest_run
+from dfm_cli.sampling.sample_set import write_run_sample_set
 
 GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by model.video
 
@@ -77,10 +84,6 @@ def sample(
         raise DfmError(f"--interval {interval}: give low,high, e.g. 0.1,0.9")
     if out is not None:
         check_out(out, num is not None)
-
-    from dfm_cli.data.text_encoders import Prompts, read_prompts
-    from dfm_cli.sampling.runs import load_for_sampling, newest_run
-
     if run is None:
         run = newest_run()
         console.print(f"sampling the newest run under runs/: {run}")
@@ -106,7 +109,8 @@ def sample(
         raise DfmError(f'{run} is text-conditioned: pass --prompt "a photo of ..." or --prompts FILE')
     if info.text is not None and class_ is not None:
         raise DfmError(f"--class: {run} is text-conditioned; pass --prompt instead")
-    encoded = Prompts.encode(texts, info.text, next(model.parameters()).device) if texts else None
+    # `info.text` is set whenever there are prompts (checked above)
+    encoded = Prompts.encode(texts, info.text, next(model.parameters()).device) if texts and info.text else None
     num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(
@@ -148,15 +152,16 @@ def check_out(out: Path, for_set: bool) -> None:
 
 
 def write_grid(
-    trained, settings, out: Path, n: int, class_: int | None, seed: int, previews: bool, prompts=None
+    trained: TrainedRun,
+    settings: SamplerSettings,
+    out: Path,
+    n: int,
+    class_: int | None,
+    seed: int,
+    previews: bool,
+    prompts: Prompts | None = None,
 ) -> None:
     """`dfm sample`: one grid (one class, or one prompt, per column by default), plus a preview per stage."""
-    import torch
-
-    from dfm_cli.data.autoencoders import from_config
-    from dfm_cli.media import save_samples
-    from dfm_cli.method.sampler import class_balanced_labels, sampled_classes
-
     model, info = trained.model, trained.info
     classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
     num_classes = len(classes)
@@ -181,31 +186,23 @@ def write_grid(
     )
 
 
-def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, overwrite: bool, prompts=None) -> None:
+def write_set(
+    trained: TrainedRun,
+    settings: SamplerSettings,
+    out: Path,
+    num: int,
+    batch: int,
+    seed: int,
+    overwrite: bool,
+    prompts: Prompts | None = None,
+) -> None:
     """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from dfm_cli import distributed
-    from dfm_cli.sampling.sample_set import write_run_sample_set
-
     ctx = distributed.init()
     try:
         trained.model.to(ctx.device)
         start = time.perf_counter()
-        total = -(-num // ctx.world)
-        if sys.stderr.isatty():
-            progress = Progress(
-                TextColumn("sample"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True, quiet=not ctx.main),
-            )
-            task = progress.add_task("sample", total=total)
-            advance = lambda k: progress.advance(task, k)  # noqa: E731
-        else:
-            progress, advance = None, PlainProgress(total, quiet=not ctx.main)
-        with progress or nullcontext():
+        # a log gets a line after the first batch too: how fast this goes is worth knowing early
+        with Progress(Console(stderr=True, quiet=not ctx.main), "sample", -(-num // ctx.world)) as progress:
             write_run_sample_set(
                 trained,
                 settings,
@@ -215,7 +212,7 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
                 seed=seed,
                 ctx=ctx,
                 overwrite=overwrite,
-                on_batch=advance,
+                on_batch=lambda n: progress.advance(n, log=progress.completed == 0),
                 prompts=prompts,
             )
         if ctx.main:
@@ -225,26 +222,3 @@ def write_set(trained, settings, out: Path, num: int, batch: int, seed: int, ove
             )
     finally:
         distributed.shutdown(ctx)
-
-
-class PlainProgress:
-    """Progress as plain lines on stderr, for logs (CI, nohup, clusters): the first batch,
-    then at most one line every `every` seconds, and the last."""
-
-    def __init__(self, total: int, every: float = 10.0, quiet: bool = False) -> None:
-        self.total, self.every, self.quiet = total, every, quiet
-        self.done, self.start, self.last = 0, time.perf_counter(), None
-
-    def __call__(self, k: int) -> None:
-        self.done += k
-        now = time.perf_counter()
-        if self.quiet or not (self.last is None or now - self.last >= self.every or self.done >= self.total):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        left = f", about {(self.total - self.done) / rate:.0f} s left" if 0 < self.done < self.total else ""
-        print(
-            f"sample {self.done}/{self.total} ({self.done / self.total:.0%}) after {now - self.start:.0f} s{left}",
-            file=sys.stderr,
-            flush=True,
-        )

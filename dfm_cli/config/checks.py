@@ -11,7 +11,7 @@ import math
 import typing
 from typing import Any
 
-from dfm_cli.config.method import METHODS, method_choices, method_class
+from dfm_cli.config.method import method_choices, method_class
 from dfm_cli.config.schema import DataSection, Recipe
 from dfm_cli.data.datasets import DATA_NAMES
 from dfm_cli.errors import DfmError, suggest
@@ -179,9 +179,11 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
 
 def _check_method(recipe: Recipe, fail) -> None:
     """`flow.method` names a registered method, which then checks the keys it uses."""
-    if recipe.flow.method not in METHODS:
+    try:
+        method = method_class(recipe.flow.method)
+    except DfmError:
         fail("flow.method", recipe.flow.method, method_choices(recipe.flow.method))
-    method_class(recipe.flow.method).check(recipe, fail)
+    method.check(recipe, fail)
 
 
 def _check_text(recipe: Recipe, fail) -> None:

@@ -8,7 +8,7 @@ by the recipe key `flow.method`. The training loop, the sampler front-end, the c
 accounting and the recipe checks call the interface and never branch on the method's name.
 
 Adding a method is one module with a `Method` subclass plus one line in `METHODS` (or a
-call to `register` from your own code); docs/method.md §7 walks through an example.
+call to `register` from your own code); docs/method.md §8 walks through an example.
 
 The registry names implementations by import path rather than importing them: they build
 models and samplers from the recipe, so they sit above this layer (see docs/architecture.md).

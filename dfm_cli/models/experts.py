@@ -7,7 +7,7 @@ in every stage's computation, so all stages still train them; the experts start 
 the shared weights, so a fresh (or converted) model computes exactly what the shared one does.
 
 `StageLinear` wraps a block's `nn.Linear`. The model tells every wrapper the batch's stages
-before its blocks run (`set_stage`); each sample's rows go through its own stage's weight
+before its blocks run (it sets their `stage`); each sample's rows go through its own stage's weight
 `(W + W_k) / 2`, and a stage absent from the batch is never read.
 """
 
@@ -46,7 +46,7 @@ class StageLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stage = self.stage
         if stage is None:
-            raise RuntimeError("StageLinear needs the batch's stages (set_stage) before it runs")
+            raise RuntimeError("StageLinear needs the batch's stages (its `stage`) before it runs")
         present = stage.unique().tolist()
         if len(present) == 1:  # sampling, or a per-batch stage: one matmul
             return F.linear(x, *self.weights(present[0]))
