@@ -178,3 +178,13 @@ def test_old_module_paths_give_the_moved_modules():
     from dfm_cli.data.datasets import build_dataset as moved
 
     assert build_dataset is moved
+    # and in a fresh interpreter, where nothing has imported the datasets module yet
+    import subprocess
+    import sys
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from dfm_cli.data import build_dataset; import dfm_cli.train as t; print(t.__name__)"],
+        capture_output=True,
+        text=True,
+    )
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "dfm_cli.training.loop", fresh.stderr

@@ -18,10 +18,14 @@ from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_
 from dfm_cli.ablate.results import collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
+from dfm_cli.evaluation.evaluate import reference_images
+from dfm_cli.progress import Progress
 
 BUILTIN_REFERENCES = ("animal-mnist", "photo-crops")  # names `dfm eval --ref` knows
 WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")  # [eval] keys passed on as --KEY
+Runner = Callable[[list[str], Path, str], None]  # (command, log file, what it is for the error message)
 
 
 def dfm(*args: Any) -> list[str]:
@@ -72,9 +76,6 @@ def write_reference(
 ) -> None:
     """The training data as an ADM `.npz` (uint8, channels last, grey as RGB): all of it (or
     only `classes`), or `num` items evenly spaced over it (so a class-sorted set keeps every class)."""
-    from dfm_cli.data.datasets import build_dataset
-    from dfm_cli.evaluation.evaluate import reference_images
-
     data = build_dataset(name, path, resolution, frames, classes=classes or ())
     arr = reference_images(data, num or len(data))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,53 +109,16 @@ def eval_settings(sweep: Sweep, reference: str) -> dict:
     }
 
 
-class Progress:
-    """A rich progress line over cells on a terminal, plain log lines otherwise."""
-
-    def __init__(self, console: Console, total: int):
-        self.console, self.total, self.done = console, total, 0
-        self.bar = None
-        if console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-            from rich.progress import Progress as Bar
-
-            self.bar = Bar(
-                TextColumn("ablate"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                console=console,
-            )
-            self.task = self.bar.add_task("", total=total)
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def say(self, cell: Cell, what: str) -> None:
-        text = f"[{self.done + 1}/{self.total}] {cell.name}: {what}"
-        if self.bar:
-            self.bar.update(self.task, description=text)
-        else:
-            self.console.print(f"ablate {text}", markup=False, highlight=False, soft_wrap=True)
-
-    def advance(self) -> None:
-        self.done += 1
-        if self.bar:
-            self.bar.update(self.task, completed=self.done)
+def say(progress: Progress, cell: Cell, what: str) -> None:
+    """What the sweep does now, numbered by cell: `[2/4] cfg=1.5: train …`."""
+    progress.say(f"[{progress.completed + 1}/{progress.total}] {cell.name}: {what}")
 
 
 def run_sweep(
     sweep: Sweep,
     out: Path,
     console: Console | None = None,
-    runner: Callable[[list[str], Path, str], None] | None = None,
+    runner: Runner | None = None,
 ) -> list[dict[str, Any]]:
     """Train, sample and score every cell not already done; write the results. Returns the rows."""
     console = console or Console()
@@ -168,7 +132,7 @@ def run_sweep(
                 f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the current folder)"
             )
     runs = {run.run_id: run for run in sweep.runs}
-    with Progress(console, len(sweep.cells)) as progress:
+    with Progress(console, "ablate", len(sweep.cells)) as progress:
         for cell in sweep.cells:
             train_run(runs[cell.run_id], out, progress, cell, runner)
             score_cell(sweep, cell, out, progress, runner)
@@ -184,7 +148,7 @@ def run_sweep(
     return rows
 
 
-def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner) -> None:
+def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner: Runner) -> None:
     folder = run_dir(out, run.run_id)
     manifest = claim(folder, run_settings(run.recipe))
     if manifest.get("status") == "done":
@@ -193,13 +157,13 @@ def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner) -> No
     cmd = dfm("train", run.base, *[a for o in overrides for a in ("--set", o)], "--out", folder)
     manifest.update(status="training", command=cmd[1:])
     write_json(folder / MANIFEST, manifest)
-    progress.say(cell, f"train {folder}")
+    say(progress, cell, f"train {folder}")
     runner(cmd, out / "logs" / f"run-{run.run_id}.log", f"dfm train for run {run.run_id}")
     manifest["status"] = "done"
     write_json(folder / MANIFEST, manifest)
 
 
-def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) -> None:
+def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: Runner) -> None:
     folder = cell_dir(out, cell.cell_id)
     manifest = claim(folder, cell_manifest_settings(cell.recipe, sweep.eval))
     manifest.update(cell=cell.name, run=cell.run_id, values=cell.values)
@@ -208,7 +172,7 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) 
     if manifest.get("samples") != "done" or not samples.is_file():
         manifest["samples"] = "sampling"
         write_json(folder / MANIFEST, manifest)
-        progress.say(cell, f"sample {sweep.eval.num} → {samples}")
+        say(progress, cell, f"sample {sweep.eval.num} → {samples}")
         runner(
             dfm(
                 "sample",
@@ -241,7 +205,7 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner) 
     for key in WEIGHTS:
         if getattr(sweep.eval, key):
             flags += [f"--{key.replace('_', '-')}", wanted[key]]
-    progress.say(cell, f"eval {' '.join(sweep.eval.metrics)} against {reference}")
+    say(progress, cell, f"eval {' '.join(sweep.eval.metrics)} against {reference}")
     runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log, f"dfm eval for cell {cell.name!r}")
     manifest["eval"] = wanted
     write_json(folder / MANIFEST, manifest)

@@ -6,9 +6,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
+from dfm_cli.ablate.compute import plan
+from dfm_cli.ablate.execute import run_sweep
+from dfm_cli.ablate.sweep import load_sweep
 from dfm_cli.commands.common import app, console, user_errors
+
+COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("cell", "left"),
+    ("run", "left"),
+    ("train images", "right"),
+    ("train FLOPs", "right"),
+    ("est. time", "right"),
+)
 
 
 @app.command()
@@ -29,23 +41,13 @@ def ablate(
     ] = False,
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
-    from dfm_cli.ablate.compute import plan
-    from dfm_cli.ablate.execute import run_sweep
-    from dfm_cli.ablate.sweep import load_sweep
-
     loaded = load_sweep(sweep)
     if not dry_run:
         run_sweep(loaded, out or Path("ablations") / sweep.stem, console)
         return
     rows = plan(loaded)
     table = Table(title=f"{loaded.title}: {len(rows)} cells, {len(loaded.runs)} trained runs")
-    for name, justify in (
-        ("cell", "left"),
-        ("run", "left"),
-        ("train images", "right"),
-        ("train FLOPs", "right"),
-        ("est. time", "right"),
-    ):
+    for name, justify in COLUMNS:
         table.add_column(name, justify=justify)
     for row in rows:
         shared = f" (shared by {row['shared']} cells)" if row["shared"] > 1 else ""

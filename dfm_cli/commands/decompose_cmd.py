@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 
 from dfm_cli.commands.common import app, console, parse_list, user_errors
+from dfm_cli.data.autoencoders import build_autoencoder
 from dfm_cli.errors import DfmError
+from dfm_cli.media import default_photo, load_media
+from dfm_cli.method.decompose import TwoBandPyramid, build_decomposition
+from dfm_cli.method.level_report import analyse, crop_to_multiple, report_table, write_report
 
 
 @app.command()
@@ -35,10 +39,6 @@ def decompose(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("decomposed"),
 ) -> None:
     """Split an image or video into levels; write PNGs, levels.npz and the recomposition."""
-    from dfm_cli.media import default_photo, load_media
-    from dfm_cli.method.decompose import build_decomposition
-    from dfm_cli.method.level_report import analyse, crop_to_multiple, report_table, write_report
-
     split = build_decomposition(
         decomposition,
         levels,
@@ -46,11 +46,8 @@ def decompose(
         parse_list(temporal_factors, int, "--temporal-factors"),
         antialias,
     )
-    coder = None
-    if ae is not None:
-        from dfm_cli.data.autoencoders import build_autoencoder
-
-        coder = build_autoencoder(ae, ae_weights)
+    assert isinstance(split, TwoBandPyramid)  # only `upsample_coarse` (not asked for here) wraps it
+    coder = build_autoencoder(ae, ae_weights) if ae is not None else None
     if path is None:
         path, x = default_photo()
         crop = True

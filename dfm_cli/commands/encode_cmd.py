@@ -9,8 +9,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dfm_cli import distributed
 from dfm_cli.commands.common import app, console, parse_list, user_errors
+from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
+from dfm_cli.data.sources import open_encode
+from dfm_cli.data.store import INDEX
+from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings
 from dfm_cli.errors import DfmError
+from dfm_cli.progress import Progress
 
 
 @app.command()
@@ -19,7 +25,10 @@ def encode(
     source: Annotated[
         str,
         typer.Argument(
-            help="Image folder (class subfolders), video folder (with --frames), or a built-in dataset: animal-mnist, photo-crops, sprites."
+            help=(
+                "Image folder (class subfolders), video folder (with --frames), or a built-in dataset: "
+                "animal-mnist, photo-crops, sprites."
+            )
         ),
     ],
     out: Annotated[Path, typer.Option(help="Store folder to write (re-running with the same settings resumes).")],
@@ -57,7 +66,9 @@ def encode(
     captions: Annotated[
         Path | None,
         typer.Option(
-            help="Captions for text conditioning: CSV 'path,caption' or JSONL {path, caption}, paths relative to SOURCE."
+            help=(
+                "Captions for text conditioning: CSV 'path,caption' or JSONL {path, caption}, paths relative to SOURCE."
+            )
         ),
     ] = None,
     text_encoder: Annotated[
@@ -76,14 +87,6 @@ def encode(
     text_tokens: Annotated[int, typer.Option(help="Caption tokens kept per item (CLIP reads at most 77).")] = 77,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from dfm_cli import distributed
-    from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
-    from dfm_cli.data.sources import open_encode
-    from dfm_cli.data.store import INDEX
-    from dfm_cli.data.text_encoders import Captioner, TextEncoder, TextSettings
-
     listed = [
         parse_list(text, int, flag) for text, flag in ((factors, "--factors"), (temporal_factors, "--temporal-factors"))
     ]
@@ -124,27 +127,19 @@ def encode(
         data, coder = open_encode(settings, ctx.device)
         captioner = None
         if settings.text is not None:
+            assert captions is not None  # EncodeSettings: --text-encoder comes with --captions
             if not hasattr(data, "files"):
                 raise DfmError(f"--captions: {source} is a built-in dataset; captions go with a folder of files")
             captioner = Captioner(captions, Path(source), TextEncoder(settings.text, ctx.device))
             captioner.check([str(path) for path, _ in data.files])
         plan = prepare_store(data, coder, settings, ctx)
-        start, done = time.perf_counter(), [0]
-        progress = Progress(
-            TextColumn("encode"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True, quiet=not ctx.main),
-        )
+        start = time.perf_counter()
+        with Progress(Console(stderr=True, quiet=not ctx.main), "encode", -(-len(data) // ctx.world)) as progress:
 
-        def advance(n: int) -> None:
-            done[0] += n
-            progress.update(task, advance=n, rate=f"{done[0] / (time.perf_counter() - start):.1f} items/s")
+            def advance(n: int) -> None:
+                done = progress.completed + n
+                progress.update(completed=done, info=f"{done / (time.perf_counter() - start):.1f} items/s")
 
-        with progress:
-            task = progress.add_task("encode", total=-(-len(data) // ctx.world), rate="")
             try:
                 index = encode_store(data, coder, settings, ctx, advance, plan, captioner)
             except EncodeFailed as e:

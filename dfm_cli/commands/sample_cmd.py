@@ -22,7 +22,7 @@ from dfm_cli.progress import Progress
 from dfm_cli.sampling.runs import TrainedRun, load_for_sampling, newest_run
 from dfm_cli.sampling.sample_set import write_run_sample_set
 
-GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by model.video
+GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by TrainedRun.video
 
 
 @app.command()
@@ -46,7 +46,11 @@ def sample(
         typer.Option(
             "--num",
             "--num-samples",
-            help="Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. Under torchrun write --num-samples (torchrun's parser takes --num for its own --numa-binding).",
+            help=(
+                "Evaluation set: generate NUM samples into --out (.npz or a folder) instead of a grid. "
+                "Under torchrun write --num-samples (torchrun's parser takes --num for its own "
+                "--numa-binding)."
+            ),
         ),
     ] = None,
     batch: Annotated[int, typer.Option(help="Batch size per process for --num.")] = 64,
@@ -54,7 +58,10 @@ def sample(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or a PNG folder."
+            help=(
+                "Grid (.png; .gif/.mp4 for video; default grid.png/grid.gif), or with --num an ADM .npz or "
+                "a PNG folder."
+            )
         ),
     ] = None,
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
@@ -110,7 +117,9 @@ def sample(
     if info.text is not None and class_ is not None:
         raise DfmError(f"--class: {run} is text-conditioned; pass --prompt instead")
     # `info.text` is set whenever there are prompts (checked above)
-    encoded = Prompts.encode(texts, info.text, next(model.parameters()).device) if texts and info.text else None
+    encoded = (
+        Prompts.encode(texts, info.text, next(model.parameters()).device) if texts and info.text is not None else None
+    )
     num_classes = info.num_classes
     if class_ is not None and not 0 <= class_ < num_classes:
         raise DfmError(
@@ -119,11 +128,11 @@ def sample(
     if num is not None:
         write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite, encoded)
     else:
-        out = out or Path("grid.gif" if model.video else "grid.png")
-        if out.suffix.lower() not in GRID_SUFFIXES[model.video]:
+        video = trained.video
+        out = out or Path("grid.gif" if video else "grid.png")
+        if out.suffix.lower() not in GRID_SUFFIXES[video]:
             raise DfmError(
-                f"--out {out}: write {'a video' if model.video else 'an image'} grid as "
-                f"{' or '.join(GRID_SUFFIXES[model.video])}"
+                f"--out {out}: write {'a video' if video else 'an image'} grid as {' or '.join(GRID_SUFFIXES[video])}"
             )
         write_grid(trained, settings, out, n, class_, seed, previews, encoded)
 

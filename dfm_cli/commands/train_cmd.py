@@ -22,7 +22,10 @@ def train(
     init_from: Annotated[
         Path | None,
         typer.Option(
-            help="Start from this single-level (FM) run or checkpoint: its layers become the finest level's, new levels start at zero (same as --set train.init_from=PATH)."
+            help=(
+                "Start from this single-level (FM) run or checkpoint: its layers become the finest level's, "
+                "new levels start at zero (same as --set train.init_from=PATH)."
+            )
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,

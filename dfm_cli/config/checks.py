@@ -297,11 +297,11 @@ def validate(recipe: Recipe, source: str) -> None:
     if t.precision not in ("auto", "bf16", "fp32"):
         fail("train.precision", t.precision, "choose 'auto', 'bf16' or 'fp32'")
     try:
-        pyramid = build_decomposition(
+        decomposition = build_decomposition(
             f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias, f.upsample_coarse
         )
         size = ((d.frames,) if d.frames else ()) + (d.resolution, d.resolution)
-        sizes = None if d.name == "store" else pyramid.level_sizes(size)  # a store's size is known at train time
+        sizes = None if d.name == "store" else decomposition.level_sizes(size)  # a store's size is known at train time
     except DfmError as e:
         fail("data.resolution", d.resolution, f"with flow.levels = {f.levels} and flow.factors = {f.factors}: {e}")
     try:

@@ -174,7 +174,7 @@ def weights_digest(weights: str | None) -> str:
 def manifest(settings: EncodeSettings, source: EncodeSource, ae) -> dict[str, Any]:
     """What a store is a function of: everything that changes a shard or its statistics."""
     s = settings
-    pyramid = s.decomposition()
+    decomposition = s.decomposition()
     captions = None
     if s.captions is not None:
         assert s.text is not None  # __post_init__: --captions comes with its encoder
@@ -194,9 +194,9 @@ def manifest(settings: EncodeSettings, source: EncodeSource, ae) -> dict[str, An
         "shard_size": s.shard_size,
         "autoencoder": ae.config(),
         "weights_digest": weights_digest(s.ae_weights),
-        "levels": pyramid.levels,
-        "factors": pyramid.factors,
-        "temporal_factors": pyramid.temporal_factors,
+        "levels": decomposition.levels,
+        "factors": decomposition.factors,
+        "temporal_factors": decomposition.temporal_factors,
         "antialias": s.antialias,
         "captions": captions,
     }
@@ -295,7 +295,7 @@ def encode_store(
     (with `settings.captions`) encodes each item's caption into the shard beside its latent."""
     s, out = settings, Path(settings.out)
     plan = plan or prepare_store(source, ae, settings, ctx)
-    shape, wanted, pyramid = plan.shape, plan.manifest, s.decomposition()
+    shape, wanted, decomposition = plan.shape, plan.manifest, s.decomposition()
     num_shards = -(-len(source) // s.shard_size)
     empty: dict[int, list[dict[str, str]]] = {}  # shards with no readable item: never written
     for k in range(ctx.rank, num_shards, ctx.world):
@@ -346,7 +346,7 @@ def encode_store(
             null = captioner.null()
             save_file({"tokens": null.tokens, "mask": null.mask, "pooled": null.pooled}, out / NULL_TEXT)
         (out / INDEX).write_text(json.dumps(index, indent=1))
-        index["level_stats"] = level_statistics(LatentStore(out), pyramid)
+        index["level_stats"] = level_statistics(LatentStore(out), decomposition)
         (out / INDEX).write_text(json.dumps(index, indent=1))
     distributed.barrier(ctx)
     return index

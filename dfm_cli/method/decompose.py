@@ -376,12 +376,12 @@ def build_decomposition(
     if name not in DECOMPOSITIONS:
         raise DfmError(f"unknown decomposition {name!r}; choose one of {sorted(DECOMPOSITIONS)}")
     if name == "laplacian":
-        pyramid = LaplacianPyramid(levels, factors, temporal_factors, antialias)
+        base = LaplacianPyramid(levels, factors, temporal_factors, antialias)
     elif antialias:
         raise DfmError(
             f"flow.antialias applies to the 'laplacian' decomposition only; "
             f"set it to false with flow.decomposition = {name!r}"
         )
     else:
-        pyramid = DECOMPOSITIONS[name](levels, factors, temporal_factors)
-    return UpsampledCoarse(pyramid) if upsample_coarse else pyramid
+        base = DECOMPOSITIONS[name](levels, factors, temporal_factors)
+    return UpsampledCoarse(base) if upsample_coarse else base

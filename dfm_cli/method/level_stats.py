@@ -24,7 +24,9 @@ class Items(Protocol):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any]: ...
 
 
-def level_statistics(data: Items, pyramid: LaplacianPyramid, limit: int = 4096, batch: int = 256) -> dict[str, Any]:
+def level_statistics(
+    data: Items, decomposition: LaplacianPyramid, limit: int = 4096, batch: int = 256
+) -> dict[str, Any]:
     """Mean and std per level and channel of the decomposed data, from `limit` items spread
     evenly over the whole set (a store is sorted by class, so its first items would see only
     a few classes). Records the decomposition, antialias included, that they belong to."""
@@ -32,10 +34,10 @@ def level_statistics(data: Items, pyramid: LaplacianPyramid, limit: int = 4096, 
     picks = [i * len(data) // n for i in range(n)]
     sums: torch.Tensor | None = None
     sq: torch.Tensor | None = None
-    count = torch.zeros(pyramid.levels, dtype=torch.float64)
+    count = torch.zeros(decomposition.levels, dtype=torch.float64)
     for start in range(0, n, batch):
         x = torch.stack([data[i][0] for i in picks[start : start + batch]]).double()
-        levels = pyramid.decompose(x)
+        levels = decomposition.decompose(x)
         dims = [0] + list(range(2, x.ndim))
         s = torch.stack([lv.sum(dims) for lv in levels])
         q = torch.stack([(lv**2).sum(dims) for lv in levels])
@@ -45,10 +47,10 @@ def level_statistics(data: Items, pyramid: LaplacianPyramid, limit: int = 4096, 
     mean = sums / count[:, None]
     std = (sq / count[:, None] - mean**2).clamp_min(1e-12).sqrt()
     return {
-        "levels": pyramid.levels,
-        "factors": pyramid.factors,
-        "temporal_factors": pyramid.temporal_factors,
-        "antialias": bool(getattr(pyramid, "antialias", False)),
+        "levels": decomposition.levels,
+        "factors": decomposition.factors,
+        "temporal_factors": decomposition.temporal_factors,
+        "antialias": bool(getattr(decomposition, "antialias", False)),
         "mean": mean.tolist(),
         "std": std.tolist(),
         "items": n,
@@ -56,18 +58,18 @@ def level_statistics(data: Items, pyramid: LaplacianPyramid, limit: int = 4096, 
     }
 
 
-def stored_level_statistics(index: dict[str, Any], pyramid: LaplacianPyramid) -> dict[str, Any] | None:
+def stored_level_statistics(index: dict[str, Any], decomposition: LaplacianPyramid) -> dict[str, Any] | None:
     """A store's statistics when they were computed for this decomposition, else None (then
     they are measured on the data). Statistics of the same decomposition computed with another
     `antialias` are refused: they would standardize the levels with the wrong scale."""
     stored = index.get("level_stats")
     if not stored or (stored["levels"], stored["factors"], stored["temporal_factors"]) != (
-        pyramid.levels,
-        list(pyramid.factors),
-        list(pyramid.temporal_factors),
+        decomposition.levels,
+        list(decomposition.factors),
+        list(decomposition.temporal_factors),
     ):
         return None
-    theirs, antialias = bool(stored.get("antialias", False)), bool(pyramid.antialias)  # older stores: False
+    theirs, antialias = bool(stored.get("antialias", False)), bool(decomposition.antialias)  # older stores: False
     if theirs != antialias:
         raise DfmError(
             f"flow.antialias = {str(antialias).lower()}, but the store's level statistics were computed "

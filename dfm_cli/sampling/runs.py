@@ -7,8 +7,10 @@ usage lines `dfm train RECIPE && dfm sample` work as typed.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import torch
 
@@ -39,6 +41,15 @@ def newest_run(root: Path = RUNS) -> Path:
     return max(found)[2]
 
 
+class Sampled(Protocol):
+    """What sampling reads of a model (every method's network keeps these; `nn.Module`
+    declares none of them)."""
+
+    channels: int
+    level_sizes: Sequence[tuple[int, ...]]  # `[T] H W` per level, the finest last
+    video: bool
+
+
 @dataclass(frozen=True)
 class TrainedRun:
     """A model ready to sample, and where its weights came from."""
@@ -49,6 +60,11 @@ class TrainedRun:
     model: torch.nn.Module
     recipe: Recipe
     info: RunInfo
+
+    @property
+    def video(self) -> bool:
+        """Whether the model makes clips (`C T H W` samples) rather than images."""
+        return cast(Sampled, self.model).video
 
     @functools.cached_property
     def method(self) -> Method:

@@ -484,11 +484,11 @@ def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
 def data_level_statistics(recipe: Recipe, dataset: Any) -> dict:
     """Per-level statistics for `flow.standardize`: the store's own when they were computed
     for this decomposition, else measured on (up to 4096 items spread over) the data."""
-    pyramid = base_decomposition(recipe)
-    stored = stored_level_statistics(getattr(dataset, "index", {}), pyramid)
+    decomposition = base_decomposition(recipe)
+    stored = stored_level_statistics(getattr(dataset, "index", {}), decomposition)
     if stored and stored.get("decomposition", "laplacian") == recipe.flow.decomposition:
         return stored
-    return {**level_statistics(dataset, pyramid), "decomposition": recipe.flow.decomposition}
+    return {**level_statistics(dataset, decomposition), "decomposition": recipe.flow.decomposition}
 
 
 def sample_grid(
