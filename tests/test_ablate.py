@@ -287,3 +287,16 @@ def test_in_training_reference_is_the_sweep_reference_and_shares_its_feature_cac
     assert len(set(labels[np.linspace(0, len(labels) - 1, 37).round().astype(int)].tolist())) == len(
         set(labels.tolist())
     )
+
+
+def test_preconditioning_changes_no_flops_and_is_planned_on_its_own():
+    """A preconditioned cell is counted with its own model (unit level RMS before any data is
+    seen), and its elementwise scaling adds no FLOPs."""
+    from dfm_cli.ablate.compute import forward_flops_of
+
+    from dfm_cli.config.recipe import load_recipe
+
+    tiny = ROOT / "recipes" / "tiny.toml"
+    plain = load_recipe(tiny, ["flow.standardize=true"])
+    scaled = load_recipe(tiny, ["flow.standardize=true", "flow.precondition=true"])
+    assert forward_flops_of(scaled) == forward_flops_of(plain) > 0

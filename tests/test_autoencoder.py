@@ -27,6 +27,7 @@ def tiny(*overrides: str):
     return load_recipe(TINY_AE, ["ae.stats_num=64", *overrides])
 
 
+@pytest.mark.e2e  # a whole autoencoder training in-process (about 15 s on 2 cores)
 def test_trained_autoencoder_reloads_through_the_encode_path_with_the_same_latents(tmp_path):
     recipe = tiny("train.steps=3", "train.checkpoint_every=3")
     report = train_autoencoder(recipe, tmp_path / "A", QUIET)
@@ -50,6 +51,7 @@ def test_trained_autoencoder_reloads_through_the_encode_path_with_the_same_laten
     assert json.loads((tmp_path / "A" / "report.json").read_text()) == report
 
 
+@pytest.mark.e2e  # three autoencoder trainings in-process (about 45 s on 2 cores)
 def test_autoencoder_resume_equals_an_uninterrupted_run(tmp_path):
     full = tiny("train.steps=4", "train.checkpoint_every=2", "ae.scale_equivariance=true")
     train_autoencoder(full, tmp_path / "full", QUIET)

@@ -93,6 +93,9 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
         assert x.shape[0] == 4 and torch.isfinite(x).all()
 
 
+# e2e: trains every twin in-process (about 1.5 min on 2 CPU cores), and the text twins'
+# `tiny_text` fixture runs `dfm encode` in a subprocess
+@pytest.mark.e2e
 @pytest.mark.parametrize("twin", TWINS, ids=name)
 def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path, request, monkeypatch):
     if "tiny-text/" in twin.read_text():  # text twins read the tests' tiny-text/ folder

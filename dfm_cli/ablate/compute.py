@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -16,7 +16,8 @@ from dfm_cli.ablate.sweep import Sweep
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
-from dfm_cli.methods.factory import base_decomposition, build_model, pick_device
+from dfm_cli.method.sampler import LevelModel
+from dfm_cli.methods.factory import base_decomposition, pick_device
 from dfm_cli.models.dit import model_size
 from dfm_cli.models.positions import level_patches
 from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
@@ -72,8 +73,15 @@ def forward_flops_of(recipe: Recipe) -> float:
         big = 12 * size.depth * size.hidden**2 > 2e7
         method = method_of(recipe)
         with torch.device("meta" if big else "cpu"):
-            _FLOPS[key] = method.forward_flops(method.build_model(shape, 10))
+            _FLOPS[key] = method.forward_flops(probe_model(recipe, shape))
     return _FLOPS[key]
+
+
+def probe_model(recipe: Recipe, shape: tuple[int, ...]) -> torch.nn.Module:
+    """The recipe's model for counting and timing, before any data is seen: a preconditioned
+    one gets unit level RMS (the scaling is elementwise; it changes no FLOPs)."""
+    rms = [1.0] * recipe.flow.levels if recipe.flow.precondition else None
+    return method_of(recipe).build_model(shape, 10, rms)
 
 
 _FLOPS: dict[tuple, float] = {}
@@ -121,13 +129,14 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
         )
         cache[key] = (rate, rate, how)
         return cache[key]
-    model = build_model(recipe, shape, 10).to(device)
+    model = probe_model(recipe, shape).to(device)
     sizes = method_of(recipe).model_inputs(model)  # what the model's forward takes
+    last_stage = len(cast(LevelModel, model).level_sizes) - 1
 
     def step(b: int, train: bool) -> float:
         levels = [torch.randn(b, shape[0], *s, device=device) for s in sizes]
         t, y = torch.rand(b, len(sizes), device=device), torch.zeros(b, dtype=torch.long, device=device)
-        stage = torch.full((b,), len(model.level_sizes) - 1, device=device)
+        stage = torch.full((b,), last_stage, device=device)
         seconds = []
         for _ in range(2):  # the first call warms up
             start = time.perf_counter()
@@ -152,7 +161,9 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
     """One row per cell for `--dry-run`, in the order the sweep runs them: its run, compute and
     estimated time (a run's training is charged to the first cell that needs it)."""
-    rows, rates, runs, trained = [], {}, {run.run_id: run for run in sweep.runs}, set()
+    rows: list[dict[str, Any]] = []
+    rates: dict[tuple, tuple[float, float, str]] = {}  # measured_rates's cache
+    runs, trained = {run.run_id: run for run in sweep.runs}, set()
     for cell in sweep.cells:
         run = runs[cell.run_id]
         images, flops = train_compute(run.recipe)

@@ -35,7 +35,7 @@ from dfm_cli.baselines.pyramidal import up
 from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond, where_dropped
 from dfm_cli.method.flow import Draws, FlowObjective, Velocity
-from dfm_cli.models.dit import DFMDiT, DiTSize, PatchEmbed, TimestepEmbedder
+from dfm_cli.models.dit import DFMDiT, DiTSize, LevelHead, PatchEmbed, TimestepEmbedder, each
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
 SHARED = ("blocks.", "t_embedders.", "y_embedder.", "text_", "stage_embedder.", "null_text.")  # stage 1 -> 2
@@ -68,7 +68,7 @@ class CascadedDiT(nn.Module):
     def __init__(
         self,
         size: DiTSize,
-        level_sizes: Sequence[tuple[int, int]],
+        level_sizes: Sequence[tuple[int, ...]],
         channels: int,
         num_classes: int,
         pos: str = "rope",
@@ -88,8 +88,9 @@ class CascadedDiT(nn.Module):
         self.stage2 = DFMDiT(size, [fine], channels, num_classes, pos, text_dims=text_dims)
         self.cond_embed = PatchEmbed(channels, (1, size.patch), size.hidden)
         self.aug_embedder = TimestepEmbedder(size.hidden)
-        nn.init.zeros_(self.aug_embedder.mlp[2].weight)  # a new input starts silent (adaLN-Zero's reasoning)
-        nn.init.zeros_(self.aug_embedder.mlp[2].bias)
+        aug_out = self.aug_embedder.linears[1]
+        nn.init.zeros_(aug_out.weight)  # a new input starts silent (adaLN-Zero's reasoning)
+        nn.init.zeros_(aug_out.bias)
         self.level_sizes, self.channels, self.num_classes = [coarse, fine], channels, num_classes
         self.grid = self.stage2.grid
 
@@ -147,11 +148,10 @@ class CascadedDiT(nn.Module):
         blocks, the conditioning's patch embedding and timestep embedder; the head on the
         image tokens)."""
         t, h, w = self.stage2.grid
-        d = self.stage2.blocks[0].attn.qkv.in_features
-        head = self.stage2.level_heads[0].linear.out_features
+        d = self.stage2.hidden
+        head = each(self.stage2.level_heads, LevelHead)[0].linear.out_features
         stage2 = self.stage2.flops_per_sample((2 * t, h, w)) - 2 * t * h * w * d * head  # heads see image tokens
-        aug = 2 * (self.aug_embedder.mlp[0].in_features * d + d * d)
-        return self.stage1.flops_per_sample(), stage2 + aug
+        return self.stage1.flops_per_sample(), stage2 + self.aug_embedder.flops()
 
 
 @torch.no_grad()
@@ -179,7 +179,9 @@ class CascadedObjective(FlowObjective):
         batch_seed: int,
         label_dropout: float = 0.0,
     ) -> Draws:
-        t, drop, noise = [], [], [[] for _ in range(3)]
+        t: list[torch.Tensor] = []
+        drop: list[bool] = []
+        noise: list[list[torch.Tensor]] = [[] for _ in range(3)]
         for seed in sample_seeds:
             g = torch.Generator().manual_seed(seed)
             z = torch.randn(2, generator=g)

@@ -59,6 +59,7 @@ def _check_ranges(recipe: Recipe, fail) -> None:
         ("model.temporal_patch", m.temporal_patch),
         ("sample.n", s.n),
     )
+    value: float  # every key below is a number, int or float
     for key, value in positive:
         if value < 1:
             fail(key, value, "must be at least 1")
@@ -145,6 +146,7 @@ def _check_autoencoder(recipe: Recipe, fail) -> None:
     a, d = recipe.ae, recipe.data
     if not a.block_out_channels or any(c < 1 for c in a.block_out_channels):
         fail("ae.block_out_channels", a.block_out_channels, "needs one positive width per block, e.g. [32, 64, 64]")
+    value: float  # the sizes, then the weights
     for key, value in (
         ("ae.layers_per_block", a.layers_per_block),
         ("ae.latent_channels", a.latent_channels),
@@ -305,9 +307,9 @@ def validate(recipe: Recipe, source: str) -> None:
     except DfmError as e:
         fail("data.resolution", d.resolution, f"with flow.levels = {f.levels} and flow.factors = {f.factors}: {e}")
     try:
-        size = model_size(m.name)
+        dit_size = model_size(m.name)
         if sizes is not None:
-            level_patches(sizes, size.patch, m.temporal_patch)
+            level_patches(sizes, dit_size.patch, m.temporal_patch)
     except DfmError as e:
         fail("model.name", m.name, str(e))
     try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn, cast
 
 from torch import nn
 
@@ -28,7 +28,7 @@ from dfm_cli.errors import DfmError, suggest
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
-from dfm_cli.method.sampler import SampleResult, SamplerSettings
+from dfm_cli.method.sampler import LevelModel, SampleResult, SamplerSettings
 
 Fail = Callable[[str, Any, str], NoReturn]
 """`fail(key, value, why)`: refuses a recipe, naming the key, its value and the fix."""
@@ -129,7 +129,7 @@ class Method(ABC):
 
     def model_inputs(self, model: nn.Module) -> list[tuple[int, ...]]:
         """The sizes of the tensors the model's forward takes (for timing and compile probes)."""
-        return list(model.level_sizes)
+        return list(cast(LevelModel, model).level_sizes)
 
     # ------------------------------------------------------------------ compute
     @abstractmethod

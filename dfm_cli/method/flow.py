@@ -90,7 +90,11 @@ class FlowObjective:
         """
         probs = torch.tensor(list(self.p_stage), dtype=torch.float64)
         batch_stage = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(batch_seed)))
-        stage, t_active, t_earlier, drop, noise = [], [], [], [], [[] for _ in level_shapes]
+        stage: list[int] = []
+        t_active: list[torch.Tensor] = []
+        t_earlier: list[torch.Tensor] = []
+        drop: list[bool] = []
+        noise: list[list[torch.Tensor]] = [[] for _ in level_shapes]
         for seed in sample_seeds:
             g = torch.Generator().manual_seed(int(seed))
             stage.append(int(torch.multinomial(probs, 1, generator=g)))

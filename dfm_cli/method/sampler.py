@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
 from dfm_cli.errors import DfmError
-from dfm_cli.method.cond import Cond, cat_cond
+from dfm_cli.method.cond import Cond, TextCond, cat_cond
 from dfm_cli.method.flow import Velocity, mask_later_levels
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
@@ -86,13 +86,18 @@ def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool 
 
 
 class SampleKeys(Protocol):
-    """The sampler's defaults as a recipe's `[sample]` section gives them."""
+    """The sampler's defaults as a recipe's `[sample]` section gives them (read only)."""
 
-    steps: Sequence[int]
-    tau: Sequence[float]
-    cfg: float
-    guidance_interval: Sequence[float]
-    solver: str
+    @property
+    def steps(self) -> Sequence[int]: ...
+    @property
+    def tau(self) -> Sequence[float]: ...
+    @property
+    def cfg(self) -> float: ...
+    @property
+    def guidance_interval(self) -> Sequence[float]: ...
+    @property
+    def solver(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -177,13 +182,12 @@ class SamplerSettings:
             raise DfmError(f"--tau {_csv(tau)}: give one threshold, or {needed} (one per stage transition)")
         if len(tau_values) != 1 and len(tau_values) < needed:
             raise DfmError(f"sample.tau = {s.tau}: {stages} stages need {needed} thresholds (or one for all)")
-        values = dict(
-            steps=tuple(steps if steps is not None else s.steps[:stages]),
-            tau=tuple((tau_values * needed if len(tau_values) == 1 else tau_values)[:needed]),
-            cfg=s.cfg if cfg is None else cfg,
-            interval=tuple(s.guidance_interval if interval is None else interval),
-            solver=s.solver if solver is None else solver,
-        )
+        new_steps = tuple(steps if steps is not None else s.steps[:stages])
+        new_tau = tuple((tau_values * needed if len(tau_values) == 1 else tau_values)[:needed])
+        new_cfg = s.cfg if cfg is None else cfg
+        new_interval = tuple(s.guidance_interval if interval is None else interval)
+        new_solver = s.solver if solver is None else solver
+        values = {"steps": new_steps, "tau": new_tau, "cfg": new_cfg, "interval": new_interval, "solver": new_solver}
         flags = {"steps": steps, "tau": tau, "cfg": cfg, "interval": interval, "solver": solver}
         keys = {"interval": "sample.guidance_interval"}
         for name, why in _problems(**values, raw_tau=tau_values):
@@ -191,7 +195,16 @@ class SamplerSettings:
             label = f"--{name}" if given else keys.get(name, f"sample.{name}")
             shown = flags[name] if given else values[name]
             raise DfmError(f"{label} {_csv(shown) if isinstance(shown, (list, tuple)) else shown}: {why}")
-        return cls(**values, mask_input=mask_input, tied_timesteps=tied_timesteps)
+        low, high = new_interval  # two values: `_problems` checked
+        return cls(
+            new_steps,
+            new_tau,
+            new_cfg,
+            (low, high),
+            new_solver,
+            mask_input=mask_input,
+            tied_timesteps=tied_timesteps,
+        )
 
 
 def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str, str]]:
@@ -271,6 +284,14 @@ class GuidedVelocity:
         """Whether this call runs the batch twice (counts as a guided NFE)."""
         return bool(self.guided_levels(t, stage).any())
 
+    def null_for(self, y: Cond) -> Cond:
+        """The null condition for a batch like `y`: the null class in every row, or `null(len(y))`."""
+        if not isinstance(self.null, int):
+            return self.null(len(y))
+        if isinstance(y, TextCond):
+            raise TypeError("a null class guides class labels, not encoded captions")
+        return torch.full_like(y, self.null)
+
     def __call__(self, xs: list[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor) -> list[torch.Tensor]:
         guide = self.guided_levels(t, stage)
         if not bool(guide.any()):
@@ -278,7 +299,7 @@ class GuidedVelocity:
         out = self.velocity(
             [torch.cat([x, x]) for x in xs],
             torch.cat([t, t]),
-            cat_cond([y, torch.full_like(y, self.null) if isinstance(self.null, int) else self.null(len(y))]),
+            cat_cond([y, self.null_for(y)]),
             torch.cat([stage, stage]),
         )
         res = []
@@ -353,7 +374,27 @@ def sample(
     return result
 
 
-def sample_noise(model: torch.nn.Module, seed: int, indices: Sequence[int]) -> list[torch.Tensor]:
+class LevelModel(Protocol):
+    """What the sampler reads of a model besides its forward (`nn.Module` declares none of it;
+    every method's network keeps it: the DFM-DiT, the FLUX model, the Cascade)."""
+
+    @property
+    def level_sizes(self) -> Sequence[tuple[int, ...]]:
+        """`[T] H W` of each level, coarsest first."""
+        ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def levels(self) -> int: ...
+
+    def null_condition(self, n: int) -> Cond:
+        """The unconditional input for `n` samples: the null class, or the empty caption."""
+        ...
+
+
+def sample_noise(model: LevelModel, seed: int, indices: Sequence[int]) -> list[torch.Tensor]:
     """Per-level noise for the samples `indices`: sample j's from its own CPU generator
     seeded by `(seed, j)`, so it depends on nothing but its index."""
     noise: list[list[torch.Tensor]] = [[] for _ in model.level_sizes]
@@ -383,10 +424,11 @@ def generate(
     `levels`, `level_sizes`, `channels` and `null_condition`.
     """
     device = next(model.parameters()).device
-    if settings.stages > model.levels:
-        raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {model.levels} levels")
-    noise = sample_noise(model, seed, range(first_index, first_index + len(labels)))
-    full = model.level_sizes[-1]
+    sized = cast(LevelModel, model)  # what every method's network keeps (see `LevelModel`)
+    if settings.stages > sized.levels:
+        raise DfmError(f"--stages {settings.stages} asks for more stages than the model's {sized.levels} levels")
+    noise = sample_noise(sized, seed, range(first_index, first_index + len(labels)))
+    full = sized.level_sizes[-1]
     return sample(
         guided_velocity(model, settings),
         [n.to(device) for n in noise],
@@ -402,4 +444,4 @@ def generate(
 
 def guided_velocity(model: torch.nn.Module, settings: SamplerSettings) -> GuidedVelocity:
     """The model's velocity with the settings' classifier-free guidance, against its null condition."""
-    return GuidedVelocity(model, settings.cfg, model.null_condition, settings.interval)
+    return GuidedVelocity(model, settings.cfg, cast(LevelModel, model).null_condition, settings.interval)

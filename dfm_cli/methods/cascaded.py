@@ -5,7 +5,7 @@ stage 1 at the coarse size, then stage 2 at the full size given the augmented co
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -16,16 +16,20 @@ from dfm_cli.baselines.cascaded import (
     sample_cascaded,
     switch_to_stage2,
 )
-from dfm_cli.baselines.pyramidal import GaussianStack
 from dfm_cli.config.method import RESUMABLE_CHANGES, Fail, Method
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.sampler import SampleResult, SamplerSettings, guided_velocity
-from dfm_cli.methods.factory import base_decomposition
-from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_trained_from_scratch
+from dfm_cli.methods.factory import base_decomposition, text_dims
+from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_trained_from_scratch, gaussian_stack
 from dfm_cli.models.dit import model_size
+
+
+def cascaded_dit(model: nn.Module) -> CascadedDiT:
+    """`model` as what `Cascaded.build_model` builds (the trainer and sampler hand it over as an `nn.Module`)."""
+    return cast(CascadedDiT, model)
 
 
 class Cascaded(Method):
@@ -60,7 +64,7 @@ class Cascaded(Method):
         return self.settings.split_step(self.recipe.train.steps)
 
     def decomposition(self, level_stats: dict | None = None) -> Decomposition:
-        return GaussianStack(base_decomposition(self.recipe))
+        return gaussian_stack(self.recipe)
 
     def build_model(
         self,
@@ -75,7 +79,7 @@ class Cascaded(Method):
             shape[0],
             num_classes,
             self.recipe.model.pos,
-            tuple(text["dims"]) if text else None,
+            text_dims(text),
         )
 
     def objective(self) -> CascadedObjective:
@@ -84,7 +88,8 @@ class Cascaded(Method):
 
     def objective_at(self, objective: FlowObjective, step: int) -> FlowObjective:
         """Stage 1's objective before the switch, stage 2's from it on."""
-        return dataclasses.replace(objective, stage=int(step >= self.switch_step))
+        stages = cast(CascadedObjective, objective)  # what `objective` makes
+        return dataclasses.replace(stages, stage=int(step >= self.switch_step))
 
     def generate(
         self,
@@ -102,7 +107,7 @@ class Cascaded(Method):
         x, nfe = sample_cascaded(
             guided_velocity(model, settings),
             labels.to(device),
-            model,
+            cascaded_dit(model),
             settings.steps,
             self.settings.cond_noise,
             seed,
@@ -113,17 +118,18 @@ class Cascaded(Method):
 
     def forward_flops(self, model: nn.Module) -> float:
         """Each model's, for its share of the steps."""
-        stage1, stage2 = model.stage_flops()
+        stage1, stage2 = cascaded_dit(model).stage_flops()
         split = self.recipe.flow.cascade_split
         return split * stage1 + (1 - split) * stage2
 
     def model_inputs(self, model: nn.Module) -> list[tuple[int, ...]]:
         """The two levels' sizes and the conditioning image's (the full size)."""
-        return [*model.level_sizes, model.level_sizes[-1]]
+        sizes = cascaded_dit(model).level_sizes
+        return [*sizes, sizes[-1]]
 
     def on_step(self, step: int, model: nn.Module, ema: nn.Module) -> None:
         if step == self.switch_step > 0:
-            switch_to_stage2(model, ema)
+            switch_to_stage2(cascaded_dit(model), cascaded_dit(ema))
 
     def ema_warmup_start(self, step: int) -> int:
         """Stage 2 is a new model: its EMA warms up again from the switch."""

@@ -4,6 +4,8 @@ decomposition, trains on the per-stage flow objective and samples progressively.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from dfm_cli.config.method import Method
@@ -13,7 +15,7 @@ from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.level_stats import Standardized
 from dfm_cli.method.sampler import SampleResult, SamplerSettings, generate
-from dfm_cli.methods.factory import base_decomposition
+from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.models.flux import DFMFlux, flux_config
 
@@ -41,14 +43,17 @@ class DFM(Method):
         if r.flow.precondition and level_rms is None:
             raise DfmError("flow.precondition needs the per-level RMS of the data (from the store or the data)")
         sizes = base_decomposition(r).level_sizes(shape[1:])
-        text_dims = tuple(text["dims"]) if text else None
+        dims = text_dims(text)
         if r.model.kind == "flux":
-            if not text:
+            if not text or dims is None:
                 raise DfmError(
                     "model.kind = 'flux' is text-conditioned: train on a store encoded with "
                     "`dfm encode ... --captions FILE --text-encoder t5` or set data.captions and [text]"
                 )
-            return DFMFlux(flux_config(r.flux, text["dims"]), sizes, shape[0], r.flux.patch, text_dims, r.flux.guidance)
+            image_sizes = cast(list[tuple[int, int]], sizes)  # `H W` levels: DFMFlux refuses others
+            return DFMFlux(
+                flux_config(r.flux, text["dims"]), image_sizes, shape[0], r.flux.patch, dims, r.flux.guidance
+            )
         return DFMDiT(
             model_size(r.model.name),
             sizes,
@@ -57,7 +62,7 @@ class DFM(Method):
             pos=r.model.pos,
             temporal_patch=r.model.temporal_patch,
             level_rms=level_rms if r.flow.precondition else None,
-            text_dims=text_dims,
+            text_dims=dims,
             specialize_weights=r.model.specialize,
         )
 
@@ -89,4 +94,4 @@ class DFM(Method):
         return generate(model, labels, decomposition, settings, seed=seed, first_index=first_index, previews=previews)
 
     def forward_flops(self, model: nn.Module) -> float:
-        return model.flops_per_sample()
+        return cast(DFMDiT | DFMFlux, model).flops_per_sample()  # what `build_model` builds

@@ -22,6 +22,14 @@ def base_decomposition(recipe: Recipe) -> TwoBandPyramid | UpsampledCoarse:
     return build_decomposition(f.decomposition, f.levels, f.factors, f.temporal_factors, f.antialias, f.upsample_coarse)
 
 
+def text_dims(text: dict | None) -> tuple[int, int, int] | None:
+    """A caption encoder record's `dims` (max tokens, token width, pooled width), or None without text."""
+    if not text:
+        return None
+    max_tokens, token_dim, pooled_dim = text["dims"]
+    return max_tokens, token_dim, pooled_dim
+
+
 def build_model(
     recipe: Recipe,
     shape: tuple[int, ...],

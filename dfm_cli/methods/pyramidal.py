@@ -4,17 +4,18 @@ renoising at each jump (the maths is in `dfm_cli/baselines/pyramidal.py`)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
 from dfm_cli.baselines.pyramidal import GaussianStack, PyramidalObjective, PyramidalSchedule, sample_pyramidal
 from dfm_cli.config.method import Fail, Method
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond
-from dfm_cli.method.decompose import Decomposition
+from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
 from dfm_cli.method.sampler import SampleResult, SamplerSettings, guided_velocity
-from dfm_cli.methods.factory import base_decomposition
+from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.models.dit import DFMDiT, model_size
 
 # What the multi-stage baselines leave out: DFM's bands, per-level layers, video and the
@@ -45,6 +46,14 @@ def check_trained_from_scratch(name: str, recipe: Recipe, fail: Fail) -> None:
         )
 
 
+def gaussian_stack(recipe: Recipe) -> GaussianStack:
+    """The recipe's pyramid as the multi-stage baselines train on it (its low bands)."""
+    pyramid = base_decomposition(recipe)
+    if not isinstance(pyramid, TwoBandPyramid):  # refused by `check` (GAUSSIAN_STAGES_UNUSED)
+        raise DfmError("flow.upsample_coarse is not used by the multi-stage baselines; leave it at False")
+    return GaussianStack(pyramid)
+
+
 class PyramidalFlow(Method):
     name = "pyramidal"
     unused_keys: ClassVar[dict[str, Any]] = GAUSSIAN_STAGES_UNUSED
@@ -58,7 +67,7 @@ class PyramidalFlow(Method):
         super().check(recipe, fail)
 
     def decomposition(self, level_stats: dict | None = None) -> Decomposition:
-        return GaussianStack(base_decomposition(self.recipe))
+        return gaussian_stack(self.recipe)
 
     @property
     def schedule(self) -> PyramidalSchedule:
@@ -80,7 +89,7 @@ class PyramidalFlow(Method):
             num_classes,
             pos=self.recipe.model.pos,
             temporal_patch=self.recipe.model.temporal_patch,
-            text_dims=tuple(text["dims"]) if text else None,
+            text_dims=text_dims(text),
         )
 
     def objective(self) -> PyramidalObjective:
@@ -101,14 +110,15 @@ class PyramidalFlow(Method):
         previews: bool = False,
     ) -> SampleResult:
         device = next(model.parameters()).device
-        sizes = decomposition.level_sizes(model.level_sizes[-1])[: settings.stages]
+        dit = cast(DFMDiT, model)  # what `build_model` builds
+        sizes = decomposition.level_sizes(dit.level_sizes[-1])[: settings.stages]
         indices = range(first_index, first_index + len(labels))
         x, nfe = sample_pyramidal(
             guided_velocity(model, settings),
             labels.to(device),
             self.schedule,
             sizes,
-            model.channels,
+            dit.channels,
             settings.steps,
             seed,
             indices,
@@ -118,7 +128,8 @@ class PyramidalFlow(Method):
 
     def forward_flops(self, model: nn.Module) -> float:
         """The average over the stages, each at its own token grid, weighted by `p_stage`."""
-        patch = model.level_heads[-1].p
-        sizes = base_decomposition(self.recipe).level_sizes(model.level_sizes[-1])
+        dit = cast(DFMDiT, model)  # what `build_model` builds
+        _, patch = dit.patches[-1]
+        sizes = base_decomposition(self.recipe).level_sizes(dit.level_sizes[-1])
         p_stage = self.recipe.flow.p_stage
-        return sum(p * model.flops_per_sample((1, h // patch, w // patch)) for p, (h, w) in zip(p_stage, sizes))
+        return sum(p * dit.flops_per_sample((1, h // patch, w // patch)) for p, (h, w) in zip(p_stage, sizes))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,25 @@ from dfm_cli.method.cond import Cond, NullText, TextCond
 from dfm_cli.method.level_stats import per_sample, precondition_scales
 from dfm_cli.models.experts import specialize
 from dfm_cli.models.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def each(modules: nn.ModuleList, kind: type[M]) -> list[M]:
+    """The members of `modules`, every one a `kind`, typed as such (a `ModuleList` types them as `Module`)."""
+    typed = [m for m in modules if isinstance(m, kind)]
+    if len(typed) != len(modules):
+        raise TypeError(f"expected a list of {kind.__name__} only")
+    return typed
+
+
+def linear_at(seq: nn.Sequential, index: int) -> nn.Linear:
+    """`seq[index]`, a linear layer, typed as one (an `nn.Sequential` types its items as `Module`)."""
+    layer = seq[index]
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"expected a linear layer at index {index}, found {type(layer).__name__}")
+    return layer
+
 
 # --------------------------------------------------------------------------- embedders
 
@@ -46,11 +66,20 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256) -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.hidden = freq_dim, hidden
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_features(t, self.freq_dim))
+
+    @property
+    def linears(self) -> tuple[nn.Linear, nn.Linear]:
+        """The MLP's two linear layers (`mlp.0`, `mlp.2`); zeroing the second silences the embedder."""
+        return linear_at(self.mlp, 0), linear_at(self.mlp, 2)
+
+    def flops(self) -> int:
+        """Forward FLOPs for one sample (2 per multiply-add)."""
+        return 2 * (self.freq_dim * self.hidden + self.hidden * self.hidden)
 
 
 class PatchEmbed(nn.Module):
@@ -64,6 +93,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=self.pt, ph=self.p, pw=self.p)
         return self.proj(x)
+
+    def flops(self, tokens: int) -> int:
+        """Forward FLOPs for one sample of `tokens` patches."""
+        return 2 * tokens * self.proj.in_features * self.proj.out_features
 
 
 # --------------------------------------------------------------------------- block
@@ -135,8 +168,14 @@ class DiTBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), rope)
         if self.cross is not None:
+            if text is None:
+                raise ValueError("a text-conditioned block needs the caption's tokens")
             x = x + self.cross(x, *text)
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+    def zero_init_layers(self) -> list[nn.Linear]:
+        """What adaLN-Zero starts at zero: the modulation, and the cross-attention's output."""
+        return [linear_at(self.ada, -1), *([self.cross.proj] if self.cross is not None else [])]
 
 
 # --------------------------------------------------------------------------- per-level heads
@@ -169,6 +208,15 @@ class LevelHead(nn.Module):
             ph=self.p,
             pw=self.p,
         )
+
+    def zero_init_layers(self) -> list[nn.Linear]:
+        """What adaLN-Zero starts at zero: the modulation and the output projection."""
+        return [linear_at(self.ada, -1), self.linear]
+
+    def flops(self, tokens: int) -> int:
+        """Forward FLOPs for one sample of `tokens` tokens (the modulation once, the projection per token)."""
+        d = self.linear.in_features
+        return 2 * tokens * d * self.linear.out_features + 2 * d * 2 * d
 
 
 # --------------------------------------------------------------------------- model
@@ -218,6 +266,11 @@ class DFMDiT(nn.Module):
     Without it (the default) the network is used as it is.
     """
 
+    # buffers (`register_buffer`), None when unused
+    rope: torch.Tensor | None
+    pos_embed: torch.Tensor | None
+    level_rms: torch.Tensor | None
+
     def __init__(
         self,
         size: DiTSize,
@@ -239,7 +292,9 @@ class DFMDiT(nn.Module):
         self.video = len(self.level_sizes[-1]) == 3
         self.num_classes = num_classes
         self.channels = channels
-        patches = level_patches(self.level_sizes, size.patch, temporal_patch)
+        self.hidden, self.num_heads = size.hidden, size.heads
+        self.mlp_width = int(size.hidden * size.mlp_ratio)  # the blocks' MLP width
+        self.patches = patches = level_patches(self.level_sizes, size.patch, temporal_patch)  # per level (pt, p)
         finest = self.level_sizes[-1]
         self.grid = (
             finest[0] // temporal_patch if self.video else 1,
@@ -309,20 +364,17 @@ class DFMDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for emb in self.t_embedders:
-            nn.init.normal_(emb.mlp[0].weight, std=0.02)
-            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for emb in each(self.t_embedders, TimestepEmbedder):
+            for layer in emb.linears:
+                nn.init.normal_(layer.weight, std=0.02)
         if not self.text_dims:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.stage_embedder.weight, std=0.02)
-        for block in self.blocks:
-            for layer in (block.ada[-1], *([block.cross.proj] if block.cross is not None else [])):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        for head in self.level_heads:
-            for layer in (head.ada[-1], head.linear):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        zeroed = [layer for block in each(self.blocks, DiTBlock) for layer in block.zero_init_layers()]
+        zeroed += [layer for head in each(self.level_heads, LevelHead) for layer in head.zero_init_layers()]
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(
         self,
@@ -357,8 +409,8 @@ class DFMDiT(nn.Module):
     def tokens(self, xs: Sequence[torch.Tensor]) -> Tokens:
         """The levels' patch embeddings summed into one token sequence, with its positions."""
         levels = list(xs) if self.video else [x[:, :, None] for x in xs]  # images: one-frame videos
-        head = self.level_heads[-1]
-        grid = (levels[-1].shape[2] // head.pt, levels[-1].shape[3] // head.p, levels[-1].shape[4] // head.p)
+        pt, p = self.patches[-1]
+        grid = (levels[-1].shape[2] // pt, levels[-1].shape[3] // p, levels[-1].shape[4] // p)
         rope, pos = (self.rope, self.pos_embed) if grid == self.grid else self._positions(grid, x=levels[-1])
         x = sum(embed(level) for embed, level in zip(self.patch_embeds, levels))
         if pos is not None:
@@ -399,12 +451,11 @@ class DFMDiT(nn.Module):
         grid or on `grid`; norms, activations and positions are not counted (elementwise)."""
         t, h, w = grid or self.grid
         n = t * h * w
-        d = self.blocks[0].attn.qkv.in_features
-        mlp = self.blocks[0].mlp[0].out_features
+        d, mlp = self.hidden, self.mlp_width
         per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp + 2 * d * 6 * d
-        embeds = sum(2 * n * e.proj.in_features * d for e in self.patch_embeds)
-        heads = sum(2 * n * d * hd.linear.out_features + 2 * d * 2 * d for hd in self.level_heads)
-        timesteps = sum(2 * (e.mlp[0].in_features * d + d * d) for e in self.t_embedders)
+        embeds = sum(e.flops(n) for e in each(self.patch_embeds, PatchEmbed))
+        heads = sum(hd.flops(n) for hd in each(self.level_heads, LevelHead))
+        timesteps = sum(e.flops() for e in each(self.t_embedders, TimestepEmbedder))
         return float(len(self.blocks) * per_block + embeds + heads + timesteps)
 
     def _positions(
@@ -413,11 +464,10 @@ class DFMDiT(nn.Module):
         """RoPE rotations or sin-cos embedding for another token grid, made on first use."""
         cache = self.__dict__.setdefault("_grid_positions", {})
         if grid not in cache:
-            head_dim = self.blocks[0].attn.qkv.in_features // self.blocks[0].attn.heads
-            hidden = self.blocks[0].attn.qkv.in_features
+            head_dim = self.hidden // self.num_heads
             cache[grid] = (
                 rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
-                sincos_embedding(grid, hidden).to(x.device) if self.pos_embed is not None else None,
+                sincos_embedding(grid, self.hidden).to(x.device) if self.pos_embed is not None else None,
             )
         return cache[grid]
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import cast
 
 import torch
 
 from dfm_cli.errors import DfmError
+from dfm_cli.models.dit import DFMDiT
+from dfm_cli.models.flux import DFMFlux
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' data sheets: (bf16, tf32, fp32).
 PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
@@ -56,7 +59,9 @@ def device_name(device: torch.device) -> str:
 def forward_flops(model: torch.nn.Module, grid: tuple[int, int, int] | None = None) -> float:
     """FLOPs of one forward pass for one sample (2 per multiply-add), counted by the model
     itself from its shapes; `grid` is another token grid than the model's own."""
-    return model.flops_per_sample(grid) if grid else model.flops_per_sample()
+    if grid:
+        return cast(DFMDiT, model).flops_per_sample(grid)  # only the DiT takes another grid
+    return cast(DFMDiT | DFMFlux, model).flops_per_sample()
 
 
 def train_flops(model: torch.nn.Module, images: int) -> float:
