@@ -43,10 +43,10 @@ from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
 from dfm_cli.method.level_report import analyse
 from dfm_cli.methods.factory import base_decomposition
+from dfm_cli.progress import Progress
 from dfm_cli.seeding import MODEL_INIT, SAMPLE_DRAWS, mix_seed
 from dfm_cli.training.autoencoder_losses import downsample, reconstruction_loss, scale_equivariance_loss
 from dfm_cli.training.batches import StreamBatches
-from dfm_cli.training.loop import progress_line
 from dfm_cli.training.resume import check_resumable
 from dfm_cli.training.schedules import ema_decay_at, lr_at, update_ema
 
@@ -174,7 +174,8 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
             batches = iter(StreamBatches(len(dataset), t.batch_size, t.seed, start))
             began = time.perf_counter()
             sums: dict[str, float] = {}
-            with (run_dir / "stats.jsonl").open("a") as stats:
+            progress = Progress(console, "train step", t.steps, start)
+            with progress, (run_dir / "stats.jsonl").open("a") as stats:
                 for step in range(start, t.steps):
                     x = gather(dataset, next(batches)).to(ctx.device)
                     out = step_loss(vae, recipe, x, step)
@@ -197,16 +198,10 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
                         stats.flush()
                         sums = {}
                         speed = (done - start) * t.batch_size / (time.perf_counter() - began)
-                        console.print(
-                            progress_line(
-                                done,
-                                t.steps,
-                                {**row, "images_per_s": speed},
-                                (time.perf_counter() - began) / (done - start),
-                            )
-                            + f"  psnr {row['psnr']:.2f} dB",
-                            highlight=False,
-                        )
+                        shown = f"loss {row['loss']:.4f}  {speed:.0f} img/s  psnr {row['psnr']:.2f} dB"
+                        progress.update(completed=done, info=shown, log=True)
+                    else:
+                        progress.update(completed=done)
                     if done % t.checkpoint_every == 0 or done == t.steps:
                         state = {
                             "step": done,

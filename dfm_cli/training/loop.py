@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from dfm_cli import distributed
@@ -52,6 +51,7 @@ from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.method.sampler import class_balanced_labels, sampled_classes
 from dfm_cli.methods.factory import base_decomposition, load_single_level, precondition_rms
 from dfm_cli.models.conversion import convert_single_level, per_level_parameters
+from dfm_cli.progress import Progress
 from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
 from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
@@ -59,8 +59,6 @@ from dfm_cli.training.periodic_eval import TrainingEvaluation
 from dfm_cli.training.resume import check_resumable
 from dfm_cli.training.schedules import ema_decay_at, lr_at, update_ema
 from dfm_cli.training.stats import Interval
-
-PLAIN_PROGRESS_S = 30.0  # without a terminal, a progress line at least this often
 
 Hook = Callable[[int, torch.nn.Module], dict]
 
@@ -347,20 +345,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         t, ctx = self.recipe.train, self.ctx
-        plain = not self.console.is_terminal  # a log file gets plain lines, a terminal the live bar
-        progress = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=plain,
-        )
         stats_file = (self.run_dir / "stats.jsonl").open("a") if ctx.main else None
-        began = last_plain = time.perf_counter()
-        with progress, stats_file or nullcontext():
-            task = progress.add_task("train", total=t.steps, completed=self.start, info="")
+        with Progress(self.console, "train step", t.steps, self.start) as progress, stats_file or nullcontext():
             batches = iter(self._loader())
             for step in range(self.start, t.steps):
                 wait = time.perf_counter()
@@ -381,17 +367,7 @@ class Trainer:
                 if stats_file and len(row) > 2:
                     stats_file.write(json.dumps(row) + "\n")
                     stats_file.flush()
-                if logged:
-                    last = self.last
-                    mfu = f"  MFU {last['mfu']:.1%}" if last["mfu"] is not None else ""
-                    progress.update(task, info=f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s{mfu}")
-                progress.update(task, completed=done)
-                now = time.perf_counter()
-                if plain and (logged or now - last_plain >= PLAIN_PROGRESS_S):
-                    line = progress_line(done, t.steps, self.last, (now - began) / (done - self.start))
-                    self.console.print(line, highlight=False)
-                    self.console.file.flush()
-                    last_plain = now
+                progress.update(completed=done, info=speed(self.last) if logged else None, log=logged)
                 if done % t.checkpoint_every == 0 or done == t.steps:
                     self._checkpoint(done)
         if self.start < t.steps or not list((self.run_dir / "samples").glob("grid.*")):
@@ -464,15 +440,14 @@ class Trainer:
         sample_grid(self.recipe, self.method, self.ema, self.decomposition, path, self.info, self.ctx, self.captions)
 
 
-def progress_line(done: int, total: int, last: dict, seconds_per_step: float) -> str:
-    """The plain progress line for logs.
+def speed(last: dict) -> str:
+    """The progress field of a log step.
 
-    >>> progress_line(50, 1500, {"loss": 0.51234, "images_per_s": 183.6}, 0.35)
-    'train step 50/1500 (3%)  loss 0.5123  184 img/s  8m27s left'
+    >>> speed({"loss": 0.51234, "images_per_s": 183.6, "mfu": None})
+    'loss 0.5123  184 img/s'
     """
-    left = round(seconds_per_step * (total - done))
-    speed = f"  loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s" if last else ""
-    return f"train step {done}/{total} ({done / total:.0%}){speed}  {left // 60}m{left % 60:02d}s left"
+    mfu = f"  MFU {last['mfu']:.1%}" if last.get("mfu") is not None else ""
+    return f"loss {last['loss']:.4f}  {last['images_per_s']:.0f} img/s{mfu}"
 
 
 def finite_weights(module: torch.nn.Module, ctx: distributed.Context) -> bool:
