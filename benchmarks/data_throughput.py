@@ -49,16 +49,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        AutoencoderKL(
-            in_channels=1,
-            out_channels=1,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=4,
-        ).save_pretrained(tmp / "tiny-kl")
+        blocks = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2  # 1 channel in and out, f = 2
+        kl = AutoencoderKL(1, 1, *blocks, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4)
+        kl.save_pretrained(tmp / "tiny-kl")
         rows.append(("encode, pixel", encode_rate(source, build_autoencoder("pixel", channels=1), tmp / "pixel")))
         rows.append(
             (

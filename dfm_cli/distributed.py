@@ -133,11 +133,7 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
     """Full (unsharded) CPU state dicts of a plain, DDP or FSDP2 model and its optimizer."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     module = unwrap(model)
@@ -149,11 +145,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None)
 
 def load_full_state(model: nn.Module, weights: dict, optimizer=None, optim_state=None) -> None:
     """Load full state dicts into a plain, DDP or FSDP2 model (each rank takes its shard)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
     module = unwrap(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,32 @@ def run_dfm(*args: str, cwd: Path | None = None, check: bool = True) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"dfm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def run_torchrun(*args: object, port: int) -> None:
+    """`dfm ARGS` under torchrun with two processes, its rendezvous at `port` plus a random
+    offset (so that concurrent test runs do not collide); fails with the processes' stderr."""
+    command = [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(port + random.randint(0, 999)),
+    ]
+    proc = subprocess.run(
+        [sys.executable, *command, "-m", "dfm_cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def tiny_flux(joint_attention_dim: int, guidance: bool = False, layers: int = 1) -> dict:
+    """A FLUX transformer config small enough for a test (head 8 = RoPE axes 2 + 2 + 4)."""
+    return dict(
+        num_layers=layers, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, pooled_projection_dim=16, guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------- the e2e marker, enforced
@@ -191,16 +218,5 @@ def tiny_text(tmp_path_factory) -> Path:
         root / "store",
     )
     torch.manual_seed(0)
-    FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=12,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        pooled_projection_dim=16,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    ).save_pretrained(root / "flux")
+    FluxTransformer2DModel(patch_size=1, in_channels=12, **tiny_flux(24, guidance=True)).save_pretrained(root / "flux")
     return base

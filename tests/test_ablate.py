@@ -293,7 +293,6 @@ def test_preconditioning_changes_no_flops_and_is_planned_on_its_own():
     """A preconditioned cell is counted with its own model (unit level RMS before any data is
     seen), and its elementwise scaling adds no FLOPs."""
     from dfm_cli.ablate.compute import forward_flops_of
-
     from dfm_cli.config.recipe import load_recipe
 
     tiny = ROOT / "recipes" / "tiny.toml"

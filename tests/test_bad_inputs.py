@@ -107,82 +107,51 @@ def recipe_with(section: str, line: str):
 
 
 # (id, argv from the world, a piece of the one-line message), plus marks where another branch fixes it.
+
+
+def train_on(w, recipe: Path | str) -> list:
+    """`dfm train RECIPE` into the workspace's `o` folder."""
+    return ["train", recipe, "--out", w.tmp / "o"]
+
+
+def train_with(w, override: str) -> list:
+    """`dfm train` of the tiny recipe with one `--set` override."""
+    return ["train", TINY, "--set", override, "--out", w.tmp / "o"]
+
+
+def against_b(w, *flags: str) -> list:
+    """`dfm eval` of the workspace's images against its 30-image reference `b.npz`."""
+    return ["eval", w.images(), "--ref", w.images("b.npz", 30), *flags]
+
+
 ROWS = [
     # ------------------------------------------------------------------ train
-    (
-        "train-negative-lr",
-        lambda w: ["train", w.write("r.toml", "[train]\nlr = -1e-4\n"), "--out", w.tmp / "o"],
-        "train.lr = -0.0001",
-    ),
-    (
-        "train-one-beta",
-        lambda w: ["train", recipe_with("train", "betas = [0.9]")(w), "--out", w.tmp / "o"],
-        "train.betas",
-    ),
-    (
-        "train-resolution-65536",
-        lambda w: ["train", TINY, "--set", "data.resolution=65536", "--out", w.tmp / "o"],
-        "GiB",
-    ),
-    (
-        "train-class-dropout-1.5",
-        lambda w: ["train", TINY, "--set", "model.class_dropout=1.5", "--out", w.tmp / "o"],
-        "model.class_dropout",
-    ),
+    ("train-negative-lr", lambda w: train_on(w, w.write("r.toml", "[train]\nlr = -1e-4\n")), "train.lr = -0.0001"),
+    ("train-one-beta", lambda w: train_on(w, recipe_with("train", "betas = [0.9]")(w)), "train.betas"),
+    ("train-resolution-65536", lambda w: train_with(w, "data.resolution=65536"), "GiB"),
+    ("train-class-dropout-1.5", lambda w: train_with(w, "model.class_dropout=1.5"), "model.class_dropout"),
     (
         "train-warmup-minus-3",
-        lambda w: ["train", recipe_with("train", "warmup_steps = -3")(w), "--out", w.tmp / "o"],
+        lambda w: train_on(w, recipe_with("train", "warmup_steps = -3")(w)),
         "train.warmup_steps = -3",
     ),
     (
         "train-recipe-not-utf8",
-        lambda w: ["train", w.write("latin.toml", "# caf\xe9\n".encode("latin-1")), "--out", w.tmp / "o"],
+        lambda w: train_on(w, w.write("latin.toml", "# caf\xe9\n".encode("latin-1"))),
         "latin.toml",
     ),
-    ("train-recipe-missing", lambda w: ["train", w.tmp / "nope.toml", "--out", w.tmp / "o"], "nope.toml"),
-    ("train-recipe-is-a-folder", lambda w: ["train", w.folder("rf"), "--out", w.tmp / "o"], "rf"),
-    (
-        "train-recipe-not-toml",
-        lambda w: ["train", w.write("bad.toml", "[train\n"), "--out", w.tmp / "o"],
-        "not valid TOML",
-    ),
-    (
-        "train-batch-0",
-        lambda w: ["train", TINY, "--set", "train.batch_size=0", "--out", w.tmp / "o"],
-        "train.batch_size = 0",
-    ),
-    (
-        "train-specialize-typo",
-        lambda w: ["train", TINY, "--set", "model.specialize=mpl", "--out", w.tmp / "o"],
-        "did you mean 'mlp'",
-    ),
-    (
-        "train-unknown-decomposition",
-        lambda w: ["train", TINY, "--set", "flow.decomposition=haar", "--out", w.tmp / "o"],
-        "flow.decomposition",
-    ),
-    (
-        "train-eval-metric-kid",
-        lambda w: ["train", TINY, "--set", "train.eval_metrics=['kid']", "--out", w.tmp / "o"],
-        "train.eval_metrics",
-    ),
-    ("train-tau-above-1", lambda w: ["train", TINY, "--set", "sample.tau=[1.5]", "--out", w.tmp / "o"], "sample.tau"),
-    (
-        "train-grad-clip-0",
-        lambda w: ["train", TINY, "--set", "train.grad_clip=0", "--out", w.tmp / "o"],
-        "train.grad_clip",
-    ),
-    ("train-eps-negative", lambda w: ["train", TINY, "--set", "train.eps=-1e-8", "--out", w.tmp / "o"], "train.eps"),
-    (
-        "train-eval-num-0",
-        lambda w: ["train", TINY, "--set", "train.eval_num=0", "--out", w.tmp / "o"],
-        "train.eval_num",
-    ),
-    (
-        "train-bad-set-syntax",
-        lambda w: ["train", TINY, "--set", "trainsteps", "--out", w.tmp / "o"],
-        "expected section.key=value",
-    ),
+    ("train-recipe-missing", lambda w: train_on(w, w.tmp / "nope.toml"), "nope.toml"),
+    ("train-recipe-is-a-folder", lambda w: train_on(w, w.folder("rf")), "rf"),
+    ("train-recipe-not-toml", lambda w: train_on(w, w.write("bad.toml", "[train\n")), "not valid TOML"),
+    ("train-batch-0", lambda w: train_with(w, "train.batch_size=0"), "train.batch_size = 0"),
+    ("train-specialize-typo", lambda w: train_with(w, "model.specialize=mpl"), "did you mean 'mlp'"),
+    ("train-unknown-decomposition", lambda w: train_with(w, "flow.decomposition=haar"), "flow.decomposition"),
+    ("train-eval-metric-kid", lambda w: train_with(w, "train.eval_metrics=['kid']"), "train.eval_metrics"),
+    ("train-tau-above-1", lambda w: train_with(w, "sample.tau=[1.5]"), "sample.tau"),
+    ("train-grad-clip-0", lambda w: train_with(w, "train.grad_clip=0"), "train.grad_clip"),
+    ("train-eps-negative", lambda w: train_with(w, "train.eps=-1e-8"), "train.eps"),
+    ("train-eval-num-0", lambda w: train_with(w, "train.eval_num=0"), "train.eval_num"),
+    ("train-bad-set-syntax", lambda w: train_with(w, "trainsteps"), "expected section.key=value"),
     (
         "train-folder-missing",
         lambda w: [
@@ -260,26 +229,10 @@ ROWS = [
         "unreadable checkpoint",
     ),
     # ------------------------------------------------------------------ eval
-    (
-        "eval-max-fid-without-fid",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--max-fid", "10"],
-        "add --fid",
-    ),
-    (
-        "eval-max-swd-nan",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--max-swd", "nan"],
-        "NaN",
-    ),
-    (
-        "eval-min-recall-nan",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--pr", "--min-recall", "nan"],
-        "NaN",
-    ),
-    (
-        "eval-min-precision-without-pr",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--fid", "--min-precision", "0.5"],
-        "add --pr",
-    ),
+    ("eval-max-fid-without-fid", lambda w: against_b(w, "--swd", "--max-fid", "10"), "add --fid"),
+    ("eval-max-swd-nan", lambda w: against_b(w, "--swd", "--max-swd", "nan"), "NaN"),
+    ("eval-min-recall-nan", lambda w: against_b(w, "--pr", "--min-recall", "nan"), "NaN"),
+    ("eval-min-precision-without-pr", lambda w: against_b(w, "--fid", "--min-precision", "0.5"), "add --pr"),
     (
         "eval-truncated-npz",
         lambda w: ["eval", w.truncated_npz("t.npz"), "--ref", w.images("b.npz", 30), "--swd"],
@@ -301,23 +254,11 @@ ROWS = [
         lambda w: ["eval", w.images(), "--ref", w.npz("mu.npz", mu=np.zeros(2048)), "--fid"],
         "has mu but no sigma",
     ),
-    (
-        "eval-batch-0",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--batch", "0"],
-        "--batch 0",
-    ),
-    (
-        "eval-json-is-a-folder",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--json", w.folder("jf")],
-        "--json",
-    ),
+    ("eval-batch-0", lambda w: against_b(w, "--swd", "--batch", "0"), "--batch 0"),
+    ("eval-json-is-a-folder", lambda w: against_b(w, "--swd", "--json", w.folder("jf")), "--json"),
     ("eval-stats-out-txt", lambda w: ["eval", w.images(), "--stats-out", w.tmp / "s.txt"], ".npz"),
     ("eval-no-run-no-samples", lambda w: ["eval", "--fid"], "no trained run under runs"),
-    (
-        "eval-num-with-samples",
-        lambda w: ["eval", w.images(), "--ref", w.images("b.npz", 30), "--swd", "--num", "5"],
-        "--num 5",
-    ),
+    ("eval-num-with-samples", lambda w: against_b(w, "--swd", "--num", "5"), "--num 5"),
     (
         "eval-bad-inception-weights",
         lambda w: [

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
-from conftest import TINY, run_dfm
+from conftest import TINY, run_dfm, run_torchrun
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from dfm_cli.errors import DfmError
@@ -557,40 +557,23 @@ def test_sample_sets_are_balanced_resumable_and_batch_independent(tmp_path):
 
 @pytest.mark.e2e
 def test_torchrun_sharded_sample_set_equals_one_process(tmp_path):
-    import random
-    import subprocess
-    import sys
 
     run = tmp_path / "run"
     run_dfm("train", TINY, "--out", run)
     run_dfm("sample", run, "--num", "11", "--batch", "3", "--steps", "2,1", "--out", tmp_path / "one.npz")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(30500 + random.randint(0, 999)),
-            "-m",
-            "dfm_cli",
-            "sample",
-            str(run),
-            "--num-samples",
-            "11",
-            "--batch",
-            "3",
-            "--steps",
-            "2,1",
-            "--out",
-            str(tmp_path / "two.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_torchrun(
+        "sample",
+        str(run),
+        "--num-samples",
+        "11",
+        "--batch",
+        "3",
+        "--steps",
+        "2,1",
+        "--out",
+        str(tmp_path / "two.npz"),
+        port=30500,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["arr_1"], two["arr_1"])
     assert not (tmp_path / "two.npz.parts").exists()

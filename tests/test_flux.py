@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, run_dfm
+from conftest import ROOT, run_dfm, tiny_flux
 from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,16 +26,7 @@ C, TEXT = 4, (6, 32, 16)  # latent channels; (max tokens, token width, pooled wi
 
 
 def config(guidance: bool = False, layers: int = 1) -> dict:
-    return dict(
-        num_layers=layers,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=guidance,
-        axes_dims_rope=(2, 2, 4),
-    )
+    return tiny_flux(32, guidance, layers)
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:

@@ -66,7 +66,9 @@ def test_the_branch_counter_sees_every_form_of_branch(source):
 
 
 def test_the_branch_counter_passes_code_that_asks_the_method():
-    assert method_branches("method_of(recipe).generate(model, labels, d, s, seed=0)\nkey = (recipe.flow.method,)\n") == []
+    assert (
+        method_branches("method_of(recipe).generate(model, labels, d, s, seed=0)\nkey = (recipe.flow.method,)\n") == []
+    )
 
 
 def test_every_registered_method_implements_the_interface():

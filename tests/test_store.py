@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_dfm
+from conftest import ROOT, run_dfm, run_torchrun
 from PIL import Image
 
 from dfm_cli.data.autoencoders import PixelAE, build_autoencoder
@@ -202,33 +202,10 @@ def test_decompose_compares_the_latent_pyramid_with_the_image(tmp_path, tiny_kl)
 
 @pytest.mark.e2e
 def test_torchrun_encode_writes_the_same_shards(tmp_path):
-    import random
-    import subprocess
-    import sys
 
     args = ["sprites", "--frames", "4", "--num-clips", "10", "--resolution", "16", "--shard-size", "3"]
     run_dfm("encode", *args, "--out", tmp_path / "one")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(31500 + random.randint(0, 999)),
-            "-m",
-            "dfm_cli",
-            "encode",
-            *args,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_torchrun("encode", *args, "--out", str(tmp_path / "two"), port=31500)
     for f in sorted((tmp_path / "one").glob("shard-*.safetensors")):
         assert f.read_bytes() == (tmp_path / "two" / f.name).read_bytes(), f.name
     one, two = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("one", "two"))

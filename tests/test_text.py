@@ -154,24 +154,13 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     config, weights, _ = tiny_clip
     write_captioned_folder(tmp_path)
     store = tmp_path / "S"
-    run_dfm(
-        "encode",
-        tmp_path / "images",
-        "--resolution",
-        "16",
-        "--captions",
-        tmp_path / "captions.csv",
-        "--text-encoder",
-        "clip",
-        "--clip-model",
-        config,
-        "--clip-weights",
-        weights,
-        "--text-tokens",
-        "8",
-        "--out",
-        store,
-    )
+
+    def encode(captions: str, out, *extra, **kw):  # the folder with its captions, through the tiny CLIP
+        flags = ("--text-encoder", "clip", "--clip-model", config, "--clip-weights", weights, *extra)
+        return run_dfm("encode", tmp_path / "images", "--resolution", "16", "--captions", tmp_path / captions, *flags,
+                       "--out", out, **kw)  # fmt: skip
+
+    encode("captions.csv", store, "--text-tokens", "8")
     data = LatentStore(store)
     assert data.text["dims"] == [8, 32, 16] and data.text["encoder"] == "clip"
     enc = TextEncoder(clip_settings(tiny_clip), torch.device("cpu"))
@@ -182,20 +171,8 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert isinstance(y, TextCond) and x.shape == (2, 3, 16, 16) and len(y) == 2
 
     run = tmp_path / "R"
-    run_dfm(
-        "train",
-        TINY,
-        "--set",
-        "data.name=store",
-        "--set",
-        f"data.path={store}",
-        "--set",
-        "train.steps=2",
-        "--set",
-        "sample.n=4",
-        "--out",
-        run,
-    )
+    sets = ("data.name=store", f"data.path={store}", "train.steps=2", "sample.n=4")
+    run_dfm("train", TINY, *[arg for s in sets for arg in ("--set", s)], "--out", run)
     assert (run / "samples" / "grid.png").is_file()
     run_dfm("sample", run, "--prompt", "a red square", "--n", "4", "--out", tmp_path / "g.png")
     assert (tmp_path / "g.png").is_file()
@@ -214,23 +191,7 @@ def test_captions_to_store_to_train_to_prompted_samples(tmp_path, tiny_clip):
     assert missing.returncode == 2 and "is text-conditioned: pass --prompt" in missing.stderr
     assert "Traceback" not in missing.stderr
     (tmp_path / "short.csv").write_text("red/0.png,a red square\n")
-    short = run_dfm(
-        "encode",
-        tmp_path / "images",
-        "--resolution",
-        "16",
-        "--captions",
-        tmp_path / "short.csv",
-        "--text-encoder",
-        "clip",
-        "--clip-model",
-        config,
-        "--clip-weights",
-        weights,
-        "--out",
-        tmp_path / "S2",
-        check=False,
-    )
+    short = encode("short.csv", tmp_path / "S2", check=False)
     assert short.returncode == 2 and "3 of 4 files have no caption" in short.stderr
     assert not (tmp_path / "S2" / "index.json").exists()
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import TINY, run_dfm
+from conftest import TINY, run_dfm, run_torchrun
 from rich.console import Console
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -41,29 +41,7 @@ def assert_close(a, b, atol):
 def test_two_process_training_equals_one_process(tmp_path, parallel):
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_dfm("train", TINY, "--out", single)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(29500 + random.randint(0, 999)),
-            "-m",
-            "dfm_cli",
-            "train",
-            str(TINY),
-            "--out",
-            str(multi),
-            "--set",
-            f"train.parallel={parallel}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_torchrun("train", str(TINY), "--out", str(multi), "--set", f"train.parallel={parallel}", port=29500)
     assert_close(weights(single), weights(multi), atol=1e-6)
     state = json.loads((multi / "checkpoints" / "latest" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from dfm_cli.baselines.pyramidal import up
 from dfm_cli.errors import DfmError
-from dfm_cli.method.cond import Cond, where_dropped
-from dfm_cli.method.flow import Draws, FlowObjective, Velocity
+from dfm_cli.method.cond import Cond
+from dfm_cli.method.flow import Draws, FlowObjective, Shapes, Velocity, loss_terms
 from dfm_cli.models.dit import DFMDiT, DiTSize, LevelHead, PatchEmbed, TimestepEmbedder, each
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
@@ -66,14 +67,9 @@ class CascadedDiT(nn.Module):
     unused_parameters = True  # one model idles in each phase (DDP must not wait for its gradients)
 
     def __init__(
-        self,
-        size: DiTSize,
-        level_sizes: Sequence[tuple[int, ...]],
-        channels: int,
-        num_classes: int,
-        pos: str = "rope",
-        text_dims: tuple[int, int, int] | None = None,
+        self, size: DiTSize, level_sizes: Sequence[tuple[int, ...]], channels: int, num_classes: int, **options: Any
     ) -> None:
+        """`options` (`pos`, `text_dims`) are both stages' `DFMDiT` options."""
         super().__init__()
         coarse, fine = (tuple(s) for s in level_sizes)
         factor = fine[-1] // coarse[-1]
@@ -82,10 +78,8 @@ class CascadedDiT(nn.Module):
                 f"flow.method = 'cascaded': stage 1 needs patch {size.patch} / {factor} to see as many "
                 "tokens as stage 2; use a model whose patch the factor divides (e.g. DFM-B/4)"
             )
-        self.stage1 = DFMDiT(
-            replace(size, patch=size.patch // factor), [coarse], channels, num_classes, pos, text_dims=text_dims
-        )
-        self.stage2 = DFMDiT(size, [fine], channels, num_classes, pos, text_dims=text_dims)
+        self.stage1 = DFMDiT(replace(size, patch=size.patch // factor), [coarse], channels, num_classes, **options)
+        self.stage2 = DFMDiT(size, [fine], channels, num_classes, **options)
         self.cond_embed = PatchEmbed(channels, (1, size.patch), size.hidden)
         self.aug_embedder = TimestepEmbedder(size.hidden)
         aug_out = self.aug_embedder.linears[1]
@@ -173,11 +167,7 @@ class CascadedObjective(FlowObjective):
     stage: int = 0
 
     def draw(
-        self,
-        level_shapes: Sequence[Sequence[int]],
-        sample_seeds: Sequence[int],
-        batch_seed: int,
-        label_dropout: float = 0.0,
+        self, level_shapes: Shapes, sample_seeds: Sequence[int], batch_seed: int, label_dropout: float = 0.0
     ) -> Draws:
         t: list[torch.Tensor] = []
         drop: list[bool] = []
@@ -197,9 +187,7 @@ class CascadedObjective(FlowObjective):
     def loss(
         self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
     ) -> dict[str, torch.Tensor]:
-        d = draws.to(x1[0].device)
-        if null is not None:
-            y = where_dropped(d.drop, null, y)
+        d, y = self.prepare(x1, y, draws, null)
         coarse, fine = x1
         t = d.t.reshape(*d.t.shape, 1, 1, 1)
         xt = [t[:, 0] * coarse + (1 - t[:, 0]) * d.noise[0], t[:, 1] * fine + (1 - t[:, 1]) * d.noise[1]]
@@ -210,15 +198,7 @@ class CascadedObjective(FlowObjective):
             [((p.float() - (a - n).float()) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, d.noise)], 1
         )
         active = torch.nn.functional.one_hot(d.stage, 2).bool()
-        per_sample = (level_mse * active).sum(1)
-        return {
-            "loss": per_sample.mean(),
-            "per_sample": per_sample,
-            "level_mse": level_mse,
-            "active": active,
-            "stage": d.stage,
-            "t": d.t[:, :2],
-        }
+        return loss_terms(level_mse, active, d.stage, d.t[:, :2])
 
 
 @torch.no_grad()

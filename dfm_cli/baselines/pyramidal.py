@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from dfm_cli.errors import DfmError
-from dfm_cli.method.cond import Cond, where_dropped
+from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import TwoBandPyramid
-from dfm_cli.method.flow import Draws, FlowObjective, Velocity
+from dfm_cli.method.flow import Draws, FlowObjective, Velocity, loss_terms
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
 
@@ -131,9 +131,7 @@ class PyramidalObjective(FlowObjective):
     def loss(
         self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
     ) -> dict[str, torch.Tensor]:
-        d = draws.to(x1[0].device)
-        if null is not None:
-            y = where_dropped(d.drop, null, y)
+        d, y = self.prepare(x1, y, draws, null)
         b, s = d.t.shape
         level_mse = x1[0].new_zeros(b, s, dtype=torch.float32)
         for k in d.stage.unique().tolist():
@@ -157,15 +155,7 @@ class PyramidalObjective(FlowObjective):
             )[0]
             level_mse[rows, k] = ((pred.float() - (end - start).float()) ** 2).flatten(1).mean(1)
         active = torch.nn.functional.one_hot(d.stage, s).bool()
-        per_sample = level_mse.sum(1)
-        return {
-            "loss": per_sample.mean(),
-            "per_sample": per_sample,
-            "level_mse": level_mse,
-            "active": active,
-            "stage": d.stage,
-            "t": d.t,
-        }
+        return loss_terms(level_mse, active, d.stage, d.t)
 
 
 @torch.no_grad()

@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 
 from dfm_cli.commands.common import app, console, user_errors
+from dfm_cli.config.recipe import load_recipe
+from dfm_cli.training.autoencoder import EXPORT, train_autoencoder
+from dfm_cli.training.loop import train as run_training
 
 
 @app.command()
@@ -31,16 +34,12 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
-    from dfm_cli.config.recipe import load_recipe
-
     resolved = load_recipe(recipe, [*set_, *([f"train.init_from={str(init_from)!r}"] if init_from else [])])
     if dry_run:
         typer.echo(resolved.to_toml())
         return
     run_dir = out or Path("runs") / recipe.stem
     if resolved.model.kind == "autoencoder":
-        from dfm_cli.training.autoencoder import EXPORT, train_autoencoder
-
         report = train_autoencoder(resolved, run_dir, console)
         console.print(
             f"reconstruction PSNR {report['psnr']:.2f} dB, scale equivariance {report['equivariance']:.3f}, "
@@ -48,8 +47,6 @@ def train(
         )
         console.print(f"run folder: {run_dir}  (autoencoder for --ae kl --ae-weights: {run_dir / EXPORT})")
         return
-    from dfm_cli.training.loop import train as run_training
-
     last = run_training(resolved, run_dir)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return

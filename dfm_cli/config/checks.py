@@ -45,52 +45,30 @@ def batch_bytes(data: DataSection, batch_size: int) -> int:
     return batch_size * 3 * max(data.frames, 1) * data.resolution**2 * 4
 
 
+# Keys whose own range is all there is to check, by rule.
+RANGES = {
+    "positive": "train.steps train.batch_size data.resolution train.log_every train.checkpoint_every "
+    "train.keep_checkpoints train.eval_num model.temporal_patch sample.n",
+    "non-negative": "train.batch_per_gpu train.milestone_every train.max_nonfinite_steps train.preview_every "
+    "train.peak_tflops train.warmup_steps train.weight_decay train.eval_every train.eval_reference_num "
+    "train.per_level_only_steps train.seed data.frames data.num_workers sample.cfg",
+    "above zero": "train.lr train.eps train.grad_clip flow.t_scale flow.prev_t_scale",
+}
+
+
 def _check_ranges(recipe: Recipe, fail) -> None:
     """Every key's own range, so a mistake stops at `--dry-run`, not in the middle of a run."""
     f, s, m, d, t = recipe.flow, recipe.sample, recipe.model, recipe.data, recipe.train
-    positive = (
-        ("train.steps", t.steps),
-        ("train.batch_size", t.batch_size),
-        ("data.resolution", d.resolution),
-        ("train.log_every", t.log_every),
-        ("train.checkpoint_every", t.checkpoint_every),
-        ("train.keep_checkpoints", t.keep_checkpoints),
-        ("train.eval_num", t.eval_num),
-        ("model.temporal_patch", m.temporal_patch),
-        ("sample.n", s.n),
-    )
-    value: float  # every key below is a number, int or float
-    for key, value in positive:
-        if value < 1:
-            fail(key, value, "must be at least 1")
-    non_negative = (
-        ("train.batch_per_gpu", t.batch_per_gpu),
-        ("train.milestone_every", t.milestone_every),
-        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-        ("train.preview_every", t.preview_every),
-        ("train.peak_tflops", t.peak_tflops),
-        ("train.warmup_steps", t.warmup_steps),
-        ("train.weight_decay", t.weight_decay),
-        ("train.eval_every", t.eval_every),
-        ("train.eval_reference_num", t.eval_reference_num),
-        ("train.per_level_only_steps", t.per_level_only_steps),
-        ("train.seed", t.seed),
-        ("data.frames", d.frames),
-        ("data.num_workers", d.num_workers),
-        ("sample.cfg", s.cfg),
-    )
-    for key, value in non_negative:
-        if not value >= 0:  # also catches NaN
-            fail(key, value, "must be 0 or more")
-    for key, value in (
-        ("train.lr", t.lr),
-        ("train.eps", t.eps),
-        ("train.grad_clip", t.grad_clip),
-        ("flow.t_scale", f.t_scale),
-        ("flow.prev_t_scale", f.prev_t_scale),
-    ):
-        if not (value > 0 and math.isfinite(value)):
-            fail(key, value, "must be a number above 0")
+    by_key = {f"{section}.{key}": v for section, body in recipe.to_dict().items() for key, v in body.items()}
+    for rule, keys in RANGES.items():
+        for key in keys.split():
+            value = by_key[key]
+            if rule == "positive" and value < 1:
+                fail(key, value, "must be at least 1")
+            if rule == "non-negative" and not value >= 0:  # also catches NaN
+                fail(key, value, "must be 0 or more")
+            if rule == "above zero" and not (value > 0 and math.isfinite(value)):
+                fail(key, value, "must be a number above 0")
     for key, value in (("flow.t_loc", f.t_loc), ("flow.prev_t_loc", f.prev_t_loc)):
         if not math.isfinite(value):
             fail(key, value, "must be a finite number")

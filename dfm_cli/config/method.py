@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, cast
 
+import torch
 from torch import nn
 
 from dfm_cli.config.schema import Recipe
@@ -28,7 +30,7 @@ from dfm_cli.errors import DfmError, suggest
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
-from dfm_cli.method.sampler import LevelModel, SampleResult, SamplerSettings
+from dfm_cli.method.sampler import GuidedVelocity, LevelModel, SampleResult, SamplerSettings, guided_velocity
 
 Fail = Callable[[str, Any, str], NoReturn]
 """`fail(key, value, why)`: refuses a recipe, naming the key, its value and the fix."""
@@ -53,6 +55,36 @@ RESUMABLE_CHANGES = frozenset(
         "train.eval_reference_num",
     }
 )
+
+
+@dataclass(frozen=True)
+class SamplingJob:
+    """One batch to sample: the model, its conditions (on its device), what recomposes its
+    levels, the sampler settings, and the batch's place in the seed's sample stream."""
+
+    model: nn.Module
+    labels: Cond
+    decomposition: Decomposition
+    settings: SamplerSettings
+    seed: int
+    first_index: int = 0
+    previews: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def indices(self) -> range:
+        return range(self.first_index, self.first_index + len(self.labels))
+
+    def guided(self) -> GuidedVelocity:
+        """The model's velocity with the settings' classifier-free guidance."""
+        return guided_velocity(self.model, self.settings)
+
+    def result(self, x: torch.Tensor, nfe: int) -> SampleResult:
+        """A sampler's output with its model calls (each doubled by guidance when cfg != 1)."""
+        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if self.settings.cfg != 1.0 else 0)
 
 
 class Method(ABC):
@@ -93,11 +125,7 @@ class Method(ABC):
 
     @abstractmethod
     def build_model(
-        self,
-        shape: tuple[int, ...],
-        num_classes: int,
-        level_rms: list[float] | None = None,
-        text: dict | None = None,
+        self, shape: tuple[int, ...], num_classes: int, level_rms: list[float] | None = None, text: dict | None = None
     ) -> nn.Module:
         """The network for data of shape `C [T] H W`; `text` (a caption encoder record with
         `dims`) makes it text-conditioned, `level_rms` preconditions it per level."""
@@ -112,7 +140,6 @@ class Method(ABC):
         return objective
 
     # ------------------------------------------------------------------ sampling
-    @abstractmethod
     def generate(
         self,
         model: nn.Module,
@@ -126,6 +153,13 @@ class Method(ABC):
     ) -> SampleResult:
         """Samples for `labels`; sample j is sample `first_index + j` of the seed, so an image
         depends only on its index."""
+        device = next(model.parameters()).device
+        job = SamplingJob(model, labels.to(device), decomposition, settings, seed, first_index, previews)
+        return self.sample(job)
+
+    @abstractmethod
+    def sample(self, job: SamplingJob) -> SampleResult:
+        """The method's sampler, on one batch (`generate` prepares it)."""
 
     def model_inputs(self, model: nn.Module) -> list[tuple[int, ...]]:
         """The sizes of the tensors the model's forward takes (for timing and compile probes)."""

@@ -70,10 +70,7 @@ class TwoBandPyramid(ABC):
     """
 
     def __init__(
-        self,
-        levels: int,
-        factors: Sequence[int] | None = None,
-        temporal_factors: Sequence[int] | None = None,
+        self, levels: int, factors: Sequence[int] | None = None, temporal_factors: Sequence[int] | None = None
     ) -> None:
         if levels < 1:
             raise DfmError(f"levels must be >= 1, got {levels}")

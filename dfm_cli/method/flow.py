@@ -23,6 +23,9 @@ import torch
 
 from dfm_cli.method.cond import Cond, where_dropped
 
+Shapes = Sequence[Sequence[int]]
+"""Per-sample shapes of the levels (`C H W` or `C T H W`), coarsest first."""
+
 Velocity = Callable[..., list[torch.Tensor]]
 """`velocity(levels, t, y, stage) -> per-level velocities`; the DFM-DiT is one."""
 
@@ -75,11 +78,7 @@ class FlowObjective:
 
     # ------------------------------------------------------------------ draws
     def draw(
-        self,
-        level_shapes: Sequence[Sequence[int]],
-        sample_seeds: Sequence[int],
-        batch_seed: int,
-        label_dropout: float = 0.0,
+        self, level_shapes: Shapes, sample_seeds: Sequence[int], batch_seed: int, label_dropout: float = 0.0
     ) -> Draws:
         """Every random choice for a batch, one generator per sample.
 
@@ -119,13 +118,14 @@ class FlowObjective:
         return torch.where(level > q, torch.zeros_like(t), t)
 
     # ------------------------------------------------------------------ loss
+    def prepare(self, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None) -> tuple[Draws, Cond]:
+        """The draws on the data's device, and the conditions with the dropped ones (classifier-free
+        guidance) replaced by `null`."""
+        d = draws.to(x1[0].device)
+        return d, y if null is None else where_dropped(d.drop, null, y)
+
     def loss(
-        self,
-        velocity: Velocity,
-        x1: Sequence[torch.Tensor],
-        y: Cond,
-        draws: Draws,
-        null: int | Cond | None = None,
+        self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None
     ) -> dict[str, torch.Tensor]:
         """The training loss on the decomposed clean batch `x1` (coarsest level first).
 
@@ -136,9 +136,7 @@ class FlowObjective:
         or the model's `null_condition` for the batch (the empty caption).
         """
         device = x1[0].device
-        d = draws.to(device)
-        if null is not None:
-            y = where_dropped(d.drop, null, y)
+        d, y = self.prepare(x1, y, draws, null)
         active = torch.arange(self.levels, device=device)[None, :] <= d.stage[:, None]
         xt = [
             _bcast(d.t[:, s], level) * level + (1 - _bcast(d.t[:, s], level)) * noise
@@ -151,15 +149,23 @@ class FlowObjective:
             [((p.float() - (a - n).float()) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, d.noise)], 1
         )
         weights = torch.tensor(list(self.level_weights) or [1.0] * self.levels, device=device)
-        per_sample = (level_mse * active * weights).sum(1)
-        return {
-            "loss": per_sample.mean(),
-            "per_sample": per_sample,
-            "level_mse": level_mse,
-            "active": active,
-            "stage": d.stage,
-            "t": d.t,
-        }
+        return loss_terms(level_mse, active, d.stage, d.t, weights)
+
+
+def loss_terms(
+    level_mse: torch.Tensor,
+    active: torch.Tensor,
+    stage: torch.Tensor,
+    t: torch.Tensor,
+    weights: torch.Tensor | float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """What an objective's `loss` returns, from its per-level MSEs `B S`: each sample's loss is
+    the (weighted) sum over its active levels, and `loss` their mean."""
+    per_sample = (level_mse * active * weights).sum(1)
+    return {
+        "loss": per_sample.mean(), "per_sample": per_sample, "level_mse": level_mse, "active": active, "stage": stage,
+        "t": t,
+    }  # fmt: skip
 
 
 def mask_later_levels(levels: Sequence[torch.Tensor], stage: torch.Tensor) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from dfm_cli.errors import DfmError
-from dfm_cli.method.decompose import Decomposition, LaplacianPyramid
+from dfm_cli.method.decompose import Decomposition, TwoBandPyramid, UpsampledCoarse
 
 
 class Items(Protocol):
@@ -25,7 +25,7 @@ class Items(Protocol):
 
 
 def level_statistics(
-    data: Items, decomposition: LaplacianPyramid, limit: int = 4096, batch: int = 256
+    data: Items, decomposition: TwoBandPyramid | UpsampledCoarse, limit: int = 4096, batch: int = 256
 ) -> dict[str, Any]:
     """Mean and std per level and channel of the decomposed data, from `limit` items spread
     evenly over the whole set (a store is sorted by class, so its first items would see only
@@ -58,7 +58,9 @@ def level_statistics(
     }
 
 
-def stored_level_statistics(index: dict[str, Any], decomposition: LaplacianPyramid) -> dict[str, Any] | None:
+def stored_level_statistics(
+    index: dict[str, Any], decomposition: TwoBandPyramid | UpsampledCoarse
+) -> dict[str, Any] | None:
     """A store's statistics when they were computed for this decomposition, else None (then
     they are measured on the data). Statistics of the same decomposition computed with another
     `antialias` are refused: they would standardize the levels with the wrong scale."""
@@ -69,7 +71,8 @@ def stored_level_statistics(index: dict[str, Any], decomposition: LaplacianPyram
         list(decomposition.temporal_factors),
     ):
         return None
-    theirs, antialias = bool(stored.get("antialias", False)), bool(decomposition.antialias)  # older stores: False
+    theirs = bool(stored.get("antialias", False))  # older stores: False
+    antialias = bool(getattr(decomposition, "antialias", False))  # only the Laplacian pyramid has the option
     if theirs != antialias:
         raise DfmError(
             f"flow.antialias = {str(antialias).lower()}, but the store's level statistics were computed "

@@ -197,13 +197,7 @@ class SamplerSettings:
             raise DfmError(f"{label} {_csv(shown) if isinstance(shown, (list, tuple)) else shown}: {why}")
         low, high = new_interval  # two values: `_problems` checked
         return cls(
-            new_steps,
-            new_tau,
-            new_cfg,
-            (low, high),
-            new_solver,
-            mask_input=mask_input,
-            tied_timesteps=tied_timesteps,
+            new_steps, new_tau, new_cfg, (low, high), new_solver, mask_input=mask_input, tied_timesteps=tied_timesteps
         )
 
 

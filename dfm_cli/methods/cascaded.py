@@ -16,12 +16,11 @@ from dfm_cli.baselines.cascaded import (
     sample_cascaded,
     switch_to_stage2,
 )
-from dfm_cli.config.method import RESUMABLE_CHANGES, Fail, Method
+from dfm_cli.config.method import RESUMABLE_CHANGES, Fail, Method, SamplingJob
 from dfm_cli.config.recipe import Recipe
-from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
-from dfm_cli.method.sampler import SampleResult, SamplerSettings, guided_velocity
+from dfm_cli.method.sampler import SampleResult
 from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_trained_from_scratch, gaussian_stack
 from dfm_cli.models.dit import model_size
@@ -67,20 +66,11 @@ class Cascaded(Method):
         return gaussian_stack(self.recipe)
 
     def build_model(
-        self,
-        shape: tuple[int, ...],
-        num_classes: int,
-        level_rms: list[float] | None = None,
-        text: dict | None = None,
+        self, shape: tuple[int, ...], num_classes: int, level_rms: list[float] | None = None, text: dict | None = None
     ) -> nn.Module:
-        return CascadedDiT(
-            model_size(self.recipe.model.name),
-            base_decomposition(self.recipe).level_sizes(shape[1:]),
-            shape[0],
-            num_classes,
-            self.recipe.model.pos,
-            text_dims(text),
-        )
+        sizes = base_decomposition(self.recipe).level_sizes(shape[1:])
+        size, pos = model_size(self.recipe.model.name), self.recipe.model.pos
+        return CascadedDiT(size, sizes, shape[0], num_classes, pos=pos, text_dims=text_dims(text))
 
     def objective(self) -> CascadedObjective:
         f = self.recipe.flow
@@ -91,30 +81,12 @@ class Cascaded(Method):
         stages = cast(CascadedObjective, objective)  # what `objective` makes
         return dataclasses.replace(stages, stage=int(step >= self.switch_step))
 
-    def generate(
-        self,
-        model: nn.Module,
-        labels: Cond,
-        decomposition: Decomposition,
-        settings: SamplerSettings,
-        *,
-        seed: int,
-        first_index: int = 0,
-        previews: bool = False,
-    ) -> SampleResult:
-        device = next(model.parameters()).device
-        indices = range(first_index, first_index + len(labels))
+    def sample(self, job: SamplingJob) -> SampleResult:
+        dit, noise = cascaded_dit(job.model), self.settings.cond_noise
         x, nfe = sample_cascaded(
-            guided_velocity(model, settings),
-            labels.to(device),
-            cascaded_dit(model),
-            settings.steps,
-            self.settings.cond_noise,
-            seed,
-            indices,
-            device,
+            job.guided(), job.labels, dit, job.settings.steps, noise, job.seed, job.indices, job.device
         )
-        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
+        return job.result(x, nfe)
 
     def forward_flops(self, model: nn.Module) -> float:
         """Each model's, for its share of the steps."""

@@ -8,13 +8,12 @@ from typing import cast
 
 from torch import nn
 
-from dfm_cli.config.method import Method
+from dfm_cli.config.method import Method, SamplingJob
 from dfm_cli.errors import DfmError
-from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.level_stats import Standardized
-from dfm_cli.method.sampler import SampleResult, SamplerSettings, generate
+from dfm_cli.method.sampler import SampleResult, generate
 from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.models.flux import DFMFlux, flux_config
@@ -33,11 +32,7 @@ class DFM(Method):
         return Standardized(base, level_stats["mean"], level_stats["std"])
 
     def build_model(
-        self,
-        shape: tuple[int, ...],
-        num_classes: int,
-        level_rms: list[float] | None = None,
-        text: dict | None = None,
+        self, shape: tuple[int, ...], num_classes: int, level_rms: list[float] | None = None, text: dict | None = None
     ) -> nn.Module:
         r = self.recipe
         if r.flow.precondition and level_rms is None:
@@ -80,18 +75,11 @@ class DFM(Method):
             level_weights=tuple(f.level_weights),
         )
 
-    def generate(
-        self,
-        model: nn.Module,
-        labels: Cond,
-        decomposition: Decomposition,
-        settings: SamplerSettings,
-        *,
-        seed: int,
-        first_index: int = 0,
-        previews: bool = False,
-    ) -> SampleResult:
-        return generate(model, labels, decomposition, settings, seed=seed, first_index=first_index, previews=previews)
+    def sample(self, job: SamplingJob) -> SampleResult:
+        return generate(
+            job.model, job.labels, job.decomposition, job.settings, seed=job.seed, first_index=job.first_index,
+            previews=job.previews,
+        )  # fmt: skip
 
     def forward_flops(self, model: nn.Module) -> float:
         return cast(DFMDiT | DFMFlux, model).flops_per_sample()  # what `build_model` builds

@@ -9,12 +9,11 @@ from typing import Any, ClassVar, cast
 from torch import nn
 
 from dfm_cli.baselines.pyramidal import GaussianStack, PyramidalObjective, PyramidalSchedule, sample_pyramidal
-from dfm_cli.config.method import Fail, Method
+from dfm_cli.config.method import Fail, Method, SamplingJob
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
-from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
-from dfm_cli.method.sampler import SampleResult, SamplerSettings, guided_velocity
+from dfm_cli.method.sampler import SampleResult
 from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.models.dit import DFMDiT, model_size
 
@@ -74,11 +73,7 @@ class PyramidalFlow(Method):
         return PyramidalSchedule(tuple(self.recipe.flow.factors), self.recipe.flow.gamma)
 
     def build_model(
-        self,
-        shape: tuple[int, ...],
-        num_classes: int,
-        level_rms: list[float] | None = None,
-        text: dict | None = None,
+        self, shape: tuple[int, ...], num_classes: int, level_rms: list[float] | None = None, text: dict | None = None
     ) -> nn.Module:
         """The single-level DiT at the finest size; earlier stages feed it smaller grids."""
         finest = base_decomposition(self.recipe).level_sizes(shape[1:])[-1]
@@ -98,33 +93,13 @@ class PyramidalFlow(Method):
             self.schedule, p_stage=tuple(f.p_stage), per_batch_stage=f.per_batch_stage, t_loc=f.t_loc, t_scale=f.t_scale
         )
 
-    def generate(
-        self,
-        model: nn.Module,
-        labels: Cond,
-        decomposition: Decomposition,
-        settings: SamplerSettings,
-        *,
-        seed: int,
-        first_index: int = 0,
-        previews: bool = False,
-    ) -> SampleResult:
-        device = next(model.parameters()).device
-        dit = cast(DFMDiT, model)  # what `build_model` builds
-        sizes = decomposition.level_sizes(dit.level_sizes[-1])[: settings.stages]
-        indices = range(first_index, first_index + len(labels))
+    def sample(self, job: SamplingJob) -> SampleResult:
+        dit, s = cast(DFMDiT, job.model), job.settings  # what `build_model` builds
+        sizes = job.decomposition.level_sizes(dit.level_sizes[-1])[: s.stages]
         x, nfe = sample_pyramidal(
-            guided_velocity(model, settings),
-            labels.to(device),
-            self.schedule,
-            sizes,
-            dit.channels,
-            settings.steps,
-            seed,
-            indices,
-            device,
+            job.guided(), job.labels, self.schedule, sizes, dit.channels, s.steps, job.seed, job.indices, job.device
         )
-        return SampleResult(x=x, nfe=nfe, guided_nfe=nfe if settings.cfg != 1.0 else 0)
+        return job.result(x, nfe)
 
     def forward_flops(self, model: nn.Module) -> float:
         """The average over the stages, each at its own token grid, weighted by `p_stage`."""

@@ -14,20 +14,24 @@ pretrained stage-embedding row is copied to every stage for the same reason.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from dfm_cli.errors import DfmError
 from dfm_cli.models.dit import DFMDiT
+from dfm_cli.models.flux import DFMFlux
 
 PER_LEVEL = ("patch_embeds", "t_embedders", "level_heads")  # the layers each level has its own copy of
 
 
-def per_level_parameters(model: DFMDiT) -> set[str]:
+def per_level_parameters(model: nn.Module) -> set[str]:
     """Names of the per-level layers' parameters: what trains first after a conversion."""
     return {name for name, _ in model.named_parameters() if name.split(".", 1)[0] in PER_LEVEL}
 
 
 @torch.no_grad()
-def convert_single_level(model: DFMDiT, pretrained: dict[str, torch.Tensor], level: int | None = None) -> None:
+def convert_single_level(
+    model: DFMDiT | DFMFlux, pretrained: dict[str, torch.Tensor], level: int | None = None
+) -> None:
     """Load single-level weights into `model`: shared layers as they are, the per-level ones
     into `level` (default the finest; the coarsest with `flow.upsample_coarse`, the paper's
     placement), zeros for the other levels' per-level layers."""

@@ -199,14 +199,7 @@ class LevelHead(nn.Module):
         if not video:  # images: no frame axis, and no view of one (FSDP2 wants fresh outputs)
             return rearrange(x, "b (h w) (ph pw c) -> b c (h ph) (w pw)", h=h, w=w, ph=self.p, pw=self.p)
         return rearrange(
-            x,
-            "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
-            t=t,
-            h=h,
-            w=w,
-            pt=self.pt,
-            ph=self.p,
-            pw=self.p,
+            x, "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)", t=t, h=h, w=w, pt=self.pt, ph=self.p, pw=self.p
         )
 
     def zero_init_layers(self) -> list[nn.Linear]:
@@ -325,14 +318,10 @@ class DFMDiT(nn.Module):
         self.register_load_state_dict_pre_hook(renamed_heads)
         head_dim = size.hidden // size.heads
         self.register_buffer(
-            "rope",
-            rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None,
-            persistent=False,
+            "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None, persistent=False
         )
         self.register_buffer(
-            "pos_embed",
-            sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None,
-            persistent=False,
+            "pos_embed", sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None, persistent=False
         )
         if level_rms is not None:
             if len(level_rms) != levels or any(not v > 0 for v in level_rms):
@@ -376,13 +365,7 @@ class DFMDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(
-        self,
-        xs: Sequence[torch.Tensor],
-        t: torch.Tensor,
-        y: Cond,
-        stage: torch.Tensor,
-    ) -> list[torch.Tensor]:
+    def forward(self, xs: Sequence[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor) -> list[torch.Tensor]:
         if self.level_rms is None:
             return self.network(xs, t, y, stage)
         c_in, c_skip, c_out = precondition_scales(t, self.level_rms)
@@ -392,13 +375,7 @@ class DFMDiT(nn.Module):
             per_sample(c_skip[:, s], x) * x + per_sample(c_out[:, s], x) * o for s, (x, o) in enumerate(zip(xs, out))
         ]
 
-    def network(
-        self,
-        xs: Sequence[torch.Tensor],
-        t: torch.Tensor,
-        y: Cond,
-        stage: torch.Tensor,
-    ) -> list[torch.Tensor]:
+    def network(self, xs: Sequence[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor) -> list[torch.Tensor]:
         """The transformer itself, without pre/post-conditioning. Inputs smaller than the
         model's size (Pyramidal Flow's early stages) give a smaller token grid, with positions
         for that grid."""
@@ -427,12 +404,7 @@ class DFMDiT(nn.Module):
         return c + self.y_embedder(y) + self.stage_embedder(stage), None
 
     def transform(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        rope: torch.Tensor | None,
-        text: TextTokens | None,
-        stage: torch.Tensor,
+        self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None, text: TextTokens | None, stage: torch.Tensor
     ) -> torch.Tensor:
         """The blocks over a token sequence (per-stage experts pick their weights by `stage`)."""
         for expert in self.experts:

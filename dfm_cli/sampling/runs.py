@@ -7,7 +7,6 @@ usage lines `dfm train RECIPE && dfm sample` work as typed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -20,7 +19,7 @@ from dfm_cli.data.checkpoints import STATE, RunInfo, complete_checkpoints, resol
 from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
-from dfm_cli.method.sampler import SampleResult, SamplerSettings
+from dfm_cli.method.sampler import LevelModel, SampleResult, SamplerSettings
 from dfm_cli.methods.factory import load_trained
 
 RUNS = Path("runs")
@@ -41,13 +40,11 @@ def newest_run(root: Path = RUNS) -> Path:
     return max(found)[2]
 
 
-class Sampled(Protocol):
-    """What sampling reads of a model (every method's network keeps these; `nn.Module`
-    declares none of them)."""
+class VideoModel(LevelModel, Protocol):
+    """A sampled model also says whether it makes clips (every method's network does)."""
 
-    channels: int
-    level_sizes: Sequence[tuple[int, ...]]  # `[T] H W` per level, the finest last
-    video: bool
+    @property
+    def video(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class TrainedRun:
     @property
     def video(self) -> bool:
         """Whether the model makes clips (`C T H W` samples) rather than images."""
-        return cast(Sampled, self.model).video
+        return cast(VideoModel, self.model).video
 
     @functools.cached_property
     def method(self) -> Method:

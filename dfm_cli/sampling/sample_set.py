@@ -46,8 +46,15 @@ from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
-from dfm_cli.method.sampler import SampleResult, SamplerSettings, class_balanced_labels, generate, sampled_classes
-from dfm_cli.sampling.runs import Sampled, TrainedRun, load_for_sampling
+from dfm_cli.method.sampler import (
+    LevelModel,
+    SampleResult,
+    SamplerSettings,
+    class_balanced_labels,
+    generate,
+    sampled_classes,
+)
+from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 
 MANIFEST = "manifest.json"
 _PNG = re.compile(r"^(\d{6})\.png$")
@@ -340,7 +347,7 @@ def write_sample_set(
     if num < 1 or batch < 1:
         raise DfmError(f"--num {num} --batch {batch}: both must be at least 1")
     device = next(model.parameters()).device
-    sized = cast(Sampled, model)
+    sized = cast(LevelModel, model)  # what every method's network keeps
     probe = decode(torch.zeros(1, sized.channels, *sized.level_sizes[-1], device=device))
     kind = SetWriter.for_path(out)
     shape = kind.sample_shape(out, tuple(to_uint8(probe).shape[1:]))

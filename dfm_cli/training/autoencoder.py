@@ -28,15 +28,8 @@ from rich.console import Console
 
 from dfm_cli import distributed
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.data import checkpoints
 from dfm_cli.data.autoencoders import DiffusersAE
-from dfm_cli.data.checkpoints import (
-    RunInfo,
-    complete_checkpoints,
-    load_training_state,
-    run_lock,
-    save_training_state,
-    truncate_stats,
-)
 from dfm_cli.data.datasets import build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.listing import evenly_spaced
@@ -143,8 +136,8 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
     if ctx.world > 1:
         raise DfmError("an autoencoder trains in one process; run `dfm train` without torchrun")
     try:
-        with run_lock(run_dir):
-            found = complete_checkpoints(run_dir)
+        with checkpoints.run_lock(run_dir):
+            found = checkpoints.complete_checkpoints(run_dir)
             check_resumable(run_dir, recipe, found[-1] if found else None)
             dataset = build_dataset(
                 recipe.data.name,
@@ -161,11 +154,11 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
             )
             start = 0
             if found:
-                start = load_training_state(found[-1], vae, ema, opt, ctx)["step"]
+                start = checkpoints.load_training_state(found[-1], vae, ema, opt, ctx)["step"]
                 console.print(f"resuming {run_dir} from step {start} ({found[-1].name})")
-            truncate_stats(run_dir / "stats.jsonl", start)
+            checkpoints.truncate_stats(run_dir / "stats.jsonl", start)
             (run_dir / "recipe.toml").write_text(recipe.to_toml())
-            info = RunInfo(
+            info = checkpoints.RunInfo(
                 tuple(dataset.shape),
                 dataset.num_classes,
                 tuple(dataset.class_names),
@@ -209,7 +202,7 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
                             "model_kind": "autoencoder",
                             **info.to_state(),
                         }
-                        save_training_state(
+                        checkpoints.save_training_state(
                             run_dir,
                             done,
                             vae,

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from dfm_cli import distributed
 from dfm_cli.config.method import Method, method_of
@@ -40,17 +40,19 @@ from dfm_cli.data.checkpoints import (
     save_training_state,
     truncate_stats,
 )
-from dfm_cli.data.datasets import build_dataset
+from dfm_cli.data.datasets import ImageFolder, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
-from dfm_cli.method.cond import TextCond
+from dfm_cli.method.cond import NullText, TextCond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import Draws, FlowObjective
 from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
-from dfm_cli.method.sampler import class_balanced_labels, sampled_classes
+from dfm_cli.method.sampler import LevelModel, class_balanced_labels, sampled_classes
 from dfm_cli.methods.factory import base_decomposition, load_single_level, precondition_rms
 from dfm_cli.models.conversion import convert_single_level, per_level_parameters
+from dfm_cli.models.dit import DFMDiT
+from dfm_cli.models.flux import DFMFlux
 from dfm_cli.progress import Progress
 from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
@@ -107,15 +109,16 @@ class Step:
         decomposition: Decomposition,
         ema_warmup_start: Callable[[int], int] = lambda step: 0,
     ) -> None:
-        self.settings, self.ctx, self.model, self.forward = settings, ctx, model, model
+        self.settings, self.ctx, self.model = settings, ctx, model
+        self.forward: Callable[..., list[torch.Tensor]] = model  # or its compiled version
         self.ema, self.opt, self.objective, self.decomposition = ema, opt, objective, decomposition
         self.ema_warmup_start = ema_warmup_start
         self.local, self.micro = split_batch(settings.batch_size, settings.batch_per_gpu, ctx.world)
         dtype = autocast_dtype(ctx.device.type, settings.precision)
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
-        inner = distributed.unwrap(model)
+        inner = cast(LevelModel, distributed.unwrap(model))
         self.shapes = [(inner.channels, *size) for size in decomposition.level_sizes(inner.level_sizes[-1])]
-        self.per_level = per_level_parameters(inner)
+        self.per_level = per_level_parameters(distributed.unwrap(model))
 
     def __call__(
         self, step: int, x: torch.Tensor, y: torch.Tensor, draws: Draws, interval: Interval
@@ -135,7 +138,7 @@ class Step:
                     self.decomposition.decompose(x[sl]),
                     y[sl],
                     draws[sl],
-                    null=distributed.unwrap(self.model).null_condition(len(x[sl])),
+                    null=cast(LevelModel, distributed.unwrap(self.model)).null_condition(len(x[sl])),
                 )
                 (out["per_sample"].sum() * scale).backward()
             loss_sum += float(out["per_sample"].detach().sum())
@@ -267,14 +270,15 @@ class Trainer:
         self.peak = peak_tflops(
             device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32, t.peak_tflops
         )
-        self.interval, self.last = Interval(recipe.flow.levels), {}
+        self.interval, self.last = Interval(recipe.flow.levels), cast(dict[str, Any], {})
 
     # ------------------------------------------------------------------ set-up
     def _dataset(self) -> Any:
         d = self.recipe.data
         dataset = build_dataset(d.name, d.path, d.resolution, d.frames, strict=d.strict, classes=d.classes)
-        if d.captions:  # encoded once into the run folder
-            dataset = captioned_folder(dataset, self.recipe, self.run_dir, self.ctx)
+        if d.captions:  # encoded once into the run folder (the recipe checks: captions go with folders)
+            assert isinstance(dataset, ImageFolder)
+            return captioned_folder(dataset, self.recipe, self.run_dir, self.ctx)
         return dataset
 
     def _evaluation_hook(self) -> list[tuple[int, Hook]]:
@@ -300,17 +304,17 @@ class Trainer:
             tuple(self.dataset.shape), self.dataset.num_classes, level_rms, self.info.text
         ).to(ctx.device)
         if self.info.text:
-            base.null_text.set(self.dataset.null_text())
+            cast(NullText, base.get_submodule("null_text")).set(self.dataset.null_text())
         if init_from:
             weights = load_single_level(init_from, self.info, recipe.model.kind)
-            convert_single_level(base, weights, 0 if recipe.flow.upsample_coarse else None)
+            convert_single_level(cast(DFMDiT | DFMFlux, base), weights, 0 if recipe.flow.upsample_coarse else None)
             self.console.print(f"starting from the single-level model {init_from} (new levels zero-initialized)")
         self.ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
         self.model = distributed.wrap(base, ctx, t.parallel)
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
-            betas=tuple(t.betas),
+            betas=(t.betas[0], t.betas[1]),
             eps=t.eps,
             weight_decay=t.weight_decay,
             fused=ctx.device.type == "cuda",
@@ -318,15 +322,16 @@ class Trainer:
 
     def _compile_probe(self, fn: Callable) -> None:
         """One forward of zeros through `fn`, to find out whether compiling works here."""
-        device, inner = self.ctx.device, distributed.unwrap(self.model)
+        device, inner = self.ctx.device, cast(LevelModel, distributed.unwrap(self.model))
         with torch.no_grad(), self.step_fn.autocast():
-            sizes = self.method.model_inputs(inner)
+            sizes = self.method.model_inputs(distributed.unwrap(self.model))
             xs = [torch.zeros(1, inner.channels, *size, device=device) for size in sizes]
             zeros = torch.zeros(1, dtype=torch.long, device=device)
             fn(xs, torch.zeros(1, len(xs), device=device), inner.null_condition(1), zeros)
 
     def _loader(self) -> DataLoader:
         t, ctx = self.recipe.train, self.ctx
+        where = (self.start, ctx.rank, ctx.world)
         drawn = DrawnBatches(
             self.dataset,
             functools.partial(self.method.objective_at, self.objective),
@@ -336,7 +341,8 @@ class Trainer:
         )
         return DataLoader(
             drawn,
-            batch_sampler=StepBatches(len(self.dataset), t.batch_size, t.seed, self.start, ctx.rank, ctx.world),
+            # `DrawnBatches.__getitems__` takes each `BatchKey` whole, where torch expects a list of indices
+            batch_sampler=cast(Sampler[list[Any]], StepBatches(len(self.dataset), t.batch_size, t.seed, *where)),
             num_workers=self.recipe.data.num_workers,
             pin_memory=ctx.device.type == "cuda",
             collate_fn=keep_batch,
