@@ -115,10 +115,7 @@ def say(progress: Progress, cell: Cell, what: str) -> None:
 
 
 def run_sweep(
-    sweep: Sweep,
-    out: Path,
-    console: Console | None = None,
-    runner: Runner | None = None,
+    sweep: Sweep, out: Path, console: Console | None = None, runner: Runner | None = None
 ) -> list[dict[str, Any]]:
     """Train, sample and score every cell not already done; write the results. Returns the rows."""
     console = console or Console()

@@ -33,7 +33,7 @@ def ablate(
         ),
     ],
     out: Annotated[
-        Path | None, typer.Option(help="Sweep folder (default ablations/<sweep name>). Re-running resumes.")
+        Path | None, typer.Option(help="Sweep folder (default ablations/<sweep name>); re-run to resume.")
     ] = None,
     dry_run: Annotated[
         bool,

@@ -7,8 +7,10 @@ exit code 2, never a traceback. Everything else is a bug and keeps its traceback
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -83,3 +85,13 @@ def parse_list(text: str | None, kind: type, flag: str) -> list | None:
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise DfmError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. 30,10") from None
+
+
+T = TypeVar("T")
+
+
+def from_flags(cls: type[T], flags: dict[str, Any], **renamed: Any) -> T:
+    """The dataclass `cls` from a command's flags of the same names (`flags` is the command's
+    `locals()`), with `renamed` for the fields whose flag has another name or needs parsing."""
+    names = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{**{k: v for k, v in flags.items() if k in names}, **renamed})

@@ -19,16 +19,12 @@ from dfm_cli.method.level_report import analyse, crop_to_multiple, report_table,
 @user_errors
 def decompose(
     path: Annotated[
-        Path | None, typer.Argument(help="Image or video (GIF/MP4). Default: a photo shipped with scikit-learn.")
+        Path | None, typer.Argument(help="Image or video (GIF/MP4); default: a scikit-learn photo.")
     ] = None,
     levels: Annotated[int, typer.Option(help="Number of levels S.")] = 3,
     decomposition: Annotated[str, typer.Option(help="laplacian, dwt (Haar) or dct (block DCT).")] = "laplacian",
-    factors: Annotated[
-        str | None, typer.Option(help="Spatial factor per transition, e.g. 2,2 (default 2 each).")
-    ] = None,
-    temporal_factors: Annotated[
-        str | None, typer.Option(help="Video: frame factor per transition (default 1).")
-    ] = None,
+    factors: Annotated[str | None, typer.Option(help="Spatial factor per transition, e.g. 2,2 (default 2).")] = None,
+    temporal_factors: Annotated[str | None, typer.Option(help="Video: frame factor per transition (default 1)")] = None,
     antialias: Annotated[bool, typer.Option(help="Antialias when downsampling (laplacian).")] = False,
     crop: Annotated[bool, typer.Option(help="Centre-crop to a size the factors divide instead of failing.")] = False,
     ae: Annotated[

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from dfm_cli import distributed
-from dfm_cli.commands.common import app, console, parse_list, user_errors
+from dfm_cli.commands.common import app, console, from_flags, parse_list, user_errors
 from dfm_cli.data.encode import REPORT, EncodeFailed, EncodeSettings, encode_store, prepare_store, read_report
 from dfm_cli.data.sources import open_encode
 from dfm_cli.data.store import INDEX
@@ -33,36 +33,28 @@ def encode(
     ],
     out: Annotated[Path, typer.Option(help="Store folder to write (re-running with the same settings resumes).")],
     ae: Annotated[str, typer.Option(help="Autoencoder: pixel, kl (SD-VAE/FLUX AE) or cogvideox.")] = "pixel",
-    ae_weights: Annotated[
-        str | None, typer.Option(help="Local diffusers folder, or a repo id in the hub cache.")
-    ] = None,
+    ae_weights: Annotated[str | None, typer.Option(help="Local diffusers folder or a cached hub repo id.")] = None,
     resolution: Annotated[int, typer.Option(help="Pixel resolution after the ADM centre crop.")] = 256,
     frames: Annotated[int, typer.Option(help="Video: frames per clip (0 = images).")] = 0,
     stride: Annotated[int, typer.Option(help="Video: take every stride-th frame.")] = 1,
     fps: Annotated[float, typer.Option(help="Video: resample to this frame rate instead of --stride (0 = off).")] = 0.0,
     labels: Annotated[
-        Path | None, typer.Option(help="Labels file, 'relative/path,label' per line (instead of class subfolders).")
+        Path | None, typer.Option(help="Labels file, 'relative/path,label' per line (instead of subfolders).")
     ] = None,
     flip: Annotated[bool, typer.Option(help="Also store horizontally flipped latents (augmentation).")] = False,
     shard_size: Annotated[int, typer.Option(help="Items per shard.")] = 1024,
-    strict: Annotated[
-        bool, typer.Option(help="Fail (exit 1) on the first unreadable file instead of skipping it.")
-    ] = False,
+    strict: Annotated[bool, typer.Option(help="Fail (exit 1) on an unreadable file instead of skipping it.")] = False,
     workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
     batch: Annotated[int, typer.Option(help="Encoder batch size.")] = 16,
     levels: Annotated[int, typer.Option(help="Levels for the stored per-level statistics.")] = 2,
     factors: Annotated[str | None, typer.Option(help="Factors for the stored statistics, e.g. 2.")] = None,
     temporal_factors: Annotated[str | None, typer.Option(help="Video: temporal factors for the statistics.")] = None,
-    antialias: Annotated[
-        bool, typer.Option(help="Decompose with antialiasing for the stored statistics (as flow.antialias).")
-    ] = False,
+    antialias: Annotated[bool, typer.Option(help="Antialias the stored level statistics (as flow.antialias).")] = False,
     num_clips: Annotated[
         int,
         typer.Option(help="Built-in data: how many items (animal-mnist: evenly spaced; 0 = the dataset's own count)."),
     ] = 0,
-    overwrite: Annotated[
-        bool, typer.Option(help="Start over when --out holds a store made with other settings.")
-    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over if --out holds a store made otherwise.")] = False,
     captions: Annotated[
         Path | None,
         typer.Option(
@@ -75,52 +67,25 @@ def encode(
         str | None,
         typer.Option(help="Caption encoder: clip (open_clip), t5 (transformers folder) or clip+t5 (FLUX's pair)."),
     ] = None,
-    clip_model: Annotated[
-        str, typer.Option(help="open_clip architecture name or config JSON of the CLIP text tower.")
-    ] = "ViT-L-14",
-    clip_weights: Annotated[
-        Path | None, typer.Option(help="Local open_clip checkpoint for --text-encoder clip.")
-    ] = None,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture or config JSON (text tower).")] = "ViT-L-14",
+    clip_weights: Annotated[Path | None, typer.Option(help="open_clip checkpoint for --text-encoder clip.")] = None,
     t5_weights: Annotated[
-        Path | None, typer.Option(help="Local transformers folder (T5 encoder + tokenizer) for --text-encoder t5.")
+        Path | None, typer.Option(help="T5 encoder + tokenizer folder for --text-encoder t5.")
     ] = None,
     text_tokens: Annotated[int, typer.Option(help="Caption tokens kept per item (CLIP reads at most 77).")] = 77,
 ) -> None:
     """Encode a dataset into a sharded latent store (safetensors + index) for fast training."""
     listed = [
-        parse_list(text, int, flag) for text, flag in ((factors, "--factors"), (temporal_factors, "--temporal-factors"))
+        None if values is None else tuple(values)
+        for values in (parse_list(factors, int, "--factors"), parse_list(temporal_factors, int, "--temporal-factors"))
     ]
-    settings = EncodeSettings(
-        source=source,
-        out=out,
-        ae=ae,
-        ae_weights=ae_weights,
-        resolution=resolution,
-        frames=frames,
-        stride=stride,
-        fps=fps,
-        labels=labels,
-        num=num_clips,
-        flip=flip,
-        shard_size=shard_size,
-        strict=strict,
-        workers=workers,
-        batch=batch,
-        levels=levels,
-        factors=None if listed[0] is None else tuple(listed[0]),
-        temporal_factors=None if listed[1] is None else tuple(listed[1]),
-        antialias=antialias,
-        overwrite=overwrite,
-        captions=captions,
-        text=None
-        if text_encoder is None
-        else TextSettings(
-            text_encoder,
-            str(Path(clip_model).resolve()) if clip_model.endswith(".json") else clip_model,
-            str(clip_weights.resolve()) if clip_weights else "",
-            str(t5_weights.resolve()) if t5_weights else "",
-            text_tokens,
-        ),
+    text = None
+    if text_encoder is not None:
+        clip = str(Path(clip_model).resolve()) if clip_model.endswith(".json") else clip_model
+        clip_file, t5_folder = (str(p.resolve()) if p else "" for p in (clip_weights, t5_weights))
+        text = TextSettings(text_encoder, clip, clip_file, t5_folder, text_tokens)
+    settings = from_flags(
+        EncodeSettings, locals(), num=num_clips, factors=listed[0], temporal_factors=listed[1], text=text
     )
     ctx = distributed.init()
     try:

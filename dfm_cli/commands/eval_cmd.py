@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dfm_cli.commands.common import app, console, user_errors
+from dfm_cli.commands.common import app, console, from_flags, user_errors
 from dfm_cli.config.recipe import load_recipe
 from dfm_cli.data.checkpoints import resolve_checkpoint
 from dfm_cli.errors import DfmError, reading
@@ -55,9 +55,7 @@ def eval_(
             )
         ),
     ] = None,
-    fid: Annotated[
-        bool, typer.Option("--fid", help="FID (frame-FID for video), Inception via torch-fidelity.")
-    ] = False,
+    fid: Annotated[bool, typer.Option("--fid", help="FID (frame-FID for video; torch-fidelity's Inception).")] = False,
     kid: Annotated[bool, typer.Option("--kid", help="KID via torch-fidelity.")] = False,
     isc: Annotated[bool, typer.Option("--isc", help="Inception Score (needs weights with logits).")] = False,
     fdd: Annotated[bool, typer.Option("--fdd", help="Fréchet DINOv2 distance.")] = False,
@@ -77,25 +75,21 @@ def eval_(
         ),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON.")] = None,
-    stats_out: Annotated[
-        Path | None, typer.Option(help="Save SAMPLES' statistics (mu, sigma; ADM layout) and exit.")
-    ] = None,
+    stats_out: Annotated[Path | None, typer.Option(help="Save SAMPLES' statistics (ADM mu, sigma) and exit.")] = None,
     max_fid: Annotated[float | None, typer.Option(help="Exit 1 if FID is above this (needs --fid).")] = None,
     max_kid: Annotated[float | None, typer.Option(help="Exit 1 if KID is above this (needs --kid).")] = None,
     max_fdd: Annotated[float | None, typer.Option(help="Exit 1 if FDD is above this (needs --fdd).")] = None,
     max_swd: Annotated[float | None, typer.Option(help="Exit 1 if SWD is above this (needs --swd).")] = None,
     max_fvd: Annotated[float | None, typer.Option(help="Exit 1 if FVD is above this (needs --fvd).")] = None,
     min_isc: Annotated[float | None, typer.Option(help="Exit 1 if IS is below this (needs --isc).")] = None,
-    min_clip: Annotated[
-        float | None, typer.Option(help="Exit 1 if the CLIP score is below this (needs --clip).")
-    ] = None,
+    min_clip: Annotated[float | None, typer.Option(help="Exit 1 if CLIP score is below this (needs --clip).")] = None,
     min_precision: Annotated[float | None, typer.Option(help="Exit 1 if precision is below this (needs --pr).")] = None,
     min_recall: Annotated[float | None, typer.Option(help="Exit 1 if recall is below this (needs --pr).")] = None,
     inception_weights: Annotated[
-        Path | None, typer.Option(help="Inception weights (torch-fidelity format; read as tensors only).")
+        Path | None, typer.Option(help="Inception weights (torch-fidelity's file; tensors only).")
     ] = None,
     dinov2_weights: Annotated[
-        Path | None, typer.Option(help="DINOv2 checkpoint (Meta format), e.g. dinov2_vitl14_pretrain.pth.")
+        Path | None, typer.Option(help="DINOv2 checkpoint, e.g. dinov2_vitl14_pretrain.pth.")
     ] = None,
     clip_model: Annotated[str, typer.Option(help="open_clip architecture name or config JSON.")] = "ViT-L-14",
     clip_weights: Annotated[Path | None, typer.Option(help="open_clip checkpoint for --clip-model.")] = None,
@@ -124,34 +118,13 @@ def eval_(
             help="Feature-extraction batch size (results do not depend on it); also the sampling batch for a run."
         ),
     ] = 50,
-    fid_extractor: Annotated[
-        str, typer.Option(help="torch-fidelity feature extractor for FID/KID.")
-    ] = "inception-v3-compat",
+    fid_extractor: Annotated[str, typer.Option(help="torch-fidelity extractor for FID/KID.")] = "inception-v3-compat",
 ) -> None:
     """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
 
     `dfm eval --fid --max-fid X` alone scores the newest run under runs/: a CI gate in one line.
     """  # noqa: E501 (the first line is the command's one-line help)
-    req = Request(
-        fid=fid,
-        kid=kid,
-        isc=isc,
-        fdd=fdd,
-        swd=swd,
-        clip=clip,
-        fvd=fvd,
-        pr=pr,
-        inception_weights=inception_weights,
-        dinov2_weights=dinov2_weights,
-        clip_model=clip_model,
-        clip_weights=clip_weights,
-        captions=captions,
-        i3d_weights=i3d_weights,
-        swd_levels=swd_levels,
-        batch=batch,
-        device=pick_device(),
-        fid_extractor=fid_extractor,
-    )
+    req = from_flags(Request, locals(), device=pick_device())
     limits = {
         "--max-fid": max_fid,
         "--max-kid": max_kid,

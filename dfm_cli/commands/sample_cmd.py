@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -28,18 +28,14 @@ GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by TrainedRun.vide
 @app.command()
 @user_errors
 def sample(
-    run: Annotated[
-        Path | None, typer.Argument(help="Run folder or checkpoint folder (default: the newest run under runs/).")
-    ] = None,
+    run: Annotated[Path | None, typer.Argument(help="Run or checkpoint folder (default: newest in runs/).")] = None,
     stages: Annotated[int | None, typer.Option(help="Stages to generate (default: all levels).")] = None,
     tau: Annotated[str | None, typer.Option(help="Stage threshold(s), e.g. 0.8 or 0.7,0.9.")] = None,
     steps: Annotated[str | None, typer.Option(help="Euler steps per stage, e.g. 30,10.")] = None,
     cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     interval: Annotated[str | None, typer.Option(help="Guidance interval in t, e.g. 0.1,0.9.")] = None,
     solver: Annotated[str | None, typer.Option(help="euler or heun.")] = None,
-    class_: Annotated[
-        int | None, typer.Option("--class", help="Class index for every sample (default: balanced).")
-    ] = None,
+    class_: Annotated[int | None, typer.Option("--class", help="Class of every sample (default: balanced).")] = None,
     n: Annotated[int, typer.Option(help="Number of samples in the grid.")] = 64,
     num: Annotated[
         int | None,
@@ -67,7 +63,7 @@ def sample(
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
     overwrite: Annotated[
-        bool, typer.Option(help="With --num: start the set over when --out holds one made with other settings.")
+        bool, typer.Option(help="With --num: start over if --out holds a set made otherwise.")
     ] = False,
     prompt: Annotated[
         list[str] | None,
@@ -97,12 +93,7 @@ def sample(
     trained = load_for_sampling(run, ema=ema)
     model, info = trained.model, trained.info
     settings = trained.recipe.sampler_settings(
-        stages=stages,
-        steps=step_list,
-        tau=tau_list,
-        cfg=cfg,
-        interval=interval_list,
-        solver=solver,
+        stages=stages, steps=step_list, tau=tau_list, cfg=cfg, interval=interval_list, solver=solver
     )
     texts = read_prompts(prompts) if prompts is not None else list(prompt or [])
     if prompts is not None and prompt:
@@ -126,7 +117,8 @@ def sample(
             f"--class {class_}: the model knows classes 0..{num_classes - 1} ({', '.join(info.class_names)})"
         )
     if num is not None:
-        write_set(trained, settings, out or Path("samples.npz"), num, batch, seed, overwrite, encoded)
+        options = dict(batch=batch, seed=seed, overwrite=overwrite, prompts=encoded)
+        write_set(trained, settings, out or Path("samples.npz"), num, **options)
     else:
         video = trained.video
         out = out or Path("grid.gif" if video else "grid.png")
@@ -178,10 +170,7 @@ def write_grid(
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
     result = trained.generate(
-        labels if prompts is None else prompts.condition(labels),
-        settings,
-        seed=seed,
-        previews=previews,
+        labels if prompts is None else prompts.condition(labels), settings, seed=seed, previews=previews
     )
     elapsed = time.perf_counter() - start
     nrow = num_classes if class_ is None and n % num_classes == 0 else None
@@ -195,35 +184,17 @@ def write_grid(
     )
 
 
-def write_set(
-    trained: TrainedRun,
-    settings: SamplerSettings,
-    out: Path,
-    num: int,
-    batch: int,
-    seed: int,
-    overwrite: bool,
-    prompts: Prompts | None = None,
-) -> None:
-    """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes."""
+def write_set(trained: TrainedRun, settings: SamplerSettings, out: Path, num: int, **options: Any) -> None:
+    """`dfm sample --num`: a class-balanced evaluation set, sharded over torchrun processes;
+    `options` (batch, seed, overwrite, prompts) go to `write_run_sample_set`."""
     ctx = distributed.init()
     try:
         trained.model.to(ctx.device)
         start = time.perf_counter()
         # a log gets a line after the first batch too: how fast this goes is worth knowing early
         with Progress(Console(stderr=True, quiet=not ctx.main), "sample", -(-num // ctx.world)) as progress:
-            write_run_sample_set(
-                trained,
-                settings,
-                out,
-                num=num,
-                batch=batch,
-                seed=seed,
-                ctx=ctx,
-                overwrite=overwrite,
-                on_batch=lambda n: progress.advance(n, log=progress.completed == 0),
-                prompts=prompts,
-            )
+            on_batch = lambda n: progress.advance(n, log=progress.completed == 0)  # noqa: E731
+            write_run_sample_set(trained, settings, out, num=num, ctx=ctx, on_batch=on_batch, **options)
         if ctx.main:
             console.print(
                 f"wrote {num} samples to {out} in {time.perf_counter() - start:.1f} s "

@@ -19,9 +19,7 @@ from dfm_cli.training.loop import train as run_training
 def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/quickstart.toml.")],
     set_: Annotated[list[str], typer.Option("--set", help="Override a key: --set train.steps=200 (repeatable).")] = [],  # noqa: B006
-    out: Annotated[
-        Path | None, typer.Option(help="Run folder (default runs/<recipe name>). Re-running resumes.")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<recipe name>); re-run to resume.")] = None,
     init_from: Annotated[
         Path | None,
         typer.Option(

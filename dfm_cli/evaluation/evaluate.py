@@ -385,16 +385,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("kid", "inception", _kid, ("kid", "kid_std"), (Gate("max", "kid", ("kid",)),), True),
     Metric("fdd", "dinov2", _fdd, ("fdd",), (Gate("max", "fdd", ("fdd",)),), True, True),
     Metric("swd", "pixels", _swd, ("swd",), (Gate("max", "swd", ("swd",)),), True),
-    Metric(
-        "fvd",
-        "i3d",
-        _fvd,
-        ("fvd",),
-        (Gate("max", "fvd", ("fvd",)),),
-        True,
-        True,
-        video_only=True,
-    ),
+    Metric("fvd", "i3d", _fvd, ("fvd",), (Gate("max", "fvd", ("fvd",)),), True, True, video_only=True),
     Metric("isc", "inception", _isc, ("isc", "isc_std"), (Gate("min", "isc", ("isc",)),)),
     Metric("clip", "clip", _clip, ("clip_score",), (Gate("min", "clip", ("clip_score",)),), check=_captions),
     Metric(
