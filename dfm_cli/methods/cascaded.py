@@ -5,6 +5,7 @@ stage 1 at the coarse size, then stage 2 at the full size given the augmented co
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar, cast
 
 from torch import nn
@@ -52,12 +53,12 @@ class Cascaded(Method):
             fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
         super().check(recipe, fail)
 
-    @property
+    @functools.cached_property
     def settings(self) -> CascadeSettings:
         loc, scale = self.recipe.flow.cascade_aug
         return CascadeSettings(self.recipe.flow.cascade_split, loc, scale, self.recipe.sample.cond_noise)
 
-    @property
+    @functools.cached_property
     def switch_step(self) -> int:
         """The training step at which stage 2 takes over."""
         return self.settings.split_step(self.recipe.train.steps)

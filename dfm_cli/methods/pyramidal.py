@@ -4,6 +4,7 @@ renoising at each jump (the maths is in `dfm_cli/baselines/pyramidal.py`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, cast
 
 from torch import nn
@@ -68,7 +69,7 @@ class PyramidalFlow(Method):
     def decomposition(self, level_stats: dict | None = None) -> Decomposition:
         return gaussian_stack(self.recipe)
 
-    @property
+    @functools.cached_property
     def schedule(self) -> PyramidalSchedule:
         return PyramidalSchedule(tuple(self.recipe.flow.factors), self.recipe.flow.gamma)
 
