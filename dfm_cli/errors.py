@@ -12,14 +12,28 @@ from __future__ import annotations
 
 import difflib
 import errno
+import importlib
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 
 class DfmError(ValueError):
     """A problem with the user's input (recipe, file, flag), with a message that says how to fix it."""
+
+
+DIFFUSERS_HINT = 'pip install "dfm-cli[diffusers]"'
+
+
+def import_diffusers(what: str) -> ModuleType:
+    """The optional `diffusers` package, or a one-line `DfmError` saying that `what` needs it
+    and how to install it (every path that builds a diffusers model goes through here)."""
+    try:
+        return importlib.import_module("diffusers")
+    except ImportError:
+        raise DfmError(f"{what} needs diffusers: {DIFFUSERS_HINT}") from None
 
 
 # Errors that mean "this file's bytes are not what they claim to be", never a bug of ours.

@@ -49,10 +49,10 @@ def test_stage_2_sees_stage_1_only_through_its_conditioning_tokens():
 
 def test_training_draws_follow_the_step_and_the_augmentation_law():
     settings = CascadeSettings(split=0.8, aug_loc=1.5, aug_scale=1.0)
-    recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8", "flow.p_stage=[0.5, 0.5]"])
+    recipe = load_recipe(TINY_CASCADE, ["train.steps=100", "flow.cascade_split=0.8"])
     method = method_of(recipe)
     objective = method.objective()
-    assert objective == CascadedObjective(p_stage=(0.5, 0.5), cascade=settings)
+    assert objective == CascadedObjective(p_stage=(0.9, 0.1), cascade=settings)  # p_stage: unused, the default
     shapes = [(1, 2, 2), (1, 4, 4)]
     assert method.objective_at(objective, 79).draw(shapes, range(4), 0).stage.tolist() == [0] * 4
     draws = method.objective_at(objective, 80).draw(shapes, range(4000), 0)

@@ -53,6 +53,10 @@ class EvalSpec:
     i3d_weights: str = ""  # for fvd: i3d_torchscript.pt
 
 
+# The smallest value of each number in `[eval]`.
+EVAL_LEAST = {"num": 1, "reference_num": 0, "seed": 0, "batch": 1, "swd_levels": 1, "grid_samples": 1}
+
+
 @dataclass
 class Cell:
     """One row of the results: a resolved recipe and where its outputs live."""
@@ -177,7 +181,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if not path.is_file():
         raise DfmError(f"sweep {path} not found; pass a TOML file such as recipes/tiny/ablate.toml")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM (some Windows editors write one) is dropped
     except tomllib.TOMLDecodeError as e:
         raise DfmError(f"{path}: not valid TOML: {e}") from None
     if "recipe" not in raw and set(raw) & set(SECTIONS):
@@ -228,9 +232,9 @@ def load_sweep(path: str | Path) -> Sweep:
                 f"{path}: eval.metrics: unknown metric {metric!r}{suggest(metric, METRIC_FLAGS)} "
                 f"(choose from {', '.join(METRIC_FLAGS)})"
             )
-    for key in ("num", "batch", "swd_levels"):
-        if getattr(spec, key) < 1:
-            raise DfmError(f"{path}: eval.{key} = {getattr(spec, key)}: must be at least 1")
+    for key, least in EVAL_LEAST.items():
+        if getattr(spec, key) < least:
+            raise DfmError(f"{path}: eval.{key} = {getattr(spec, key)}: must be at least {least}")
 
     swept = list(dict.fromkeys([k for c in cells_raw for k in c if k != "name"] + list(grid)))
     cells = []

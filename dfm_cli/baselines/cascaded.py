@@ -112,13 +112,15 @@ class CascadedDiT(nn.Module):
         coarse, fine, cond = levels
         out = [torch.zeros_like(coarse), torch.zeros_like(fine)]
         zeros = torch.zeros_like(stage)
+        # under autocast (bf16) each stage's velocity is cast back to the dtype of its input
         for k in stage.unique().tolist():
             rows = stage == k
             if k == 0:
-                out[0] = out[0].index_put((rows,), self.stage1([coarse[rows]], t[rows, :1], y[rows], zeros[rows])[0])
+                v = self.stage1([coarse[rows]], t[rows, :1], y[rows], zeros[rows])[0]
+                out[0] = out[0].index_put((rows,), v.to(out[0].dtype))
                 continue
             v = self._stage2(fine[rows], cond[rows], t[rows], y[rows], zeros[rows])
-            out[1] = out[1].index_put((rows,), v)
+            out[1] = out[1].index_put((rows,), v.to(out[1].dtype))
         return out
 
     def _stage2(

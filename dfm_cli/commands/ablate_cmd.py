@@ -29,7 +29,8 @@ def ablate(
     sweep: Annotated[
         Path,
         typer.Argument(
-            help="Sweep TOML: a base recipe and a [grid] and/or [[cell]] list, e.g. recipes/tiny/ablate.toml."
+            # brackets escaped: Typer renders help as rich markup, which would eat `[grid]`
+            help=r"Sweep TOML: a base recipe and a \[grid] and/or [\[cell]] list, e.g. recipes/tiny/ablate.toml."
         ),
     ],
     out: Annotated[

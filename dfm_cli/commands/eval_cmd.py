@@ -119,6 +119,9 @@ def eval_(
         ),
     ] = 50,
     fid_extractor: Annotated[str, typer.Option(help="torch-fidelity extractor for FID/KID.")] = "inception-v3-compat",
+    verify: Annotated[
+        bool, typer.Option(help="Scoring a run: check its weights against the SHA-256 its checkpoint recorded.")
+    ] = True,
 ) -> None:
     """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
 
@@ -165,7 +168,7 @@ def eval_(
             soft_wrap=True,
         )
         with Progress(err, "sample", num, transient=True) as progress:
-            samples = str(run_sample_set(checkpoint, num, batch, progress.advance))
+            samples = str(run_sample_set(checkpoint, num, batch, progress.advance, verify=verify))
         err.print(f"evaluation set: {samples}", soft_wrap=True)
     elif num is not None:
         raise DfmError(f"--num {num} sizes a run's evaluation set; {samples} is already a sample set")

@@ -20,7 +20,7 @@ from dfm_cli.media import save_samples
 from dfm_cli.method.sampler import SamplerSettings, class_balanced_labels, sampled_classes
 from dfm_cli.progress import Progress
 from dfm_cli.sampling.runs import TrainedRun, load_for_sampling, newest_run
-from dfm_cli.sampling.sample_set import write_run_sample_set
+from dfm_cli.sampling.sample_set import check_samples_memory, decoded_shape, write_run_sample_set
 
 GRID_SUFFIXES = {False: (".png",), True: (".gif", ".mp4")}  # by TrainedRun.video
 
@@ -62,6 +62,9 @@ def sample(
     ] = None,
     previews: Annotated[bool, typer.Option(help="Also write the clean estimate at the end of each stage.")] = False,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights.")] = True,
+    verify: Annotated[
+        bool, typer.Option(help="Check the weights against the SHA-256 their checkpoint recorded.")
+    ] = True,
     overwrite: Annotated[
         bool, typer.Option(help="With --num: start over if --out holds a set made otherwise.")
     ] = False,
@@ -90,7 +93,7 @@ def sample(
     if run is None:
         run = newest_run()
         console.print(f"sampling the newest run under runs/: {run}")
-    trained = load_for_sampling(run, ema=ema)
+    trained = load_for_sampling(run, ema=ema, verify=verify)
     model, info = trained.model, trained.info
     settings = trained.recipe.sampler_settings(
         stages=stages, steps=step_list, tau=tau_list, cfg=cfg, interval=interval_list, solver=solver
@@ -167,6 +170,9 @@ def write_grid(
     classes = sampled_classes(trained.recipe, info) if prompts is None else list(range(len(prompts.texts)))
     num_classes = len(classes)
     decode = from_config(info.autoencoder, next(model.parameters()).device).decode
+    copies = 1 + (len(settings.steps) if previews else 0)  # a grid holds all its samples (and previews) at once
+    hint = ", or write the samples as an evaluation set with --num, which streams them to disk"
+    check_samples_memory("--n", n, decoded_shape(model, decode), copies, hint)
     labels = torch.full((n,), class_) if class_ is not None else class_balanced_labels(n, classes)
     start = time.perf_counter()
     result = trained.generate(

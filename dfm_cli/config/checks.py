@@ -7,13 +7,14 @@ that would fail later, naming the key, its value and how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from typing import Any
 
 from dfm_cli.config.method import method_choices, method_class
-from dfm_cli.config.schema import DataSection, Recipe
-from dfm_cli.data.datasets import DATA_NAMES
+from dfm_cli.config.schema import SECTIONS, DataSection, Recipe
+from dfm_cli.data.datasets import BUILTIN, DATA_NAMES
 from dfm_cli.errors import DfmError, suggest
 from dfm_cli.method.decompose import DECOMPOSITIONS, build_decomposition
 from dfm_cli.method.sampler import progressive_schedule
@@ -54,6 +55,45 @@ RANGES = {
     "train.per_level_only_steps train.seed data.frames data.num_workers sample.cfg",
     "above zero": "train.lr train.eps train.grad_clip flow.t_scale flow.prev_t_scale",
 }
+
+
+def _check_finite(recipe: Recipe, fail) -> None:
+    """Every float key of every section, and every entry of a list-of-float key, is a finite
+    number: TOML's `nan` and `inf` pass the type check but no range means anything with them."""
+    for section, cls in SECTIONS.items():
+        body = getattr(recipe, section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(body):
+            kind, value = hints[f.name], getattr(body, f.name)
+            if kind is float:
+                values = [value]
+            elif typing.get_origin(kind) is list and typing.get_args(kind) == (float,):
+                values = list(value)
+            else:
+                continue
+            if not all(math.isfinite(v) for v in values):
+                fail(f"{section}.{f.name}", value, "must be a finite number (not nan or inf)")
+
+
+def _check_classes(data: DataSection, fail) -> None:
+    """`data.classes`: ids of a built-in dataset's classes (a folder's are known when it is read)."""
+    if data.classes and (data.name == "store" or any(c < 0 for c in data.classes)):
+        fail(
+            "data.classes",
+            data.classes,
+            "takes class ids (0 or more) of built-in data or a folder; a latent store "
+            "keeps the classes it was encoded with",
+        )
+    builtin = BUILTIN.get(data.name)
+    if builtin is not None:
+        names = builtin.class_names
+        bad = [c for c in data.classes if c >= len(names)]
+        if bad:
+            fail(
+                "data.classes",
+                data.classes,
+                f"{bad} out of range: {data.name} has {len(names)} classes (0 to {len(names) - 1}: {', '.join(names)})",
+            )
 
 
 def _check_ranges(recipe: Recipe, fail) -> None:
@@ -233,13 +273,7 @@ def validate(recipe: Recipe, source: str) -> None:
 
     if d.name not in names:
         fail("data.name", d.name, f"choose one of {', '.join(names)}{suggest(d.name, names)}")
-    if d.classes and (d.name == "store" or any(c < 0 for c in d.classes)):
-        fail(
-            "data.classes",
-            d.classes,
-            "takes class ids (0 or more) of built-in data or a folder; a latent store "
-            "keeps the classes it was encoded with",
-        )
+    _check_classes(d, fail)
     if d.name in ("folder", "store") and not d.path:
         fail(
             "data.path",
@@ -250,6 +284,7 @@ def validate(recipe: Recipe, source: str) -> None:
     _check_text(recipe, fail)
     _check_method(recipe, fail)
     _check_ranges(recipe, fail)
+    _check_finite(recipe, fail)  # after the ranges, whose messages say more where a key has one
     if m.kind == "autoencoder":
         _check_autoencoder(recipe, fail)
     if m.kind == "flux":
@@ -272,6 +307,20 @@ def validate(recipe: Recipe, source: str) -> None:
                 recipe.flux.axes_dims_rope,
                 f"must sum to flux.attention_head_dim ({recipe.flux.attention_head_dim})",
             )
+    if not d.frames and d.name != "store":  # images (a store's shape is known when it is read)
+        for key, value, ones in (
+            ("flow.temporal_factors", f.temporal_factors, all(v == 1 for v in f.temporal_factors)),
+            ("model.temporal_patch", m.temporal_patch, m.temporal_patch == 1),
+        ):
+            if not ones:
+                fail(key, value, "applies to video (data.frames > 0); for images leave it at 1")
+    if t.per_level_only_steps and not t.init_from:
+        fail(
+            "train.per_level_only_steps",
+            t.per_level_only_steps,
+            "freezes the shared weights of a model converted from train.init_from; without init_from "
+            "they would stay at their random init: set train.init_from or leave this at 0",
+        )
     if t.parallel not in ("ddp", "fsdp"):
         fail("train.parallel", t.parallel, "choose 'ddp' or 'fsdp'")
     if t.precision not in ("auto", "bf16", "fp32"):

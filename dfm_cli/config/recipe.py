@@ -79,7 +79,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise DfmError(f"recipe {source} not found; pass a TOML file such as recipes/quickstart.toml")
         with reading(p, "recipe (TOML, UTF-8)"):
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")  # a BOM (some Windows editors write one) is dropped
         try:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:

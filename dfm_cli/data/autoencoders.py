@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dfm_cli.errors import DfmError
+from dfm_cli.errors import DfmError, import_diffusers
 
 KINDS = ("pixel", "kl", "cogvideox")
 
@@ -52,19 +52,18 @@ class DiffusersAE:
     """A diffusers autoencoder with its scaling and shift; `video` for `B C T H W` models."""
 
     def __init__(self, name: str, weights: str, device: torch.device = torch.device("cpu")):
-        try:
-            import diffusers
-        except ImportError:
-            raise DfmError(f"--ae {name} needs diffusers: pip install 'dfm-cli[diffusers]'") from None
+        diffusers = import_diffusers(f"--ae {name}")
         diffusers.utils.logging.set_verbosity_error()  # loading advice (accelerate) is noise to our users
         cls = diffusers.AutoencoderKLCogVideoX if name == "cogvideox" else diffusers.AutoencoderKL
         try:
-            self.vae = cls.from_pretrained(weights, local_files_only=True).eval().requires_grad_(False).to(device)
+            # safetensors only: a pickled .bin in a folder a user gives could run code on load
+            vae = cls.from_pretrained(weights, local_files_only=True, use_safetensors=True)
+            self.vae = vae.eval().requires_grad_(False).to(device)
         except (OSError, ValueError) as e:
             raise DfmError(
                 f"--ae-weights {weights}: cannot load a {cls.__name__} from it offline "
                 f"({str(e).splitlines()[0][:150]}); pass a folder written by save_pretrained "
-                "(config.json + weights) or a repo id already in the hub cache"
+                "(config.json + .safetensors weights) or a repo id already in the hub cache"
             ) from None
         local = Path(weights).expanduser()
         # a local folder is recorded absolute, so a store or run decodes from any working directory

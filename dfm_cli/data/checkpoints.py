@@ -6,11 +6,17 @@ under a temporary name, every file is fsynced, `state.json` goes last, and only 
 folder renamed into place and the `latest` link swapped. A crash at any point leaves either
 the old set of checkpoints or the new one, never a folder that loads but is wrong.
 No pickle is involved anywhere, so loading a stranger's checkpoint cannot run code.
+
+`state.json` records the SHA-256 of every weight file (`"sha256": {file name: hex}`), hashed
+once when the checkpoint is written; loading checks each file it reads against its record
+(streamed in chunks), so a file changed or damaged since is an error, not a silently different
+model. Checkpoints written before digests were recorded load unchecked.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -31,6 +37,7 @@ from dfm_cli.errors import DfmError
 
 STATE = "state.json"
 LOCK = ".lock"
+DIGESTS = "sha256"  # the key of state.json that records each weight file's SHA-256
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,15 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a model's weights never sit whole in memory twice)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Split a full optimizer state dict (parameter names as keys) into flat tensors
     `"<param>::<slot>"` and JSON-able param groups."""
@@ -115,6 +131,8 @@ def save_checkpoint(
     """Write `weights[name]` as `<name>.safetensors` plus state and recipe, atomically.
 
     Keeps the newest `keep` checkpoints, plus every one whose state says `"milestone": true`.
+    Each weight file is hashed right after it is written (still in the page cache) and the
+    digests join the state under `"sha256"`.
     """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -122,10 +140,12 @@ def save_checkpoint(
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"  # unique to the process, as is the link below
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    digests = {}
     for name, tensors in weights.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
+        digests[f"{name}.safetensors"] = file_sha256(tmp / f"{name}.safetensors")
     (tmp / "recipe.toml").write_text(recipe_toml)
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    (tmp / STATE).write_text(json.dumps({**state, DIGESTS: digests}, indent=1))
     for f in tmp.iterdir():
         _fsync_path(f)
     shutil.rmtree(final, ignore_errors=True)
@@ -163,19 +183,67 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def pinned_checkpoint(path: str | Path) -> Path:
+    """`resolve_checkpoint`, fixed: a run folder's newest complete checkpoint as it is now, and
+    `checkpoints/latest` as the `step-N` folder it points to, so the path names the same
+    weights however long the run it belongs to goes on training."""
+    ckpt = resolve_checkpoint(path)
+    if ckpt.is_symlink():
+        ckpt = ckpt.parent / os.readlink(ckpt)
+    return ckpt
+
+
+def same_source(recorded: str, given: str) -> bool:
+    """Whether `given` (as typed again, e.g. on resume) names what `recorded` was pinned to:
+    the same checkpoint, or the run folder (or its `checkpoints/`, or `latest`) that holds it.
+
+    >>> same_source("runs/fm/checkpoints/step-000000008", "runs/fm")
+    True
+    >>> same_source("runs/fm/checkpoints/step-000000008", "runs/fm/checkpoints/step-000000004")
+    False
+    """
+    if recorded == given:
+        return True
+    r, g = Path(os.path.abspath(recorded)), Path(os.path.abspath(given))
+    return r == g or (r.parent.name == "checkpoints" and g in (r.parent, r.parent.parent, r.parent / "latest"))
+
+
+def verify_weights(ckpt: Path, names: tuple[str, ...], state: dict[str, Any], hint: str | None = None) -> None:
+    """Check the named weight files of `ckpt` against the SHA-256 its state recorded when it was
+    written; a file without a record (a checkpoint older than the records) is not checked.
+    `hint` says what to do instead (default: an earlier checkpoint, or `--no-verify`)."""
+    recorded = state.get(DIGESTS) if isinstance(state, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    for name in names:
+        file = ckpt / f"{name}.safetensors"
+        want = recorded.get(file.name)
+        if want is not None and file_sha256(file) != want:
+            raise DfmError(
+                f"{file}: its SHA-256 differs from the one recorded in {STATE} when the checkpoint was written "
+                f"(the file was changed or damaged since); "
+                f"{hint or f'use an earlier checkpoint under {ckpt.parent}, or pass --no-verify if you trust the file'}"
+            )
+
+
 def load_run_info(ckpt: Path) -> RunInfo:
     """The `RunInfo` of one checkpoint folder, without loading its weights."""
     _, state = load_checkpoint(ckpt, ())
     return RunInfo.from_state(state, ckpt / STATE)
 
 
-def load_checkpoint(ckpt: Path, names: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Load the named safetensors files and the JSON state of one checkpoint folder."""
+def load_checkpoint(
+    ckpt: Path, names: tuple[str, ...], verify: bool = True, hint: str | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Load the named safetensors files and the JSON state of one checkpoint folder; with
+    `verify`, each file must match the SHA-256 its state recorded (see `verify_weights`)."""
     try:
         weights = {name: load_file(ckpt / f"{name}.safetensors") for name in names}
         state = json.loads((ckpt / STATE).read_text())
     except (OSError, ValueError, SafetensorError) as e:
         raise DfmError(f"{ckpt}: unreadable checkpoint ({e}); delete it to fall back to an older one") from None
+    if verify:
+        verify_weights(ckpt, names, state, hint)
     return weights, state
 
 
@@ -234,8 +302,10 @@ def save_training_state(
 
 
 def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Context) -> dict[str, Any]:
-    """Restore what `save_training_state` wrote, on every rank; returns the JSON state."""
-    weights, state = load_checkpoint(ckpt, ("model", "ema", "optimizer"))
+    """Restore what `save_training_state` wrote (its files checked against their digests), on
+    every rank; returns the JSON state."""
+    hint = f"delete {ckpt} to resume from an earlier checkpoint, or train into a new --out folder"
+    weights, state = load_checkpoint(ckpt, ("model", "ema", "optimizer"), hint=hint)
     missing = [k for k in ("step", "param_groups") if k not in state]
     if missing:
         raise DfmError(

@@ -251,18 +251,27 @@ class SpriteClips(ImageDataset):
 @dataclass(frozen=True)
 class Builtin:
     """A dataset built from its name alone. `make(resolution, frames, num)`; `num = 0` means
-    the dataset's own size."""
+    the dataset's own size. `class_names` are its classes (id = position), known without
+    building it, so that the recipe checks can range-check `data.classes`."""
 
     make: Callable[[int, int, int], ImageDataset]
     channels: int
+    class_names: tuple[str, ...]
     video: bool = False
 
 
 BUILTIN: dict[str, Builtin] = {
-    "animal-mnist": Builtin(lambda resolution, frames, num: animal_mnist(resolution, num), channels=1),
-    "photo-crops": Builtin(lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3),
+    "animal-mnist": Builtin(
+        lambda resolution, frames, num: animal_mnist(resolution, num), channels=1, class_names=ANIMAL_CLASSES
+    ),
+    "photo-crops": Builtin(
+        lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3, class_names=PHOTO_CLASSES
+    ),
     "sprites": Builtin(
-        lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024), channels=3, video=True
+        lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024),
+        channels=3,
+        class_names=SPRITE_CLASSES,
+        video=True,
     ),
 }
 DATA_NAMES = (*BUILTIN, "folder", "store")  # what `data.name` may be

@@ -3,6 +3,7 @@ labels, or of latents and encoded captions, memory-mapped shard by shard."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ class LatentStore(Dataset):
 
     With a flip augmentation stored, item i's flipped copy is item `num + i` (same caption).
     A store encoded with captions (`text`) gives batches of `(latents, TextCond)` instead.
+    The first time a process opens a shard it checks the shard's SHA-256 and shapes against
+    `index.json` (once per shard and process, not on every read): a damaged or swapped shard
+    is one line naming it and the command that repairs the store.
     """
 
     def __init__(self, root: str | Path):
@@ -46,6 +50,7 @@ class LatentStore(Dataset):
         self.channels = self.shape[0]
         self.class_names = tuple(self.index.get("class_names", ()))
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+        self._checked: set[str] = set()  # shards verified in this process
         counts = [s["count"] for s in self.index["shards"]]
         self.starts = np.cumsum([0] + counts)
         self.num = int(self.starts[-1])
@@ -57,7 +62,55 @@ class LatentStore(Dataset):
     def __len__(self) -> int:
         return self.num * (2 if self.index.get("flip") else 1)
 
+    def _verify(self, shard: str) -> None:
+        """Check `shard` against its `index.json` entry: digest, then count and shapes."""
+        entry = next(s for s in self.index["shards"] if s["file"] == shard)
+        path, count = self.root / shard, entry["count"]
+        try:
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            why = ""
+            if "sha256" in entry and h.hexdigest() != entry["sha256"]:
+                why = f"its SHA-256 is {h.hexdigest()[:12]}…, the index records {entry['sha256'][:12]}…"
+            else:
+                header = read_header(path)
+                want = {"labels": [count], "latents": [count, *self.shape]}
+                if self.index.get("flip"):
+                    want["latents_flip"] = [count, *self.shape]
+                for key, shape in want.items():
+                    got = header.get(key, {}).get("shape")
+                    if got != shape:
+                        why = f"its {key} have shape {got}, the index says {shape}"
+                        break
+        except (OSError, ValueError, struct.error, AttributeError) as e:
+            why = f"it cannot be read ({getattr(e, 'strerror', None) or e})"
+        if why:
+            raise DfmError(f"{path}: does not match {INDEX} ({why}); repair the store with `{self._repair()}`")
+        self._checked.add(shard)
+
+    def _repair(self) -> str:
+        """The `dfm encode` command that writes this store again (its main flags, from the manifest)."""
+        m = self.index.get("manifest", {})
+        flags = [f"dfm encode {self.index.get('source') or m.get('source') or 'SOURCE'} --out {self.root}"]
+        ae = (self.index.get("autoencoder") or {}).get("name", "pixel")
+        for flag, value, default in (
+            ("--ae", ae, "pixel"),
+            ("--resolution", self.index.get("resolution"), 256),
+            ("--frames", self.index.get("frames"), 0),
+            ("--shard-size", m.get("shard_size"), 1024),
+            ("--num-clips", m.get("num"), 0),
+        ):
+            if value not in (None, default):
+                flags.append(f"{flag} {value}")
+        if self.index.get("flip"):
+            flags.append("--flip")
+        return " ".join(flags) + " --overwrite"
+
     def _map(self, shard: str, key: str) -> np.ndarray:
+        if shard not in self._checked:
+            self._verify(shard)
         if (shard, key) not in self._maps:
             header = read_header(self.root / shard)
             info = header[key]

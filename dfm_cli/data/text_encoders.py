@@ -136,9 +136,9 @@ def _load_t5(folder: Path):
             "T5 encoder (config.json, model.safetensors) and its tokenizer files"
         )
     try:
-        return T5EncoderModel.from_pretrained(folder).eval().requires_grad_(False), AutoTokenizer.from_pretrained(
-            folder
-        )
+        # safetensors only (no pickle), and never the network: the folder is the user's
+        model = T5EncoderModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        return model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise DfmError(
             f"--t5-weights {folder}: not a readable T5 encoder with tokenizer ({str(e).splitlines()[0][:160]})"

@@ -211,8 +211,8 @@ def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str
         out.append(("tau", "values must lie in (0, 1) and increase"))
     elif len(tau) != max(len(steps) - 1, 0):
         out.append(("tau", f"{len(steps)} stages need {len(steps) - 1} thresholds"))
-    if not math.isfinite(cfg):
-        out.append(("cfg", "the guidance scale must be a finite number (1 = no guidance)"))
+    if not (math.isfinite(cfg) and cfg >= 0):
+        out.append(("cfg", "the guidance scale must be a finite number, 0 or more (1 = no guidance)"))
     if len(interval) != 2 or not 0 <= interval[0] <= interval[1] <= 1:
         out.append(("interval", "give low,high with 0 <= low <= high <= 1"))
     if solver not in SOLVERS:

@@ -23,7 +23,7 @@ from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.sampler import SampleResult
 from dfm_cli.methods.factory import base_decomposition, text_dims
-from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_trained_from_scratch, gaussian_stack
+from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_no_tau, check_trained_from_scratch, gaussian_stack
 from dfm_cli.models.dit import model_size
 
 
@@ -34,7 +34,13 @@ def cascaded_dit(model: nn.Module) -> CascadedDiT:
 
 class Cascaded(Method):
     name = "cascaded"
-    unused_keys: ClassVar[dict[str, Any]] = {**GAUSSIAN_STAGES_UNUSED, "flow.per_batch_stage": False}
+    # each stage's share of training is flow.cascade_split's, in phases, not a per-sample draw
+    unused_keys: ClassVar[dict[str, Any]] = {
+        **GAUSSIAN_STAGES_UNUSED,
+        "flow.per_batch_stage": False,
+        "flow.p_stage": [0.9, 0.1],  # what checks.DEFAULT_P_STAGE fills in for 2 levels
+        "flow.gamma": 1 / 3,
+    }
     unused_why = "a Gaussian pyramid of images, no per-level layers"
     # the switch to stage 2 is a share of train.steps: changing it on resume moves the switch
     resumable_changes = RESUMABLE_CHANGES - {"train.steps"}
@@ -52,6 +58,7 @@ class Cascaded(Method):
         if not 0 <= recipe.sample.cond_noise < 1:
             fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
         super().check(recipe, fail)
+        check_no_tau(cls.name, recipe, fail)
 
     @functools.cached_property
     def settings(self) -> CascadeSettings:

@@ -4,7 +4,7 @@ decomposition, trains on the per-stage flow objective and samples progressively.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -21,6 +21,14 @@ from dfm_cli.models.flux import DFMFlux, flux_config
 
 class DFM(Method):
     name = "dfm"
+    # the baselines' own settings (Pyramidal Flow's renoising, the cascade's split and conditioning)
+    unused_keys: ClassVar[dict[str, Any]] = {
+        "flow.gamma": 1 / 3,
+        "flow.cascade_split": 0.8,
+        "flow.cascade_aug": [1.5, 1.0],
+        "sample.cond_noise": 0.025,
+    }
+    unused_why = "those are the baselines' settings"
 
     def decomposition(self, level_stats: dict | None = None) -> Decomposition:
         """The recipe's decomposition, standardized per level when `flow.standardize` is on."""

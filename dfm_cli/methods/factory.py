@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe, load_recipe
-from dfm_cli.data.checkpoints import STATE, RunInfo, load_checkpoint, resolve_checkpoint
+from dfm_cli.data.checkpoints import (
+    DIGESTS,
+    STATE,
+    RunInfo,
+    file_sha256,
+    load_checkpoint,
+    pinned_checkpoint,
+    resolve_checkpoint,
+)
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import TwoBandPyramid, UpsampledCoarse, build_decomposition
 from dfm_cli.method.flow import FlowObjective
@@ -60,8 +70,9 @@ def precondition_rms(recipe: Recipe, level_stats: dict | None) -> list[float] | 
     ]
 
 
-def load_trained(path: str | Path, ema: bool = True) -> tuple[nn.Module, Recipe, RunInfo]:
-    """Rebuild a trained model from a run folder or checkpoint, on the best device, in eval mode."""
+def load_trained(path: str | Path, ema: bool = True, verify: bool = True) -> tuple[nn.Module, Recipe, RunInfo]:
+    """Rebuild a trained model from a run folder or checkpoint, on the best device, in eval mode;
+    with `verify`, its weights must match the SHA-256 recorded when the checkpoint was written."""
     ckpt = resolve_checkpoint(path)
     recipe = load_recipe(ckpt / "recipe.toml")
     if recipe.model.kind == "autoencoder":
@@ -71,12 +82,57 @@ def load_trained(path: str | Path, ema: bool = True) -> tuple[nn.Module, Recipe,
             "and train a DFM recipe on the store"
         )
     name = "ema" if ema else "model"
-    weights, state = load_checkpoint(ckpt, (name,))
+    weights, state = load_checkpoint(ckpt, (name,), verify=verify)
     info = RunInfo.from_state(state, ckpt / STATE)
     rms = weights[name].get("level_rms")
-    model = build_model(recipe, info.shape, info.num_classes, None if rms is None else rms.tolist(), info.text)
-    model.load_state_dict(weights[name])
+    level_rms = None if rms is None else rms.tolist()
+    model = build_model(recipe, info.shape, info.num_classes, level_rms, info.text)
+    try:
+        model.load_state_dict(weights[name])
+    except RuntimeError:  # missing, unexpected or misshapen tensors: recipe.toml and weights disagree
+        raise DfmError(_weights_mismatch(ckpt, recipe, info, level_rms, model, weights[name])) from None
     return model.to(pick_device()).eval(), recipe, info
+
+
+def _weights_mismatch(
+    ckpt: Path, recipe: Recipe, info: RunInfo, level_rms: list[float] | None, model: nn.Module, weights: dict
+) -> str:
+    """The one-line error of weights that do not fit the model `recipe.toml` describes: the first
+    tensor that differs, and the registry model the weights are of where one fits them exactly."""
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    first = next((f"{k}: {list(have[k])} in the weights, {list(want[k])} in the model" for k in have
+                  if k in want and have[k] != want[k]), None)  # fmt: skip
+    if first is None:
+        missing, unexpected = [k for k in want if k not in have], [k for k in have if k not in want]
+        first = f"{missing[0]} missing from the weights" if missing else f"{unexpected[0]} not in the model"
+    name = recipe.model.name
+    fits = _model_of(recipe, info, level_rms, have)
+    of = f" ({fits})" if fits else ""
+    fix = f"set model.name = {fits!r} there" if fits else "restore the recipe.toml written with the checkpoint"
+    return (
+        f"{ckpt}: model.name = {name!r} in recipe.toml, but the weights are of another size{of}; "
+        f"first mismatch: {first}; {fix}"
+    )
+
+
+def _model_of(recipe: Recipe, info: RunInfo, level_rms: list[float] | None, shapes: dict[str, Any]) -> str | None:
+    """The registry model (`DFM-S/2`, ...) whose network, with the recipe's other keys, has
+    exactly these tensor `shapes`; built on the meta device, so nothing is allocated."""
+    from dfm_cli.models.dit import MODELS
+
+    for name in MODELS:
+        if name == recipe.model.name:
+            continue
+        other = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name=name))
+        try:
+            with torch.device("meta"):
+                model = build_model(other, info.shape, info.num_classes, level_rms, info.text)
+        except Exception:  # a size that does not fit the data (patch, levels): not this one
+            continue
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
+            return name
+    return None
 
 
 def pick_device() -> torch.device:
@@ -86,12 +142,40 @@ def pick_device() -> torch.device:
 def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dict[str, torch.Tensor]:
     """The EMA weights of a single-level run of model kind `kind`, checked against the data the
     new run trains on; for `flux`, also a diffusers FLUX transformer folder (e.g. FLUX.1-dev's)."""
+    return load_pinned_single_level(path, info, kind)[0]
+
+
+def load_pinned_single_level(
+    path: str | Path, info: RunInfo, kind: str = "dfm"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """`load_single_level`, and what it loaded: `{"checkpoint": RUN/checkpoints/step-N, "step",
+    "sha256"}` (of the EMA file), the run folder `path` names pinned to its newest complete
+    checkpoint now (None for a diffusers FLUX folder). A source still training may prune
+    that checkpoint before it is read: then its newest one is taken again."""
     if kind == "flux":
         from dfm_cli.models.flux import flux_single_level_state, is_flux_folder, load_flux_transformer
 
         if is_flux_folder(path):
-            return flux_single_level_state(load_flux_transformer(path))
-    ckpt = resolve_checkpoint(path)
+            return flux_single_level_state(load_flux_transformer(path)), None
+    tries = 3
+    while True:
+        ckpt = pinned_checkpoint(path)
+        try:
+            weights, state = _single_level(path, ckpt, info, kind)
+            break
+        except DfmError:
+            tries -= 1
+            if tries and not ckpt.exists() and ckpt != Path(path):  # pruned meanwhile
+                continue
+            raise
+    digest = (state.get(DIGESTS) or {}).get("ema.safetensors") or file_sha256(ckpt / "ema.safetensors")
+    return weights, {"checkpoint": str(ckpt), "step": state.get("step"), "sha256": digest}
+
+
+def _single_level(
+    path: str | Path, ckpt: Path, info: RunInfo, kind: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checked EMA weights and the state of the single-level checkpoint `ckpt` (`path` resolved)."""
     recipe = load_recipe(ckpt / "recipe.toml")
     if recipe.model.kind == "autoencoder":
         raise DfmError(f"train.init_from = '{path}' is an autoencoder run, not a flow model")
@@ -105,7 +189,8 @@ def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dic
             f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
             f"{recipe.flow.levels} levels"
         )
-    weights, state = load_checkpoint(ckpt, ("ema",))
+    hint = f"name an earlier checkpoint of that run (--init-from {ckpt.parent}/step-N)"
+    weights, state = load_checkpoint(ckpt, ("ema",), hint=hint)
     old = RunInfo.from_state(state, ckpt / STATE)
     for what, have, want in (
         ("data shape", list(old.shape), list(info.shape)),
@@ -116,4 +201,4 @@ def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dic
                 f"train.init_from = '{path}' was trained on {what} {have}, this run has {want}; "
                 "finetune on data of the same shape and classes"
             )
-    return weights["ema"]
+    return weights["ema"], state

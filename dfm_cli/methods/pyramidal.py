@@ -33,7 +33,10 @@ GAUSSIAN_STAGES_UNUSED: dict[str, Any] = {
     "flow.prev_t_loc": 1.5,
     "flow.prev_t_scale": 1.0,
     "flow.mask_input": True,
+    "sample.solver": "euler",  # each stage is integrated with Euler steps
 }
+# The tau thresholds of DFM's progressive sampler: each stage of a baseline runs to its end.
+BASELINE_TAU = 0.9
 
 
 def check_trained_from_scratch(name: str, recipe: Recipe, fail: Fail) -> None:
@@ -43,6 +46,16 @@ def check_trained_from_scratch(name: str, recipe: Recipe, fail: Fail) -> None:
             "train.init_from",
             recipe.train.init_from,
             f"starting from a trained model is for flow.method = 'dfm'; a '{name}' run trains from scratch",
+        )
+
+
+def check_no_tau(name: str, recipe: Recipe, fail: Fail) -> None:
+    """The baselines sample each stage to its end: DFM's thresholds `sample.tau` stay at their default."""
+    if any(tau != BASELINE_TAU for tau in recipe.sample.tau):  # broadcast to one per stage jump
+        fail(
+            "sample.tau",
+            recipe.sample.tau,
+            f"is not used by flow.method = '{name}' (each stage runs to its end); leave it at [{BASELINE_TAU}]",
         )
 
 
@@ -56,7 +69,12 @@ def gaussian_stack(recipe: Recipe) -> GaussianStack:
 
 class PyramidalFlow(Method):
     name = "pyramidal"
-    unused_keys: ClassVar[dict[str, Any]] = GAUSSIAN_STAGES_UNUSED
+    unused_keys: ClassVar[dict[str, Any]] = {
+        **GAUSSIAN_STAGES_UNUSED,
+        "flow.cascade_split": 0.8,
+        "flow.cascade_aug": [1.5, 1.0],
+        "sample.cond_noise": 0.025,
+    }
     unused_why = "a Gaussian pyramid of images, no per-level layers"
 
     @classmethod
@@ -64,7 +82,13 @@ class PyramidalFlow(Method):
         check_trained_from_scratch(cls.name, recipe, fail)
         if recipe.flow.levels < 2:
             fail("flow.levels", recipe.flow.levels, "Pyramidal Flow needs at least 2 stages")
+        try:  # gamma's valid range depends on each jump's factor (factors under 2 are refused with theirs)
+            if all(factor >= 2 for factor in recipe.flow.factors):
+                PyramidalSchedule(tuple(recipe.flow.factors), recipe.flow.gamma)
+        except DfmError as e:
+            fail("flow.gamma", recipe.flow.gamma, str(e).split(": ", 1)[-1])
         super().check(recipe, fail)
+        check_no_tau(cls.name, recipe, fail)
 
     def decomposition(self, level_stats: dict | None = None) -> Decomposition:
         return gaussian_stack(self.recipe)

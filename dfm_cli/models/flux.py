@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dfm_cli.errors import DfmError, reading
+from dfm_cli.errors import DfmError, import_diffusers, reading
 from dfm_cli.method.cond import NullText, TextCond
 from dfm_cli.models.dit import renamed_heads
 from dfm_cli.models.positions import level_patches
@@ -96,6 +96,7 @@ class DFMFlux(nn.Module):
     ) -> None:
         # heavy: imported when a FLUX model is built. From its own module: for type checkers,
         # `diffusers.FluxTransformer2DModel` is the placeholder diffusers defines for when torch is missing
+        import_diffusers("model.kind = 'flux'")  # a one-line error with the install hint, not a traceback
         from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
         super().__init__()

@@ -81,11 +81,12 @@ class TrainedRun:
         )
 
 
-def load_for_sampling(path: Path, ema: bool = True) -> TrainedRun:
-    """Load a run folder or checkpoint; refuse weights that hold NaN or inf, which would
-    otherwise sample a blank grid and exit 0."""
+def load_for_sampling(path: Path, ema: bool = True, verify: bool = True) -> TrainedRun:
+    """Load a run folder or checkpoint (with `verify`, its weights checked against the SHA-256
+    recorded when it was written); refuse weights that hold NaN or inf, which would otherwise
+    sample a blank grid and exit 0."""
     ckpt = resolve_checkpoint(path)
-    model, recipe, info = load_trained(ckpt, ema=ema)
+    model, recipe, info = load_trained(ckpt, ema=ema, verify=verify)
     weights = ckpt / f"{'ema' if ema else 'model'}.safetensors"
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:

@@ -31,7 +31,7 @@ from dfm_cli.config.recipe import Recipe
 from dfm_cli.data import checkpoints
 from dfm_cli.data.autoencoders import DiffusersAE
 from dfm_cli.data.datasets import build_dataset
-from dfm_cli.errors import DfmError
+from dfm_cli.errors import DfmError, import_diffusers
 from dfm_cli.listing import evenly_spaced
 from dfm_cli.media import save_samples
 from dfm_cli.method.level_report import analyse
@@ -50,8 +50,8 @@ REPORT_NUM = 1000  # evenly spaced training images for the final PSNR and equiva
 
 def build_vae(recipe: Recipe, channels: int):
     """A fresh `AutoencoderKL` from `[ae]`, or the one `train.init_from` names (checked to match)."""
-    import diffusers
-    from diffusers import AutoencoderKL
+    diffusers = import_diffusers("model.kind = 'autoencoder'")
+    AutoencoderKL = diffusers.AutoencoderKL
 
     a = recipe.ae
     n = len(a.block_out_channels)
@@ -74,7 +74,7 @@ def build_vae(recipe: Recipe, channels: int):
         return AutoencoderKL(**config)
     folder = exported_folder(recipe.train.init_from)
     diffusers.utils.logging.set_verbosity_error()  # loading advice (accelerate) is noise to our users
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True)  # no pickle
     for key in ("in_channels", "block_out_channels", "layers_per_block", "latent_channels", "mid_block_add_attention"):
         have, want = vae.config[key], config[key]
         if (list(have) if isinstance(have, (list, tuple)) else have) != (

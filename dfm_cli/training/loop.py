@@ -14,6 +14,7 @@ so that the gradient is always that of the mean over the global batch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import time
@@ -49,7 +50,7 @@ from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import Draws, FlowObjective
 from dfm_cli.method.level_stats import level_statistics, stored_level_statistics
 from dfm_cli.method.sampler import LevelModel, class_balanced_labels, sampled_classes
-from dfm_cli.methods.factory import base_decomposition, load_single_level, precondition_rms
+from dfm_cli.methods.factory import base_decomposition, load_pinned_single_level, precondition_rms
 from dfm_cli.models.conversion import convert_single_level, per_level_parameters
 from dfm_cli.models.dit import DFMDiT
 from dfm_cli.models.flux import DFMFlux
@@ -58,7 +59,7 @@ from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
 from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
 from dfm_cli.training.periodic_eval import TrainingEvaluation
-from dfm_cli.training.resume import check_resumable
+from dfm_cli.training.resume import as_trained, check_resumable
 from dfm_cli.training.schedules import ema_decay_at, lr_at, update_ema
 from dfm_cli.training.stats import Interval
 
@@ -223,6 +224,8 @@ class Trainer:
         t = recipe.train
         found = complete_checkpoints(run_dir)
         check_resumable(run_dir, recipe, found[-1] if found else None)
+        if found:  # as the checkpoints were trained: `train.init_from` stays the checkpoint it was pinned to
+            recipe = self.recipe = as_trained(run_dir, recipe, found[-1])
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.tf32
         self.dataset = self._dataset()
         needs_stats = recipe.flow.standardize or recipe.flow.precondition
@@ -239,15 +242,17 @@ class Trainer:
             getattr(self.dataset, "text", None),
         )
         self.hooks = [*hooks, *self._evaluation_hook()]
+        self.init_source: dict[str, Any] | None = None  # the pinned train.init_from: checkpoint, step, sha256
         self._build_model(precondition_rms(recipe, level_stats), init_from=t.init_from if not found else "")
         self.start, self.nonfinite = 0, 0
         if found:
             state = load_training_state(found[-1], self.model, self.ema, self.opt, ctx)
             self.start, self.nonfinite = state["step"], state.get("nonfinite_steps", 0)
+            self.init_source = state.get("init_from")
             console.print(f"resuming {run_dir} from step {self.start} ({found[-1].name})")
         if ctx.main:
             truncate_stats(run_dir / "stats.jsonl", self.start)  # lines after the checkpoint are written again
-            (run_dir / "recipe.toml").write_text(recipe.to_toml())
+            (run_dir / "recipe.toml").write_text(self.recipe.to_toml())  # train.init_from pinned
         self.step_fn = Step(
             StepSettings.of(recipe),
             ctx,
@@ -306,8 +311,12 @@ class Trainer:
         if self.info.text:
             cast(NullText, base.get_submodule("null_text")).set(self.dataset.null_text())
         if init_from:
-            weights = load_single_level(init_from, self.info, recipe.model.kind)
+            weights, self.init_source = load_pinned_single_level(init_from, self.info, recipe.model.kind)
             convert_single_level(cast(DFMDiT | DFMFlux, base), weights, 0 if recipe.flow.upsample_coarse else None)
+            if self.init_source:  # the run folder's recipe names the checkpoint, not the run still training
+                pinned = self.init_source["checkpoint"]
+                self.recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, init_from=pinned))
+                init_from = f"{pinned} (step {self.init_source['step']})"
             self.console.print(f"starting from the single-level model {init_from} (new levels zero-initialized)")
         self.ema = distributed.shard_like(copy.deepcopy(base).requires_grad_(False), ctx, t.parallel)
         self.model = distributed.wrap(base, ctx, t.parallel)
@@ -435,6 +444,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite,
             "world_size": ctx.world,
             **self.info.to_state(),
+            **({"init_from": self.init_source} if self.init_source else {}),
         }
         milestone = bool(t.milestone_every) and step % t.milestone_every == 0
         save_training_state(
