@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +33,7 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a DFM (or S = 1 Flow Matching) model; run it again to continue from the newest checkpoint."""
-    resolved = load_recipe(recipe, [*set_, *([f"train.init_from={str(init_from)!r}"] if init_from else [])])
+    resolved = load_recipe(recipe, [*set_, *([f"train.init_from={json.dumps(str(init_from))}"] if init_from else [])])
     if dry_run:
         typer.echo(resolved.to_toml())
         return

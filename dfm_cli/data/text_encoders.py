@@ -3,7 +3,7 @@
 - `clip`: an open_clip text tower (its tokenizer ships with open_clip, so nothing is fetched).
   Tokens are the final-layer hidden states, pooled is the projected end-of-text token.
 - `t5`: a transformers T5 encoder folder (`config.json`, weights, tokenizer files). Tokens are
-  the last hidden states, pooled is their mean over real tokens. Needs `pip install dfm[t5]`.
+  the last hidden states, pooled is their mean over real tokens. Needs `pip install "dfm-cli[t5]"`.
 - `clip+t5`: FLUX's pairing, tokens from T5 and pooled from CLIP.
 
 `dfm encode --captions` runs the encoder once per caption and stores the result beside the
@@ -129,7 +129,7 @@ def _load_t5(folder: Path):
     try:
         from transformers import AutoTokenizer, T5EncoderModel
     except ImportError:
-        raise DfmError("the T5 text encoder needs transformers: pip install 'dfm[t5]'") from None
+        raise DfmError('the T5 text encoder needs transformers: pip install "dfm-cli[t5]"') from None
     if not (folder / "config.json").is_file():
         raise DfmError(
             f"--t5-weights {folder}: no config.json there; pass a local transformers folder holding a "

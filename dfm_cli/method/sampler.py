@@ -165,8 +165,11 @@ class SamplerSettings:
         dfm_cli.errors.DfmError: --stages 4: the model has 3 levels; pick 1..3
         """
         s = sample
-        if stages is None:
-            stages = len(steps) if steps else levels
+        if stages is None and steps:  # --steps alone sets the stages, so its count is what to name
+            if len(steps) > levels:
+                raise DfmError(f"--steps {_csv(steps)}: the model has {levels} levels; give 1..{levels} step counts")
+            stages = len(steps)
+        stages = levels if stages is None else stages
         if not 1 <= stages <= levels:
             raise DfmError(f"--stages {stages}: the model has {levels} levels; pick 1..{levels}")
         if steps is not None and len(steps) != stages:
