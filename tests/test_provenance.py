@@ -246,3 +246,36 @@ def test_recipe_naming_another_model_size_is_one_line_naming_both(trained, tmp_p
         load_trained(run)
     refused = cli("sample", run, "--n", "2", "--out", tmp_path / "g.png")
     one_line_error(refused, "DFM-T/4", "DFM-N/4", "first mismatch")
+
+
+@pytest.mark.e2e
+def test_a_finetune_started_while_its_source_trains_in_another_process_is_pinned(tmp_path):
+    """Two real processes: the source trains on (and prunes) while `dfm train --init-from RUN`
+    starts; the finetune records one checkpoint of the source, its step and its digest."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import run_dfm
+
+    source, finetune = tmp_path / "fm", tmp_path / "ft"
+    sets = [*FM, "train.steps=100000", "train.checkpoint_every=2", "train.log_every=2", "train.keep_checkpoints=2"]
+    command = [sys.executable, "-m", "dfm_cli", "train", str(TINY), "--out", str(source)]
+    proc = subprocess.Popen([*command, *[arg for s in sets for arg in ("--set", s)]], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (source / "checkpoints" / step(4) / "state.json").is_file():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        run_dfm("train", TINY, "--init-from", source, "--set", "train.steps=2", "--out", finetune)
+        assert proc.poll() is None, "the source was still training while the finetune started"
+    finally:
+        proc.kill()
+        proc.wait()
+    record = json.loads((finetune / "checkpoints" / step(2) / "state.json").read_text())["init_from"]
+    assert record["step"] >= 4 and record["step"] % 2 == 0
+    assert record["checkpoint"] == str(source / "checkpoints" / step(record["step"]))
+    assert load_recipe(finetune / "recipe.toml").train.init_from == record["checkpoint"]
+    pinned = Path(record["checkpoint"]) / "ema.safetensors"
+    if pinned.is_file():  # the source may have pruned it since (keep_checkpoints = 2)
+        assert sha256(pinned) == record["sha256"]
