@@ -130,3 +130,18 @@ def test_the_documented_fourth_method_is_one_module_and_one_registration(tmp_pat
     from dfm_cli.ablate.compute import forward_flops_of
 
     assert forward_flops_of(recipe) == forward_flops_of(load_recipe(TINY, ["train.steps=2", "sample.n=4"]))
+
+
+@pytest.mark.parametrize("method", ["pyramidal", "cascaded"])
+@pytest.mark.parametrize(
+    "flags, message", [({"tau": [0.7]}, "--tau 0.7: is not used"), ({"solver": "heun"}, "--solver heun")]
+)
+def test_the_baselines_refuse_the_progressive_samplers_flags(method, flags, message):
+    """`dfm sample --tau/--solver` on a baseline run is refused, not silently ignored."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / f"{method}.toml")
+    m = method_of(recipe)
+    model = m.build_model((1, 16, 16), 10)
+    settings = recipe.sampler_settings(**flags)
+    with pytest.raises(DfmError, match=re.escape(message)):
+        m.generate(model, torch.zeros(2, dtype=torch.long), m.decomposition(), settings, seed=0)
+    assert m.generate(model, torch.zeros(2, dtype=torch.long), m.decomposition(), recipe.sampler_settings(), seed=0).nfe

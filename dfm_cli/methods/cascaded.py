@@ -23,7 +23,13 @@ from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
 from dfm_cli.method.sampler import SampleResult
 from dfm_cli.methods.factory import base_decomposition, text_dims
-from dfm_cli.methods.pyramidal import GAUSSIAN_STAGES_UNUSED, check_no_tau, check_trained_from_scratch, gaussian_stack
+from dfm_cli.methods.pyramidal import (
+    GAUSSIAN_STAGES_UNUSED,
+    check_no_tau,
+    check_stage_sampler,
+    check_trained_from_scratch,
+    gaussian_stack,
+)
 from dfm_cli.models.dit import model_size
 
 
@@ -90,6 +96,7 @@ class Cascaded(Method):
         return dataclasses.replace(stages, stage=int(step >= self.switch_step))
 
     def sample(self, job: SamplingJob) -> SampleResult:
+        check_stage_sampler(self.name, job.settings)
         dit, noise = cascaded_dit(job.model), self.settings.cond_noise
         x, nfe = sample_cascaded(
             job.guided(), job.labels, dit, job.settings.steps, noise, job.seed, job.indices, job.device

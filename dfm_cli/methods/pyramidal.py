@@ -14,7 +14,7 @@ from dfm_cli.config.method import Fail, Method, SamplingJob
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
-from dfm_cli.method.sampler import SampleResult
+from dfm_cli.method.sampler import SampleResult, SamplerSettings
 from dfm_cli.methods.factory import base_decomposition, text_dims
 from dfm_cli.models.dit import DFMDiT, model_size
 
@@ -57,6 +57,16 @@ def check_no_tau(name: str, recipe: Recipe, fail: Fail) -> None:
             recipe.sample.tau,
             f"is not used by flow.method = '{name}' (each stage runs to its end); leave it at [{BASELINE_TAU}]",
         )
+
+
+def check_stage_sampler(name: str, settings: SamplerSettings) -> None:
+    """`--tau` and `--solver` are DFM's progressive sampler's; a baseline refuses them rather
+    than sampling as if they were not given."""
+    if settings.solver != "euler":
+        raise DfmError(f"--solver {settings.solver}: flow.method = '{name}' integrates each stage with Euler steps")
+    if any(tau != BASELINE_TAU for tau in settings.tau):
+        shown = ",".join(f"{t:g}" for t in settings.tau)
+        raise DfmError(f"--tau {shown}: is not used by flow.method = '{name}' (each stage runs to its end)")
 
 
 def gaussian_stack(recipe: Recipe) -> GaussianStack:
@@ -119,6 +129,7 @@ class PyramidalFlow(Method):
         )
 
     def sample(self, job: SamplingJob) -> SampleResult:
+        check_stage_sampler(self.name, job.settings)
         dit, s = cast(DFMDiT, job.model), job.settings  # what `build_model` builds
         sizes = job.decomposition.level_sizes(dit.level_sizes[-1])[: s.stages]
         x, nfe = sample_pyramidal(
