@@ -325,6 +325,26 @@ def load_training_state(ckpt: Path, model, ema, optimizer, ctx: distributed.Cont
 # --------------------------------------------------------------------------- the run folder
 
 
+def try_lock(path: Path) -> tuple[int, str | None]:
+    """Open the lock file `path` and try its exclusive `flock` without waiting: `(fd, None)`
+    when this process holds it now, `(-1, PID)` when another process does (its PID as it wrote
+    it). `flock` is released by the kernel however the holder ends, so no lock goes stale."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return -1, holder
+    return fd, None
+
+
+def claim_lock(fd: int) -> None:
+    """Write this process's PID into a held lock file, for the message a second process gets."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the run folder for this process: a second `dfm train` on it is refused, naming us.
@@ -336,21 +356,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, holder = try_lock(run_dir / LOCK)
     except OSError as e:
         raise DfmError(f"{run_dir}: cannot use it as a run folder ({e.strerror}); pass another --out") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+    if holder:
         raise DfmError(
             f"{run_dir} is in use by another dfm process (PID {holder}); wait for it to finish "
             "or stop it, or train into another --out folder"
-        ) from None
+        )
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        claim_lock(fd)
         for stale in (run_dir / "checkpoints").glob(".*tmp-*"):  # left by a killed process
             shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
         yield

@@ -33,7 +33,6 @@ The two are `NpzSetWriter` and `FolderSetWriter`, chosen once from the name of `
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -55,6 +54,7 @@ from PIL import Image
 from dfm_cli import distributed
 from dfm_cli.config.checks import BATCH_MEMORY_LIMIT
 from dfm_cli.data.autoencoders import from_config
+from dfm_cli.data.checkpoints import claim_lock, try_lock
 from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
@@ -167,18 +167,14 @@ def set_lock(out: Path) -> Iterator[None]:
         raise DfmError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd, holder = try_lock(path)
         except OSError as e:
             raise DfmError(f"--out {out}: cannot write there ({e.strerror}); choose another --out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+        if holder:
             raise DfmError(
                 f"--out {out} is being written by another dfm process (PID {holder}); wait for it to "
                 "finish or stop it, or choose another --out"
-            ) from None
+            )
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -187,8 +183,7 @@ def set_lock(out: Path) -> Iterator[None]:
             break
         os.close(fd)  # its holder removed it as we opened it: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        claim_lock(fd)
         yield
     finally:
         path.unlink(missing_ok=True)
