@@ -54,6 +54,43 @@ def tiny_flux(joint_attention_dim: int, guidance: bool = False, layers: int = 1)
     )  # fmt: skip
 
 
+def cli(*args: object, cwd: Path | None = None):
+    """`dfm ARGS` in this process (typer's runner), from `cwd` when given: the quick way to
+    check a command's exit code and one-line message."""
+    from typer.testing import CliRunner
+
+    from dfm_cli.cli import app
+
+    old = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run of the tiny recipe, trained by the real command (so its users are e2e tests)."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    run_dfm("train", TINY, "--out", run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random `DFM-N/4` over a 2-level Laplacian pyramid of 16 px grey images, for sample sets."""
+    from dfm_cli.models.dit import DFMDiT, model_size
+
+    torch.manual_seed(0)
+    sizes = [(8, 8), (16, 16)]
+    m = DFMDiT(model_size("DFM-N/4"), sizes, channels=1, num_classes=10).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return m
+
+
 # ----------------------------------------------------------------- the e2e marker, enforced
 # Every test that runs the real `dfm` in a subprocess is marked `e2e`, so that
 # `pytest -m "not e2e"` is the quick in-process loop. The item being set up, run or torn down

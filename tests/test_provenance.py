@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, cli
 from rich.console import Console
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from dfm_cli.cli import app
 from dfm_cli.config.recipe import load_recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.methods.factory import load_trained
@@ -50,16 +47,6 @@ def tamper(file: Path) -> None:
         file,
     )
     assert file.stat().st_size == size
-
-
-def cli(*args: object, cwd: Path | None = None):
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 def one_line_error(result, *needles: str) -> None:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_dfm
+from conftest import TINY, cli, run_dfm
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -17,21 +17,11 @@ from dfm_cli.cli import app
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.method.sampler import SamplerSettings
-from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.sampling.sample_set import write_sample_set
 
 PYR = LaplacianPyramid(2, [2])
 SETTINGS = SamplerSettings((2, 1), (0.7,), cfg=1.5)
 SOURCE = {"checkpoint": "digest-a", "ema": True, "autoencoder": None}
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DFMDiT(model_size("DFM-N/4"), PYR.level_sizes((16, 16)), channels=1, num_classes=10).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return m
 
 
 def make(model, out, num, batch=4, settings=SETTINGS, seed=0, source=SOURCE, **kw):
@@ -196,23 +186,6 @@ def test_old_samples_without_a_manifest_in_a_folder_are_refused(model, tmp_path)
 
 
 # ----------------------------------------------------------------- the command
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    run_dfm("train", TINY, "--out", run)
-    return run
-
-
-def cli(*args, cwd=None):
-    old = os.getcwd()
-    try:
-        if cwd:
-            os.chdir(cwd)
-        return CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
-
 @pytest.mark.e2e
 def test_sample_without_a_run_takes_the_newest_under_runs(trained, tmp_path):
     none = cli("sample", cwd=tmp_path)

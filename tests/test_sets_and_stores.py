@@ -10,14 +10,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
-from conftest import ROOT, TINY, run_dfm
+from conftest import ROOT, run_dfm
 
 from dfm_cli import distributed
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import LaplacianPyramid
 from dfm_cli.method.sampler import SamplerSettings
-from dfm_cli.models.dit import DFMDiT, model_size
 from dfm_cli.sampling import sample_set
 from dfm_cli.sampling.sample_set import NpzSetWriter, write_sample_set
 
@@ -25,15 +23,6 @@ PYR = LaplacianPyramid(2, [2])
 SETTINGS = SamplerSettings((2, 1), (0.7,), cfg=1.5)
 SOURCE_A = {"checkpoint": "digest-a", "ema": True, "autoencoder": None}
 SOURCE_B = {"checkpoint": "digest-b", "ema": True, "autoencoder": None}
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = DFMDiT(model_size("DFM-N/4"), PYR.level_sizes((16, 16)), channels=1, num_classes=10).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return m
 
 
 def make(model, out, num, batch=4, source=SOURCE_A, **kw):
@@ -82,13 +71,6 @@ def test_a_set_held_by_another_process_is_refused_naming_its_pid(model, tmp_path
     make(model, out, 8)  # the kernel released the lock with the process
     assert len(arrays(out)[0]) == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no lock file left behind
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    run_dfm("train", TINY, "--out", run)
-    return run
 
 
 @pytest.mark.e2e

@@ -54,7 +54,7 @@ from PIL import Image
 from dfm_cli import distributed
 from dfm_cli.config.checks import BATCH_MEMORY_LIMIT
 from dfm_cli.data.autoencoders import from_config
-from dfm_cli.data.checkpoints import claim_lock, try_lock
+from dfm_cli.data.checkpoints import claim_lock, file_sha256, try_lock
 from dfm_cli.data.text_encoders import Prompts
 from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
@@ -68,15 +68,6 @@ _PNG = re.compile(r"^(\d{6})\.png$")
 _PART = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
 SAMPLE_MEMORY_LIMIT = BATCH_MEMORY_LIMIT  # bytes: the decoded float32 samples held at once (a batch, a grid)
 _CHUNK = 64 * 2**20  # bytes of rows read or written at a time when streaming an .npz
-
-
-def weights_digest(path: Path) -> str:
-    """SHA-256 of a weights file: what identifies the model in a sample set's manifest."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def set_manifest(
@@ -695,7 +686,7 @@ def write_run_sample_set(
     and its weights' digest in the manifest. What `dfm sample --num` and evaluation call.
     A text run samples `prompts` in turn (their digest joins the manifest)."""
     info = trained.info
-    source = {"checkpoint": weights_digest(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
+    source = {"checkpoint": file_sha256(trained.weights), "ema": trained.ema, "autoencoder": info.autoencoder}
     condition: Callable[[torch.Tensor], Cond] = lambda labels: labels
     if prompts is not None:
         source["prompts"] = prompts.digest
