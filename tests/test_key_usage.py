@@ -265,6 +265,7 @@ def test_the_walk_covers_every_method_and_key():
     assert not set(EXEMPT) & set(ALTERNATIVES), "an exempt key is not walked"
 
 
+@pytest.mark.e2e  # in-process, but 157 short trainings (about 25 s): kept out of the quick unit loop
 @pytest.mark.parametrize("method, key", CASES, ids=[f"{m}-{k}" for m, k in CASES])
 def test_every_key_is_refused_or_changes_the_run(method, key, fm_run, base_runs, tmp_path):
     alt = alternative(method, key)
