@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,13 +61,13 @@ from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.sampler import LevelModel, SampleResult, SamplerSettings, generate, sampled_classes
+from dfm_cli.sampling.npz_stream import CHUNK, npz_member, npz_rows, write_member
 from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 
 MANIFEST = "manifest.json"
 _PNG = re.compile(r"^(\d{6})\.png$")
 _PART = re.compile(r"^part-(\d{9})-(\d{9})\.npz$")
 SAMPLE_MEMORY_LIMIT = BATCH_MEMORY_LIMIT  # bytes: the decoded float32 samples held at once (a batch, a grid)
-_CHUNK = 64 * 2**20  # bytes of rows read or written at a time when streaming an .npz
 
 
 def set_manifest(
@@ -193,54 +193,6 @@ def _on_rank0(ctx: distributed.Context, act: Callable[[], object], what: str) ->
         raise refused or DfmError(f"rank 0 refused {what} (see its message)")
 
 
-# --------------------------------------------------------------------------- streamed .npz
-
-_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-@contextmanager
-def _npz_member(path: Path, name: str) -> Iterator[tuple[tuple[int, ...], np.dtype, IO[bytes]]]:
-    """Member `name` of an `.npz`, open after its header: shape, dtype and the stream of its
-    rows. A member that is truncated, pickled or not C-ordered raises ValueError."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{name}.npy")
-        with zf.open(info) as f:
-            read = _HEADERS.get(np.lib.format.read_magic(f))
-            if read is None:
-                raise ValueError(f"{name}: unknown .npy version")
-            shape, fortran, dtype = read(f)
-            if fortran or dtype.hasobject:
-                raise ValueError(f"{name}: not a plain C-ordered array")
-            if info.file_size != f.tell() + math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"{name}: truncated")
-            yield tuple(shape), dtype, f
-
-
-def _rows(f: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, count: int) -> Iterator[np.ndarray]:
-    """The first `count` rows of an array of `shape` read from `f`, a bounded chunk at a time."""
-    row = math.prod(shape[1:]) * dtype.itemsize
-    step = max(1, _CHUNK // max(row, 1))
-    for done in range(0, count, step):
-        k = min(step, count - done)
-        data = f.read(k * row)
-        if len(data) != k * row:
-            raise ValueError("truncated")
-        yield np.frombuffer(data, dtype).reshape(k, *shape[1:])
-
-
-def _write_member(zf: zipfile.ZipFile, name: str, dtype: type, shape: tuple[int, ...], rows: Iterable[np.ndarray]):
-    """Write `.npy` member `name` of `shape` from `rows`, chunk after chunk, never whole."""
-    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_1_0(f, header)
-        n = 0
-        for chunk in rows:
-            f.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
-            n += len(chunk)
-        if n != shape[0]:
-            raise DfmError(f"{name}: wrote {n} rows of {shape[0]}; run the command again")
-
-
 def _write_npz_streamed(
     out: Path,
     shape: tuple[int, ...],
@@ -251,13 +203,13 @@ def _write_npz_streamed(
 ) -> None:
     """The ADM `.npz` of samples 0..num-1 (`arr_0` from the chunks `images`, `arr_1` their
     balanced labels, `manifest`), as `np.savez` lays it out, without holding it in memory."""
-    step = max(1, _CHUNK // 8)
+    step = max(1, CHUNK // 8)
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            _write_member(zf, "arr_0", np.uint8, (num, *shape), images)
+            write_member(zf, "arr_0", np.uint8, (num, *shape), images)
             labels = (_labels(a, min(a + step, num), classes) for a in range(0, num, step))
-            _write_member(zf, "arr_1", np.int64, (num,), labels)
+            write_member(zf, "arr_1", np.int64, (num,), labels)
             with zf.open("manifest.npy", "w") as f:
                 np.lib.format.write_array(f, np.array(json.dumps(manifest)), allow_pickle=False)
 
@@ -411,12 +363,12 @@ class NpzSetWriter(SetWriter):
                 old = json.loads(str(d["manifest"]))
             if diff := manifest_difference(old, self.want):
                 raise ValueError(f"holds samples made with other settings ({diff})")
-            with _npz_member(self.out, "arr_0") as (shape, dtype, _):
+            with npz_member(self.out, "arr_0") as (shape, dtype, _):
                 good = dtype == np.uint8 and shape[1:] == self.shape
-            with _npz_member(self.out, "arr_1") as (lshape, ldtype, f):
+            with npz_member(self.out, "arr_1") as (lshape, ldtype, f):
                 good = good and lshape == shape[:1]
                 done = 0
-                for chunk in _rows(f, lshape, ldtype, lshape[0]) if good else ():
+                for chunk in npz_rows(f, lshape, ldtype, lshape[0]) if good else ():
                     good = good and np.array_equal(chunk, _labels(done, done + len(chunk), self.classes))
                     done += len(chunk)
             return shape[0] if good else 0
@@ -507,8 +459,8 @@ class NpzSetWriter(SetWriter):
         def images() -> Iterator[np.ndarray]:
             if self.kept:
                 try:
-                    with _npz_member(self.out, "arr_0") as (shape, dtype, f):
-                        yield from _rows(f, shape, dtype, self.kept)
+                    with npz_member(self.out, "arr_0") as (shape, dtype, f):
+                        yield from npz_rows(f, shape, dtype, self.kept)
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile):
                     raise DfmError(f"{self.out}: changed while sampling; run the command again") from None
             for first, last in plan:
