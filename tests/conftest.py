@@ -162,6 +162,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_dfm_cache(tmp_path_factory):
+    """dfm's cache (saved reference features) in a folder of this test session, for the
+    commands the tests run in-process and in subprocesses, never the user's ~/.cache/dfm.
+    A test that looks at the cache sets DFM_CACHE (or --feature-cache) itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DFM_CACHE", str(tmp_path_factory.mktemp("dfm-cache")))
+        yield
+
+
 TINY_TEXT_CAPTIONS = {
     "red/0.png": "a red square",
     "red/1.png": "a small red square",

@@ -230,3 +230,13 @@ def test_dfm_train_skips_a_corrupt_image_once_or_stops_in_one_line_under_strict(
     assert "cats/1.png" in strict.stderr
     run = run_dfm("train", TINY, "--out", tmp_path / "run", *common)
     assert run.stderr.count("cannot read") == 1 and (tmp_path / "run" / "samples" / "grid.png").is_file()
+
+
+def test_gray_photo_crops_are_the_same_crops_in_one_luminance_channel():
+    rgb, gray = photo_crops(16, num=32), photo_crops(16, num=32, gray=True)
+    assert gray.images.shape == (32, 1, 16, 16) and torch.equal(gray.labels, rgb.labels)
+    # PIL's "L": ITU-R 601-2 luma, rounded; so within one grey level of the weighted sum
+    luma = (rgb.images.double() * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]).sum(1)
+    assert (gray.images[:, 0].double() - luma).abs().max() <= 1
+    built = build_dataset("photo-crops-gray", "", 16)
+    assert built.channels == 1 and BUILTIN["photo-crops-gray"].channels == 1

@@ -8,7 +8,8 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
-from conftest import TINY, run_dfm, run_torchrun
+from conftest import TINY, cli, run_dfm, run_torchrun
+from PIL import Image
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from dfm_cli.errors import DfmError
@@ -270,7 +271,7 @@ def test_builtin_dataset_reference_is_cached(tmp_path, monkeypatch):
     ref = load_source("animal-mnist", 32)
     req = Request(fid=True, fid_extractor="dfm-tiny", batch=500)
     first, _ = evaluate(samples, ref, req, _NoProgress())
-    cached = list((tmp_path / "cache" / "ref" / "animal-mnist-32").glob("*.npz"))
+    cached = list((tmp_path / "cache" / "features").glob("*.npz"))
     assert len(cached) == 1
     second, _ = evaluate(samples, load_source("animal-mnist", 32), req, _NoProgress())
     assert first["fid"] == second["fid"]
@@ -278,7 +279,8 @@ def test_builtin_dataset_reference_is_cached(tmp_path, monkeypatch):
 
 def test_npz_features_are_cached_by_content(tmp_path, monkeypatch):
     """A reference .npz scored against many sample sets (a sweep) is read by the extractor once;
-    another file with the same images hits the same cache, changed images do not."""
+    another file with the same images hits the same cache, changed images do not. Samples'
+    features are never saved."""
     monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
     ref_images = random_images(40, 6, size=32)
     np.savez(tmp_path / "ref.npz", arr_0=ref_images)
@@ -287,16 +289,272 @@ def test_npz_features_are_cached_by_content(tmp_path, monkeypatch):
     samples = load_source(str(tmp_path / "samples.npz"))
     req = Request(fid=True, fid_extractor="dfm-tiny", batch=500)
     first, _ = evaluate(samples, load_source(str(tmp_path / "ref.npz")), req, _NoProgress())
-    assert len(list((tmp_path / "cache" / "npz").glob("*/*.npz"))) == 2  # the samples' and the reference's
-    calls = []
-    monkeypatch.setattr(feats, "extract", lambda *a, **k: calls.append(1) or pytest.fail("extracted again"))
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1  # the reference's only
+    extract = feats.extract
+    monkeypatch.setattr(
+        feats,
+        "extract",
+        lambda e, images, *a: pytest.fail("extracted again") if len(images) == 40 else extract(e, images, *a),
+    )
     second, _ = evaluate(
         load_source(str(tmp_path / "samples.npz")), load_source(str(tmp_path / "copy.npz")), req, _NoProgress()
     )
-    assert first["fid"] == second["fid"] and not calls
+    assert first["fid"] == second["fid"]
     np.savez(tmp_path / "other.npz", arr_0=random_images(40, 7, size=32))
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
         evaluate(samples, load_source(str(tmp_path / "other.npz")), req, _NoProgress())
+
+
+# ----------------------------------------------------------------- the reference feature cache
+@pytest.fixture()
+def network_calls(monkeypatch):
+    """The batch sizes the tiny extractor's network is called with, in order."""
+    calls = []
+    forward = TinyExtractor.forward
+    monkeypatch.setattr(TinyExtractor, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    return calls
+
+
+def write_folder(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")  # lossless: the folder holds these exact pixels
+
+
+def tiny_request(cache, **kwargs):
+    return Request(fid=True, kid=True, pr=True, fid_extractor="dfm-tiny", batch=7, feature_cache=cache, **kwargs)
+
+
+def test_a_second_eval_reads_the_reference_features_and_scores_them_to_the_last_bit(tmp_path, network_calls):
+    """Each reference kind (an .npz, a folder, images in memory) goes through the network once;
+    every later evaluation against it runs the network on the samples only and returns exactly
+    what an evaluation without the cache returns. Samples' features are never saved."""
+    ref_images, sample_images = random_images(23, 6), random_images(19, 7, shift=20)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    write_folder(tmp_path / "ref-folder", random_images(21, 8))
+    samples = load_source_arrays(sample_images)
+    for i, (spec, rows) in enumerate([(str(tmp_path / "ref.npz"), 23), (str(tmp_path / "ref-folder"), 21)]):
+        cache = tmp_path / f"cache{i}"
+        uncached, _ = evaluate(samples, load_source(spec), tiny_request(None), _NoProgress())
+        network_calls.clear()
+        first, first_warnings = evaluate(samples, load_source(spec), tiny_request(cache), _NoProgress())
+        assert sum(network_calls) == 19 + rows
+        assert len(list(cache.iterdir())) == 1  # the reference's entry, nothing for the samples
+        network_calls.clear()
+        second, second_warnings = evaluate(samples, load_source(spec), tiny_request(cache), _NoProgress())
+        assert sum(network_calls) == 19  # the samples only
+        assert first == second == uncached  # every metric, to the last bit
+        assert not any("cache" in w for w in first_warnings + second_warnings)
+    network_calls.clear()
+    evaluate(samples, load_source_arrays(ref_images.copy()), tiny_request(tmp_path / "cache0"), _NoProgress())
+    assert sum(network_calls) == 19  # the same images in memory (a training run's reference) hit the .npz's entry
+
+
+def test_one_changed_pixel_or_another_subset_misses_the_cache(tmp_path, network_calls):
+    ref_images = random_images(20, 6)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    write_folder(tmp_path / "same-images", ref_images)
+    samples, cache = load_source_arrays(random_images(9, 7)), tmp_path / "cache"
+    runs = []
+
+    def score(spec):
+        network_calls.clear()
+        runs.append(evaluate(samples, load_source(spec), tiny_request(cache), _NoProgress())[0])
+        return sum(network_calls) - 9  # reference images sent through the network
+
+    assert score(str(tmp_path / "ref.npz")) == 20
+    assert score(str(tmp_path / "same-images")) == 0  # the same pixels from PNGs: the same entry
+    changed = ref_images.copy()
+    changed[13, 5, 7, 1] ^= 1  # one channel of one pixel, off by one
+    np.savez(tmp_path / "ref.npz", arr_0=changed)
+    assert score(str(tmp_path / "ref.npz")) == 20
+    assert runs[2]["fid"] != runs[0]["fid"]
+    image = np.asarray(Image.open(tmp_path / "same-images" / "004.png")).copy()
+    image[0, 0, 0] ^= 1
+    Image.fromarray(image).save(tmp_path / "same-images" / "004.png")
+    assert score(str(tmp_path / "same-images")) == 20
+    np.savez(tmp_path / "fewer.npz", arr_0=ref_images[:19])
+    assert score(str(tmp_path / "fewer.npz")) == 19
+    assert len(list(cache.glob("*.npz"))) == 4
+
+
+def test_other_weights_miss_the_cache_and_a_copy_of_the_same_weights_hits_it(random_inception, tmp_path, monkeypatch):
+    """The network's weights are part of the key by their SHA-256, not by their path."""
+    from dfm_cli.data.checkpoints import file_sha256
+    from dfm_cli.evaluation.evaluate import FeatureCache
+
+    state = torch.load(random_inception, weights_only=True)
+    state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] * 1.01
+    torch.save(state, tmp_path / "other.pth")
+    (tmp_path / "copy.pth").write_bytes(random_inception.read_bytes())
+    nets = {
+        name: feats.InceptionFeatures(path, torch.device("cpu"))
+        for name, path in [
+            ("original", random_inception),
+            ("copy", tmp_path / "copy.pth"),
+            ("other", tmp_path / "other.pth"),
+        ]
+    }
+    ref = load_source_arrays(random_images(2, 1))
+    extracted = []
+    extract = feats.extract
+    monkeypatch.setattr(feats, "extract", lambda e, images, *a: extracted.append(len(images)) or extract(e, images, *a))
+
+    def pool(name):
+        extracted.clear()
+        found = FeatureCache(ref, 50, _NoProgress(), tmp_path / "features").get(nets[name], "inception")["pool"]
+        return found, sum(extracted)
+
+    first, ran = pool("original")
+    assert ran == 2
+    again, ran = pool("copy")  # another path, the same bytes
+    assert ran == 0 and np.array_equal(again, first)
+    changed, ran = pool("other")
+    assert ran == 2 and not np.array_equal(changed, first)
+    assert pool("other")[1] == 0
+    assert nets["original"].identity()["weights_sha256"] == file_sha256(random_inception)
+
+
+def test_an_unusable_cache_entry_is_computed_again_with_a_one_line_warning(tmp_path, network_calls, monkeypatch):
+    from dfm_cli.evaluation import reference_cache
+
+    ref, samples, cache = (
+        load_source_arrays(random_images(12, 1)),
+        load_source_arrays(random_images(8, 2)),
+        tmp_path / "c",
+    )
+    good, _ = evaluate(samples, ref, tiny_request(cache), _NoProgress())
+    (entry,) = cache.glob("*.npz")
+    whole = entry.read_bytes()
+    np.savez(tmp_path / "foreign.npz", **{reference_cache.KEY: np.array("{}"), "pool": np.zeros((12, 16))})
+    for broken in (whole[: len(whole) // 2], b"not a zip file", (tmp_path / "foreign.npz").read_bytes()):
+        entry.write_bytes(broken)
+        network_calls.clear()
+        again, warnings = evaluate(samples, ref, tiny_request(cache), _NoProgress())
+        assert again == good and sum(network_calls) == 8 + 12
+        (warning,) = [w for w in warnings if "cache" in w]
+        assert "\n" not in warning and str(entry) in warning and "computing the features again" in warning
+        network_calls.clear()
+        assert evaluate(samples, ref, tiny_request(cache), _NoProgress()) == (
+            good,
+            [w for w in warnings if w != warning],
+        )
+        assert sum(network_calls) == 8  # the entry was replaced by a good one
+
+    # a write interrupted half-way leaves no entry and no temporary file, and the next run saves it
+    entry.unlink()
+    savez = np.savez
+
+    def interrupted(fh, *args, **kwargs):
+        fh.write(b"PK\x03\x04 half an entry")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reference_cache.np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(samples, ref, tiny_request(cache), _NoProgress())
+    assert list(cache.iterdir()) == []
+    monkeypatch.setattr(reference_cache.np, "savez", savez)
+    assert evaluate(samples, ref, tiny_request(cache), _NoProgress())[0] == good
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+
+    # a cache folder that cannot be written: a warning, and the scores all the same
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    scores, warnings = evaluate(samples, ref, tiny_request(blocked), _NoProgress())
+    assert scores == good and any("could not save reference features" in w for w in warnings)
+
+
+def test_feature_cache_folder_follows_the_flags_then_dfm_cache_then_xdg_then_home(tmp_path, monkeypatch, network_calls):
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(11, 1))
+    np.savez(tmp_path / "samples.npz", arr_0=random_images(6, 2))
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("DFM_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def run(*flags):
+        network_calls.clear()
+        args = ("eval", tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--fid", "--fid-extractor", "dfm-tiny")
+        result = cli(*args, *flags)
+        assert result.exit_code == 0, result.output
+        return sum(network_calls) - 6  # reference images sent through the network
+
+    def entries():
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.parent != tmp_path)
+
+    assert run() == 11 and run() == 0
+    assert [Path(e).parent for e in entries()] == [Path("home/.cache/dfm/features")]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert run() == 11 and (tmp_path / "xdg" / "dfm" / "features").is_dir()
+    monkeypatch.setenv("DFM_CACHE", str(tmp_path / "dfm"))
+    assert run() == 11 and run() == 0 and (tmp_path / "dfm" / "features").is_dir()
+    assert run("--feature-cache", tmp_path / "mine") == 11 and run("--feature-cache", tmp_path / "mine") == 0
+    assert len(list((tmp_path / "mine").glob("*.npz"))) == 1
+    before = entries()
+    assert run("--no-feature-cache") == 11 and entries() == before  # not read, nothing written
+    both = cli(
+        "eval",
+        tmp_path / "samples.npz",
+        "--ref",
+        tmp_path / "ref.npz",
+        "--fid",
+        "--feature-cache",
+        tmp_path,
+        "--no-feature-cache",
+    )
+    assert both.exit_code == 2 and "choose one" in both.stderr and len(both.stderr.strip().splitlines()) == 1
+    a_file = cli(
+        "eval",
+        tmp_path / "samples.npz",
+        "--ref",
+        tmp_path / "ref.npz",
+        "--swd",
+        "--feature-cache",
+        tmp_path / "ref.npz",
+    )
+    assert a_file.exit_code == 2 and "is a file; name a folder" in a_file.stderr
+
+
+def test_in_training_evaluation_other_runs_and_dfm_eval_share_the_reference_features(tmp_path, monkeypatch):
+    """A run's in-training FID reference (here all 2,000 images of a class subset) goes through
+    the network once: another run on the same data (a resumed run, a sweep's next run) and
+    `dfm eval` of the run against its training data read the saved features."""
+    from rich.console import Console
+
+    from dfm_cli.config.recipe import load_recipe
+    from dfm_cli.evaluation import evaluate as ev
+    from dfm_cli.training.loop import train
+
+    monkeypatch.setenv("DFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(feats, "resolve_inception_weights", lambda explicit: Path("unused"))
+    tiny = ev.Network(
+        lambda req: feats.InceptionFeatures(None, req.device, "dfm-tiny"), check="pool", label="Inception"
+    )
+    monkeypatch.setitem(ev.NETWORKS, "inception", tiny)
+    extracted = []
+    extract = feats.extract
+    monkeypatch.setattr(feats, "extract", lambda e, images, *a: extracted.append(len(images)) or extract(e, images, *a))
+    recipe = load_recipe(
+        TINY,
+        [
+            "data.classes=[0, 1]",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.eval_num=4",
+            "train.eval_metrics=['fid']",
+        ],
+    )
+    train(recipe, tmp_path / "a", console=Console(quiet=True))
+    assert sorted(extracted) == [4, 2000]
+    extracted.clear()
+    train(recipe, tmp_path / "b", console=Console(quiet=True))
+    assert extracted == [4]  # the samples only
+    rows = [json.loads(line) for line in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_fid"] > 0
+    extracted.clear()
+    reference = ev.run_reference(recipe, tmp_path / "a")
+    ev.evaluate(load_source_arrays(random_images(4, 0)), reference, ev.Request(fid=True), _NoProgress())
+    assert extracted == [4]
 
 
 def test_thresholds():

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 
 from dfm_cli.config.recipe import load_recipe
 from dfm_cli.errors import DfmError
+from dfm_cli.method.level_stats import precondition_scales
 from dfm_cli.methods.factory import build_model
 from dfm_cli.models.conversion import convert_single_level, per_level_parameters
 from dfm_cli.training.loop import train
 
 FM = ["flow.levels=1", "flow.p_stage=[1.0]", "flow.factors=[]", "sample.steps=[5]", "sample.tau=[]"]
 SHAPE, CLASSES = (1, 16, 16), 10
+QUIET = Console(quiet=True)
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,6 +88,98 @@ def test_upsampled_coarse_decomposition_recomposes_exactly():
     torch.testing.assert_close(pyramid.recompose(levels), x, rtol=0, atol=1e-5)
     blocks = levels[0].unfold(2, 2, 2).unfold(3, 2, 2)  # the coarse level is constant on 2x2 blocks
     assert torch.equal(blocks, blocks[..., :1, :1].expand_as(blocks))
+
+
+PRECONDITION = ["model.name=DFM-N/4", "data.resolution=16", "flow.precondition=true"]
+
+
+@pytest.mark.parametrize("levels, placement", [(2, None), (3, None), (2, 0)])
+def test_preconditioned_conversion_reproduces_the_preconditioned_single_level_velocity_at_step_0(levels, placement):
+    """With `flow.precondition`, each level's output is `c_skip x + c_out F(c_in x)` from its data
+    RMS: the pretrained level takes the pretrained RMS, so its scalings are the pretrained
+    model's; the other levels keep their own, and their new heads add nothing to `c_skip x`."""
+    three = ["flow.levels=3", "flow.factors=[2, 2]", "sample.steps=[2, 2, 2]", "flow.p_stage=[0.4, 0.3, 0.3]"]
+    coarse_placement = ["flow.upsample_coarse=true"] if placement == 0 else []
+    recipe = load_recipe(TINY, PRECONDITION + (three if levels == 3 else []) + coarse_placement)
+    fm_recipe = load_recipe(TINY, [*PRECONDITION, *FM])
+    fm = randomized(build_model(fm_recipe, SHAPE, CLASSES, level_rms=[0.7]))
+    measured = [0.9, 0.4, 0.2][-levels:]  # this run's own level RMS, none of them the pretrained one
+    dfm = build_model(recipe, SHAPE, CLASSES, level_rms=measured).eval()
+    convert_single_level(dfm, fm.state_dict(), placement)
+    pretrained = levels - 1 if placement is None else placement
+    expected_rms = [0.7 if s == pretrained else v for s, v in enumerate(measured)]
+    torch.testing.assert_close(dfm.level_rms, torch.tensor(expected_rms))
+
+    b = 5
+    x = torch.randn(b, *SHAPE)
+    t, y = torch.rand(b, 1), torch.randint(0, CLASSES + 1, (b,))
+    with torch.no_grad():
+        expected = fm([x], t, y, torch.zeros(b, dtype=torch.long))[0]
+        for stage in range(levels):
+            others = [torch.randn(b, 1, *size) for size in dfm.level_sizes]  # anything: the model ignores them
+            inputs = [x if s == pretrained else others[s] for s in range(levels)]
+            times = torch.rand(b, levels)
+            times[:, pretrained] = t[:, 0]
+            out = dfm(inputs, times, y, torch.full((b,), stage, dtype=torch.long))
+            torch.testing.assert_close(out[pretrained], expected, rtol=0, atol=1e-5)
+            _, c_skip, _ = precondition_scales(times, dfm.level_rms)
+            for s in range(levels):
+                if s != pretrained:  # the new heads predict nothing yet: only the skip path is left
+                    skip = c_skip[:, s].reshape(-1, 1, 1, 1) * inputs[s]
+                    torch.testing.assert_close(out[s], skip, rtol=0, atol=1e-6)
+    assert expected.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("fm_pre, dfm_pre", [(True, False), (False, True)])
+def test_conversion_refuses_a_preconditioning_the_pretrained_model_does_not_share(fm_pre, dfm_pre):
+    """The scalings can neither be made to add nothing nor reproduce ones the other model lacks."""
+    base = ["model.name=DFM-N/4", "data.resolution=16"]
+    fm = build_model(
+        load_recipe(TINY, [*base, f"flow.precondition={str(fm_pre).lower()}", *FM]),
+        SHAPE,
+        CLASSES,
+        level_rms=[0.7] if fm_pre else None,
+    )
+    dfm = build_model(
+        load_recipe(TINY, [*base, f"flow.precondition={str(dfm_pre).lower()}"]),
+        SHAPE,
+        CLASSES,
+        level_rms=[0.9, 0.2] if dfm_pre else None,
+    )
+    with pytest.raises(DfmError, match=f"flow.precondition = {str(fm_pre).lower()}, this run has"):
+        convert_single_level(dfm, fm.state_dict())
+
+
+def test_init_from_a_trained_preconditioned_run_starts_at_its_velocity(tmp_path):
+    """A preconditioned FM run, trained for 2 steps, is accepted as `train.init_from` by a
+    preconditioned DFM run, whose model at step 0 gives the FM run's velocity on the finest
+    level; a DFM run without preconditioning refuses it, naming flow.precondition."""
+    from dfm_cli.distributed import Context
+    from dfm_cli.methods.factory import load_trained
+    from dfm_cli.training.loop import Trainer
+
+    fm_run = tmp_path / "fm"
+    train(load_recipe(TINY, [*PRECONDITION, *FM, "train.steps=2", "train.checkpoint_every=2"]), fm_run, console=QUIET)
+    fm, _, _ = load_trained(fm_run)
+    recipe = load_recipe(TINY, [*PRECONDITION, f"train.init_from={fm_run}"])
+    (tmp_path / "dfm").mkdir()
+    dfm = Trainer(recipe, tmp_path / "dfm", Context(), QUIET, ()).ema.eval()  # step 0, converted
+    assert dfm.level_rms is not None and fm.level_rms is not None
+    assert float(dfm.level_rms[-1]) == float(fm.level_rms[0])
+
+    b = 4
+    x = torch.randn(b, *SHAPE)
+    t, y = torch.rand(b, 1), torch.randint(0, CLASSES + 1, (b,))
+    with torch.no_grad():
+        expected = fm([x], t, y, torch.zeros(b, dtype=torch.long))[0]
+        for stage in range(2):
+            out = dfm([torch.randn(b, 1, 8, 8), x], torch.cat([torch.rand(b, 1), t], 1), y, torch.full((b,), stage))
+            torch.testing.assert_close(out[-1], expected, rtol=0, atol=1e-5)
+    assert expected.abs().max() > 0.01
+
+    plain = load_recipe(TINY, ["model.name=DFM-N/4", "data.resolution=16", f"train.init_from={fm_run}"])
+    with pytest.raises(DfmError, match="flow.precondition = true, this run has flow.precondition = false"):
+        train(plain, tmp_path / "plain", console=QUIET)
 
 
 def test_conversion_refuses_a_model_of_another_patch_size():

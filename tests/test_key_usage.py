@@ -92,6 +92,7 @@ ALTERNATIVES: dict[str, Alt] = {
     "flow.per_batch_stage": Alt(True),
     "flow.t_loc": Alt(0.5),
     "flow.t_scale": Alt(0.5),
+    "flow.t_shift": Alt(3.0),
     "flow.prev_t_loc": Alt(0.5),
     "flow.prev_t_scale": Alt(0.5),
     "flow.tied_timesteps": Alt(True),
@@ -101,8 +102,11 @@ ALTERNATIVES: dict[str, Alt] = {
     "flow.upsample_coarse": Alt(True),
     "flow.method": Alt("pyramidal"),
     "flow.gamma": Alt(0.2),
+    "flow.pyramid_time": Alt("logit-normal"),
     "flow.cascade_split": Alt(0.75),
     "flow.cascade_aug": Alt([1.0, 0.5]),
+    "flow.cascade_condition": Alt("tokens"),
+    "flow.cascade_upsample": Alt("nearest"),
     "model.kind": Alt("flux"),
     "model.name": Alt("DFM-N/2"),
     "model.pos": Alt("sincos"),
@@ -133,6 +137,7 @@ ALTERNATIVES: dict[str, Alt] = {
     "sample.cfg": Alt(3.0),
     "sample.guidance_interval": Alt([0.5, 1.0]),
     "sample.solver": Alt("heun"),
+    "sample.shift": Alt(3.0),
     "sample.n": Alt(3),
     "sample.cond_noise": Alt(0.1),
 }
@@ -144,6 +149,9 @@ BY_METHOD: dict[str, dict[str, Alt]] = {
         "flow.method": Alt("dfm"),
         # gamma's range shrinks with the factor, and the 4 px stage needs the finer patch
         "flow.factors": Alt([4], also={"flow.gamma": 1 / 15, "model.name": "DFM-N/4"}),
+        # the logit-normal's keys act with logit-normal stage time (uniform, the default, refuses them)
+        "flow.t_loc": Alt(0.5, given={"flow.pyramid_time": "logit-normal"}),
+        "flow.t_scale": Alt(0.5, given={"flow.pyramid_time": "logit-normal"}),
     },
     "cascaded": {
         "flow.method": Alt("dfm", also={"flow.cascade_split": 0.8}),

@@ -134,7 +134,8 @@ def test_the_documented_fourth_method_is_one_module_and_one_registration(tmp_pat
 
 @pytest.mark.parametrize("method", ["pyramidal", "cascaded"])
 @pytest.mark.parametrize(
-    "flags, message", [({"tau": [0.7]}, "--tau 0.7: is not used"), ({"solver": "heun"}, "--solver heun")]
+    "flags, message",
+    [({"tau": [0.7]}, "--tau 0.7: is not used"), ({"solver": "heun"}, "--solver heun"), ({"shift": 3.0}, "--shift 3")],
 )
 def test_the_baselines_refuse_the_progressive_samplers_flags(method, flags, message):
     """`dfm sample --tau/--solver` on a baseline run is refused, not silently ignored."""
@@ -145,3 +146,35 @@ def test_the_baselines_refuse_the_progressive_samplers_flags(method, flags, mess
     with pytest.raises(DfmError, match=re.escape(message)):
         m.generate(model, torch.zeros(2, dtype=torch.long), m.decomposition(), settings, seed=0)
     assert m.generate(model, torch.zeros(2, dtype=torch.long), m.decomposition(), recipe.sampler_settings(), seed=0).nfe
+
+
+@pytest.mark.parametrize("method", ["dfm", "pyramidal"])
+def test_only_the_cascade_takes_a_conditioning_noise(method):
+    """`dfm sample --cond-noise` sets the cascade's conditioning noise; the others refuse it."""
+    recipe = load_recipe(TINY if method == "dfm" else ROOT / "recipes" / "tiny" / f"{method}.toml")
+    m = method_of(recipe)
+    model = m.build_model((1, 16, 16), 10)
+    with pytest.raises(DfmError, match=rf"^--cond-noise 0.1: is not used by flow.method = '{method}'"):
+        m.generate(
+            model, torch.zeros(2, dtype=torch.long), m.decomposition(), recipe.sampler_settings(cond_noise=0.1), seed=0
+        )
+
+
+def test_the_cascades_conditioning_noise_flag_equals_the_recipe_key():
+    cascaded = ROOT / "recipes" / "tiny" / "cascaded.toml"
+    recipe, keyed = load_recipe(cascaded), load_recipe(cascaded, ["sample.cond_noise=0.3"])
+    m = method_of(recipe)
+    torch.manual_seed(0)
+    model = m.build_model((1, 16, 16), 10)
+    for p in model.parameters():  # away from the zero init, so the conditioning reaches the output
+        torch.nn.init.normal_(p, std=0.05)
+    labels = torch.zeros(2, dtype=torch.long)
+
+    def images(method, settings):
+        return method.generate(model, labels, method.decomposition(), settings, seed=0).x
+
+    flagged = images(m, recipe.sampler_settings(cond_noise=0.3))
+    assert torch.equal(flagged, images(method_of(keyed), keyed.sampler_settings()))
+    assert not torch.equal(flagged, images(m, recipe.sampler_settings()))
+    with pytest.raises(DfmError, match=r"^--cond-noise 1.0: the conditioning's noise level must lie in \[0, 1\)"):
+        recipe.sampler_settings(cond_noise=1.0)

@@ -110,6 +110,103 @@ def test_sampler_with_the_exact_velocity_lands_on_the_data(factors):
     assert nfe == 3 * len(sizes)
 
 
+PYRAMIDAL = ROOT / "recipes" / "tiny" / "pyramidal.toml"
+
+
+def stage_draws(overrides: list[str], n: int, batch_seed: int = 0):
+    from dfm_cli.config.method import method_of
+    from dfm_cli.config.recipe import load_recipe
+
+    objective = method_of(load_recipe(PYRAMIDAL, overrides)).objective()
+    return objective.draw([(1, 8, 8), (1, 16, 16)], range(n), batch_seed)
+
+
+def test_stage_time_is_uniform_by_default_as_the_authors_draw_it():
+    """Within each stage tau is uniform (Kolmogorov-Smirnov distance under the 1% critical
+    value), so 10% of the draws train the stage's first tenth, where sampling starts after the
+    jump; the logit-normal gives it 1.4%. The stage and noise draws are the logit-normal's."""
+    n = 12000
+    draws = stage_draws([], n)
+    for k in range(2):
+        tau = draws.t[draws.stage == k, k].double().sort().values
+        m = len(tau)
+        assert m > 0.4 * n
+        ecdf = torch.arange(1, m + 1, dtype=torch.float64) / m
+        ks = torch.maximum(ecdf - tau, tau - (ecdf - 1 / m)).max()
+        assert ks < 1.63 / m**0.5
+        assert abs(float((tau < 0.1).double().mean()) - 0.1) < 0.01
+    assert (draws.t[draws.stage == 0, 1] == 0).all()  # the later stage is not active
+    logit_normal = stage_draws(["flow.pyramid_time=logit-normal"], n)
+    assert torch.equal(draws.stage, logit_normal.stage) and torch.equal(draws.noise[1], logit_normal.noise[1])
+    active = logit_normal.t[torch.arange(n), logit_normal.stage]
+    assert float((active < 0.1).double().mean()) < 0.02
+
+
+def test_logit_normal_stage_time_is_the_one_drawn_before_the_key():
+    """`flow.pyramid_time = "logit-normal"` keeps the draws of runs made before it, value for
+    value (recorded from the code before `flow.pyramid_time`, seeds 0..5, batch seed 7)."""
+    before = {
+        (): [0.101671, 0.515414, 0.420798, 0.52223, 0.903773, 0.363988],
+        ("flow.t_loc=0.3", "flow.t_scale=0.8"): [0.191076, 0.586458, 0.511098, 0.591745, 0.890113, 0.463446],
+    }
+    for overrides, taus in before.items():
+        draws = stage_draws(["flow.pyramid_time=logit-normal", *overrides], 6, batch_seed=7)
+        assert draws.stage.tolist() == [1, 0, 1, 0, 0, 1]
+        torch.testing.assert_close(draws.t[torch.arange(6), draws.stage], torch.tensor(taus), rtol=0, atol=1e-6)
+
+
+def test_uniform_stage_time_refuses_the_logit_normals_keys_and_an_unknown_time():
+    from dfm_cli.config.recipe import load_recipe
+
+    with pytest.raises(DfmError, match="flow.t_loc = 0.5: is used by flow.method = 'pyramidal' only with"):
+        load_recipe(PYRAMIDAL, ["flow.t_loc=0.5"])
+    with pytest.raises(DfmError, match="flow.pyramid_time = 'random': choose one of uniform, logit-normal"):
+        load_recipe(PYRAMIDAL, ["flow.pyramid_time=random"])
+    with pytest.raises(DfmError, match="flow.pyramid_time = 'logit-normal': is not used by flow.method = 'dfm'"):
+        load_recipe(ROOT / "recipes" / "tiny.toml", ["flow.pyramid_time=logit-normal"])
+
+
+def test_a_run_saved_before_the_key_samples_as_before_and_resumes_only_as_it_was_trained(tmp_path):
+    """A pyramidal run folder whose recipe.toml lacks `flow.pyramid_time` was trained with
+    logit-normal stage time: it loads and samples as it did, reads as logit-normal, and
+    resuming it with the new default (uniform) is refused, naming the key."""
+    from conftest import cli
+    from rich.console import Console
+
+    from dfm_cli.config.recipe import load_recipe, load_run_recipe
+    from dfm_cli.training.loop import train
+
+    run = tmp_path / "run"
+    old = ["flow.pyramid_time=logit-normal", "sample.n=4"]
+    train(load_recipe(PYRAMIDAL, old), run, console=Console(quiet=True))
+    assert cli("sample", run, "--n", "4", "--out", tmp_path / "before.png").exit_code == 0
+    saved = [run / "recipe.toml", *run.glob("checkpoints/step-*/recipe.toml")]
+    for path in saved:  # as the code before the key wrote them
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if not line.startswith("pyramid_time")))
+        assert load_recipe(path).flow.pyramid_time == "uniform"  # still a valid recipe
+        assert load_run_recipe(path).flow.pyramid_time == "logit-normal"  # as the run was trained
+    assert cli("sample", run, "--n", "4", "--out", tmp_path / "after.png").exit_code == 0
+    assert (tmp_path / "before.png").read_bytes() == (tmp_path / "after.png").read_bytes()
+    with pytest.raises(DfmError, match="flow.pyramid_time = 'logit-normal', not 'uniform'"):
+        train(load_recipe(PYRAMIDAL, ["sample.n=4", "train.steps=3"]), run, console=Console(quiet=True))
+    train(load_recipe(PYRAMIDAL, [*old, "train.steps=3"]), run, console=Console(quiet=True))
+    assert 'pyramid_time = "logit-normal"' in (run / "recipe.toml").read_text()
+
+
+def test_sweep_run_ids_change_only_for_pyramidal_runs_at_the_new_default():
+    """`dfm ablate` names a run by the hash of its settings: the key joins them only where it
+    changes what was trained before it, so a pyramidal cell at the new default trains again,
+    and every other run (and a logit-normal pyramidal one) keeps its id."""
+    from dfm_cli.ablate.sweep import run_settings
+    from dfm_cli.config.recipe import load_recipe
+
+    assert "pyramid_time" not in run_settings(load_recipe(ROOT / "recipes" / "tiny.toml"))["flow"]
+    assert "pyramid_time" not in run_settings(load_recipe(ROOT / "recipes" / "tiny" / "cascaded.toml"))["flow"]
+    assert "pyramid_time" not in run_settings(load_recipe(PYRAMIDAL, ["flow.pyramid_time=logit-normal"]))["flow"]
+    assert run_settings(load_recipe(PYRAMIDAL))["flow"]["pyramid_time"] == "uniform"
+
+
 @pytest.mark.e2e
 def test_tiny_pyramidal_recipe_trains_and_samples_and_counts_each_stages_flops(tmp_path):
     from dfm_cli.config.method import method_of

@@ -87,6 +87,8 @@ def test_manifest_records_what_made_the_set(model, tmp_path):
         "solver": "euler",
         "mask_input": True,
         "tied_timesteps": False,
+        "shift": 1.0,
+        "cond_noise": 0.025,
         "shape": [16, 16, 3],
         "num": 3,
     }

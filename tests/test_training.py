@@ -324,8 +324,8 @@ def test_non_finite_ema_weights_are_never_saved_as_a_checkpoint(tmp_path, monkey
 
     original = training.update_ema
 
-    def poisoned(ema, model, decay):
-        original(ema, model, decay)
+    def poisoned(ema, model, decay, **kw):
+        original(ema, model, decay, **kw)
         if not training.complete_checkpoints(tmp_path / "run"):  # after step 4's checkpoint, break the EMA
             return
         next(ema.parameters()).data.fill_(float("inf"))

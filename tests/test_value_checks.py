@@ -71,6 +71,8 @@ def test_the_float_walk_sees_the_list_keys():
         (TINY, "sample.cond_noise=0.1", r"sample.cond_noise = 0.1: is not used by flow.method = 'dfm'"),
         (PYRAMIDAL, "sample.tau=[0.5]", r"sample.tau = \[0.5\]: is not used by flow.method = 'pyramidal'"),
         (PYRAMIDAL, "sample.solver=heun", r"sample.solver = 'heun': is not used by flow.method = 'pyramidal'"),
+        (PYRAMIDAL, "flow.t_shift=3.0", r"flow.t_shift = 3.0: is not used by flow.method = 'pyramidal'"),
+        (CASCADED, "sample.shift=3.0", r"sample.shift = 3.0: is not used by flow.method = 'cascaded'"),
         (CASCADED, "flow.p_stage=[0.5, 0.5]", r"flow.p_stage = \[0.5, 0.5\]: is not used by flow.method = 'cascaded'"),
     ],
 )
@@ -85,6 +87,7 @@ def test_the_class_count_of_built_in_data_is_known_without_loading_it():
     assert {name: len(b.class_names) for name, b in BUILTIN.items()} == {
         "animal-mnist": 10,
         "photo-crops": 2,
+        "photo-crops-gray": 2,
         "sprites": 4,
     }
     load_recipe(TINY, ["data.classes=[0, 9]"])  # in range

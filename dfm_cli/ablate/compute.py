@@ -159,8 +159,10 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
 
 
 def plan(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per cell for `--dry-run`, in the order the sweep runs them: its run, compute and
-    estimated time (a run's training is charged to the first cell that needs it)."""
+    """One row per cell for `--dry-run`, in the order the sweep runs them (every seed of a
+    results row is a cell of its own, with its own run): its run, compute and estimated time
+    (a run's training is charged to the first cell that needs it)."""
+    seeds = seeds_note(sweep)
     rows: list[dict[str, Any]] = []
     rates: dict[tuple, tuple[float, float, str]] = {}  # measured_rates's cache
     runs, trained = {run.run_id: run for run in sweep.runs}, set()
@@ -180,7 +182,21 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
                 "train_flops": flops,
                 "seconds": cell_s + train_s,
                 "estimate": how,
-                "note": data_shape(cell.recipe)[1],
+                "note": "; ".join(n for n in (data_shape(cell.recipe)[1], seeds) if n),
             }
         )
     return rows
+
+
+def seeds_note(sweep: Sweep) -> str:
+    """What `--dry-run` says of a sweep's seeds: how many results rows, cells and trained runs
+    they make ("" for a sweep of one seed per row)."""
+    if not sweep.seeded:
+        return ""
+    rows = sweep.rows
+    counts = sorted({len(r.cells) for r in rows})
+    each = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds"
+    return (
+        f"{len(rows)} results rows × {each} each = {len(sweep.cells)} cells on {len(sweep.runs)} trained runs "
+        "(every seed is trained, sampled and scored; the time counts them all)"
+    )

@@ -1,4 +1,4 @@
-"""Running a sweep: each run trained once and each cell sampled and scored, through
+"""Running a sweep: each run (every seed its own) trained once and each cell sampled and scored, through
 `python -m dfm_cli train|sample|eval` in subprocesses, with a manifest per folder so that an
 interrupted sweep, run again, does only what is missing. Ends by writing the results.
 """
@@ -18,12 +18,12 @@ from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_
 from dfm_cli.ablate.results import collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
 from dfm_cli.config.recipe import Recipe
-from dfm_cli.data.datasets import build_dataset
+from dfm_cli.data.datasets import BUILTIN, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.evaluation.evaluate import reference_images
 from dfm_cli.progress import Progress
 
-BUILTIN_REFERENCES = ("animal-mnist", "photo-crops")  # names `dfm eval --ref` knows
+BUILTIN_REFERENCES = tuple(name for name, entry in BUILTIN.items() if not entry.video)  # `dfm eval --ref` names
 WEIGHTS = ("inception_weights", "dinov2_weights", "i3d_weights")  # [eval] keys passed on as --KEY
 Runner = Callable[[list[str], Path, str], None]  # (command, log file, what it is for the error message)
 
@@ -95,6 +95,10 @@ def sample_args(recipe: Recipe) -> list[str]:
         ",".join(map(repr, s.guidance_interval)),
         "--solver",
         s.solver,
+        "--shift",
+        repr(s.shift),
+        "--cond-noise",
+        repr(s.cond_noise),
     ]
     return args + (["--tau", ",".join(map(repr, s.tau))] if s.tau else [])
 
@@ -136,8 +140,11 @@ def run_sweep(
             progress.advance()
     rows = collect(sweep, out)
     write_results(sweep, rows, out)
+    counts = f"{len(sweep.cells)} cells, {len(runs)} runs"
+    if sweep.seeded:
+        counts = f"{len(sweep.rows)} rows, {counts} with their seeds"
     console.print(
-        f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots ({len(sweep.cells)} cells, {len(runs)} runs)",
+        f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots ({counts})",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -4,7 +4,11 @@ the ids its run and cell folders are named by, before anything trains.
 A sweep file names a base recipe and the cells to compare: a `[grid]` (the product of lists),
 a list of `[[cell]]` overrides, or both (each cell crossed with the grid). Keys are recipe
 keys (`"train.steps"`, `"sample.cfg"`); `[set]` overrides every cell; `[eval]` says how to
-score; `baseline` names the cell(s) the ratios in `results.md` divide by.
+score; `baseline` names the cell(s) the ratios in `results.md` divide by; `seeds = N` trains
+every cell N times (`train.seed` = s, s+1, …, s+N-1 from the cell's own seed s).
+
+A results row is a group of cells identical but for `train.seed`: the seed replicates of one
+setting, whether `seeds` made them or the cells vary `train.seed` themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import tomli_w
 
+from dfm_cli.config.method import method_class
 from dfm_cli.config.recipe import SECTIONS, Recipe, _check_type, load_recipe
 from dfm_cli.errors import DfmError, suggest
 
@@ -59,7 +64,8 @@ EVAL_LEAST = {"num": 1, "reference_num": 0, "seed": 0, "batch": 1, "swd_levels":
 
 @dataclass
 class Cell:
-    """One row of the results: a resolved recipe and where its outputs live."""
+    """One trained, sampled and scored setting: a resolved recipe and where its outputs live.
+    The cells of one results row differ only in `train.seed`."""
 
     name: str
     label: str  # the [[cell]] name it came from ("" for pure grid cells)
@@ -68,6 +74,23 @@ class Cell:
     recipe: Recipe
     run_id: str
     cell_id: str
+    row: str = ""  # the name of its results row: its own name without the seed
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.train.seed
+
+
+@dataclass
+class Row:
+    """One row of the results: the seed replicates of one setting, in seed order."""
+
+    name: str
+    cells: list[Cell]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [c.seed for c in self.cells]
 
 
 @dataclass
@@ -89,6 +112,18 @@ class Sweep:
     cells: list[Cell]
     baseline: str | dict[str, Any]
     eval: EvalSpec
+    seeds: int = 1  # `seeds = N`: training seeds per cell
+    seeded: bool = False  # seeds > 1, or a cell sets train.seed: the results report seeds
+
+    @property
+    def rows(self) -> list[Row]:
+        """The results rows, in the order their first cell runs."""
+        rows: dict[str, Row] = {}
+        for cell in self.cells:
+            rows.setdefault(cell.row or cell.name, Row(cell.row or cell.name, [])).cells.append(cell)
+        for row in rows.values():
+            row.cells.sort(key=lambda c: c.seed)
+        return list(rows.values())
 
     @property
     def runs(self) -> list[Run]:
@@ -102,7 +137,8 @@ class Sweep:
 
 # --------------------------------------------------------------------------- parsing
 
-TOP_KEYS = ("recipe", "title", "baseline", "set", "grid", "cell", "eval")
+TOP_KEYS = ("recipe", "title", "baseline", "seeds", "set", "grid", "cell", "eval")
+SEED = "train.seed"  # the key whose values are replicates of one row, not rows
 RECIPE_KEYS = [f"{s}.{k}" for s, cls in SECTIONS.items() for k in typing.get_type_hints(cls)]
 
 
@@ -144,7 +180,7 @@ def _flatten(where: str, table: dict[str, Any], keep: tuple[str, ...] = ()) -> d
         else:
             flat[key] = value
     for key in flat:
-        if key.split(".")[0] in TOP_KEYS:
+        if key.split(".")[0] in TOP_KEYS and key not in keep:
             raise DfmError(
                 f"{where}: {key.split('.')[0]!r} belongs at the top of the sweep file, before the "
                 "first [table] (TOML puts a key under the table above it)"
@@ -208,7 +244,7 @@ def load_sweep(path: str | Path) -> Sweep:
     specs = raw.get("cell", [])
     if not isinstance(specs, list) or not all(isinstance(c, dict) for c in specs):
         raise DfmError(f"{path}: cell must be a list of [[cell]] tables")
-    cells_raw = [_flatten(f"{path}: [[cell]] {i + 1}", c, keep=("name",)) for i, c in enumerate(specs)]
+    cells_raw = [_flatten(f"{path}: [[cell]] {i + 1}", c, keep=("name", "seeds")) for i, c in enumerate(specs)]
     if not cells_raw and not grid:
         raise DfmError(f"{path}: nothing to sweep: add a [grid] of lists or [[cell]] tables")
     names = [c.get("name") for c in cells_raw]
@@ -236,42 +272,110 @@ def load_sweep(path: str | Path) -> Sweep:
         if getattr(spec, key) < least:
             raise DfmError(f"{path}: eval.{key} = {getattr(spec, key)}: must be at least {least}")
 
+    seeds = _seeds(path, "seeds", raw.get("seeds", 1))
+    cell_seeds = [
+        _seeds(path, f"[[cell]] {c.get('name', i + 1)!r} seeds", c.get("seeds", seeds)) for i, c in enumerate(cells_raw)
+    ]
+    cells_raw = [{k: v for k, v in c.items() if k != "seeds"} for c in cells_raw]
+
     swept = list(dict.fromkeys([k for c in cells_raw for k in c if k != "name"] + list(grid)))
-    cells = []
-    for c in cells_raw or [{}]:
+    row_keys = [k for k in swept if k != SEED]
+    firsts = []  # each cell at its first seed: (label, values, name, row name, recipe, its seed count)
+    for c, n_seeds in zip(cells_raw or [{}], cell_seeds or [seeds]):
         label = c.get("name", "")
         for combo in itertools.product(*grid.values()):
             values = {**{k: v for k, v in c.items() if k != "name"}, **dict(zip(grid, combo))}
-            auto = _auto_name(dict(zip(grid, combo)) if label else values, swept)
-            name = " ".join(p for p in (label, auto) if p)
-            overrides = [f"{k}={toml_literal(v)}" for k, v in {**fixed, **values}.items()]
-            try:
-                recipe = load_recipe(base, overrides)
-            except DfmError as e:
-                raise DfmError(f"{path}: cell {name!r}: {e}") from None
-            cells.append(_make_cell(name, label, values, overrides, recipe, spec))
+            named = dict(zip(grid, combo)) if label else values
+            name = " ".join(p for p in (label, _auto_name(named, swept)) if p)
+            row = " ".join(p for p in (label, _auto_name(_without_seed(named), row_keys)) if p) or "base"
+            firsts.append((label, values, name, row, _resolve(path, base, fixed, values, name), n_seeds))
+    cells = []
+    for k in range(max(n for *_, n in firsts)):  # seed-major: every row's first seed runs before any row's second
+        for label, values, name, row, recipe, n_seeds in firsts:
+            if k >= n_seeds:
+                continue
+            if k:  # the first seed keeps the name (and folders) a single-seed sweep gives it
+                seed = recipe.train.seed + k
+                values, name = {**values, SEED: seed}, f"{row} seed={seed}"
+                recipe = _resolve(path, base, fixed, values, name)
+            overrides = [f"{key}={toml_literal(v)}" for key, v in {**fixed, **values}.items()]
+            cells.append(_make_cell(name, label, values, overrides, recipe, spec, row))
     if len({c.name for c in cells}) < len(cells):
         raise DfmError(
             f"{path}: two cells have the same settings ({', '.join(c.name for c in cells)}); "
             "give each [[cell]] a distinct name or distinct values"
         )
+    _check_replicates(path, cells)
     _check_eval(path, spec, cells)
     baseline = raw.get("baseline", "")
-    sweep = Sweep(path, str(raw.get("title", path.stem)), base, fixed, swept, cells, baseline, spec)
+    seeded = max(n for *_, n in firsts) > 1 or SEED in swept
+    sweep = Sweep(path, str(raw.get("title", path.stem)), base, fixed, row_keys, cells, baseline, spec, seeds, seeded)
     baseline_cells(sweep)  # validates the baseline
     return sweep
 
 
-def _make_cell(name: str, label: str, values: dict, overrides: list[str], recipe: Recipe, spec: EvalSpec) -> Cell:
+def _without_seed(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != SEED}
+
+
+def _resolve(path: Path, base: Path, fixed: dict[str, Any], values: dict[str, Any], name: str) -> Recipe:
+    overrides = [f"{k}={toml_literal(v)}" for k, v in {**fixed, **values}.items()]
+    try:
+        return load_recipe(base, overrides)
+    except DfmError as e:
+        raise DfmError(f"{path}: cell {name!r}: {e}") from None
+
+
+def _check_replicates(path: Path, cells: list[Cell]) -> None:
+    """The cells of a row differ in `train.seed`, and in nothing else."""
+    first: dict[tuple[str, int], Cell] = {}
+    for cell in cells:
+        other = first.setdefault((cell.row, cell.seed), cell)
+        if other is not cell:
+            raise DfmError(
+                f"{path}: cells {other.name!r} and {cell.name!r} both train row {cell.row!r} with "
+                f"train.seed = {cell.seed}; the cells of a row need distinct seeds (with seeds = N, each "
+                "trains train.seed = s … s+N-1 from its own seed s)"
+            )
+    settings: dict[str, tuple[Cell, dict]] = {}
+    for cell in cells:
+        mine = cell.recipe.to_dict()
+        mine["train"].pop("seed")
+        other, theirs = settings.setdefault(cell.row, (cell, mine))
+        if theirs != mine:
+            raise DfmError(
+                f"{path}: cells {other.name!r} and {cell.name!r} make one results row {cell.row!r} but "
+                "differ in more than train.seed; give them distinct names or values"
+            )
+
+
+def _seeds(path: Path, key: str, value: Any) -> int:
+    """A count of training seeds (`seeds = N` for the sweep, or in one [[cell]])."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DfmError(
+            f"{path}: {key} = {value!r}: give the number of training seeds per cell, a whole number "
+            "of at least 1 (e.g. seeds = 3)"
+        )
+    return value
+
+
+def _make_cell(
+    name: str, label: str, values: dict, overrides: list[str], recipe: Recipe, spec: EvalSpec, row: str = ""
+) -> Cell:
     run_id = (
         f"{slug(_auto_name({k: v for k, v in values.items() if not k.startswith('sample.')}, list(values)))}"
         f"-{settings_hash(run_settings(recipe))}"
     )
     cell_settings = cell_manifest_settings(recipe, spec)
-    return Cell(name, label, values, overrides, recipe, run_id, f"{slug(name)}-{settings_hash(cell_settings)}")
+    cell_id = f"{slug(name)}-{settings_hash(cell_settings)}"
+    return Cell(name, label, values, overrides, recipe, run_id, cell_id, row or name)
 
 
-# Keys added after sweeps were first run: left out of a run's id while at their defaults.
+# Keys added after sweeps were first run: left out of a run's id at the value runs had before
+# them (the default, or the method's `earlier_defaults` where the default changed what it
+# trains) and where the method does not use them, so that adding them left the ids of earlier
+# runs unchanged. A pyramidal run at the new default `flow.pyramid_time` (uniform, where it was
+# logit-normal) trains something else, and gets a new id.
 LATER_KEYS = (
     ("model", "kind"),
     ("data", "classes"),
@@ -283,6 +387,11 @@ LATER_KEYS = (
     ("flow", "cascade_aug"),
     ("train", "init_from"),
     ("train", "per_level_only_steps"),
+    ("flow", "pyramid_time"),
+    ("flow", "t_shift"),
+    ("flow", "cascade_condition"),
+    ("flow", "cascade_upsample"),
+    ("sample", "shift"),
 )
 
 
@@ -298,15 +407,24 @@ def run_settings(recipe: Recipe) -> dict:
     )
     settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
     defaults = Recipe().to_dict()
+    method = method_class(recipe.flow.method)
     for section, key in LATER_KEYS:
-        if settings[section][key] == defaults[section][key]:
+        if section not in settings:
+            continue
+        name = f"{section}.{key}"
+        earlier = method.earlier_defaults.get(name, defaults[section][key])
+        if settings[section][key] == earlier or name in method.unused_keys:
             del settings[section][key]
     return settings
 
 
 def cell_manifest_settings(recipe: Recipe, spec: EvalSpec) -> dict:
     """What a cell's sample set depends on (its scoring is tracked separately)."""
-    return {"run": run_settings(recipe), "sample": recipe.to_dict()["sample"], "num": spec.num, "seed": spec.seed}
+    sample, defaults = recipe.to_dict()["sample"], Recipe().to_dict()["sample"]
+    for section, key in LATER_KEYS:  # sampler keys added later, left out at their defaults
+        if section == "sample" and sample[key] == defaults[key]:
+            del sample[key]
+    return {"run": run_settings(recipe), "sample": sample, "num": spec.num, "seed": spec.seed}
 
 
 def _check_eval(path: Path, spec: EvalSpec, cells: list[Cell]) -> None:
@@ -337,7 +455,7 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
     if not b:
         return {c.name: None for c in sweep.cells}
     if isinstance(b, str):
-        chosen = [c for c in sweep.cells if b in (c.label, c.name)]
+        chosen = [c for c in sweep.cells if b in (c.label, c.name, c.row)]
         if not chosen:
             raise DfmError(f"{sweep.path}: baseline = {b!r} names no cell{suggest(b, [c.name for c in sweep.cells])}")
         keys: set[str] = set()
@@ -358,6 +476,17 @@ def baseline_cells(sweep: Sweep) -> dict[str, Cell | None]:
         out[cell.name] = max(
             chosen, key=lambda c: sum(_same(recipe_value(c.recipe, k), recipe_value(cell.recipe, k)) for k in others)
         )
+    return out
+
+
+def baseline_rows(sweep: Sweep) -> dict[str, Row | None]:
+    """Each row's baseline row: the row of its first cell's baseline cell."""
+    bases = baseline_cells(sweep)
+    rows = {row.name: row for row in sweep.rows}
+    out: dict[str, Row | None] = {}
+    for row in rows.values():
+        base = bases[row.cells[0].name]
+        out[row.name] = rows[base.row] if base else None
     return out
 
 

@@ -3,8 +3,18 @@
 Two DiTs of the same size. Stage 1 is Flow Matching on the data at the coarse size (2 levels:
 the pyramid's first), with the patch shrunk by the factor so it sees as many tokens as stage 2.
 It trains for the first `flow.cascade_split` (0.8) of the steps. Stage 2 is then initialized
-from stage 1 and trained at the full size. It reads the upsampled coarse image through its own
-patch embedding, as tokens concatenated to its own, at the same positions.
+from stage 1 and trained at the full size, given the upsampled coarse image.
+
+**Conditioning (`condition`, `flow.cascade_condition`).** With `"sum"` (the default), stage 2
+embeds the conditioning image with a second patch embedding and adds it to its noisy image's
+tokens: the channel-axis conditioning of SR3, CDM and Imagen, done the DiT way (a patch
+embedding of the two images stacked on the channel axis is the sum of one embedding per
+image). Stage 2 then costs what an FM forward costs, plus one patch embedding and the
+augmentation level's embedder (1.0001x FM at DFM-B/2 on 256 tokens, 1.01x at DFM-T/8 on 64).
+With `"tokens"` (the earlier `dfm`'s) the conditioning image's tokens join the sequence, at the
+same positions, and are dropped before the head: twice the tokens, 2.1x an FM forward. The two embeddings are
+registered under different names (`cond_sum_embed`, `cond_embed`), so weights of one never load
+silently into the other.
 
 Stage 2's patch embedding and head have another patch size than stage 1's, so they start
 fresh (the head at zero); the augmentation-level embedder starts at zero too, so the switch
@@ -13,23 +23,37 @@ the finer patch, which makes stage 2 compute stage 1's upsampled velocity at the
 measured and is worse: the averaging embedding hides the fine noise that stage 2 must predict,
 and its loss stalls; docs/baselines.md.)
 
-The coarse image is noise-augmented: `a up(L) + (1 - a) n`, with the augmentation's signal
-level `a` drawn logit-normal (`flow.cascade_aug`, loc 1.5 and scale 1) in training, and fixed
-at `1 - sample.cond_noise` (noise 0.025) when sampling. Stage 2 is told `a` through its own
-timestep embedder. Sampling runs stage 1 in `sample.steps[0]` Euler steps, then stage 2 in
-`sample.steps[1]` (20 + 20 in the paper).
+**Stage 1 is frozen at the switch, in the EMA too.** `stage1` and `stage2` are two separate
+`DFMDiT`s: at the switch stage 2 *copies* stage 1's transformer and embeddings (values, not
+modules; `start_stage2`), so nothing stage 2 learns reaches `stage1`. After the switch
+`stage1` gets no gradient, and its EMA is what samples the coarse image, so the EMA must stop
+following it: the training loop leaves the EMA's `stage1.*` (`STAGE1`) as they were at the
+switch (`Cascaded.ema_frozen`), bit for bit. (Before, the EMA's warm-up restarted at the switch
+for every parameter, and stage 1's EMA was pulled to its last raw weights within a few steps.)
+Stage 2's EMA starts at the switch from stage 2's starting weights, with its own warm-up, and
+the learning rate warms up again over `train.warmup_steps` from the switch: stage 2 is a new
+model with fresh optimizer moments.
+
+**Augmentation.** The coarse image is upsampled (`upsample`: bilinear by default, or nearest,
+`flow.cascade_upsample`; training and sampling call the same function) and noise-augmented:
+`a up(L) + (1 - a) n`, with the augmentation's signal level `a` drawn logit-normal
+(`flow.cascade_aug`, loc 1.5 and scale 1) in training, and fixed at `1 - sample.cond_noise`
+(noise 0.025) when sampling. Stage 2 is told `a` through its own timestep embedder. Sampling
+runs stage 1 in `sample.steps[0]` Euler steps, then stage 2 in `sample.steps[1]` (20 + 20 in
+the paper).
 
 Both models count towards compute: stage 1's FLOPs for its share of the steps, stage 2's
-(with its doubled sequence) for the rest.
+(with the conditioning's embedding, and with `"tokens"` its doubled sequence) for the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfm_cli.baselines.pyramidal import up
@@ -40,6 +64,27 @@ from dfm_cli.models.dit import DFMDiT, DiTSize, LevelHead, PatchEmbed, TimestepE
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
 SHARED = ("blocks.", "t_embedders.", "y_embedder.", "text_", "stage_embedder.", "null_text.")  # stage 1 -> 2
+STAGE1 = "stage1."  # the names of stage 1's parameters, frozen (in the EMA too) from the switch on
+CONDITIONS = ("sum", "tokens")  # how stage 2 reads the conditioning image (`flow.cascade_condition`)
+CONDITION_EMBEDS = {"sum": "cond_sum_embed", "tokens": "cond_embed"}  # its patch embedding's name
+UPSAMPLERS = ("bilinear", "nearest")  # how the coarse image is brought to the full size (`flow.cascade_upsample`)
+
+
+def upsample(x: torch.Tensor, factor: int, mode: str) -> torch.Tensor:
+    """The coarse image `x` at `factor` times its size, as stage 2 is conditioned on it, in
+    training and when sampling: `"bilinear"` (half-pixel centres, no corner alignment) or
+    `"nearest"` (each pixel copied over a block, the earlier `dfm`'s).
+
+    >>> upsample(torch.tensor([[[[0.0, 1.0]]]]), 2, "bilinear")[0, 0, 0].tolist()
+    [0.0, 0.25, 0.75, 1.0]
+    >>> upsample(torch.tensor([[[[0.0, 1.0]]]]), 2, "nearest")[0, 0, 0].tolist()
+    [0.0, 0.0, 1.0, 1.0]
+    """
+    if mode == "nearest":
+        return up(x, factor)
+    if mode != "bilinear":
+        raise DfmError(f"flow.cascade_upsample = {mode!r}: choose one of {', '.join(UPSAMPLERS)}")
+    return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +93,7 @@ class CascadeSettings:
     aug_loc: float = 1.5  # logit-normal of the conditioning's signal level, in training
     aug_scale: float = 1.0
     cond_noise: float = 0.025  # the conditioning's noise level when sampling
+    upsample: str = "bilinear"  # how the coarse image is upsampled for stage 2 (see `upsample`)
 
     def split_step(self, steps: int) -> int:
         return round(self.split * steps)
@@ -55,7 +101,9 @@ class CascadeSettings:
 
 class CascadedDiT(nn.Module):
     """`stage1` (coarse size, patch / factor) and `stage2` (full size, patch) with the
-    conditioning's patch embedding and augmentation-level embedder.
+    conditioning's patch embedding and augmentation-level embedder. `condition` is how stage
+    2 reads the conditioning image: `"sum"`, added to its image's tokens, or `"tokens"`, as
+    tokens of its own (see the module's docstring).
 
     `forward(levels, t, y, stage)` follows the DFM model's signature so the training step and
     classifier-free guidance treat it alike: `levels = [coarse x_t, fine x_t, conditioning]`,
@@ -67,10 +115,18 @@ class CascadedDiT(nn.Module):
     unused_parameters = True  # one model idles in each phase (DDP must not wait for its gradients)
 
     def __init__(
-        self, size: DiTSize, level_sizes: Sequence[tuple[int, ...]], channels: int, num_classes: int, **options: Any
+        self,
+        size: DiTSize,
+        level_sizes: Sequence[tuple[int, ...]],
+        channels: int,
+        num_classes: int,
+        condition: str = "sum",
+        **options: Any,
     ) -> None:
         """`options` (`pos`, `text_dims`) are both stages' `DFMDiT` options."""
         super().__init__()
+        if condition not in CONDITIONS:
+            raise DfmError(f"flow.cascade_condition = {condition!r}: choose one of {', '.join(CONDITIONS)}")
         coarse, fine = (tuple(s) for s in level_sizes)
         factor = fine[-1] // coarse[-1]
         if size.patch % factor:
@@ -80,7 +136,8 @@ class CascadedDiT(nn.Module):
             )
         self.stage1 = DFMDiT(replace(size, patch=size.patch // factor), [coarse], channels, num_classes, **options)
         self.stage2 = DFMDiT(size, [fine], channels, num_classes, **options)
-        self.cond_embed = PatchEmbed(channels, (1, size.patch), size.hidden)
+        self.condition = condition
+        self.add_module(CONDITION_EMBEDS[condition], PatchEmbed(channels, (1, size.patch), size.hidden))
         self.aug_embedder = TimestepEmbedder(size.hidden)
         aug_out = self.aug_embedder.linears[1]
         nn.init.zeros_(aug_out.weight)  # a new input starts silent (adaLN-Zero's reasoning)
@@ -95,6 +152,11 @@ class CascadedDiT(nn.Module):
     def null_condition(self, n: int) -> Cond:
         return self.stage1.null_condition(n)
 
+    @property
+    def condition_embed(self) -> PatchEmbed:
+        """The conditioning image's patch embedding (named after `condition`)."""
+        return cast(PatchEmbed, self.get_submodule(CONDITION_EMBEDS[self.condition]))
+
     @torch.no_grad()
     def start_stage2(self) -> None:
         """Stage 2 takes stage 1's transformer, embeddings of time, class or text, and stage."""
@@ -104,7 +166,7 @@ class CascadedDiT(nn.Module):
 
     def stage2_parameters(self) -> list[nn.Parameter]:
         """What trains after the switch: stage 2 and its conditioning's embeddings."""
-        return [*self.stage2.parameters(), *self.cond_embed.parameters(), *self.aug_embedder.parameters()]
+        return [*self.stage2.parameters(), *self.condition_embed.parameters(), *self.aug_embedder.parameters()]
 
     def forward(
         self, levels: Sequence[torch.Tensor], t: torch.Tensor, y: Cond, stage: torch.Tensor
@@ -126,27 +188,34 @@ class CascadedDiT(nn.Module):
     def _stage2(
         self, fine: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, y: Cond, stage: torch.Tensor
     ) -> torch.Tensor:
-        """Stage 2's velocity: the conditioning image's tokens join the sequence at the image
-        tokens' positions, its augmentation level joins the adaLN conditioning, and the heads
-        read the image tokens only."""
+        """Stage 2's velocity: the conditioning image's embedding is added to the image tokens
+        (`"sum"`), or joins the sequence as tokens of its own at the image tokens' positions
+        (`"tokens"`, which the heads then leave out); its augmentation level joins the adaLN
+        conditioning."""
         s2 = self.stage2
         tokens = s2.tokens([fine])
-        extra = self.cond_embed(cond[:, :, None])
-        x = torch.cat([tokens.x, extra + (0 if tokens.pos is None else tokens.pos.to(extra.dtype))], 1)
-        rope = None if tokens.rope is None else torch.cat([tokens.rope, tokens.rope])
+        extra = self.condition_embed(cond[:, :, None])
+        if self.condition == "sum":
+            x, rope = tokens.x + extra, tokens.rope
+        else:
+            x = torch.cat([tokens.x, extra + (0 if tokens.pos is None else tokens.pos.to(extra.dtype))], 1)
+            rope = None if tokens.rope is None else torch.cat([tokens.rope, tokens.rope])
         c, text = s2.conditioning(t[:, 1:2], y, stage)
         c = c + self.aug_embedder(t[:, 2])
         h = s2.transform(x, c, rope, text, stage)
         return s2.decode(h[:, : tokens.x.shape[1]], c, tokens.grid)[0]
 
     def stage_flops(self) -> tuple[float, float]:
-        """Forward FLOPs per image of stage 1 and of stage 2 (twice the tokens through the
-        blocks, the conditioning's patch embedding and timestep embedder; the head on the
-        image tokens)."""
+        """Forward FLOPs per image of stage 1 and of stage 2: stage 2's DiT, the conditioning's
+        patch embedding and the augmentation level's embedder; with `"tokens"`, twice the
+        tokens through the blocks (the head on the image tokens only)."""
         t, h, w = self.stage2.grid
-        d = self.stage2.hidden
-        head = each(self.stage2.level_heads, LevelHead)[0].linear.out_features
-        stage2 = self.stage2.flops_per_sample((2 * t, h, w)) - 2 * t * h * w * d * head  # heads see image tokens
+        if self.condition == "sum":
+            stage2 = self.stage2.flops_per_sample() + self.condition_embed.flops(t * h * w)
+        else:  # the doubled grid's patch embeddings are the image's and the conditioning's
+            d = self.stage2.hidden
+            head = each(self.stage2.level_heads, LevelHead)[0].linear.out_features
+            stage2 = self.stage2.flops_per_sample((2 * t, h, w)) - 2 * t * h * w * d * head  # heads see image tokens
         return self.stage1.flops_per_sample(), stage2 + self.aug_embedder.flops()
 
 
@@ -194,7 +263,7 @@ class CascadedObjective(FlowObjective):
         t = d.t.reshape(*d.t.shape, 1, 1, 1)
         xt = [t[:, 0] * coarse + (1 - t[:, 0]) * d.noise[0], t[:, 1] * fine + (1 - t[:, 1]) * d.noise[1]]
         factor = fine.shape[-1] // coarse.shape[-1]
-        cond = t[:, 2] * up(coarse, factor) + (1 - t[:, 2]) * d.noise[2]
+        cond = t[:, 2] * upsample(coarse, factor, self.cascade.upsample) + (1 - t[:, 2]) * d.noise[2]
         pred = velocity([*xt, cond], d.t, y, d.stage)
         level_mse = torch.stack(
             [((p.float() - (a - n).float()) ** 2).flatten(1).mean(1) for p, a, n in zip(pred, x1, d.noise)], 1
@@ -209,15 +278,17 @@ def sample_cascaded(
     y: Cond,
     model: CascadedDiT,
     steps: Sequence[int],
-    cond_noise: float,
+    cascade: CascadeSettings,
     seed: int,
     indices: Sequence[int],
     device: torch.device,
 ) -> tuple[torch.Tensor, int]:
     """Stage 1 from noise in `steps[0]` Euler steps; with one stage asked, its image. Else stage 2
-    from noise in `steps[1]` steps, given the upsampled stage-1 image at noise `cond_noise`.
-    Sample j's noise comes from its own generator seeded by `(seed, j)`."""
+    from noise in `steps[1]` steps, given the stage-1 image upsampled as in training
+    (`cascade.upsample`) at noise `cascade.cond_noise`. Sample j's noise comes from its own
+    generator seeded by `(seed, j)`."""
     coarse_size, fine_size = model.level_sizes
+    cond_noise = cascade.cond_noise
     gens = [torch.Generator().manual_seed(mix_seed(seed, SAMPLE_NOISE, j)) for j in indices]
     draw = lambda size: torch.stack([torch.randn(model.channels, *size, generator=g) for g in gens]).to(device)  # noqa: E731
     b, nfe = len(indices), 0
@@ -225,7 +296,7 @@ def sample_cascaded(
     for k, n in enumerate(steps):
         if k == 1:
             factor = fine_size[-1] // coarse_size[-1]
-            cond = (1 - cond_noise) * up(coarse, factor) + cond_noise * draw(fine_size)
+            cond = (1 - cond_noise) * upsample(coarse, factor, cascade.upsample) + cond_noise * draw(fine_size)
             fine = draw(fine_size)
         for i in range(n):
             t = torch.full((b, 3), i / n, device=device)

@@ -119,14 +119,32 @@ def renoise(x: torch.Tensor, k: int, schedule: PyramidalSchedule, noise: torch.T
     return alpha * up(x, schedule.factors[k - 1]) + beta * noise
 
 
+PYRAMID_TIMES = ("uniform", "logit-normal")
+"""How a stage's tau is drawn (`flow.pyramid_time`): uniform in [0, 1], as the authors' code
+does (`weighting_scheme='random'`), or the active level's logit-normal (`flow.t_loc`,
+`flow.t_scale`), which rarely trains a stage's start (1.1% of draws below 0.1)."""
+
+
 class PyramidalObjective(FlowObjective):
     """The Pyramidal Flow loss on `GaussianStack` levels; the draws are `FlowObjective`'s (a
-    stage per sample from `p_stage`, its tau from the active level's logit-normal, noise at
-    every stage's size)."""
+    stage per sample from `p_stage`, noise at every stage's size), with the stage's tau
+    uniform (`time = "uniform"`) or from the active level's logit-normal (`"logit-normal"`)."""
 
-    def __init__(self, schedule: PyramidalSchedule, **kw) -> None:
+    def __init__(self, schedule: PyramidalSchedule, time: str = "uniform", **kw) -> None:
         super().__init__(**kw)
-        self.schedule = schedule
+        if time not in PYRAMID_TIMES:
+            raise DfmError(f"flow.pyramid_time = {time!r}: choose one of {', '.join(PYRAMID_TIMES)}")
+        self.schedule, self.time = schedule, time
+
+    def timesteps(self, stage: torch.Tensor, z_active: torch.Tensor, z_earlier: torch.Tensor) -> torch.Tensor:
+        """`FlowObjective.timesteps`; with uniform time, the active level's tau is `Phi(z)`, the
+        standard normal's CDF of the same draw, so it is uniform and every other draw of the
+        batch (stage, noise, label dropout) stays what it is with logit-normal time."""
+        t = super().timesteps(stage, z_active, z_earlier)
+        if self.time == "logit-normal":
+            return t
+        active = torch.arange(t.shape[1])[None, :] == stage[:, None]
+        return torch.where(active, torch.special.ndtr(z_active.float()).expand_as(t), t)
 
     def loss(
         self, velocity: Velocity, x1: Sequence[torch.Tensor], y: Cond, draws: Draws, null: int | Cond | None = None

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dfm_cli.commands.common import app, console, from_flags, user_errors
 from dfm_cli.config.recipe import load_recipe
@@ -28,6 +29,7 @@ from dfm_cli.evaluation.evaluate import (
 )
 from dfm_cli.evaluation.gates import check_gates, check_thresholds
 from dfm_cli.evaluation.metrics import save_statistics
+from dfm_cli.evaluation.reference_cache import default_folder
 from dfm_cli.methods.factory import pick_device
 from dfm_cli.progress import Progress
 from dfm_cli.sampling.runs import newest_run
@@ -122,12 +124,35 @@ def eval_(
     verify: Annotated[
         bool, typer.Option(help="Scoring a run: check its weights against the SHA-256 its checkpoint recorded.")
     ] = True,
+    feature_cache: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help=(
+                "Folder where the reference's features are saved, keyed by its images and the network, and "
+                "read back next time. Default: $DFM_CACHE/features, else $XDG_CACHE_HOME/dfm/features, "
+                "else ~/.cache/dfm/features."
+            ),
+        ),
+    ] = None,
+    no_feature_cache: Annotated[
+        bool, typer.Option("--no-feature-cache", help="Neither read nor save the reference's features.")
+    ] = False,
 ) -> None:
     """Score samples offline: FID/KID/IS, precision/recall, FDD, SWD, CLIP and FVD; thresholds set the exit code (0 pass, 1 fail, 2 error).
 
     `dfm eval --fid --max-fid X` alone scores the newest run under runs/: a CI gate in one line.
     """  # noqa: E501 (the first line is the command's one-line help)
-    req = from_flags(Request, locals(), device=pick_device())
+    if feature_cache is not None and no_feature_cache:
+        raise DfmError("--feature-cache DIR and --no-feature-cache contradict each other; choose one")
+    if feature_cache is not None and feature_cache.exists() and not feature_cache.is_dir():
+        raise DfmError(f"--feature-cache {feature_cache} is a file; name a folder")
+    req = from_flags(
+        Request,
+        locals(),
+        device=pick_device(),
+        feature_cache=None if no_feature_cache else feature_cache or default_folder(),
+    )
     limits = {
         "--max-fid": max_fid,
         "--max-kid": max_kid,
@@ -176,7 +201,9 @@ def eval_(
         source = load_source(samples)
     if stats_out is not None:
         with Extractions(err) as tasks:
-            stats = reference_statistics(source, req, tasks)
+            stats, warnings = reference_statistics(source, req, tasks)
+        for w in warnings:
+            warn(err, w)
         save_statistics(stats_out, stats)
         console.print(f"wrote {', '.join(stats)} of {samples} to {stats_out}")
         return
@@ -194,7 +221,7 @@ def eval_(
     results["seconds"] = round(time.perf_counter() - start, 2)
     failed = check_thresholds(results, limits)
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        warn(err, w)
     table = Table(title=f"{samples} vs {ref}" if ref else samples)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -211,6 +238,11 @@ def eval_(
     if failed:
         typer.echo("threshold failed: " + "; ".join(failed), err=True)
         raise typer.Exit(1)
+
+
+def warn(err: Console, message: str) -> None:
+    """One line on stderr, however long, and never read as markup (paths may hold brackets)."""
+    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
 
 
 class Extractions:

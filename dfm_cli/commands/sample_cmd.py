@@ -35,6 +35,13 @@ def sample(
     cfg: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     interval: Annotated[str | None, typer.Option(help="Guidance interval in t, e.g. 0.1,0.9.")] = None,
     solver: Annotated[str | None, typer.Option(help="euler or heun.")] = None,
+    shift: Annotated[
+        float | None, typer.Option(help="Time shift of the sampling grid (SD3/FLUX; 1 = none; default: sample.shift).")
+    ] = None,
+    cond_noise: Annotated[
+        float | None,
+        typer.Option(help="Cascade runs: the conditioning image's noise level in [0, 1) (default: sample.cond_noise)."),
+    ] = None,
     class_: Annotated[int | None, typer.Option("--class", help="Class of every sample (default: balanced).")] = None,
     n: Annotated[int, typer.Option(help="Number of samples in the grid.")] = 64,
     num: Annotated[
@@ -96,7 +103,14 @@ def sample(
     trained = load_for_sampling(run, ema=ema, verify=verify)
     model, info = trained.model, trained.info
     settings = trained.recipe.sampler_settings(
-        stages=stages, steps=step_list, tau=tau_list, cfg=cfg, interval=interval_list, solver=solver
+        stages=stages,
+        steps=step_list,
+        tau=tau_list,
+        cfg=cfg,
+        interval=interval_list,
+        solver=solver,
+        shift=shift,
+        cond_noise=cond_noise,
     )
     texts = read_prompts(prompts) if prompts is not None else list(prompt or [])
     if prompts is not None and prompt:

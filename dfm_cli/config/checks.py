@@ -53,7 +53,7 @@ RANGES = {
     "non-negative": "train.batch_per_gpu train.milestone_every train.max_nonfinite_steps train.preview_every "
     "train.peak_tflops train.warmup_steps train.weight_decay train.eval_every train.eval_reference_num "
     "train.per_level_only_steps train.seed data.frames data.num_workers sample.cfg",
-    "above zero": "train.lr train.eps train.grad_clip flow.t_scale flow.prev_t_scale",
+    "above zero": "train.lr train.eps train.grad_clip flow.t_scale flow.prev_t_scale flow.t_shift sample.shift",
 }
 
 

@@ -30,7 +30,14 @@ from dfm_cli.errors import DfmError, suggest
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
-from dfm_cli.method.sampler import GuidedVelocity, LevelModel, SampleResult, SamplerSettings, guided_velocity
+from dfm_cli.method.sampler import (
+    COND_NOISE,
+    GuidedVelocity,
+    LevelModel,
+    SampleResult,
+    SamplerSettings,
+    guided_velocity,
+)
 
 Fail = Callable[[str, Any, str], NoReturn]
 """`fail(key, value, why)`: refuses a recipe, naming the key, its value and the fix."""
@@ -99,6 +106,9 @@ class Method(ABC):
     # so that an ablation over such a key cannot silently measure nothing)
     unused_keys: ClassVar[dict[str, Any]] = {}
     unused_why: ClassVar[str] = ""  # what the method is instead, for the refusal's message
+    # keys added with a default other than what the method's runs did before them, with that
+    # earlier value: a run's saved recipe.toml that lacks one reads it (`load_run_recipe`)
+    earlier_defaults: ClassVar[dict[str, Any]] = {}
     # keys that may change on resume (see RESUMABLE_CHANGES)
     resumable_changes: ClassVar[frozenset[str]] = RESUMABLE_CHANGES
 
@@ -180,6 +190,16 @@ class Method(ABC):
         mid-run restarts it)."""
         return 0
 
+    def lr_warmup_start(self, step: int) -> int:
+        """The step the learning rate's warm-up (`train.warmup_steps`) counts from at `step` (a
+        method that starts a new model mid-run restarts it)."""
+        return 0
+
+    def ema_frozen(self, step: int) -> tuple[str, ...]:
+        """Prefixes of the names of the parameters whose EMA stays as it is at `step` (a model
+        that no longer trains keeps the EMA it had); none by default."""
+        return ()
+
 
 METHODS: dict[str, str] = {
     "dfm": "dfm_cli.methods.dfm:DFM",
@@ -214,3 +234,12 @@ def method_class(name: str) -> type[Method]:
 def method_of(recipe: Recipe) -> Method:
     """The recipe's method, bound to it."""
     return method_class(recipe.flow.method)(recipe)
+
+
+def refuse_cond_noise(name: str, settings: SamplerSettings) -> None:
+    """`--cond-noise` is the cascade's: no other method has a conditioning image to noise."""
+    if settings.cond_noise != COND_NOISE:
+        raise DfmError(
+            f"--cond-noise {settings.cond_noise:g}: is not used by flow.method = '{name}' "
+            "(it sets the cascade's conditioning noise)"
+        )

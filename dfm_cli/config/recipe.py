@@ -9,6 +9,7 @@ same checks. The resolved recipe is written next to every run so it can be re-re
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 import typing
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dfm_cli.config.checks import validate
+from dfm_cli.config.method import method_class
 from dfm_cli.config.schema import (  # noqa: F401  (the recipe's types, imported from here too)
     SECTIONS,
     AESection,
@@ -113,6 +115,20 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     recipe = Recipe(**sections)
     validate(recipe, source)
     return recipe
+
+
+def load_run_recipe(path: str | Path) -> Recipe:
+    """A run's or checkpoint's saved `recipe.toml`, as the run was trained: a key of its
+    method's `earlier_defaults` that the file predates reads its earlier value (Pyramidal Flow
+    drew each stage's time logit-normal before `flow.pyramid_time`)."""
+    recipe = load_recipe(path)
+    raw = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
+    earlier = [
+        f"{key}={json.dumps(value)}"
+        for key, value in method_class(recipe.flow.method).earlier_defaults.items()
+        if key.split(".")[1] not in raw.get(key.split(".")[0], {})
+    ]
+    return load_recipe(path, earlier) if earlier else recipe
 
 
 # --------------------------------------------------------------------------- validation

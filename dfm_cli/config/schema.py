@@ -13,7 +13,7 @@ from typing import Any
 
 import tomli_w
 
-from dfm_cli.method.sampler import SamplerSettings
+from dfm_cli.method.sampler import COND_NOISE, SamplerSettings
 
 
 @dataclass
@@ -50,6 +50,7 @@ class FlowSection:
     per_batch_stage: bool = False
     t_loc: float = 0.0
     t_scale: float = 1.0
+    t_shift: float = 1.0  # SD3/FLUX resolution time shift of the active level's draws; 1 = none
     prev_t_loc: float = 1.5
     prev_t_scale: float = 1.0
     tied_timesteps: bool = False
@@ -59,9 +60,13 @@ class FlowSection:
     upsample_coarse: bool = False  # carry the coarsest level at the next level's size (paper App. E)
     method: str = "dfm"  # "dfm" (FM with levels = 1), "pyramidal" (Pyramidal Flow) or "cascaded" (2 models)
     gamma: float = 1 / 3  # pyramidal: the renoising's block-noise correlation at each stage jump
+    pyramid_time: str = "uniform"  # pyramidal: each stage's time, "uniform" (the authors') or "logit-normal"
     cascade_split: float = 0.8  # cascaded: share of train.steps that train stage 1 (then stage 2)
     cascade_aug: list[float] = field(default_factory=lambda: [1.5, 1.0])  # cascaded: logit-normal loc, scale of
     # the conditioning's signal level in training
+    cascade_condition: str = "sum"  # cascaded: stage 2 adds the conditioning image's patch embedding to its
+    # tokens ("sum", about an FM forward's cost) or reads it as tokens of its own ("tokens", twice the sequence)
+    cascade_upsample: str = "bilinear"  # cascaded: how the coarse image is upsampled for stage 2 ("nearest")
 
 
 @dataclass
@@ -146,8 +151,9 @@ class SampleSection:
     cfg: float = 1.0
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     solver: str = "euler"
+    shift: float = 1.0  # SD3/FLUX time shift of the sampling grid (match flow.t_shift); 1 = none
     n: int = 64
-    cond_noise: float = 0.025  # cascaded: the conditioning image's noise level at sampling
+    cond_noise: float = COND_NOISE  # cascaded: the conditioning image's noise level at sampling
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Built-in datasets (`BUILTIN`, the one registry that `train`, `encode` and `eval --ref` read):
 - `animal-mnist`: 10,000 real 28×28 animal silhouettes in 10 classes that ship inside the
   `animal-mnist` wheel; padded to 32×32 (resized if another resolution is asked for);
-- `photo-crops`: random crops of the two real photos that ship inside scikit-learn;
+- `photo-crops`: random crops of the two real photos that ship inside scikit-learn
+  (`photo-crops-gray`: the same crops in one luminance channel);
 - `sprites`: synthetic clips of coloured shapes moving over a textured background, the class
   being the shape (no real video data exists offline, so this is the video quickstart).
 
@@ -149,7 +150,7 @@ def animal_mnist(resolution: int = 32, num: int = 0) -> TensorImages:
 PHOTO_CLASSES = ("china", "flower")
 
 
-def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> TensorImages:
+def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0, gray: bool = False) -> TensorImages:
     """Random square crops of the two real photos that ship inside scikit-learn.
 
     Each crop takes a side drawn log-uniformly from [resolution, 4 * resolution] (capped by
@@ -157,7 +158,8 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
     The label is the photo. The crops are a fixed function of `(resolution, num, seed)`, so a
     run and its evaluation reference see the same images. Natural-image statistics (a 1/f
     spectrum, texture at every scale) are what DFM's decomposition is meant for; silhouettes
-    are not.
+    are not. `gray` gives the same crops as one luminance channel (`photo-crops-gray`), so
+    that a 64 px image in 8x8 patches fits a model as narrow as `DFM-T`.
     """
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
@@ -172,7 +174,7 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
             f"photo-crops: resolution {resolution} is larger than the photos' short side "
             f"({min(min(p.size) for p in photos)} px); choose a smaller resolution"
         )
-    out = np.empty((num, 3, resolution, resolution), dtype=np.uint8)
+    out = np.empty((num, 1 if gray else 3, resolution, resolution), dtype=np.uint8)
     labels = rng.integers(0, len(photos), size=num)
     for i, label in enumerate(labels):
         photo = photos[label]
@@ -185,7 +187,7 @@ def photo_crops(resolution: int = 32, num: int = 10000, seed: int = 0) -> Tensor
         )
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out[i] = np.asarray(crop).transpose(2, 0, 1)
+        out[i] = np.asarray(crop.convert("L"))[None] if gray else np.asarray(crop).transpose(2, 0, 1)
     return TensorImages(torch.from_numpy(out), torch.from_numpy(labels.astype(np.int64)), PHOTO_CLASSES)
 
 
@@ -266,6 +268,11 @@ BUILTIN: dict[str, Builtin] = {
     ),
     "photo-crops": Builtin(
         lambda resolution, frames, num: photo_crops(resolution, num or 10000), channels=3, class_names=PHOTO_CLASSES
+    ),
+    "photo-crops-gray": Builtin(
+        lambda resolution, frames, num: photo_crops(resolution, num or 10000, gray=True),
+        channels=1,
+        class_names=PHOTO_CLASSES,
     ),
     "sprites": Builtin(
         lambda resolution, frames, num: SpriteClips(resolution, frames or 8, num or 1024),

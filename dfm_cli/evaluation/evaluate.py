@@ -5,8 +5,11 @@ Sources (samples or reference):
   with `mu`/`sigma` (Inception) and `mu_dinov2`/`sigma_dinov2` statistics, which are used
   when present; a statistics-only `.npz` (ADM's `VIRTUAL_imagenet*.npz`) serves FID/FDD;
 - a folder of images (searched recursively, sorted);
-- a built-in dataset name (`animal-mnist`), whose features are computed on first use and
-  cached under `~/.cache/dfm/ref/`.
+- a built-in dataset name (`animal-mnist`).
+
+A reference's features are saved on first use in `Request.feature_cache`, keyed by its
+images' content and the network (`reference_cache.py`): later evaluations against the same
+images, from any command, read them instead of running the network.
 
 Without samples, `dfm eval` scores a run: `sampling.sample_set.run_sample_set` writes (or reuses) its evaluation
 set in the run folder and `run_reference` loads the data it was trained on.
@@ -18,9 +21,7 @@ computed, the result keys it writes and its gates. Thresholds on the results (`-
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from dfm_cli.data.text_encoders import read_prompts
 from dfm_cli.errors import DfmError, reading
 from dfm_cli.evaluation import features as feats
 from dfm_cli.evaluation import metrics
+from dfm_cli.evaluation.reference_cache import Entry, default_folder, describe
 from dfm_cli.listing import IMAGE_EXTENSIONS, evenly_spaced, list_files
 from dfm_cli.media import as_rgb, to_uint8
 
@@ -50,26 +52,13 @@ class Source:
     name: str
     images: np.ndarray | None
     stats: dict[str, np.ndarray] = field(default_factory=dict)
-    cache_dir: Path | None = None  # where a dataset's features are cached
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DFM_CACHE", Path.home() / ".cache" / "dfm"))
-
-
-def content_cache(images: np.ndarray) -> Path:
-    """Where the features of these exact images are cached: a sweep's reference `.npz` and a
-    run's in-training reference with the same images share one set of features."""
-    return cache_root() / "npz" / hashlib.sha1(images.tobytes()).hexdigest()[:16]
 
 
 def load_source(spec: str, resolution: int | None = None) -> Source:
     """Read an `.npz`, an image folder or a dataset name (see the module docstring)."""
     images: np.ndarray | None
     if spec in BUILTIN:
-        res = resolution or 32
-        images = builtin(spec, res).raw_all()
-        return Source(spec, images, cache_dir=cache_root() / "ref" / f"{spec}-{res}")
+        return Source(spec, builtin(spec, resolution or 32).raw_all())
     path = Path(spec)
     if path.suffix == ".npz" and path.is_file():
         with np.load(path) as data:
@@ -79,9 +68,7 @@ def load_source(spec: str, resolution: int | None = None) -> Source:
             raise DfmError(f"{path}: has neither arr_0 (images) nor mu/sigma statistics")
         if images is not None and (images.dtype != np.uint8 or images.ndim not in (4, 5)):
             raise DfmError(f"{path}: arr_0 must be uint8 N H W C (or N T H W C), got {images.dtype} {images.shape}")
-        # Features are cached by the images' content, so a reference .npz scored against many
-        # sample sets (a sweep) runs its feature extractors once.
-        return Source(spec, images, stats, cache_dir=content_cache(images) if images is not None else None)
+        return Source(spec, images, stats)
     if path.is_dir():
         arrays = []
         for f, _ in list_files(path, IMAGE_EXTENSIONS, what="image folder").files:
@@ -118,6 +105,7 @@ class Request:
     batch: int = 50
     fid_extractor: str = "inception-v3-compat"  # any torch-fidelity registered extractor
     device: torch.device = torch.device("cpu")
+    feature_cache: Path | None = field(default_factory=default_folder)  # None: the reference's are not saved
 
 
 class Tasks(Protocol):
@@ -130,11 +118,14 @@ class Tasks(Protocol):
 
 
 class Extractor(Protocol):
-    """A feature network of `features.py`: images (or clips) in, named feature arrays out."""
+    """A feature network of `features.py`: images (or clips) in, named feature arrays out;
+    `identity()` is what its saved features are keyed by."""
 
     name: str
 
     def __call__(self, images: np.ndarray, /) -> dict[str, np.ndarray]: ...
+
+    def identity(self) -> dict[str, Any]: ...
 
 
 def _frames(images: np.ndarray) -> np.ndarray:
@@ -143,38 +134,39 @@ def _frames(images: np.ndarray) -> np.ndarray:
 
 
 class FeatureCache:
-    """Features of one source per extractor, computed once (and cached on disk for datasets)."""
+    """Features of one source per extractor, computed once per evaluation. With a `folder` (a
+    reference's), they are also saved there and read back by later evaluations of the same
+    images with the same network (`reference_cache.py`); `warnings` says when that failed."""
 
-    def __init__(self, source: Source, batch: int, progress: Tasks):
-        self.source, self.batch, self.progress = source, batch, progress
+    def __init__(self, source: Source, batch: int, progress: Tasks, folder: Path | None = None):
+        self.source, self.batch, self.progress, self.folder = source, batch, progress, folder
         self.memory: dict[str, dict[str, np.ndarray]] = {}
+        self.described: dict[tuple[int, ...], dict[str, Any]] = {}  # images (or frames) hashed once
+        self.warnings: list[str] = []
 
     def get(self, extractor: Extractor, key: str) -> dict[str, np.ndarray]:
         if key in self.memory:
             return self.memory[key]
-        path = self.source.cache_dir / f"{key}.npz" if self.source.cache_dir else None
-        if path is not None and path.is_file():
-            with np.load(path) as data:
-                self.memory[key] = {k: data[k] for k in data.files}
-            return self.memory[key]
         if self.source.images is None:  # the metrics check this first, with a message naming their flag
             raise DfmError(f"{self.source.name} holds only statistics, no images to extract features from")
         images = self.source.images if extractor.name == "i3d" else _frames(self.source.images)
+        entry = None
+        if self.folder is not None:
+            if images.shape not in self.described:
+                self.described[images.shape] = describe(images)
+            entry = Entry.of(self.folder, self.described[images.shape], extractor.identity())
+            found, problem = entry.read()
+            if problem:
+                self.warnings.append(problem)
+            if found is not None:
+                self.memory[key] = found
+                return found
         task = self.progress.add_task(f"{extractor.name} {self.source.name}", total=len(images))
         out = feats.extract(extractor, images, self.batch, lambda n: self.progress.advance(task, n))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}")
-            np.savez(tmp, allow_pickle=True, **out)  # numpy's default, named so that mypy does not read `**out` as it
-            tmp.replace(path)
+        if entry is not None and (problem := entry.write(out)):
+            self.warnings.append(problem)
         self.memory[key] = out
         return out
-
-
-def _weights_key(path: Path | None) -> str:
-    if path is None:
-        return "default"
-    return hashlib.sha1(f"{Path(path).resolve()}:{Path(path).stat().st_size}".encode()).hexdigest()[:10]
 
 
 def sample_warnings(images: np.ndarray) -> list[str]:
@@ -203,13 +195,12 @@ def _nonfinite_warning(name: str, features: np.ndarray) -> list[str]:
 
 @dataclass(frozen=True)
 class Network:
-    """A feature network that metrics share: built once per `evaluate()`, its features cached
-    under `key`. Its metrics are computed together, in `NETWORKS` order, right after the
+    """A feature network that metrics share: built once per `evaluate()`, its features kept
+    under its name in `NETWORKS`. Its metrics are computed together, in `NETWORKS` order, right after the
     samples' features are extracted and checked (`check`: the field whose non-finite rows are
     warned about, named `label`)."""
 
     build: Callable[[Request], Extractor] | None  # None: the metrics read the pixels
-    key: Callable[[Request], str] = lambda req: ""
     check: str = ""
     label: str = ""
 
@@ -217,22 +208,13 @@ class Network:
 NETWORKS: dict[str, Network] = {
     "inception": Network(
         lambda req: feats.InceptionFeatures(req.inception_weights, req.device, req.fid_extractor),
-        lambda req: f"{req.fid_extractor}-{_weights_key(req.inception_weights)}",
         check="pool",
         label="Inception",
     ),
-    "dinov2": Network(
-        lambda req: feats.DinoV2Features(req.dinov2_weights, req.device),
-        lambda req: f"dinov2-{_weights_key(req.dinov2_weights)}",
-    ),
+    "dinov2": Network(lambda req: feats.DinoV2Features(req.dinov2_weights, req.device)),
     "pixels": Network(None),
-    "clip": Network(
-        lambda req: feats.ClipFeatures(req.clip_model, req.clip_weights, req.device),
-        lambda req: f"clip-{_weights_key(req.clip_weights)}",
-    ),
-    "i3d": Network(
-        lambda req: feats.I3DFeatures(req.i3d_weights, req.device), lambda req: f"i3d-{_weights_key(req.i3d_weights)}"
-    ),
+    "clip": Network(lambda req: feats.ClipFeatures(req.clip_model, req.clip_weights, req.device)),
+    "i3d": Network(lambda req: feats.I3DFeatures(req.i3d_weights, req.device)),
 }
 
 
@@ -445,8 +427,8 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress: Tasks)
         if metric.video_only and not video:
             raise DfmError(f"{metric.flag} needs video samples (arr_0 of shape N T H W C)")
     scoring = Scoring(
-        FeatureCache(samples, req.batch, progress),
-        FeatureCache(ref, req.batch, progress) if ref is not None else None,
+        FeatureCache(samples, req.batch, progress),  # samples are new every time: never saved
+        FeatureCache(ref, req.batch, progress, req.feature_cache) if ref is not None else None,
         req,
         video,
     )
@@ -458,13 +440,13 @@ def evaluate(samples: Source, ref: Source | None, req: Request, progress: Tasks)
         if metric.network != built:  # `chosen` is grouped by network: each is built once
             built, network = metric.network, NETWORKS[metric.network]
             scoring.extractor = network.build(req) if network.build is not None else None
-            scoring.key = network.key(req)
+            scoring.key = metric.network
             if network.check:
                 warnings += _nonfinite_warning(
                     f"sample {network.label}", scoring.features(scoring.samples, network.check)
                 )
         out.update(metric.compute(scoring))
-    return out, warnings
+    return out, warnings + (scoring.ref.warnings if scoring.ref is not None else [])
 
 
 # --------------------------------------------------------------------------- scoring a run
@@ -486,15 +468,6 @@ def default_eval_num(device: torch.device) -> int:
     return CUDA_EVAL_NUM if device.type == "cuda" else CPU_EVAL_NUM
 
 
-def _folder_key(dataset) -> str:
-    """Changes whenever a file of the folder is added, removed, replaced or touched."""
-    h = hashlib.sha1()
-    for path, label in dataset.items:
-        st = path.stat()
-        h.update(f"{path}:{label}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
-
-
 REFERENCE_MAX = 10_000  # reference images for FID; a folder dataset is read with this stride
 
 
@@ -512,27 +485,21 @@ def reference_images(dataset, num: int = 0) -> np.ndarray:
 
 def run_reference(recipe, run: Path, limit: int = 0) -> Source:
     """The images `run` was trained on, at its resolution (grey repeated to RGB, as samples are);
-    with `limit`, that many evenly spaced over the whole set (a class-sorted set keeps every class)."""
+    with `limit`, that many evenly spaced over the whole set (a class-sorted set keeps every class).
+    Its features are saved by content, so in-training evaluation and `dfm eval` share them."""
     d = recipe.data
-    if d.classes and d.name != "store":  # a class subset: its own images, cached by content
+    if d.classes and d.name != "store":  # a class subset: its own images
         images = reference_images(build_dataset(d.name, d.path, d.resolution, d.frames, classes=d.classes))
-        source = Source(f"{d.name or d.path} (classes {d.classes})", images, cache_dir=content_cache(images))
+        source = Source(f"{d.name or d.path} (classes {d.classes})", images)
     elif d.name == "sprites":  # clips at the run's own frame count, not dfm eval's default
         sprites = build_dataset("sprites", "", d.resolution, d.frames)
         assert isinstance(sprites, TensorImages)  # built-in clips are held in memory
         clips = sprites.images
-        source = Source(
-            "sprites",
-            clips.permute(0, 2, 3, 4, 1).numpy(),
-            cache_dir=cache_root() / "ref" / f"sprites-{d.resolution}-{d.frames or 8}",
-        )
+        source = Source("sprites", clips.permute(0, 2, 3, 4, 1).numpy())
     elif d.name in DATASETS:
         source = load_source(d.name, d.resolution)
     elif d.name == "folder":
-        folder = ImageFolder(d.path, d.resolution)
-        source = Source(
-            d.path, folder.raw_all(), cache_dir=cache_root() / "ref" / f"folder-{d.resolution}-{_folder_key(folder)}"
-        )
+        source = Source(d.path, ImageFolder(d.path, d.resolution).raw_all())
     else:
         index = Path(d.path) / INDEX
         with reading(index, "store index"):
@@ -546,22 +513,19 @@ def run_reference(recipe, run: Path, limit: int = 0) -> Source:
         source.images = as_rgb(source.images)
     if limit and source.images is not None and len(source.images) > limit:
         picks = evenly_spaced(len(source.images), limit)
-        source = Source(
-            f"{source.name} ({limit} evenly spaced)",
-            source.images[picks],
-            cache_dir=source.cache_dir.with_name(f"{source.cache_dir.name}-n{limit}") if source.cache_dir else None,
-        )
+        source = Source(f"{source.name} ({limit} evenly spaced)", source.images[picks])
     return source
 
 
-def reference_statistics(source: Source, req: Request, progress: Tasks) -> dict[str, np.ndarray]:
-    """ADM-layout statistics of a source: `mu`/`sigma` (Inception pool), plus DINOv2 with FDD."""
-    cache = FeatureCache(source, req.batch, progress)
+def reference_statistics(source: Source, req: Request, progress: Tasks) -> tuple[dict[str, np.ndarray], list[str]]:
+    """ADM-layout statistics of a source, to be a reference: `mu`/`sigma` (Inception pool),
+    plus DINOv2 with FDD; its features are saved in `req.feature_cache`. Returns (statistics, warnings)."""
+    cache = FeatureCache(source, req.batch, progress, req.feature_cache)
     wanted = [("inception", "pool", "")] + ([("dinov2", "cls", "_dinov2")] if req.fdd else [])
     out: dict[str, np.ndarray] = {}
     for name, field_, suffix in wanted:
         network = NETWORKS[name]
         assert network.build is not None  # a feature network, not the pixels
-        features = cache.get(network.build(req), network.key(req))[field_]
+        features = cache.get(network.build(req), name)[field_]
         out[f"mu{suffix}"], out[f"sigma{suffix}"] = metrics.feature_statistics(features)
-    return out
+    return out, cache.warnings

@@ -18,12 +18,15 @@ Weights in `.pt/.pth` files are read with `torch.load(weights_only=True)` (tenso
 handed on in memory, never as a path another library might unpickle itself.
 
 All extractors take uint8 `N H W C` images (grey is repeated to RGB) and return float64
-features; each image's features are independent of the batch it is in.
+features; each image's features are independent of the batch it is in. Each also says what
+it is (`identity()`: network, weights digest, layers, preprocessing, device type), which is
+what `reference_cache.py` keys a reference's saved features by.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import io
 import warnings
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfm_cli.data.checkpoints import file_sha256
 from dfm_cli.data.weights import load_open_clip, load_weights
 from dfm_cli.errors import DfmError
 
@@ -45,6 +49,28 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(Path(path))
+
+
+def weights_digest(path: Path) -> str:
+    """The SHA-256 of a weights file, read once per process (per path, size and modification
+    time), however many evaluations of a training run build the network again."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def tensors_digest(net: torch.nn.Module) -> str:
+    """The SHA-256 of a network's tensors (names, dtypes, shapes and bytes): the identity of
+    weights that came from no file dfm knows (a torch-fidelity extractor registered by a user)."""
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def _rgb(images: np.ndarray) -> torch.Tensor:
@@ -167,9 +193,12 @@ class InceptionFeatures:
     def __init__(self, weights: Path | None, device: torch.device, extractor: str = "inception-v3-compat"):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+        self.extractor, self.weights = extractor, None
         if extractor == "inception-v3-compat":
+            self.weights = resolve_inception_weights(weights)
+            self.layers = ["2048", "logits_unbiased"]
             try:
-                self.net = _inception_class()(extractor, ["2048", "logits_unbiased"], load_inception_state(weights))
+                self.net = _inception_class()(extractor, self.layers, load_inception_state(self.weights))
             except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
                 raise DfmError(
                     f"{weights or 'the Inception weights'}: not torch-fidelity's Inception-v3 layout "
@@ -178,12 +207,28 @@ class InceptionFeatures:
             self.has_logits = bool(self.net.fc.weight.abs().sum() > 0)
         elif extractor in FEATURE_EXTRACTORS_REGISTRY:
             cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
-            self.net = cls(extractor, [cls.get_default_feature_layer_for_metric("fid")])
+            self.layers = [cls.get_default_feature_layer_for_metric("fid")]
+            self.net = cls(extractor, self.layers)
             self.has_logits = False
         else:
             raise DfmError(f"unknown torch-fidelity feature extractor {extractor!r}")
         self.net = self.net.to(device).eval()
         self.device = device
+
+    def identity(self) -> dict[str, Any]:
+        cls = type(self.net)
+        weights = (
+            {"weights_sha256": weights_digest(self.weights)}
+            if self.weights is not None
+            else {"class": f"{cls.__module__}.{cls.__qualname__}", "tensors_sha256": tensors_digest(self.net)}
+        )
+        return {
+            "network": f"torch-fidelity {self.extractor}",
+            **weights,
+            "layers": self.layers,
+            "input": "uint8 RGB, resized by the extractor itself",
+            "device": self.device.type,
+        }
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -233,7 +278,16 @@ class DinoV2Features:
         )
         net.load_state_dict(checkpoint_filter_fn(state, net))
         self.net = net.eval().requires_grad_(False).to(device)
-        self.device = device
+        self.device, self.weights, self.arch = device, Path(weights), arch
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "network": f"timm {self.arch}",
+            "weights_sha256": weights_digest(self.weights),
+            "layers": ["CLS token after the final norm"],
+            "input": "bicubic with antialias to 224, ImageNet normalisation",
+            "device": self.device.type,
+        }
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -273,7 +327,18 @@ class ClipFeatures:
         self.size = size[0] if isinstance(size, (tuple, list)) else size
         self.mean = getattr(self.net.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
         self.std = getattr(self.net.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-        self.device = device
+        self.device, self.model, self.weights = device, model, Path(weights)
+
+    def identity(self) -> dict[str, Any]:
+        config = Path(self.model)
+        return {
+            "network": f"open_clip {self.model}",
+            **({"config_sha256": file_sha256(config)} if config.is_file() else {}),
+            "weights_sha256": weights_digest(self.weights),
+            "layers": ["image embedding"],
+            "input": f"bicubic with antialias to {self.size}, mean {list(self.mean)}, std {list(self.std)}",
+            "device": self.device.type,
+        }
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = _rgb(images).to(self.device).float() / 255
@@ -307,7 +372,16 @@ class I3DFeatures:
             self.net = _load_torchscript(Path(weights), device).eval()
         except Exception as e:  # not a TorchScript archive
             raise DfmError(f"{weights}: not a TorchScript I3D file ({str(e).splitlines()[0][:120]})") from None
-        self.device = device
+        self.device, self.weights = device, Path(weights)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "network": "I3D TorchScript",
+            "weights_sha256": weights_digest(self.weights),
+            "layers": ["400-d features (return_features=True)"],
+            "input": "clips, bilinear with antialias to 224, scaled to [-1, 1]",
+            "device": self.device.type,
+        }
 
     def __call__(self, clips: np.ndarray) -> dict[str, np.ndarray]:
         n, t = clips.shape[:2]

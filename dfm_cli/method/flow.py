@@ -6,7 +6,10 @@ logit-normal timestep for level Q, cleaner logit-normal timesteps for the levels
 and t = 0 for the levels after it; those later levels are zeroed at the model input and
 masked out of the loss, so the model never spends capacity on scales it cannot yet see.
 
-With one level this is exactly Flow Matching with logit-normal timesteps.
+With one level this is exactly Flow Matching with logit-normal timesteps. `t_shift` is the
+resolution-dependent time shift of SD3 and FLUX (`shift_time`): it moves the active level's
+draws towards noise, which a large image needs because its pixels stay correlated (and so
+recognisable) at noise levels where a small image is already destroyed.
 
 Stage indices are 0-based in code (`stage = k` means levels 0..k are active). All randomness
 is drawn up front by `FlowObjective.draw`, one seeded generator per sample, so a batch's
@@ -58,6 +61,20 @@ class Draws:
         return Draws(self.stage[rows], self.t[rows], self.drop[rows], [n[rows] for n in self.noise])
 
 
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's and FLUX's time shift in this module's direction (t = 1 is data).
+
+    Their noise level sigma = 1 - t becomes `shift * sigma / (1 + (shift - 1) * sigma)`, which
+    is `t / (t + shift * (1 - t))`: the logit of t moves by `-log(shift)`. A shift above 1
+    spends more of training and of the sampling grid near noise; `shift_time(., 1 / s)` undoes
+    `shift_time(., s)`, and 0 and 1 stay fixed.
+
+    >>> shift_time(torch.tensor([0.0, 0.5, 1.0]), 3.0).tolist()
+    [0.0, 0.25, 1.0]
+    """
+    return t / (t + shift * (1 - t))
+
+
 @dataclass(frozen=True)
 class FlowObjective:
     """The knobs of the DFM objective; each one is a `flow.*` recipe key."""
@@ -66,6 +83,7 @@ class FlowObjective:
     per_batch_stage: bool = False
     t_loc: float = 0.0
     t_scale: float = 1.0
+    t_shift: float = 1.0
     prev_t_loc: float = 1.5
     prev_t_scale: float = 1.0
     tied_timesteps: bool = False
@@ -107,11 +125,11 @@ class FlowObjective:
         return Draws(stage_t, t, torch.tensor(drop), [torch.stack(n) for n in noise])
 
     def timesteps(self, stage: torch.Tensor, z_active: torch.Tensor, z_earlier: torch.Tensor) -> torch.Tensor:
-        """`(B, S)` timesteps from standard normals: logit-normal for the active level,
-        cleaner logit-normal for earlier levels, 0 for later ones."""
+        """`(B, S)` timesteps from standard normals: logit-normal for the active level (shifted
+        by `t_shift`), cleaner logit-normal for earlier levels, 0 for later ones."""
         b, s = z_earlier.shape
         level = torch.arange(s).expand(b, s)
-        active = torch.sigmoid(self.t_loc + self.t_scale * z_active).expand(b, s)
+        active = shift_time(torch.sigmoid(self.t_loc + self.t_scale * z_active), self.t_shift).expand(b, s)
         earlier = active if self.tied_timesteps else torch.sigmoid(self.prev_t_loc + self.prev_t_scale * z_earlier)
         q = stage[:, None]
         t = torch.where(level < q, earlier, active)

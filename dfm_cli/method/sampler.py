@@ -4,7 +4,9 @@
 Segment k has `steps[k]` steps on a linear grid: level k moves 0 → tau_k (the last level
 moves to 1), each earlier level moves tau_{k-1} → tau_k (→ 1 in the last segment), and later
 levels stay at t = 0. Unlike the official `MultiscaleScheduler`, no level ever moves
-backwards, for any number of levels.
+backwards, for any number of levels. With a time `shift` (SD3's, see `flow.shift_time`) each
+level moves linearly in the unshifted time between the same end points, so the grid gets
+denser near noise while tau keeps its meaning.
 
 `SamplerSettings` is the single place where the recipe's `[sample]` section, the model's
 level count and the command-line flags become one validated set of sampler knobs; `tau` is
@@ -25,10 +27,11 @@ import torch
 
 from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond, TextCond, cat_cond
-from dfm_cli.method.flow import Velocity, mask_later_levels
+from dfm_cli.method.flow import Velocity, mask_later_levels, shift_time
 from dfm_cli.seeding import SAMPLE_NOISE, mix_seed
 
 SOLVERS = ("euler", "heun")
+COND_NOISE = 0.025  # `sample.cond_noise`'s default: the cascade's conditioning noise at sampling
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class Schedule:
         return [*changes.tolist(), len(self.stage)]
 
 
-def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool = False) -> Schedule:
+def progressive_schedule(
+    steps: Sequence[int], tau: Sequence[float], tied: bool = False, shift: float = 1.0
+) -> Schedule:
     """Per-level times for `len(steps)` stages with thresholds `tau` (one per transition).
 
     With `tied` (the `flow.tied_timesteps` ablation, paper Table 1) every active level shares
@@ -56,6 +61,11 @@ def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool 
     [[0.0, 0.0], [0.25, 0.0], [0.5, 0.0], [0.75, 0.5], [1.0, 1.0]]
     >>> progressive_schedule([2, 2], [0.5], tied=True).t.tolist()
     [[0.0, 0.0], [0.25, 0.0], [0.5, 0.5], [0.75, 0.75], [1.0, 1.0]]
+
+    A `shift` s maps the grid through `shift_time`; for one level the times are `u / (u + s (1 - u))`:
+
+    >>> progressive_schedule([2], [], shift=3.0).t.flatten().tolist()
+    [0.0, 0.25, 1.0]
     """
     stages = len(steps)
     tau = list(tau)
@@ -65,16 +75,27 @@ def progressive_schedule(steps: Sequence[int], tau: Sequence[float], tied: bool 
         raise DfmError(f"{stages} stages need {stages - 1} tau values, got {tau}")
     if any(not 0 < v < 1 for v in tau) or any(a > b for a, b in zip(tau, tau[1:])):
         raise DfmError(f"tau must lie in (0, 1) and never decrease, got {tau}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise DfmError(f"shift {shift}: the time shift must be a positive number (1 = no shift)")
     ends = [*tau, 1.0]
+    unshift = 1 / shift
+
+    def moved(a: float, b: float, u: float) -> float:
+        """u of the way from a to b, linearly in the unshifted time (exactly linear without a shift)."""
+        if shift == 1 or u == 1:
+            return a + u * (b - a)
+        a_, b_ = (float(shift_time(torch.tensor(v, dtype=torch.float64), unshift)) for v in (a, b))
+        return float(shift_time(torch.tensor(a_ + u * (b_ - a_), dtype=torch.float64), shift))
+
     rows, stage = [torch.zeros(stages, dtype=torch.float64)], []
     for k, n in enumerate(steps):
         start = ends[k - 1] if k else 0.0
         for j in range(1, n + 1):
             u = j / n
             row = torch.zeros(stages, dtype=torch.float64)
-            row[: k + 1 if tied else k] = start + u * (ends[k] - start)
+            row[: k + 1 if tied else k] = moved(start, ends[k], u)
             if not tied:
-                row[k] = u * ends[k]
+                row[k] = moved(0.0, ends[k], u)
             if tied and j == n and k + 1 < stages:
                 row[k + 1] = ends[k]  # the next level joins at the shared time
             rows.append(row)
@@ -98,6 +119,10 @@ class SampleKeys(Protocol):
     def guidance_interval(self) -> Sequence[float]: ...
     @property
     def solver(self) -> str: ...
+    @property
+    def shift(self) -> float: ...
+    @property
+    def cond_noise(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -121,9 +146,12 @@ class SamplerSettings:
     solver: str = "euler"
     mask_input: bool = True
     tied_timesteps: bool = False
+    shift: float = 1.0
+    cond_noise: float = COND_NOISE  # the cascade's; DFM's sampler has no conditioning image
 
     def __post_init__(self) -> None:
-        for name, why in _problems(self.steps, self.tau, self.cfg, self.interval, self.solver):
+        problems = _problems(self.steps, self.tau, self.cfg, self.interval, self.solver, self.shift, self.cond_noise)
+        for name, why in problems:
             raise DfmError(f"{name} {getattr(self, name)!r}: {why}")
 
     @property
@@ -131,7 +159,7 @@ class SamplerSettings:
         return len(self.steps)
 
     def schedule(self) -> Schedule:
-        return progressive_schedule(self.steps, self.tau, tied=self.tied_timesteps)
+        return progressive_schedule(self.steps, self.tau, tied=self.tied_timesteps, shift=self.shift)
 
     @classmethod
     def resolve(
@@ -147,6 +175,8 @@ class SamplerSettings:
         cfg: float | None = None,
         interval: Sequence[float] | None = None,
         solver: str | None = None,
+        shift: float | None = None,
+        cond_noise: float | None = None,
     ) -> SamplerSettings:
         """The settings for a model of `levels` levels: each flag given wins over its recipe key.
 
@@ -155,7 +185,8 @@ class SamplerSettings:
         Errors name the flag when one was given, else the recipe key.
 
         >>> from types import SimpleNamespace
-        >>> s = SimpleNamespace(steps=[10, 6, 4], tau=[0.9], cfg=1.0, guidance_interval=[0, 1], solver="euler")
+        >>> s = SimpleNamespace(steps=[10, 6, 4], tau=[0.9], cfg=1.0, guidance_interval=[0, 1], solver="euler",
+        ...                       shift=1.0, cond_noise=0.025)
         >>> SamplerSettings.resolve(s, 3, stages=2).steps, SamplerSettings.resolve(s, 3).tau
         ((10, 6), (0.9, 0.9))
         >>> SamplerSettings.resolve(s, 3, steps=[5, 5], tau=[0.8]).tau
@@ -190,21 +221,39 @@ class SamplerSettings:
         new_cfg = s.cfg if cfg is None else cfg
         new_interval = tuple(s.guidance_interval if interval is None else interval)
         new_solver = s.solver if solver is None else solver
-        values = {"steps": new_steps, "tau": new_tau, "cfg": new_cfg, "interval": new_interval, "solver": new_solver}
-        flags = {"steps": steps, "tau": tau, "cfg": cfg, "interval": interval, "solver": solver}
+        new_shift = s.shift if shift is None else shift
+        new_cond_noise = s.cond_noise if cond_noise is None else cond_noise
+        values = {
+            "steps": new_steps, "tau": new_tau, "cfg": new_cfg, "interval": new_interval, "solver": new_solver,
+            "shift": new_shift, "cond_noise": new_cond_noise,
+        }  # fmt: skip
+        flags = {
+            "steps": steps, "tau": tau, "cfg": cfg, "interval": interval, "solver": solver, "shift": shift,
+            "cond_noise": cond_noise,
+        }  # fmt: skip
         keys = {"interval": "sample.guidance_interval"}
         for name, why in _problems(**values, raw_tau=tau_values):
             given = flags[name] is not None
-            label = f"--{name}" if given else keys.get(name, f"sample.{name}")
+            label = f"--{name.replace('_', '-')}" if given else keys.get(name, f"sample.{name}")
             shown = flags[name] if given else values[name]
             raise DfmError(f"{label} {_csv(shown) if isinstance(shown, (list, tuple)) else shown}: {why}")
         low, high = new_interval  # two values: `_problems` checked
         return cls(
-            new_steps, new_tau, new_cfg, (low, high), new_solver, mask_input=mask_input, tied_timesteps=tied_timesteps
+            new_steps,
+            new_tau,
+            new_cfg,
+            (low, high),
+            new_solver,
+            mask_input=mask_input,
+            tied_timesteps=tied_timesteps,
+            shift=new_shift,
+            cond_noise=new_cond_noise,
         )
 
 
-def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str, str]]:
+def _problems(
+    steps, tau, cfg, interval, solver, shift=1.0, cond_noise=COND_NOISE, raw_tau=None
+) -> list[tuple[str, str]]:
     """What is wrong with a set of sampler values, as (field, reason) pairs."""
     out = []
     if not steps or any(isinstance(n, bool) or int(n) != n or n < 1 for n in steps):
@@ -220,6 +269,10 @@ def _problems(steps, tau, cfg, interval, solver, raw_tau=None) -> list[tuple[str
         out.append(("interval", "give low,high with 0 <= low <= high <= 1"))
     if solver not in SOLVERS:
         out.append(("solver", f"choose {' or '.join(SOLVERS)}"))
+    if isinstance(shift, bool) or not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        out.append(("shift", "the time shift must be a positive number (1 = no shift; SD3 uses 3 at 1024 px)"))
+    if isinstance(cond_noise, bool) or not (isinstance(cond_noise, (int, float)) and 0 <= cond_noise < 1):
+        out.append(("cond_noise", "the conditioning's noise level must lie in [0, 1)"))
     return out
 
 

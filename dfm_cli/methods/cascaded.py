@@ -1,6 +1,14 @@
 """The Cascade as a `Method` (`flow.method = "cascaded"`): two DiTs trained in two phases,
 stage 1 at the coarse size, then stage 2 at the full size given the augmented coarse image
-(the models, objective and sampler are in `dfm_cli/baselines/cascaded.py`)."""
+(the models, objective and sampler are in `dfm_cli/baselines/cascaded.py`, whose docstring
+says why stage 1 freezes at the switch, in the EMA too, and why stage 2 warms up again).
+
+At the switch (`switch_step`) the method's training hooks start stage 2: `on_step` copies
+stage 1 into it, `ema_frozen` keeps stage 1's EMA as it is from then on, and
+`lr_warmup_start` and `ema_warmup_start` restart the learning rate's and the EMA's warm-ups.
+A run folder written before `flow.cascade_condition` and `flow.cascade_upsample` existed
+loads with the earlier values, `"tokens"` and `"nearest"` (`earlier_defaults`),
+so it samples as it did."""
 
 from __future__ import annotations
 
@@ -11,6 +19,9 @@ from typing import Any, ClassVar, cast
 from torch import nn
 
 from dfm_cli.baselines.cascaded import (
+    CONDITIONS,
+    STAGE1,
+    UPSAMPLERS,
     CascadedDiT,
     CascadedObjective,
     CascadeSettings,
@@ -46,8 +57,14 @@ class Cascaded(Method):
         "flow.per_batch_stage": False,
         "flow.p_stage": [0.9, 0.1],  # what checks.DEFAULT_P_STAGE fills in for 2 levels
         "flow.gamma": 1 / 3,
+        "flow.pyramid_time": "uniform",
     }
     unused_why = "a Gaussian pyramid of images, no per-level layers"
+    # runs made before these keys read stage 1's image as tokens of their own, upsampled nearest
+    earlier_defaults: ClassVar[dict[str, Any]] = {
+        "flow.cascade_condition": "tokens",
+        "flow.cascade_upsample": "nearest",
+    }
     # the switch to stage 2 is a share of train.steps: changing it on resume moves the switch
     resumable_changes = RESUMABLE_CHANGES - {"train.steps"}
 
@@ -63,13 +80,18 @@ class Cascaded(Method):
             fail("flow.cascade_aug", f.cascade_aug, "needs [loc, scale] with scale > 0")
         if not 0 <= recipe.sample.cond_noise < 1:
             fail("sample.cond_noise", recipe.sample.cond_noise, "must lie in [0, 1)")
+        if f.cascade_condition not in CONDITIONS:
+            fail("flow.cascade_condition", f.cascade_condition, f"choose one of {', '.join(CONDITIONS)}")
+        if f.cascade_upsample not in UPSAMPLERS:
+            fail("flow.cascade_upsample", f.cascade_upsample, f"choose one of {', '.join(UPSAMPLERS)}")
         super().check(recipe, fail)
         check_no_tau(cls.name, recipe, fail)
 
     @functools.cached_property
     def settings(self) -> CascadeSettings:
-        loc, scale = self.recipe.flow.cascade_aug
-        return CascadeSettings(self.recipe.flow.cascade_split, loc, scale, self.recipe.sample.cond_noise)
+        f = self.recipe.flow
+        loc, scale = f.cascade_aug
+        return CascadeSettings(f.cascade_split, loc, scale, self.recipe.sample.cond_noise, f.cascade_upsample)
 
     @functools.cached_property
     def switch_step(self) -> int:
@@ -84,7 +106,8 @@ class Cascaded(Method):
     ) -> nn.Module:
         sizes = base_decomposition(self.recipe).level_sizes(shape[1:])
         size, pos = model_size(self.recipe.model.name), self.recipe.model.pos
-        return CascadedDiT(size, sizes, shape[0], num_classes, pos=pos, text_dims=text_dims(text))
+        condition = self.recipe.flow.cascade_condition
+        return CascadedDiT(size, sizes, shape[0], num_classes, condition, pos=pos, text_dims=text_dims(text))
 
     def objective(self) -> CascadedObjective:
         f = self.recipe.flow
@@ -97,10 +120,9 @@ class Cascaded(Method):
 
     def sample(self, job: SamplingJob) -> SampleResult:
         check_stage_sampler(self.name, job.settings)
-        dit, noise = cascaded_dit(job.model), self.settings.cond_noise
-        x, nfe = sample_cascaded(
-            job.guided(), job.labels, dit, job.settings.steps, noise, job.seed, job.indices, job.device
-        )
+        dit, steps = cascaded_dit(job.model), job.settings.steps
+        cascade = dataclasses.replace(self.settings, cond_noise=job.settings.cond_noise)  # `--cond-noise` wins
+        x, nfe = sample_cascaded(job.guided(), job.labels, dit, steps, cascade, job.seed, job.indices, job.device)
         return job.result(x, nfe)
 
     def forward_flops(self, model: nn.Module) -> float:
@@ -121,3 +143,13 @@ class Cascaded(Method):
     def ema_warmup_start(self, step: int) -> int:
         """Stage 2 is a new model: its EMA warms up again from the switch."""
         return self.switch_step if step >= self.switch_step else 0
+
+    def lr_warmup_start(self, step: int) -> int:
+        """Stage 2 is a new model with fresh optimizer moments: its learning rate warms up again
+        over `train.warmup_steps` from the switch."""
+        return self.switch_step if step >= self.switch_step else 0
+
+    def ema_frozen(self, step: int) -> tuple[str, ...]:
+        """From the switch on, stage 1 no longer trains, and its EMA, which samples the coarse
+        image, stays as it was at the switch."""
+        return (STAGE1,) if step >= self.switch_step else ()

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, cast
 
 from torch import nn
 
-from dfm_cli.config.method import Method, SamplingJob
+from dfm_cli.config.method import Method, SamplingJob, refuse_cond_noise
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import FlowObjective
@@ -24,8 +24,11 @@ class DFM(Method):
     # the baselines' own settings (Pyramidal Flow's renoising, the cascade's split and conditioning)
     unused_keys: ClassVar[dict[str, Any]] = {
         "flow.gamma": 1 / 3,
+        "flow.pyramid_time": "uniform",
         "flow.cascade_split": 0.8,
         "flow.cascade_aug": [1.5, 1.0],
+        "flow.cascade_condition": "sum",
+        "flow.cascade_upsample": "bilinear",
         "sample.cond_noise": 0.025,
     }
     unused_why = "those are the baselines' settings"
@@ -75,6 +78,7 @@ class DFM(Method):
             p_stage=tuple(f.p_stage),
             per_batch_stage=f.per_batch_stage,
             t_loc=f.t_loc,
+            t_shift=f.t_shift,
             t_scale=f.t_scale,
             prev_t_loc=f.prev_t_loc,
             prev_t_scale=f.prev_t_scale,
@@ -84,6 +88,7 @@ class DFM(Method):
         )
 
     def sample(self, job: SamplingJob) -> SampleResult:
+        refuse_cond_noise(self.name, job.settings)
         return generate(
             job.model, job.labels, job.decomposition, job.settings, seed=job.seed, first_index=job.first_index,
             previews=job.previews,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dfm_cli.config.method import method_of
-from dfm_cli.config.recipe import Recipe, load_recipe
+from dfm_cli.config.recipe import Recipe, load_run_recipe
 from dfm_cli.data.checkpoints import (
     DIGESTS,
     STATE,
@@ -74,7 +74,7 @@ def load_trained(path: str | Path, ema: bool = True, verify: bool = True) -> tup
     """Rebuild a trained model from a run folder or checkpoint, on the best device, in eval mode;
     with `verify`, its weights must match the SHA-256 recorded when the checkpoint was written."""
     ckpt = resolve_checkpoint(path)
-    recipe = load_recipe(ckpt / "recipe.toml")
+    recipe = load_run_recipe(ckpt / "recipe.toml")
     if recipe.model.kind == "autoencoder":
         raise DfmError(
             f"{ckpt.parent.parent} is an autoencoder run, not a generator: encode data with it "
@@ -176,7 +176,7 @@ def _single_level(
     path: str | Path, ckpt: Path, info: RunInfo, kind: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checked EMA weights and the state of the single-level checkpoint `ckpt` (`path` resolved)."""
-    recipe = load_recipe(ckpt / "recipe.toml")
+    recipe = load_run_recipe(ckpt / "recipe.toml")
     if recipe.model.kind == "autoencoder":
         raise DfmError(f"train.init_from = '{path}' is an autoencoder run, not a flow model")
     if recipe.model.kind != kind:

@@ -9,9 +9,15 @@ from typing import Any, ClassVar, cast
 
 from torch import nn
 
-from dfm_cli.baselines.pyramidal import GaussianStack, PyramidalObjective, PyramidalSchedule, sample_pyramidal
-from dfm_cli.config.method import Fail, Method, SamplingJob
-from dfm_cli.config.recipe import Recipe
+from dfm_cli.baselines.pyramidal import (
+    PYRAMID_TIMES,
+    GaussianStack,
+    PyramidalObjective,
+    PyramidalSchedule,
+    sample_pyramidal,
+)
+from dfm_cli.config.method import Fail, Method, SamplingJob, refuse_cond_noise
+from dfm_cli.config.recipe import FlowSection, Recipe
 from dfm_cli.errors import DfmError
 from dfm_cli.method.decompose import Decomposition, TwoBandPyramid
 from dfm_cli.method.sampler import SampleResult, SamplerSettings
@@ -34,6 +40,8 @@ GAUSSIAN_STAGES_UNUSED: dict[str, Any] = {
     "flow.prev_t_scale": 1.0,
     "flow.mask_input": True,
     "sample.solver": "euler",  # each stage is integrated with Euler steps
+    "flow.t_shift": 1.0,  # the time shift is FM's and DFM's (the baselines draw time per stage)
+    "sample.shift": 1.0,
 }
 # The tau thresholds of DFM's progressive sampler: each stage of a baseline runs to its end.
 BASELINE_TAU = 0.9
@@ -60,13 +68,32 @@ def check_no_tau(name: str, recipe: Recipe, fail: Fail) -> None:
 
 
 def check_stage_sampler(name: str, settings: SamplerSettings) -> None:
-    """`--tau` and `--solver` are DFM's progressive sampler's; a baseline refuses them rather
-    than sampling as if they were not given."""
+    """`--tau`, `--solver` and `--shift` are DFM's progressive sampler's; a baseline refuses them
+    rather than sampling as if they were not given."""
+    if settings.shift != 1:
+        raise DfmError(f"--shift {settings.shift:g}: flow.method = '{name}' samples each stage on a linear grid")
     if settings.solver != "euler":
         raise DfmError(f"--solver {settings.solver}: flow.method = '{name}' integrates each stage with Euler steps")
     if any(tau != BASELINE_TAU for tau in settings.tau):
         shown = ",".join(f"{t:g}" for t in settings.tau)
         raise DfmError(f"--tau {shown}: is not used by flow.method = '{name}' (each stage runs to its end)")
+
+
+def check_pyramid_time(recipe: Recipe, fail: Fail) -> None:
+    """`flow.pyramid_time` is one of `PYRAMID_TIMES`; with uniform time the logit-normal's
+    `flow.t_loc` and `flow.t_scale` act on nothing, so they stay at their defaults."""
+    f, default = recipe.flow, FlowSection()
+    if f.pyramid_time not in PYRAMID_TIMES:
+        fail("flow.pyramid_time", f.pyramid_time, f"choose one of {', '.join(PYRAMID_TIMES)}")
+    if f.pyramid_time == "uniform":
+        for key, value, unused in (("t_loc", f.t_loc, default.t_loc), ("t_scale", f.t_scale, default.t_scale)):
+            if value != unused:
+                fail(
+                    f"flow.{key}",
+                    value,
+                    "is used by flow.method = 'pyramidal' only with flow.pyramid_time = 'logit-normal' (each "
+                    f"stage's time is uniform by default); leave it at {unused!r} or set flow.pyramid_time",
+                )
 
 
 def gaussian_stack(recipe: Recipe) -> GaussianStack:
@@ -82,10 +109,14 @@ class PyramidalFlow(Method):
     unused_keys: ClassVar[dict[str, Any]] = {
         **GAUSSIAN_STAGES_UNUSED,
         "flow.cascade_split": 0.8,
+        "flow.cascade_condition": "sum",
+        "flow.cascade_upsample": "bilinear",
         "flow.cascade_aug": [1.5, 1.0],
         "sample.cond_noise": 0.025,
     }
     unused_why = "a Gaussian pyramid of images, no per-level layers"
+    # runs made before flow.pyramid_time drew each stage's time logit-normal
+    earlier_defaults: ClassVar[dict[str, Any]] = {"flow.pyramid_time": "logit-normal"}
 
     @classmethod
     def check(cls, recipe: Recipe, fail: Fail) -> None:
@@ -97,6 +128,7 @@ class PyramidalFlow(Method):
                 PyramidalSchedule(tuple(recipe.flow.factors), recipe.flow.gamma)
         except DfmError as e:
             fail("flow.gamma", recipe.flow.gamma, str(e).split(": ", 1)[-1])
+        check_pyramid_time(recipe, fail)
         super().check(recipe, fail)
         check_no_tau(cls.name, recipe, fail)
 
@@ -125,11 +157,17 @@ class PyramidalFlow(Method):
     def objective(self) -> PyramidalObjective:
         f = self.recipe.flow
         return PyramidalObjective(
-            self.schedule, p_stage=tuple(f.p_stage), per_batch_stage=f.per_batch_stage, t_loc=f.t_loc, t_scale=f.t_scale
+            self.schedule,
+            time=f.pyramid_time,
+            p_stage=tuple(f.p_stage),
+            per_batch_stage=f.per_batch_stage,
+            t_loc=f.t_loc,
+            t_scale=f.t_scale,
         )
 
     def sample(self, job: SamplingJob) -> SampleResult:
         check_stage_sampler(self.name, job.settings)
+        refuse_cond_noise(self.name, job.settings)
         dit, s = cast(DFMDiT, job.model), job.settings  # what `build_model` builds
         sizes = job.decomposition.level_sizes(dit.level_sizes[-1])[: s.stages]
         x, nfe = sample_pyramidal(

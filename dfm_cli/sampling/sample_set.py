@@ -60,7 +60,7 @@ from dfm_cli.errors import DfmError
 from dfm_cli.media import as_rgb, to_uint8
 from dfm_cli.method.cond import Cond
 from dfm_cli.method.decompose import Decomposition
-from dfm_cli.method.sampler import LevelModel, SampleResult, SamplerSettings, generate, sampled_classes
+from dfm_cli.method.sampler import COND_NOISE, LevelModel, SampleResult, SamplerSettings, generate, sampled_classes
 from dfm_cli.sampling.npz_stream import CHUNK, npz_member, npz_rows, write_member
 from dfm_cli.sampling.runs import TrainedRun, load_for_sampling
 
@@ -86,8 +86,13 @@ def set_manifest(
     )
 
 
+# Sampler settings added after sets were first written, with the value an older set was made with.
+ADDED_SETTINGS = {"shift": 1.0, "cond_noise": COND_NOISE}
+
+
 def manifest_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The keys (besides `num`, which may grow or shrink) whose values differ, as one phrase.
+    A key an older manifest lacks counts as the value it was made with (`ADDED_SETTINGS`).
 
     >>> manifest_difference({"seed": 0, "cfg": 1.5, "num": 8}, {"seed": 1, "cfg": 1.5, "num": 9})
     'seed 0 → 1'
@@ -97,6 +102,7 @@ def manifest_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
         text = json.dumps(v)
         return text[:14] + "…" if len(text) > 16 else text
 
+    old, new = {**ADDED_SETTINGS, **old}, {**ADDED_SETTINGS, **new}
     keys = sorted((old.keys() | new.keys()) - {"num"})
     return ", ".join(f"{k} {show(old.get(k))} → {show(new.get(k))}" for k in keys if old.get(k) != new.get(k))
 

@@ -96,8 +96,10 @@ class StepSettings:
 class Step:
     """One optimizer step over this rank's share of a global batch, with the non-finite guard.
 
-    `forward` is the model's forward (compiled or not); `ema_warmup_start(step)` says from
-    which step the EMA's warm-up counts (a method may restart it)."""
+    `forward` is the model's forward (compiled or not); `ema_warmup_start(step)` and
+    `lr_warmup_start(step)` say from which step the EMA's and the learning rate's warm-ups
+    count (a method may restart them), and `ema_frozen(step)` which parameters' EMA stays as
+    it is (the `Method` hooks of the same names)."""
 
     def __init__(
         self,
@@ -109,11 +111,13 @@ class Step:
         objective: FlowObjective,
         decomposition: Decomposition,
         ema_warmup_start: Callable[[int], int] = lambda step: 0,
+        lr_warmup_start: Callable[[int], int] = lambda step: 0,
+        ema_frozen: Callable[[int], tuple[str, ...]] = lambda step: (),
     ) -> None:
         self.settings, self.ctx, self.model = settings, ctx, model
         self.forward: Callable[..., list[torch.Tensor]] = model  # or its compiled version
         self.ema, self.opt, self.objective, self.decomposition = ema, opt, objective, decomposition
-        self.ema_warmup_start = ema_warmup_start
+        self.ema_warmup_start, self.lr_warmup_start, self.ema_frozen = ema_warmup_start, lr_warmup_start, ema_frozen
         self.local, self.micro = split_batch(settings.batch_size, settings.batch_per_gpu, ctx.world)
         dtype = autocast_dtype(ctx.device.type, settings.precision)
         self.autocast = (lambda: torch.autocast(ctx.device.type, dtype=dtype)) if dtype else nullcontext
@@ -156,10 +160,11 @@ class Step:
             self.opt.zero_grad(set_to_none=True)
             return float(grad_norm), False
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(s.lr, s.warmup_steps, step)
+            group["lr"] = lr_at(s.lr, s.warmup_steps, step - self.lr_warmup_start(step))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        update_ema(self.ema, self.model, ema_decay_at(s.ema_decay, step - self.ema_warmup_start(step)))
+        decay = ema_decay_at(s.ema_decay, step - self.ema_warmup_start(step))
+        update_ema(self.ema, self.model, decay, frozen=self.ema_frozen(step))
         for out in outs:  # skipped steps stay out of the statistics
             interval.add(out)
         return float(grad_norm), True
@@ -262,6 +267,8 @@ class Trainer:
             self.objective,
             self.decomposition,
             self.method.ema_warmup_start,
+            self.method.lr_warmup_start,
+            self.method.ema_frozen,
         )
         if t.compile:
             self.step_fn.forward = compiled(self.model, self._compile_probe, console)
@@ -413,7 +420,7 @@ class Trainer:
         self.last = {
             **row,
             "images_seen": done * t.batch_size,
-            "lr": lr_at(t.lr, t.warmup_steps, step),
+            "lr": lr_at(t.lr, t.warmup_steps, step - self.method.lr_warmup_start(step)),
             "nonfinite_steps": self.nonfinite,
             **self.interval.summary(self.ctx, self.flops, self.peak),
         }

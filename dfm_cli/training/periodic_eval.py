@@ -4,10 +4,12 @@ Every `train.eval_every` steps (and at the last step) the EMA model generates
 `train.eval_num` class-balanced samples with the recipe's sampler settings and the same
 noise each time, so successive points differ only by the weights. They are scored with
 `dfm eval`'s own functions against the run's training data: FID against (up to
-`evaluate.REFERENCE_MAX` of) its images, whose Inception features are computed once and cached, and
-SWD against a fixed subset as large as the sample set. The stats line gets `eval_fid` /
-`eval_swd` next to `step` and `images`, so a curve of metric against training images is
-one read of the file.
+`evaluate.REFERENCE_MAX` of) its images, and SWD against a fixed subset as large as the sample
+set. The reference's Inception features go through `dfm eval`'s feature cache (keyed by the
+images' content and the weights, `evaluation/reference_cache.py`): they are computed once, and a
+resumed run, another run on the same data, `dfm eval` and a sweep's cells read the same entry.
+The stats line gets `eval_fid` / `eval_swd` next to `step` and `images`, so a curve of metric
+against training images is one read of the file.
 """
 
 from __future__ import annotations
@@ -86,19 +88,15 @@ class TrainingEvaluation:
             resolve_inception_weights(None)
         self.reference = None
         if ctx.main:
-            if t.eval_reference_num:  # the same images as `dfm ablate`'s reference_num: one feature cache
+            if t.eval_reference_num:  # the same images as `dfm ablate`'s reference_num: one cache entry
                 images = reference_images(images_of, t.eval_reference_num)
-                self.reference = evaluate.Source(
-                    f"{t.eval_reference_num} training images", images, cache_dir=evaluate.content_cache(images)
-                )
-            elif recipe.data.name in evaluate.DATASETS and not recipe.data.classes:  # shares dfm eval's feature cache
+                self.reference = evaluate.Source(f"{t.eval_reference_num} training images", images)
+            elif recipe.data.name in evaluate.DATASETS and not recipe.data.classes:  # as `dfm eval --ref NAME`
                 self.reference = evaluate.load_source(recipe.data.name, recipe.data.resolution)
             elif images_of is not dataset:
                 self.reference = evaluate.load_source(index["source"], index["resolution"])
             else:
-                self.reference = evaluate.Source(
-                    f"{run_dir} training data", reference_images(dataset), cache_dir=run_dir / "eval-reference"
-                )
+                self.reference = evaluate.Source(f"{run_dir} training data", reference_images(dataset))
             ref = self.reference.images
             assert ref is not None  # every reference above holds images, not only statistics
             self.swd_reference = evaluate.Source("training data (SWD subset)", ref[evenly_spaced(len(ref), t.eval_num)])

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from dfm_cli.config.method import method_class
-from dfm_cli.config.recipe import Recipe, load_recipe
+from dfm_cli.config.recipe import Recipe, load_run_recipe
 from dfm_cli.data.checkpoints import same_source
 from dfm_cli.errors import DfmError
 
@@ -30,7 +30,7 @@ def check_resumable(run_dir: Path, recipe: Recipe, newest: Path | None = None) -
     for old_path in (run_dir / "recipe.toml", *([newest / "recipe.toml"] if newest else [])):
         if not old_path.is_file():
             continue
-        old = load_recipe(old_path).to_dict()
+        old = load_run_recipe(old_path).to_dict()
         for section, body in new.items():
             for key, value in body.items():
                 name = f"{section}.{key}"
@@ -49,7 +49,7 @@ def as_trained(run_dir: Path, recipe: Recipe, newest: Path) -> Recipe:
     the checkpoint it was pinned to when it started, where the user names that run again."""
     for old_path in (newest / "recipe.toml", run_dir / "recipe.toml"):
         if old_path.is_file():
-            pinned = load_recipe(old_path).train.init_from
+            pinned = load_run_recipe(old_path).train.init_from
             if pinned == recipe.train.init_from:
                 return recipe
             return dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=pinned))

@@ -26,6 +26,17 @@ def ema_decay_at(decay: float, since: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, frozen: tuple[str, ...] = ()) -> None:
+    """Move `ema` towards `model` (the same parameters in the same order; `model` may be wrapped
+    for DDP), except the parameters whose names in `ema` start with one of `frozen`.
+
+    >>> ema, model = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    >>> _ = [torch.nn.init.zeros_(p) for p in ema.parameters()]
+    >>> _ = [torch.nn.init.ones_(p) for p in model.parameters()]
+    >>> update_ema(ema, model, 0.75, frozen=("bias",))
+    >>> ema.weight.item(), ema.bias.item()
+    (0.25, 0.0)
+    """
+    for (name, e), p in zip(ema.named_parameters(), model.parameters()):
+        if not name.startswith(frozen):
+            e.lerp_(p.detach(), 1 - decay)
