@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -206,6 +207,50 @@ def test_sweep_runs_each_training_once_resumes_and_writes_results(tmp_path):
     rescore = FakeDfm()
     run_sweep(sweep, out, Console(file=io.StringIO()), runner=rescore)
     assert rescore.calls == ["eval"] * 4
+
+
+def test_each_training_gets_the_sweeps_wandb_group_its_name_and_its_settings(tmp_path, monkeypatch):
+    """`dfm ablate` hands a run's W&B group, name and config to its `dfm train` in the environment
+    (training/loggers.py reads them), and puts the environment back afterwards."""
+    monkeypatch.delenv("DFM_WANDB_GROUP", raising=False)
+    seen: dict[str, dict[str, str]] = {}
+
+    class Recording(FakeDfm):
+        def __call__(self, cmd, log, what):
+            if cmd[3] == "train":
+                seen[Path(cmd[cmd.index("--out") + 1]).name] = {
+                    k: os.environ[k] for k in ("DFM_WANDB_GROUP", "DFM_WANDB_NAME", "DFM_WANDB_CONFIG")
+                }
+            else:
+                assert "DFM_WANDB_GROUP" not in os.environ, "only the trainings join the group"
+            super().__call__(cmd, log, what)
+
+    sweep = load_sweep(TINY_SWEEP)
+    run_sweep(sweep, tmp_path / "out", Console(file=io.StringIO()), runner=Recording())
+    assert set(seen) == {run.run_id for run in sweep.runs} and "DFM_WANDB_GROUP" not in os.environ
+    for run in sweep.runs:
+        env = seen[run.run_id]
+        assert env["DFM_WANDB_GROUP"] == "tiny: training steps x cfg" and env["DFM_WANDB_NAME"] == run.run_id
+        assert json.loads(env["DFM_WANDB_CONFIG"]) == {
+            "ablate": {
+                "sweep": "tiny: training steps x cfg",
+                "run": run.run_id,
+                "cells": [c.name for c in run.cells],  # the two cfg values share the run
+                "settings": {"train.steps": run.recipe.train.steps},  # sample.cfg is not the run's
+            }
+        }
+
+
+def test_log_to_is_not_part_of_a_runs_id(tmp_path):
+    """Adding a mirror to a sweep finds its trained runs again: where statistics also go is no
+    part of what a run learns."""
+    plain = load_sweep(TINY_SWEEP)
+    body = TINY_SWEEP.read_text().replace('recipe = "../tiny.toml"', "")
+    body += '\n[set]\n"train.log_to" = ["jsonl", "tensorboard"]\n'
+    mirrored = load_sweep(write_sweep(tmp_path, body))
+    assert [c.recipe.train.log_to for c in mirrored.cells] == [["jsonl", "tensorboard"]] * 4
+    assert [c.run_id for c in mirrored.cells] == [c.run_id for c in plain.cells]
+    assert [c.cell_id for c in mirrored.cells] == [c.cell_id for c in plain.cells]
 
 
 def test_a_failing_command_names_its_log(tmp_path):

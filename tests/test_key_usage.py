@@ -68,6 +68,8 @@ EXEMPT = {
     "train.eval_metrics": "which scores in-training evaluation writes (with train.eval_every); a measurement only",
     "train.eval_reference_num": "the reference in-training evaluation scores against (with train.eval_every); "
     "a measurement only",
+    "train.log_to": "where stats.jsonl and the images are also written (TensorBoard, W&B), never what is learned "
+    "or sampled (tests/test_loggers.py::test_tensorboard_event_files_hold_the_stats_jsonl_values)",
 }
 
 

@@ -1,13 +1,19 @@
 """Running a sweep: each run (every seed its own) trained once and each cell sampled and scored, through
 `python -m dfm_cli train|sample|eval` in subprocesses, with a manifest per folder so that an
 interrupted sweep, run again, does only what is missing. Ends by writing the results.
+
+A run whose recipe mirrors its statistics to W&B (`train.log_to`) joins the sweep's group,
+named by its run id, with the sweep's settings of its cells in its config (`wandb_env`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +141,8 @@ def run_sweep(
     runs = {run.run_id: run for run in sweep.runs}
     with Progress(console, "ablate", len(sweep.cells)) as progress:
         for cell in sweep.cells:
-            train_run(runs[cell.run_id], out, progress, cell, runner)
+            with environment(wandb_env(sweep, runs[cell.run_id])):
+                train_run(runs[cell.run_id], out, progress, cell, runner)
             score_cell(sweep, cell, out, progress, runner)
             progress.advance()
     rows = collect(sweep, out)
@@ -150,6 +157,33 @@ def run_sweep(
         soft_wrap=True,
     )
     return rows
+
+
+def wandb_env(sweep: Sweep, run: Run) -> dict[str, str]:
+    """What the training of `run` reads for its W&B run (training/loggers.py): the sweep's title
+    as the group, the run's id as the name, and as config the sweep's settings of the run's
+    cells (`[set]` and the swept keys, but the `sample.*` keys, in which cells sharing a run
+    differ) and their names."""
+    first = run.cells[0]
+    settings = {k: v for k, v in {**sweep.fixed, **first.values}.items() if not k.startswith("sample.")}
+    cells = [c.name for c in run.cells]
+    config = {"ablate": {"sweep": sweep.title, "run": run.run_id, "cells": cells, "settings": settings}}
+    return {"DFM_WANDB_GROUP": sweep.title, "DFM_WANDB_NAME": run.run_id, "DFM_WANDB_CONFIG": json.dumps(config)}
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in `os.environ` while the block runs (the subprocesses it starts inherit them)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner: Runner) -> None:

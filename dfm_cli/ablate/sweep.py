@@ -393,12 +393,15 @@ LATER_KEYS = (
     ("flow", "cascade_upsample"),
     ("sample", "shift"),
 )
+# Keys that never change what a run learns or samples, only where its statistics also go:
+# never part of a run's id, so that adding a mirror to a sweep reuses its finished runs.
+NOT_IN_ID = (("train", "log_to"),)
 
 
 def run_settings(recipe: Recipe) -> dict:
     """What a trained run depends on: every recipe section but `sample`, and `ae`, `flux`,
     `text` and the `LATER_KEYS` only where they are used, so that adding them left the ids of
-    earlier runs unchanged."""
+    earlier runs unchanged; never the `NOT_IN_ID` keys."""
     skip = (
         {"sample"}
         | ({"ae"} if recipe.model.kind != "autoencoder" else set())
@@ -408,6 +411,8 @@ def run_settings(recipe: Recipe) -> dict:
     settings = {k: v for k, v in recipe.to_dict().items() if k not in skip}
     defaults = Recipe().to_dict()
     method = method_class(recipe.flow.method)
+    for section, key in NOT_IN_ID:
+        del settings[section][key]
     for section, key in LATER_KEYS:
         if section not in settings:
             continue

@@ -32,6 +32,7 @@ def _broadcast(values: list, n: int) -> list:
 
 MODEL_KINDS = ("dfm", "flux", "autoencoder")
 EVAL_METRICS = ("fid", "swd")
+LOG_TO = ("jsonl", "tensorboard", "wandb")  # stats.jsonl, and its mirrors (training/loggers.py)
 BATCH_MEMORY_LIMIT = 64 * 2**30  # bytes: one batch of pixels, float32, before the model runs
 
 
@@ -128,6 +129,7 @@ def _check_ranges(recipe: Recipe, fail) -> None:
         )
     if not t.eval_metrics or any(x not in EVAL_METRICS for x in t.eval_metrics):
         fail("train.eval_metrics", t.eval_metrics, f"choose one or more of {', '.join(EVAL_METRICS)}")
+    _check_log_to(t.log_to, fail)
     if f.decomposition not in list(DECOMPOSITIONS):
         fail(
             "flow.decomposition",
@@ -156,6 +158,23 @@ def _check_ranges(recipe: Recipe, fail) -> None:
             f"one batch of {t.batch_size} images at {d.resolution} px is {need / 2**30:,.0f} GiB as float32 "
             f"(batch x 3 x {'frames x ' if d.frames else ''}{d.resolution}^2 x 4 B), over the "
             f"{BATCH_MEMORY_LIMIT // 2**30} GiB limit; lower data.resolution or train.batch_size",
+        )
+
+
+def _check_log_to(log_to: list[str], fail) -> None:
+    """`train.log_to`: known names, each once, and always "jsonl" (the run's record, which
+    resuming and `dfm ablate` read; the others mirror it)."""
+    for name in log_to:
+        if name not in LOG_TO:
+            fail("train.log_to", log_to, f"unknown {name!r}: choose from {', '.join(LOG_TO)}{suggest(name, LOG_TO)}")
+    if len(set(log_to)) < len(log_to):
+        fail("train.log_to", log_to, "names an entry twice; give each once")
+    if "jsonl" not in log_to:
+        fail(
+            "train.log_to",
+            log_to,
+            'must include "jsonl": stats.jsonl is the run\'s record (resuming and dfm ablate read it) and the '
+            'others mirror it, e.g. ["jsonl", "tensorboard"]',
         )
 
 

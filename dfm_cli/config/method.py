@@ -60,6 +60,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.eval_num",
         "train.eval_metrics",
         "train.eval_reference_num",
+        "train.log_to",
     }
 )
 

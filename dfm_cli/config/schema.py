@@ -97,6 +97,8 @@ class TrainSection:
     eval_num: int = 1000  # samples per in-training evaluation
     eval_metrics: list[str] = field(default_factory=lambda: ["fid"])  # "fid", "swd"
     eval_reference_num: int = 0  # FID reference: 0 = up to 10,000 training images; N = N evenly spaced
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])  # "jsonl" (stats.jsonl, always) plus the
+    # mirrors "tensorboard" and "wandb" (training/loggers.py)
     init_from: str = ""  # start from a single-level (FM) run, or for an autoencoder its run or diffusers folder
     per_level_only_steps: int = 0  # after init_from: steps that train only the per-level layers (paper: 4k)
 

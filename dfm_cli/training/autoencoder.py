@@ -40,6 +40,7 @@ from dfm_cli.progress import Progress
 from dfm_cli.seeding import MODEL_INIT, SAMPLE_DRAWS, mix_seed
 from dfm_cli.training.autoencoder_losses import downsample, reconstruction_loss, scale_equivariance_loss
 from dfm_cli.training.batches import StreamBatches
+from dfm_cli.training.loggers import RunLogs, require
 from dfm_cli.training.resume import check_resumable
 from dfm_cli.training.schedules import ema_decay_at, lr_at, update_ema
 
@@ -136,6 +137,7 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
     if ctx.world > 1:
         raise DfmError("an autoencoder trains in one process; run `dfm train` without torchrun")
     try:
+        require(t.log_to)  # a missing TensorBoard or W&B stops the run before any work
         with checkpoints.run_lock(run_dir):
             found = checkpoints.complete_checkpoints(run_dir)
             check_resumable(run_dir, recipe, found[-1] if found else None)
@@ -168,54 +170,55 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, console: Console | None = N
             began = time.perf_counter()
             sums: dict[str, float] = {}
             progress = Progress(console, "train step", t.steps, start)
-            with progress, (run_dir / "stats.jsonl").open("a") as stats:
-                for step in range(start, t.steps):
-                    x = gather(dataset, next(batches)).to(ctx.device)
-                    out = step_loss(vae, recipe, x, step)
-                    out["loss"].backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
-                    if not torch.isfinite(grad_norm):
-                        raise DfmError(f"step {step + 1}: non-finite gradient; lower train.lr or ae.kl_weight")
-                    for group in opt.param_groups:
-                        group["lr"] = lr_at(recipe.train.lr, recipe.train.warmup_steps, step)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    update_ema(ema, vae, ema_decay_at(recipe.train.ema_decay, step))
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
-                    done = step + 1
-                    if done % t.log_every == 0 or done == t.steps:
-                        n = t.log_every if done % t.log_every == 0 else done % t.log_every
-                        row = {"step": done, "images": done * t.batch_size, **{k: v / n for k, v in sums.items()}}
-                        stats.write(json.dumps(row) + "\n")
-                        stats.flush()
-                        sums = {}
-                        speed = (done - start) * t.batch_size / (time.perf_counter() - began)
-                        shown = f"loss {row['loss']:.4f}  {speed:.0f} img/s  psnr {row['psnr']:.2f} dB"
-                        progress.update(completed=done, info=shown, log=True)
-                    else:
-                        progress.update(completed=done)
-                    if done % t.checkpoint_every == 0 or done == t.steps:
-                        state = {
-                            "step": done,
-                            "images_seen": done * t.batch_size,
-                            "model_kind": "autoencoder",
-                            **info.to_state(),
-                        }
-                        checkpoints.save_training_state(
-                            run_dir,
-                            done,
-                            vae,
-                            ema,
-                            opt,
-                            state,
-                            recipe.to_toml(),
-                            t.keep_checkpoints,
-                            bool(t.milestone_every) and done % t.milestone_every == 0,
-                            ctx,
-                        )
-            if start < t.steps or not (run_dir / REPORT).is_file():
-                export(recipe, ema, dataset, run_dir)
+            with RunLogs(run_dir, t.log_to, start, recipe.to_dict()) as logs:  # stats.jsonl and its mirrors
+                with progress:
+                    for step in range(start, t.steps):
+                        x = gather(dataset, next(batches)).to(ctx.device)
+                        out = step_loss(vae, recipe, x, step)
+                        out["loss"].backward()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
+                        if not torch.isfinite(grad_norm):
+                            raise DfmError(f"step {step + 1}: non-finite gradient; lower train.lr or ae.kl_weight")
+                        for group in opt.param_groups:
+                            group["lr"] = lr_at(recipe.train.lr, recipe.train.warmup_steps, step)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        update_ema(ema, vae, ema_decay_at(recipe.train.ema_decay, step))
+                        for k, v in out.items():
+                            sums[k] = sums.get(k, 0.0) + float(v.detach())
+                        done = step + 1
+                        if done % t.log_every == 0 or done == t.steps:
+                            n = t.log_every if done % t.log_every == 0 else done % t.log_every
+                            row = {"step": done, "images": done * t.batch_size, **{k: v / n for k, v in sums.items()}}
+                            logs.scalars(done, row)
+                            sums = {}
+                            speed = (done - start) * t.batch_size / (time.perf_counter() - began)
+                            shown = f"loss {row['loss']:.4f}  {speed:.0f} img/s  psnr {row['psnr']:.2f} dB"
+                            progress.update(completed=done, info=shown, log=True)
+                        else:
+                            progress.update(completed=done)
+                        if done % t.checkpoint_every == 0 or done == t.steps:
+                            state = {
+                                "step": done,
+                                "images_seen": done * t.batch_size,
+                                "model_kind": "autoencoder",
+                                **info.to_state(),
+                            }
+                            checkpoints.save_training_state(
+                                run_dir,
+                                done,
+                                vae,
+                                ema,
+                                opt,
+                                state,
+                                recipe.to_toml(),
+                                t.keep_checkpoints,
+                                bool(t.milestone_every) and done % t.milestone_every == 0,
+                                ctx,
+                            )
+                if start < t.steps or not (run_dir / REPORT).is_file():
+                    export(recipe, ema, dataset, run_dir)
+                    logs.image(t.steps, "final/reconstruction", run_dir / "samples" / "reconstruction.png")
             return json.loads((run_dir / REPORT).read_text())
     finally:
         distributed.shutdown(ctx)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from rich.console import Console
 from torch.utils.data import DataLoader, Sampler
@@ -44,7 +44,7 @@ from dfm_cli.data.checkpoints import (
 from dfm_cli.data.datasets import ImageFolder, build_dataset
 from dfm_cli.errors import DfmError
 from dfm_cli.listing import evenly_spaced
-from dfm_cli.media import save_samples
+from dfm_cli.media import grid, save_samples
 from dfm_cli.method.cond import NullText, TextCond
 from dfm_cli.method.decompose import Decomposition
 from dfm_cli.method.flow import Draws, FlowObjective
@@ -57,6 +57,7 @@ from dfm_cli.models.flux import DFMFlux
 from dfm_cli.progress import Progress
 from dfm_cli.seeding import MODEL_INIT, mix_seed
 from dfm_cli.training.batches import DrawnBatches, StepBatches, keep_batch, split_batch
+from dfm_cli.training.loggers import RunLogs, require
 from dfm_cli.training.perf import autocast_dtype, device_name, peak_tflops
 from dfm_cli.training.periodic_eval import TrainingEvaluation
 from dfm_cli.training.resume import as_trained, check_resumable
@@ -227,6 +228,7 @@ class Trainer:
     ) -> None:
         self.recipe, self.run_dir, self.ctx, self.console = recipe, run_dir, ctx, console
         t = recipe.train
+        require(t.log_to)  # a missing TensorBoard or W&B stops the run before any work
         found = complete_checkpoints(run_dir)
         check_resumable(run_dir, recipe, found[-1] if found else None)
         if found:  # as the checkpoints were trained: `train.init_from` stays the checkpoint it was pinned to
@@ -283,6 +285,7 @@ class Trainer:
             device_name(ctx.device), autocast_dtype(ctx.device.type, t.precision), t.tf32, t.peak_tflops
         )
         self.interval, self.last = Interval(recipe.flow.levels), cast(dict[str, Any], {})
+        self.logs = RunLogs(run_dir, [], self.start, {}, main=False)  # nothing until `run` opens the recipe's
 
     # ------------------------------------------------------------------ set-up
     def _dataset(self) -> Any:
@@ -367,33 +370,33 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         t, ctx = self.recipe.train, self.ctx
-        stats_file = (self.run_dir / "stats.jsonl").open("a") if ctx.main else None
-        with Progress(self.console, "train step", t.steps, self.start) as progress, stats_file or nullcontext():
-            batches = iter(self._loader())
-            for step in range(self.start, t.steps):
-                wait = time.perf_counter()
-                self.method.on_step(step, distributed.unwrap(self.model), self.ema)
-                x, y, draws = next(batches)
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                wait = time.perf_counter() - wait
-                grad_norm, applied = self.step_fn(step, x, y, draws, self.interval)
-                self.interval.end_step(grad_norm if applied else 0.0, wait)
-                done = step + 1
-                if not applied:
-                    self._skipped(done)
-                logged = done % t.log_every == 0 or done == t.steps
-                row = self._stats_row(done, step, logged)
-                self._hooks_and_previews(done, row)
-                if logged:
-                    self.interval.reset()
-                if stats_file and len(row) > 2:
-                    stats_file.write(json.dumps(row) + "\n")
-                    stats_file.flush()
-                progress.update(completed=done, info=speed(self.last) if logged else None, log=logged)
-                if done % t.checkpoint_every == 0 or done == t.steps:
-                    self._checkpoint(done)
-        if self.start < t.steps or not list((self.run_dir / "samples").glob("grid.*")):
-            self._grid(self.run_dir / "samples" / "grid")
+        self.logs = RunLogs(self.run_dir, t.log_to, self.start, self.recipe.to_dict(), main=ctx.main)
+        with self.logs:  # stats.jsonl (rank 0) and its mirrors; the final grid goes to them too
+            with Progress(self.console, "train step", t.steps, self.start) as progress:
+                batches = iter(self._loader())
+                for step in range(self.start, t.steps):
+                    wait = time.perf_counter()
+                    self.method.on_step(step, distributed.unwrap(self.model), self.ema)
+                    x, y, draws = next(batches)
+                    x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                    wait = time.perf_counter() - wait
+                    grad_norm, applied = self.step_fn(step, x, y, draws, self.interval)
+                    self.interval.end_step(grad_norm if applied else 0.0, wait)
+                    done = step + 1
+                    if not applied:
+                        self._skipped(done)
+                    logged = done % t.log_every == 0 or done == t.steps
+                    row = self._stats_row(done, step, logged)
+                    self._hooks_and_previews(done, row)
+                    if logged:
+                        self.interval.reset()
+                    if len(row) > 2:  # stats.jsonl (rank 0) and its mirrors
+                        self.logs.scalars(done, row)
+                    progress.update(completed=done, info=speed(self.last) if logged else None, log=logged)
+                    if done % t.checkpoint_every == 0 or done == t.steps:
+                        self._checkpoint(done)
+            if self.start < t.steps or not list((self.run_dir / "samples").glob("grid.*")):
+                self._grid(self.run_dir / "samples" / "grid", t.steps, "final")
         return self.last
 
     def _skipped(self, done: int) -> None:
@@ -434,7 +437,7 @@ class Trainer:
             if done % every == 0 or done == t.steps:
                 row.update(hook(done, self.ema))
         if t.preview_every and done % t.preview_every == 0:
-            self._grid(self.run_dir / "samples" / f"preview-{done:09d}")
+            self._grid(self.run_dir / "samples" / f"preview-{done:09d}", done, "preview")
         self.interval.exclude(time.perf_counter() - paused)
 
     def _checkpoint(self, step: int) -> None:
@@ -459,8 +462,16 @@ class Trainer:
             milestone, ctx,
         )  # fmt: skip
 
-    def _grid(self, path: Path) -> None:
-        sample_grid(self.recipe, self.method, self.ema, self.decomposition, path, self.info, self.ctx, self.captions)
+    def _grid(self, path: Path, step: int, tag: str) -> None:
+        """The grid at `path`, and to the mirrors of `train.log_to` as `tag/grid`, with the
+        clean estimate at the end of each stage as `tag/stage_K`."""
+        mirrored = any(name != "jsonl" for name in self.recipe.train.log_to)  # the same on every rank
+        images = sample_grid(
+            self.recipe, self.method, self.ema, self.decomposition, path, self.info, self.ctx, self.captions,
+            previews=mirrored,
+        )  # fmt: skip
+        for name, image in images.items():
+            self.logs.image(step, f"{tag}/{name}", image)
 
 
 def speed(last: dict) -> str:
@@ -498,17 +509,29 @@ def sample_grid(
     info: RunInfo,
     ctx: distributed.Context,
     captions: TextCond | None = None,
-) -> None:
+    previews: bool = False,
+) -> dict[str, np.ndarray]:
     """A grid with the recipe's sampler settings, one class per column (or, for a text run,
     one of `captions` per cell), decoded by the data's autoencoder: `path`.png for images,
-    `path`.gif for video. Every rank samples (a sharded EMA needs them all); rank 0 writes."""
+    `path`.gif for video. Every rank samples (a sharded EMA needs them all); rank 0 writes.
+    With `previews` (for the mirrors of `train.log_to`), rank 0 returns the grid as a uint8
+    image (a video's first frame) as `grid` and each stage's clean estimate as `stage_K`."""
     s = recipe.sample
     classes = sampled_classes(recipe, info)
     columns = len(classes) if captions is None else int(len(captions) ** 0.5)
     ema.eval()
     labels = class_balanced_labels(s.n, classes) if captions is None else captions
-    result = method.generate(ema, labels, decomposition, recipe.sampler_settings(), seed=recipe.train.seed)
-    if ctx.main:
-        pixels = from_config(info.autoencoder, result.x.device).decode(result.x)
-        suffix = ".gif" if pixels.ndim == 5 else ".png"
-        save_samples(pixels, path.with_suffix(suffix), nrow=columns if s.n % columns == 0 else None)
+    result = method.generate(
+        ema, labels, decomposition, recipe.sampler_settings(), seed=recipe.train.seed, previews=previews
+    )
+    if not ctx.main:
+        return {}
+    decode = from_config(info.autoencoder, result.x.device).decode
+    pixels = decode(result.x)
+    nrow = columns if s.n % columns == 0 else None
+    save_samples(pixels, path.with_suffix(".gif" if pixels.ndim == 5 else ".png"), nrow=nrow)
+    if not previews:
+        return {}
+    shown = [pixels, *(decode(x) for x in result.previews)]
+    names = ["grid", *(f"stage_{k}" for k in range(1, len(result.previews) + 1))]
+    return {name: grid(x[:, :, 0] if x.ndim == 5 else x, nrow) for name, x in zip(names, shown)}
