@@ -270,6 +270,19 @@ def test_cli_dry_run_lists_cells_runs_and_time():
     assert bad.returncode == 2 and "is a recipe, not a sweep" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_run_and_cell_another_sweep_made_in_the_same_folder_are_reused(tmp_path):
+    out = tmp_path / "out"
+    first = load_sweep(write_sweep(tmp_path, '[[cell]]\nname = "short"\n"train.steps" = 4\n', "a.toml"))
+    run_sweep(first, out, Console(file=io.StringIO()), runner=FakeDfm())
+    second = load_sweep(write_sweep(tmp_path, '[grid]\n"train.steps" = [4, 8]\n', "b.toml"))
+    assert second.cells[0].cell_id != first.cells[0].cell_id  # named by each sweep's cell names
+    assert second.cells[0].cell_id.rsplit("-", 1)[1] == first.cells[0].cell_id.rsplit("-", 1)[1]
+    fake = FakeDfm()
+    rows = run_sweep(second, out, Console(file=io.StringIO()), runner=fake)
+    assert fake.calls == ["train", "sample", "eval"]  # only the 8-step cell
+    assert len(list(out.glob("runs/*/stats.jsonl"))) == 2 and [r["swd"] for r in rows] == [11.0, 31.0]
+
+
 @pytest.mark.e2e
 def test_tiny_sweep_end_to_end_and_resumed_equals_uninterrupted(tmp_path):
     """The CI sweep for real: 2 trained runs for 4 cells, and a sweep interrupted in its second

@@ -161,6 +161,36 @@ def test_inception_features_do_not_depend_on_the_batch(random_inception):
     assert ext.has_logits
 
 
+def test_the_fast_inception_gives_torch_fidelitys_features_and_fid(random_inception, tmp_path):
+    """Folding the batch norms, channels-last and 8-image chunks change only float rounding."""
+    from dfm_cli.evaluation.metrics import frechet_distance
+
+    torch.manual_seed(1)
+    state = torch.load(random_inception)
+    for key, value in state.items():  # batch norms that do something, so the folding is exercised
+        if key.endswith(("bn.running_mean", "bn.bias")):
+            state[key] = 0.1 * torch.randn_like(value)
+        elif key.endswith(("bn.running_var", "bn.weight")):
+            state[key] = 0.5 + torch.rand_like(value)
+    path = tmp_path / "inception.pth"
+    torch.save(state, path)
+    ours = feats.InceptionFeatures(path, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.net.modules())
+    theirs = feats.inception_skeleton()
+    theirs.load_state_dict(state)
+    a, b = random_images(24, 5, size=24), random_images(24, 6, size=24, shift=30)
+    with torch.no_grad():
+        reference = [theirs.eval()(feats._rgb(x))[0].double().numpy() for x in (a, b)]
+    fast = [feats.extract(ours, x, batch=24)["pool"] for x in (a, b)]
+    for f, r in zip(fast, reference):
+        assert np.abs(f - r).max() <= 1e-5 * np.abs(r).max()
+
+    def fid(x, y):
+        return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+
+    assert fid(*fast) == pytest.approx(fid(*reference), rel=1e-3)
+
+
 def test_converted_fid_helper_inception_matches_its_torchscript(tmp_path, monkeypatch):
     import importlib.util
 

@@ -1,7 +1,8 @@
 """Where a sweep's outputs live, and the manifests that make a rerun resume: running a sweep
 writes this layout and the results read it, so both name its folders and files from here.
 
-    OUT/runs/<run id>/    a trained run (`dfm train --out`), with its manifest
+    OUT/runs/<run id>/    a trained run (`dfm train --out`), with its manifest (found by the
+                          id's settings hash, whichever sweep named it)
     OUT/cells/<cell id>/  samples.npz, eval.json and the cell's manifest
     OUT/logs/, OUT/refs/  the commands' output; reference .npz files written once
 """
@@ -18,11 +19,24 @@ EVAL = "eval.json"  # a cell's scores
 
 
 def run_dir(out: Path, run_id: str) -> Path:
-    return out / "runs" / run_id
+    return _find(out / "runs", run_id)
 
 
 def cell_dir(out: Path, cell_id: str) -> Path:
-    return out / "cells" / cell_id
+    return _find(out / "cells", cell_id)
+
+
+def _find(parent: Path, ident: str) -> Path:
+    """`parent/ident`, or a folder of the same settings that another sweep in the same OUT made
+    under another name: an id ends in the hash of its settings, and only its readable part
+    depends on the sweep (which keys it sweeps, what it names its cells). So a tuning sweep
+    and a study that share a cell train it once."""
+    exact = parent / ident
+    if exact.exists() or not parent.is_dir():
+        return exact
+    digest = ident.rsplit("-", 1)[-1]
+    same = [p for p in sorted(parent.glob(f"*-{digest}")) if (p / MANIFEST).is_file()]
+    return same[0] if same else exact
 
 
 def read_json(path: Path) -> dict:

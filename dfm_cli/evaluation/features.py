@@ -183,12 +183,35 @@ def load_inception_state(explicit: Path | None) -> dict[str, torch.Tensor]:
     return state
 
 
+def fold_batch_norms(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with each conv + batch-norm pair (torch-fidelity's `BasicConv2d`) merged into one
+    conv with a bias: the same function in inference, up to float rounding (about 1e-6 of the
+    features' scale), one pass over the activations fewer."""
+    for module in net.modules():
+        conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+        if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+            assert bn.running_mean is not None and bn.running_var is not None  # eval statistics
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = bn.bias - bn.running_mean * scale
+            conv.weight = torch.nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+            conv.bias = torch.nn.Parameter(bias if conv.bias is None else bias + conv.bias * scale, requires_grad=False)
+            module.bn = torch.nn.Identity()
+    return net
+
+
 class InceptionFeatures:
     """A torch-fidelity feature extractor (default `inception-v3-compat`): 2048-d pool
     features, and unbiased logits where the weights have them. Any extractor registered with
-    `torch_fidelity.register_feature_extractor` can stand in (tests use a tiny one)."""
+    `torch_fidelity.register_feature_extractor` can stand in (tests use a tiny one).
+
+    Inception runs with its batch norms folded into the convs, in channels-last layout, under
+    `inference_mode`, and `CHUNK` images at a time: on a 2-core CPU that is 2x the images per
+    second of torch-fidelity's own call on a batch of 64 (`benchmarks/eval_throughput.py`),
+    since a small chunk's activations stay in cache. Each image's features do not depend on
+    its chunk, so the results do not depend on `--batch`."""
 
     name = "inception"
+    CHUNK = 8
 
     def __init__(self, weights: Path | None, device: torch.device, extractor: str = "inception-v3-compat"):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -205,6 +228,7 @@ class InceptionFeatures:
                     f"({str(e).splitlines()[0][:120]})"
                 ) from None
             self.has_logits = bool(self.net.fc.weight.abs().sum() > 0)
+            self.net = fold_batch_norms(self.net).to(memory_format=torch.channels_last)
         elif extractor in FEATURE_EXTRACTORS_REGISTRY:
             cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
             self.layers = [cls.get_default_feature_layer_for_metric("fid")]
@@ -223,7 +247,8 @@ class InceptionFeatures:
             else {"class": f"{cls.__module__}.{cls.__qualname__}", "tensors_sha256": tensors_digest(self.net)}
         )
         return {
-            "network": f"torch-fidelity {self.extractor}",
+            "network": f"torch-fidelity {self.extractor}"
+            + (" (batch norms folded, channels last)" if self.weights is not None else ""),
             **weights,
             "layers": self.layers,
             "input": "uint8 RGB, resized by the extractor itself",
@@ -231,11 +256,12 @@ class InceptionFeatures:
         }
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            out = self.net(_rgb(images).to(self.device))
-        result = {"pool": out[0].double().cpu().numpy()}
-        if len(out) > 1:
-            result["logits"] = out[1].double().cpu().numpy()
+        with torch.inference_mode():
+            x = _rgb(images).to(self.device)
+            outs = [self.net(x[i : i + self.CHUNK]) for i in range(0, len(x), self.CHUNK)]
+        result = {"pool": torch.cat([o[0] for o in outs]).double().cpu().numpy()}
+        if len(outs[0]) > 1:
+            result["logits"] = torch.cat([o[1] for o in outs]).double().cpu().numpy()
         return result
 
 
