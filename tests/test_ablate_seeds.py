@@ -85,7 +85,7 @@ def test_a_bad_seeds_value_is_one_line_naming_the_sweep_and_key(tmp_path, value)
 def test_t_quantile_matches_scipy():
     from scipy.stats import t
 
-    from dfm_cli.ablate.results import t_quantile
+    from dfm_cli.ablate.statistics import t_quantile
 
     for df in [*range(1, 41), 60, 100, 250]:
         for p in (0.5, 0.6, 0.9, 0.975, 0.995, 0.999, 0.025):
@@ -96,7 +96,7 @@ def test_t_quantile_matches_scipy():
 
 
 def test_mean_std_and_the_ratio_interval_by_hand():
-    from dfm_cli.ablate.results import Ratio, mean_std, ratio_interval
+    from dfm_cli.ablate.statistics import Ratio, mean_std, ratio_interval
 
     assert mean_std([2.0, 3.0, 7.0]) == (4.0, pytest.approx(math.sqrt(7.0)))  # ((-2)² + (-1)² + 3²) / 2
     assert mean_std([5.0]) == (5.0, None)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,11 @@ import torch
 
 from dfm_cli.ablate.compute import train_compute
 from dfm_cli.ablate.layout import EVAL, SAMPLES, cell_dir, read_json, run_dir
+from dfm_cli.ablate.statistics import LEVEL, Ratio, mean, mean_std, ratio_interval
 from dfm_cli.ablate.sweep import Sweep, baseline_rows, format_value, recipe_value, slug, toml_literal
 from dfm_cli.evaluation.gates import GATES
 
 SKIP_METRICS = ("num_samples", "seconds")
-LEVEL = 0.95  # of the ratio intervals
 
 
 def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
@@ -61,7 +60,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
                 if base:
                     paired = [metrics[c.name].get(key) for c in base.cells if c.seed == cell.seed]
                     given = [v for c in base.cells if isinstance(v := metrics[c.name].get(key), (int, float))]
-                    ref = paired[0] if paired and paired[0] is not None else (_mean(given) if given else None)
+                    ref = paired[0] if paired and paired[0] is not None else (mean(given) if given else None)
                 line[f"{key}_vs_baseline"] = value / ref if ref else None
             lines.append(line)
     return lines
@@ -82,107 +81,6 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
             if isinstance(row[k], float) and k not in keys:
                 keys.append(k)
     return keys
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    """The mean and the sample standard deviation (ddof = 1; None for one value).
-
-    >>> mean_std([1.0, 2.0, 3.0])
-    (2.0, 1.0)
-    """
-    mean = _mean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def _t_central(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with an integer `df`, in closed form (Abramowitz & Stegun
-    26.7.3 for odd df, 26.7.4 for even)."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2:  # (2/π)(θ + sin θ (cos θ + 2/3 cos³θ + … + 2·4⋯(df−3) / 1·3⋯(df−2) cos^(df−2) θ))
-        term = total = math.cos(theta) if df > 1 else 0.0
-        for k in range(3, df - 1, 2):
-            term *= c2 * (k - 1) / k
-            total += term
-        return 2 / math.pi * (theta + s * total)
-    term = total = 1.0  # sin θ (1 + 1/2 cos²θ + 1·3/2·4 cos⁴θ + … + 1·3⋯(df−3) / 2·4⋯(df−2) cos^(df−2) θ)
-    for k in range(2, df - 1, 2):
-        term *= c2 * (k - 1) / k
-        total += term
-    return s * total
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The `p` quantile of Student's t with `df` (a whole number >= 1) degrees of freedom: its
-    closed-form distribution function inverted by bisection, to about 1e-12 relative
-    (no scipy at run time; tests compare it with `scipy.stats.t.ppf`).
-
-    >>> round(t_quantile(0.975, 2), 6), round(t_quantile(0.025, 10), 6)
-    (4.302653, -2.228139)
-    """
-    if not 0 < p < 1 or df < 1 or int(df) != df:
-        raise ValueError(f"t_quantile({p}, {df}): needs 0 < p < 1 and a whole df >= 1")
-    target = abs(2 * p - 1)
-    if target == 0:
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while _t_central(hi, df) < target:
-        lo, hi = hi, 2 * hi
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if _t_central(mid, df) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * hi:
-            break
-    t = (lo + hi) / 2
-    return t if p > 0.5 else -t
-
-
-@dataclass
-class Ratio:
-    """A row's ratio to its baseline row: `value`, and a `LEVEL` interval (`low`, `high`)
-    from `pairs` seeds paired with the baseline's (None with fewer than 2)."""
-
-    value: float | None
-    low: float | None = None
-    high: float | None = None
-    pairs: int = 0
-
-
-def ratio_interval(values: dict[int, float], base: dict[int, float], level: float = LEVEL) -> Ratio:
-    """The ratio of a row's metric to its baseline's, both given per `train.seed`.
-
-    Paired on the seeds both have (at least 2, every per-seed ratio positive): the geometric
-    mean of the per-seed ratios exp(m), with the Student-t interval exp(m ± t·s/√k) of the
-    mean m of the k log-ratios (s their sample standard deviation, t the (1 + level)/2
-    quantile with k − 1 degrees of freedom). Otherwise the ratio of the means, no interval.
-
-    >>> r = ratio_interval({0: 2.0, 1: 8.0}, {0: 1.0, 1: 2.0})
-    >>> round(r.value, 6), r.pairs
-    (2.828427, 2)
-    """
-    if not values or not base:
-        return Ratio(None)
-    pairs = sorted(set(values) & set(base))
-    ratios = [values[s] / base[s] if base[s] else math.nan for s in pairs]
-    if len(pairs) >= 2 and all(math.isfinite(r) and r > 0 for r in ratios):
-        logs = [math.log(r) for r in ratios]
-        m, sd = mean_std(logs)
-        half = t_quantile((1 + level) / 2, len(logs) - 1) * (sd or 0.0) / math.sqrt(len(logs))
-        return Ratio(math.exp(m), math.exp(m - half), math.exp(m + half), len(pairs))
-    ref = _mean(list(base.values()))
-    return Ratio(_mean(list(values.values())) / ref if ref else None, pairs=len(pairs))
 
 
 def summarize(sweep: Sweep, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -420,7 +318,7 @@ def row_curves(sweep: Sweep, out: Path) -> dict[str, dict[str, list[Point]]]:
                     at.setdefault(metric, {}).setdefault(x, []).append(v)
         if at:
             rows[row.name] = {
-                m: [(x, _mean(vs), min(vs), max(vs)) for x, vs in sorted(by_x.items())] for m, by_x in at.items()
+                m: [(x, mean(vs), min(vs), max(vs)) for x, vs in sorted(by_x.items())] for m, by_x in at.items()
             }
     return rows
 
@@ -448,8 +346,8 @@ def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
     for ax, metric in zip(axes[0], metrics):
         for label, curves in series.items():
             if metric in curves:
-                x, mean, low, high = zip(*curves[metric])
-                (line,) = ax.plot(x, mean, marker=".", label=label)
+                x, centre, low, high = zip(*curves[metric])
+                (line,) = ax.plot(x, centre, marker=".", label=label)
                 if any(lo < hi for lo, hi in zip(low, high)):
                     ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xscale("log")
@@ -508,8 +406,8 @@ def compute_to_baseline(sweep: Sweep, out: Path) -> dict[str, dict[str, tuple[fl
             ref = curves[base.name].get(metric)
             if ref:
                 total, target = ref[-1][0], ref[-1][1]
-                mean = [(x, m) for x, m, _, _ in points]
-                found[row.name][metric] = reach_fraction(mean, target, total, higher_is_better(metric))
+                centres = [(x, m) for x, m, _, _ in points]
+                found[row.name][metric] = reach_fraction(centres, target, total, higher_is_better(metric))
     return found
 
 
