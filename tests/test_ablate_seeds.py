@@ -248,6 +248,37 @@ def test_dry_run_counts_every_seed_and_its_time(tmp_path, monkeypatch):
     assert "12 cells, 6 trained runs" in said and "note: 4 results rows × 3 seeds each = 12 cells" in said
 
 
+def test_only_runs_the_named_rows_and_the_results_grow_over_the_parts(tmp_path):
+    """A long sweep split over sessions: `--only` runs the rows it names, every seed of each;
+    the results cover every cell scored so far and are rewritten after each cell, so a stop
+    between parts loses nothing; the whole sweep afterwards only runs what is left."""
+    body = 'seeds = 2\nbaseline = {"train.steps" = 4}\n' + GRID.replace('"sample.cfg" = [1.0, 3.0]\n', "")
+    body += '[eval]\nmetrics = ["swd"]\nnum = 8\nreference_num = 64\nswd_levels = 2\n'
+    sweep, out = load_sweep(write_sweep(tmp_path, body)), tmp_path / "out"
+    assert [c.name for c in sweep.only(["steps=8"])] == ["steps=8", "steps=8 seed=1"]
+    assert sweep.only([]) == sweep.cells and len(sweep.only(["steps=*"])) == 4
+    with pytest.raises(DfmError, match=r"--only 'steps=16' names no results row.* The rows are: steps=4; steps=8"):
+        sweep.only(["steps=16"])
+    fake = SeededFake(fail_after=4)  # stops as the second cell starts sampling
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, out, Console(file=io.StringIO()), runner=fake, only=["steps=8"])
+    assert fake.calls == ["train", "sample", "eval", "train"]
+    with (out / "results.csv").open() as fh:  # written after the first cell, before the stop
+        assert [(r["cell"], r["seed"], r["swd"]) for r in csv.DictReader(fh)] == [
+            ("steps=4", "0", ""),
+            ("steps=4", "1", ""),
+            ("steps=8", "0", "31.0"),
+            ("steps=8", "1", ""),
+        ]
+    fake = SeededFake()
+    run_sweep(sweep, out, Console(file=io.StringIO()), runner=fake)
+    assert fake.calls == ["train", "sample", "eval"] * 2 + ["sample", "eval"]  # steps=4's seeds, then the stopped cell
+    result = cli("ablate", sweep.path, "--dry-run", "--only", "steps=4")
+    assert result.exit_code == 0 and "2 cells, 2 trained runs" in " ".join(result.stdout.split())
+    result = cli("ablate", sweep.path, "--only", "steps=2")
+    assert result.exit_code == 2 and "names no results row" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.e2e
 def test_two_seeds_for_real(tmp_path):
     """Two 2-step trainings that differ only in train.seed, evaluated while training: the runs

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import torch
 
-from dfm_cli.ablate.sweep import Sweep
+from dfm_cli.ablate.sweep import Cell, Sweep
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.errors import DfmError
@@ -158,15 +158,15 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
     return cache[key]
 
 
-def plan(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per cell for `--dry-run`, in the order the sweep runs them (every seed of a
-    results row is a cell of its own, with its own run): its run, compute and estimated time
-    (a run's training is charged to the first cell that needs it)."""
+def plan(sweep: Sweep, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
+    """One row per cell for `--dry-run` (of `cells`, default all), in the order the sweep runs
+    them (every seed of a results row is a cell of its own, with its own run): its run, compute
+    and estimated time (a run's training is charged to the first cell that needs it)."""
     seeds = seeds_note(sweep)
     rows: list[dict[str, Any]] = []
     rates: dict[tuple, tuple[float, float, str]] = {}  # measured_rates's cache
     runs, trained = {run.run_id: run for run in sweep.runs}, set()
-    for cell in sweep.cells:
+    for cell in sweep.cells if cells is None else cells:
         run = runs[cell.run_id]
         images, flops = train_compute(run.recipe)
         train_rate, sample_rate, how = measured_rates(run.recipe, sweep.eval.batch, rates)

@@ -125,9 +125,11 @@ def say(progress: Progress, cell: Cell, what: str) -> None:
 
 
 def run_sweep(
-    sweep: Sweep, out: Path, console: Console | None = None, runner: Runner | None = None
+    sweep: Sweep, out: Path, console: Console | None = None, runner: Runner | None = None, only: list[str] | None = None
 ) -> list[dict[str, Any]]:
-    """Train, sample and score every cell not already done; write the results. Returns the rows."""
+    """Train, sample and score every cell not already done (of the rows `only` names, if any).
+    The results are rewritten after every cell, over every cell of the sweep scored so far, so a
+    sweep split over several sessions has its results at each stop. Returns the rows."""
     console = console or Console()
     runner = runner or run_command
     out.mkdir(parents=True, exist_ok=True)
@@ -139,17 +141,19 @@ def run_sweep(
                 f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the current folder)"
             )
     runs = {run.run_id: run for run in sweep.runs}
-    with Progress(console, "ablate", len(sweep.cells)) as progress:
-        for cell in sweep.cells:
+    cells = sweep.only(only or [])
+    rows: list[dict[str, Any]] = []
+    with Progress(console, "ablate", len(cells)) as progress:
+        for cell in cells:
             with environment(wandb_env(sweep, runs[cell.run_id])):
                 train_run(runs[cell.run_id], out, progress, cell, runner)
             score_cell(sweep, cell, out, progress, runner)
+            rows = collect(sweep, out)
+            write_results(sweep, rows, out)
             progress.advance()
-    rows = collect(sweep, out)
-    write_results(sweep, rows, out)
-    counts = f"{len(sweep.cells)} cells, {len(runs)} runs"
+    counts = f"{len(cells)} cells, {len({c.run_id for c in cells})} runs"
     if sweep.seeded:
-        counts = f"{len(sweep.rows)} rows, {counts} with their seeds"
+        counts = f"{len({c.row or c.name for c in cells})} rows, {counts} with their seeds"
     console.print(
         f"wrote {out / 'results.md'}, {out / 'results.csv'} and the plots ({counts})",
         markup=False,

@@ -13,6 +13,7 @@ setting, whether `seeds` made them or the cells vary `train.seed` themselves.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -124,6 +125,21 @@ class Sweep:
         for row in rows.values():
             row.cells.sort(key=lambda c: c.seed)
         return list(rows.values())
+
+    def only(self, patterns: list[str]) -> list[Cell]:
+        """The cells of the results rows that `patterns` name (shell patterns on row names,
+        e.g. "DFM-*"), every seed of each; all cells when there are none. A pattern that names
+        no row is refused, so a typo never runs an empty sweep."""
+        if not patterns:
+            return self.cells
+        names = [row.name for row in self.rows]
+        for pattern in patterns:
+            if not fnmatch.filter(names, pattern):
+                raise DfmError(
+                    f"{self.path}: --only {pattern!r} names no results row{suggest(pattern, names)}."
+                    f" The rows are: {'; '.join(names)}."
+                )
+        return [c for c in self.cells if any(fnmatch.fnmatchcase(c.row or c.name, p) for p in patterns)]
 
     @property
     def runs(self) -> list[Run]:

@@ -40,14 +40,22 @@ def ablate(
         bool,
         typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing."),
     ] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only the results rows this names (a shell pattern on row names, e.g. 'DFM-*'; "
+            "repeat for more), every seed of each: to split a long sweep over sessions. "
+            "The results cover every cell scored so far."
+        ),
+    ] = None,
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
     loaded = load_sweep(sweep)
     if not dry_run:
-        run_sweep(loaded, out or Path("ablations") / sweep.stem, console)
+        run_sweep(loaded, out or Path("ablations") / sweep.stem, console, only=only)
         return
-    rows = plan(loaded)
-    table = Table(title=f"{loaded.title}: {len(rows)} cells, {len(loaded.runs)} trained runs")
+    rows = plan(loaded, loaded.only(only or []))
+    table = Table(title=f"{loaded.title}: {len(rows)} cells, {len({r['run'] for r in rows})} trained runs")
     for name, justify in COLUMNS:
         table.add_column(name, justify=justify)
     for row in rows:
