@@ -357,3 +357,13 @@ def test_preconditioning_changes_no_flops_and_is_planned_on_its_own():
     plain = load_recipe(tiny, ["flow.standardize=true"])
     scaled = load_recipe(tiny, ["flow.standardize=true", "flow.precondition=true"])
     assert forward_flops_of(scaled) == forward_flops_of(plain) > 0
+
+
+def test_the_ids_of_published_sweeps_never_change():
+    """A run folder is found by its id, so a recipe key added later must leave the ids of runs
+    that do not use it unchanged (sweep.LATER_KEYS); otherwise every study retrains from scratch.
+    These are the ids of runs the 64 px study trained and committed results for."""
+    sweep = load_sweep(ROOT / "recipes" / "study" / "tune64_lr.toml")
+    ids = {c.name: c.run_id for c in sweep.cells}
+    assert ids["FM lr=0.004"] == "levels=1-p-stage=1-standardize=False-lr=0.004-3676937f"
+    assert ids["DFM-2 lr=0.002"] == "lr=0.002-5ea4260e"

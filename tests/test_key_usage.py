@@ -112,6 +112,7 @@ ALTERNATIVES: dict[str, Alt] = {
     "model.kind": Alt("flux"),
     "model.name": Alt("DFM-N/2"),
     "model.pos": Alt("sincos"),
+    "model.time_embed": Alt("sit"),
     "model.class_dropout": Alt(1.0),
     "model.temporal_patch": Alt(2),
     "model.specialize": Alt("mlp"),

@@ -408,6 +408,7 @@ LATER_KEYS = (
     ("flow", "cascade_condition"),
     ("flow", "cascade_upsample"),
     ("sample", "shift"),
+    ("model", "time_embed"),
 )
 # Keys that never change what a run learns or samples, only where its statistics also go:
 # never part of a run's id, so that adding a mirror to a sweep reuses its finished runs.

@@ -20,7 +20,8 @@ from dfm_cli.method.sampler import COND_NOISE, SamplerSettings
 class ModelSection:
     kind: str = "dfm"  # "dfm" (the DiT, or FM with flow.levels = 1), "flux" (see [flux]) or "autoencoder" (see [ae])
     name: str = "DFM-B/2"
-    pos: str = "rope"
+    pos: str = "rope"  # "rope", "sincos", or "sincos_wh" (DiT/SiT's table, width first)
+    time_embed: str = "dit"  # timestep features of 1000·t ("dit"), or of 1 − t unscaled ("sit", SiT's clock)
     class_dropout: float = 0.1
     temporal_patch: int = 1
     specialize: str = "none"  # per-stage experts (paper Table 1d): "none" | "mlp" | "all"

@@ -107,7 +107,10 @@ class Cascaded(Method):
         sizes = base_decomposition(self.recipe).level_sizes(shape[1:])
         size, pos = model_size(self.recipe.model.name), self.recipe.model.pos
         condition = self.recipe.flow.cascade_condition
-        return CascadedDiT(size, sizes, shape[0], num_classes, condition, pos=pos, text_dims=text_dims(text))
+        return CascadedDiT(
+            size, sizes, shape[0], num_classes, condition, pos=pos, text_dims=text_dims(text),
+            time_embed=self.recipe.model.time_embed,
+        )  # fmt: skip
 
     def objective(self) -> CascadedObjective:
         f = self.recipe.flow

@@ -70,6 +70,7 @@ class DFM(Method):
             level_rms=level_rms if r.flow.precondition else None,
             text_dims=dims,
             specialize_weights=r.model.specialize,
+            time_embed=r.model.time_embed,
         )
 
     def objective(self) -> FlowObjective:

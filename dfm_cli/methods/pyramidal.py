@@ -152,6 +152,7 @@ class PyramidalFlow(Method):
             pos=self.recipe.model.pos,
             temporal_patch=self.recipe.model.temporal_patch,
             text_dims=text_dims(text),
+            time_embed=self.recipe.model.time_embed,
         )
 
     def objective(self) -> PyramidalObjective:

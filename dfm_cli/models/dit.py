@@ -34,6 +34,7 @@ from dfm_cli.models.experts import specialize
 from dfm_cli.models.positions import apply_rope, level_patches, rope_angles, rope_rotations, sincos_embedding
 
 M = TypeVar("M", bound=nn.Module)
+POSITIONS = ("rope", "sincos", "sincos_wh")  # `model.pos`; "sincos_wh" is DiT/SiT's (MAE's) table, width first
 
 
 def each(modules: nn.ModuleList, kind: type[M]) -> list[M]:
@@ -55,22 +56,29 @@ def linear_at(seq: nn.Sequential, index: int) -> nn.Linear:
 # --------------------------------------------------------------------------- embedders
 
 
-def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1], scaled ×1000 so the frequencies match DiT's."""
+TIME_EMBEDS = ("dit", "sit")
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0, clock: str = "dit") -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1]: of 1000·t (`clock = "dit"`, so the frequencies match
+    DiT's), or of 1 − t unscaled (`"sit"`: SiT's clock, which runs from data to noise; the
+    authors' DFM-SiT embeds it so, docs/method.md §9)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    args = (1.0 - t.float() if clock == "sit" else 1000.0 * t.float())[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+    def __init__(self, hidden: int, freq_dim: int = 256, clock: str = "dit") -> None:
         super().__init__()
-        self.freq_dim, self.hidden = freq_dim, hidden
+        if clock not in TIME_EMBEDS:
+            raise DfmError(f"model.time_embed must be one of {', '.join(TIME_EMBEDS)}, got {clock!r}")
+        self.freq_dim, self.hidden, self.clock = freq_dim, hidden, clock
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim))
+        return self.mlp(timestep_features(t, self.freq_dim, clock=self.clock))
 
     @property
     def linears(self) -> tuple[nn.Linear, nn.Linear]:
@@ -275,12 +283,13 @@ class DFMDiT(nn.Module):
         level_rms: Sequence[float] | None = None,
         text_dims: tuple[int, int, int] | None = None,
         specialize_weights: str = "none",
+        time_embed: str = "dit",
     ) -> None:
         super().__init__()
         if size.hidden % size.heads:
             raise DfmError(f"hidden {size.hidden} is not divisible by heads {size.heads}")
-        if pos not in ("rope", "sincos"):
-            raise DfmError(f"model.pos must be 'rope' or 'sincos', got {pos!r}")
+        if pos not in POSITIONS:
+            raise DfmError(f"model.pos must be one of {', '.join(map(repr, POSITIONS))}, got {pos!r}")
         self.level_sizes = [tuple(s) for s in level_sizes]
         self.video = len(self.level_sizes[-1]) == 3
         self.num_classes = num_classes
@@ -296,7 +305,7 @@ class DFMDiT(nn.Module):
         )
         levels = len(self.level_sizes)
         self.patch_embeds = nn.ModuleList(PatchEmbed(channels, p, size.hidden) for p in patches)
-        self.t_embedders = nn.ModuleList(TimestepEmbedder(size.hidden) for _ in range(levels))
+        self.t_embedders = nn.ModuleList(TimestepEmbedder(size.hidden, clock=time_embed) for _ in range(levels))
         self.text_dims = tuple(text_dims) if text_dims else None
         if self.text_dims:
             _, token_dim, pooled_dim = self.text_dims
@@ -320,8 +329,11 @@ class DFMDiT(nn.Module):
         self.register_buffer(
             "rope", rope_rotations(rope_angles(self.grid, head_dim)) if pos == "rope" else None, persistent=False
         )
+        self.width_first = pos == "sincos_wh"
         self.register_buffer(
-            "pos_embed", sincos_embedding(self.grid, size.hidden) if pos == "sincos" else None, persistent=False
+            "pos_embed",
+            sincos_embedding(self.grid, size.hidden, self.width_first) if pos != "rope" else None,
+            persistent=False,
         )
         if level_rms is not None:
             if len(level_rms) != levels or any(not v > 0 for v in level_rms):
@@ -439,7 +451,9 @@ class DFMDiT(nn.Module):
             head_dim = self.hidden // self.num_heads
             cache[grid] = (
                 rope_rotations(rope_angles(grid, head_dim)).to(x.device) if self.rope is not None else None,
-                sincos_embedding(grid, self.hidden).to(x.device) if self.pos_embed is not None else None,
+                sincos_embedding(grid, self.hidden, self.width_first).to(x.device)
+                if self.pos_embed is not None
+                else None,
             )
         return cache[grid]
 

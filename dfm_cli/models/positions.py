@@ -59,14 +59,20 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)
 
 
-def sincos_embedding(grid: tuple[int, int, int], hidden: int) -> torch.Tensor:
-    """Fixed sin-cos absolute positions `(N, hidden)`, the DiT/SiT alternative to RoPE."""
+def sincos_embedding(grid: tuple[int, int, int], hidden: int, width_first: bool = False) -> torch.Tensor:
+    """Fixed sin-cos absolute positions `(N, hidden)`, the DiT/SiT alternative to RoPE.
+
+    `width_first` (`model.pos = "sincos_wh"`) puts the width features before the height ones,
+    the order of the MAE table that DiT, SiT and the authors' DFM-SiT add to their tokens
+    (docs/method.md §9); the values are otherwise the same.
+    """
     pos = grid_positions(grid)
     dims = _axis_dims(hidden, grid[0] > 1)
+    order = [0, 2, 1] if width_first else [0, 1, 2]
     parts = []
-    for i, d in enumerate(dims):
-        if d:
-            a = _axis_freqs(d, pos[:, i])
+    for i in order:
+        if dims[i]:
+            a = _axis_freqs(dims[i], pos[:, i])
             parts += [torch.sin(a), torch.cos(a)]
     return torch.cat(parts, -1).float()
 
