@@ -267,3 +267,69 @@ def tiny_text(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     FluxTransformer2DModel(patch_size=1, in_channels=12, **tiny_flux(24, guidance=True)).save_pretrained(root / "flux")
     return base
+
+
+def write_tiny_kl(folder: Path) -> Path:
+    """A random-config diffusers AutoencoderKL saved as a local folder (f = 2, 4 latent channels,
+    SD-VAE's scaling factor 0.18215): 16 px images become SD-VAE-shaped 4x8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(folder)
+    return folder
+
+
+def write_thousand_class_store(out: Path, kl: Path, num: int = 8) -> Path:
+    """A latent store shaped like the authors' ImageNet latents at a tiny size: `num` random
+    16 px images, ImageNet's 1,000 classes (labels spread over them), encoded by the tiny KL."""
+    import numpy as np
+
+    from dfm_cli import distributed
+    from dfm_cli.data.autoencoders import build_autoencoder
+    from dfm_cli.data.encode import EncodeSettings, EncodeSource, encode_store
+    from dfm_cli.data.sources import Item
+
+    class Thousand(EncodeSource):
+        channels, class_names, digest = 3, tuple(f"class {i}" for i in range(1000)), ""
+
+        def __len__(self) -> int:
+            return num
+
+        def __getitem__(self, i: int) -> Item:
+            image = np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            return Item(image, (i * 137) % 1000, f"thousand/{i}")
+
+    ctx = distributed.init()
+    try:
+        encode_store(Thousand(), build_autoencoder("kl", kl), EncodeSettings("thousand", out, resolution=16), ctx)
+    finally:
+        distributed.shutdown(ctx)
+    return out
+
+
+ELIT_FIXTURES = ROOT / "tests" / "fixtures" / "elit"
+
+
+@pytest.fixture(scope="session")
+def tiny_elit(tmp_path_factory) -> Path:
+    """A folder holding `tiny-elit/`, what `recipes/tiny/finetune_sit_xl2_512.toml` reads relative
+    to where `dfm` runs: `kl/` (a tiny SD-VAE stand-in), `store/` (4x8x8 latents of 1,000
+    classes), and the authors' tiny SiT and DFM-SiT fixtures imported by `dfm import elit`
+    (`sit/`, `dfm/`) with that autoencoder as their decoder."""
+    base = tmp_path_factory.mktemp("elit")
+    root = base / "tiny-elit"
+    kl = write_tiny_kl(root / "kl")
+    write_thousand_class_store(root / "store", kl)
+    for name, fixture in (("sit", "sit_tiny.pt"), ("dfm", "dfm_tiny.pt")):
+        run_dfm("import", "elit", ELIT_FIXTURES / fixture, "--out", root / name, "--ae-weights", kl)
+    return base

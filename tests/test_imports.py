@@ -116,7 +116,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dfm_cli.sampling",),
     ("dfm_cli.training",),
     ("dfm_cli.ablate",),
-    ("dfm_cli.commands", "dfm_cli.cli", "dfm_cli.__main__"),
+    ("dfm_cli.commands", "dfm_cli.cli", "dfm_cli.__main__", "dfm_cli.api"),  # the entry points: CLI and Python
 ]
 
 

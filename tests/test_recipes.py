@@ -93,13 +93,15 @@ def train_and_sample(recipe, run: Path, sample_recipes) -> None:
         assert x.shape[0] == 4 and torch.isfinite(x).all()
 
 
-# e2e: trains every twin in-process (about 1.5 min on 2 CPU cores), and the text twins'
-# `tiny_text` fixture runs `dfm encode` in a subprocess
+# e2e: trains every twin in-process (about 1.5 min on 2 CPU cores), the text twins'
+# `tiny_text` fixture runs `dfm encode` in a subprocess, and `tiny_elit` runs `dfm import elit`
 @pytest.mark.e2e
 @pytest.mark.parametrize("twin", TWINS, ids=name)
 def test_every_tiny_twin_trains_2_steps_and_samples(twin, tmp_path, request, monkeypatch):
     if "tiny-text/" in twin.read_text():  # text twins read the tests' tiny-text/ folder
         monkeypatch.chdir(request.getfixturevalue("tiny_text"))
+    if "tiny-elit/" in twin.read_text():  # the finetune of the authors' SiT reads its import there
+        monkeypatch.chdir(request.getfixturevalue("tiny_elit"))
     if not is_sweep(twin):
         recipe = load_recipe(twin)
         train_and_sample(recipe, tmp_path / "run", [recipe])

@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_dfm, run_torchrun
+from conftest import ROOT, run_dfm, run_torchrun, write_tiny_kl
 from PIL import Image
 
 from dfm_cli.data.autoencoders import PixelAE, build_autoencoder
@@ -18,23 +18,7 @@ from dfm_cli.method.decompose import LaplacianPyramid
 @pytest.fixture(scope="module")
 def tiny_kl(tmp_path_factory):
     """A random-config diffusers AutoencoderKL saved as a local folder (f = 2, 4 channels)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    folder = tmp_path_factory.mktemp("ae") / "tiny-kl"
-    vae.save_pretrained(folder)
-    return folder
+    return write_tiny_kl(tmp_path_factory.mktemp("ae") / "tiny-kl")
 
 
 def image_folder(root, n=6, size=20):

@@ -12,6 +12,7 @@ from torch import nn
 
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe, load_run_recipe
+from dfm_cli.config.schema import ModelSection
 from dfm_cli.data.checkpoints import (
     DIGESTS,
     STATE,
@@ -139,14 +140,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_single_level(path: str | Path, info: RunInfo, kind: str = "dfm") -> dict[str, torch.Tensor]:
+def load_single_level(
+    path: str | Path, info: RunInfo, kind: str = "dfm", model: ModelSection | None = None
+) -> dict[str, torch.Tensor]:
     """The EMA weights of a single-level run of model kind `kind`, checked against the data the
-    new run trains on; for `flux`, also a diffusers FLUX transformer folder (e.g. FLUX.1-dev's)."""
-    return load_pinned_single_level(path, info, kind)[0]
+    new run trains on (and, given the new run's `model` section, against its conventions: see
+    `_check_conventions`); for `flux`, also a diffusers FLUX transformer folder (e.g. FLUX.1-dev's)."""
+    return load_pinned_single_level(path, info, kind, model)[0]
 
 
 def load_pinned_single_level(
-    path: str | Path, info: RunInfo, kind: str = "dfm"
+    path: str | Path, info: RunInfo, kind: str = "dfm", model: ModelSection | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """`load_single_level`, and what it loaded: `{"checkpoint": RUN/checkpoints/step-N, "step",
     "sha256"}` (of the EMA file), the run folder `path` names pinned to its newest complete
@@ -161,7 +165,7 @@ def load_pinned_single_level(
     while True:
         ckpt = pinned_checkpoint(path)
         try:
-            weights, state = _single_level(path, ckpt, info, kind)
+            weights, state = _single_level(path, ckpt, info, kind, model)
             break
         except DfmError:
             tries -= 1
@@ -172,8 +176,26 @@ def load_pinned_single_level(
     return weights, {"checkpoint": str(ckpt), "step": state.get("step"), "sha256": digest}
 
 
+# model keys that change what a network computes without changing its tensors: a pretrained
+# model's weights fit a run with other values, but no longer give its velocity
+CONVENTIONS = ("pos", "time_embed")
+
+
+def _check_conventions(path: str | Path, pretrained: ModelSection, model: ModelSection | None) -> None:
+    """Refuse a run whose positions or timestep features differ from the pretrained model's
+    (an imported SiT has `sincos_wh` and `sit`): the conversion would load, but break its
+    promise of the pretrained velocity at step 0."""
+    for key in CONVENTIONS if model is not None else ():
+        have, want = getattr(pretrained, key), getattr(model, key)
+        if have != want:
+            raise DfmError(
+                f"train.init_from = '{path}' was trained with model.{key} = {have!r}, this run has {want!r}: "
+                f"set model.{key} = {have!r}, so that the converted model starts at the pretrained velocity"
+            )
+
+
 def _single_level(
-    path: str | Path, ckpt: Path, info: RunInfo, kind: str
+    path: str | Path, ckpt: Path, info: RunInfo, kind: str, model: ModelSection | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The checked EMA weights and the state of the single-level checkpoint `ckpt` (`path` resolved)."""
     recipe = load_run_recipe(ckpt / "recipe.toml")
@@ -189,6 +211,7 @@ def _single_level(
             f"train.init_from = '{path}': a Flow Matching run (flow.levels = 1) is needed, this one has "
             f"{recipe.flow.levels} levels"
         )
+    _check_conventions(path, recipe.model, model)
     hint = f"name an earlier checkpoint of that run (--init-from {ckpt.parent}/step-N)"
     weights, state = load_checkpoint(ckpt, ("ema",), hint=hint)
     old = RunInfo.from_state(state, ckpt / STATE)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 
 from dfm_cli.config.method import Method, method_of
 from dfm_cli.config.recipe import Recipe
+from dfm_cli.data.autoencoders import from_config
 from dfm_cli.data.checkpoints import STATE, RunInfo, complete_checkpoints, resolve_checkpoint
 from dfm_cli.errors import DfmError
 from dfm_cli.method.cond import Cond
@@ -72,13 +73,41 @@ class TrainedRun:
         """What the model's levels recompose with (standardized with the run's statistics)."""
         return self.method.decomposition(self.info.level_stats)
 
+    @property
+    def settings(self) -> SamplerSettings:
+        """The recipe's `[sample]` settings, what `dfm sample RUN` uses without flags; for
+        others, `recipe.sampler_settings(cfg=..., steps=[...])`."""
+        return self.recipe.sampler_settings()
+
     def generate(
-        self, labels: Cond, settings: SamplerSettings, *, seed: int, first_index: int = 0, previews: bool = False
+        self,
+        labels: Cond,
+        settings: SamplerSettings | None = None,
+        *,
+        seed: int,
+        first_index: int = 0,
+        previews: bool = False,
     ) -> SampleResult:
-        """The run's samples for `labels`, the way its method samples (see `Method.generate`)."""
+        """The run's samples for `labels`, the way its method samples (see `Method.generate`),
+        with `settings` (default: the recipe's)."""
         return self.method.generate(
-            self.model, labels, self.decomposition, settings, seed=seed, first_index=first_index, previews=previews
+            self.model,
+            labels,
+            self.decomposition,
+            settings or self.settings,
+            seed=seed,
+            first_index=first_index,
+            previews=previews,
         )
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples (latents, for a run trained on a store) as images in [-1, 1], through the
+        autoencoder the run records (loaded once, on the model's device)."""
+        return self._autoencoder.decode(x)
+
+    @functools.cached_property
+    def _autoencoder(self) -> Any:
+        return from_config(self.info.autoencoder, next(self.model.parameters()).device)
 
 
 def load_for_sampling(path: Path, ema: bool = True, verify: bool = True) -> TrainedRun:

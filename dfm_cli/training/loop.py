@@ -321,7 +321,7 @@ class Trainer:
         if self.info.text:
             cast(NullText, base.get_submodule("null_text")).set(self.dataset.null_text())
         if init_from:
-            weights, self.init_source = load_pinned_single_level(init_from, self.info, recipe.model.kind)
+            weights, self.init_source = load_pinned_single_level(init_from, self.info, recipe.model.kind, recipe.model)
             convert_single_level(cast(DFMDiT | DFMFlux, base), weights, 0 if recipe.flow.upsample_coarse else None)
             if self.init_source:  # the run folder's recipe names the checkpoint, not the run still training
                 pinned = self.init_source["checkpoint"]
