@@ -6,12 +6,19 @@ uses half the patch, so the sequence length is the FM baseline's. The step is th
 from `dfm_cli.training.loop`, timed in interleaved rounds so that machine noise hits both sides
 equally (see train_throughput.py, which this reuses, for more sizes, MFU and memory).
 
+`python benchmarks/step_time.py --ratios` times variants of one DFM step side by side, in
+interleaved rounds, for `DFM-T/8` at 64 px (the quickstart and the 64 px study) and `DFM-S/2`
+on 32x32x4 latents: RoPE against sin-cos positions, `torch.compile` against eager, and AdamW's
+fused kernel against its foreach one; it prints each variant's step time and its ratio to the
+eager RoPE step with foreach AdamW (what training runs on a CPU).
+
 `python benchmarks/step_time.py --loop` runs the whole training loop (data loader, draws,
 step) for a few steps at the quickstart and at DFM-B/2 64 px, and prints the median step
 time, the share of it spent waiting for the data loader, and what the per-sample draws
 (stage, timesteps, noise) cost when made in the training process.
 
     python benchmarks/step_time.py [--model DFM-T/4] [--resolution 32] [--batch 64]
+    python benchmarks/step_time.py --ratios [--rounds 5] [--steps 10] [--configs DFM-T/8@64x1b64,DFM-S/2@32x4b8]
     python benchmarks/step_time.py --loop [--workers 0,1] [--steps 6]
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -26,7 +34,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from train_throughput import measure
+from train_throughput import Bench, measure
 
 from dfm_cli.config.recipe import load_recipe
 from dfm_cli.methods.factory import build_objective, pick_device
@@ -143,6 +151,42 @@ def print_fm_dfm(args: argparse.Namespace) -> None:
     console.print(f"DFM/FM step-time ratio: {ratio:.3f} (target <= 1.05 on CPU; the paper measured 1.012 on GPU)")
 
 
+VARIANTS = {  # label: (recipe overrides, compile, fused AdamW)
+    "RoPE, eager (training's default)": ([], False, False),
+    "sin-cos": (["model.pos=sincos"], False, False),
+    "fused AdamW": ([], False, True),
+    "torch.compile": ([], True, False),
+    "torch.compile, sin-cos": (["model.pos=sincos"], True, False),
+}
+CONFIG = re.compile(r"(?P<model>[^@]+)@(?P<size>\d+)x(?P<channels>\d+)b(?P<batch>\d+)")
+
+
+def print_ratios(configs: str, steps: int, rounds: int) -> None:
+    """Each VARIANT of the DFM step (2 levels) per config `MODEL@SIZExCHANNELSbBATCH`, interleaved."""
+    table = Table(title=f"DFM train step variants, {pick_device()}, median step of {rounds} rounds × {steps}")
+    for col in ("config", "batch", "variant", "step (ms)", "images/s", "/ eager RoPE"):
+        table.add_column(col, justify="right")
+    for config in configs.split(","):
+        if not (m := CONFIG.fullmatch(config)):
+            raise SystemExit(f"--configs: {config!r} is not MODEL@SIZExCHANNELSbBATCH, e.g. DFM-T/8@64x1b64")
+        name, size, channels, batch = m["model"], int(m["size"]), int(m["channels"]), int(m["batch"])
+        benches = {}
+        for label, (overrides, use_compile, fused) in VARIANTS.items():
+            benches[label] = Bench(name, size, channels, 2, batch, use_compile, overrides, fused)
+            benches[label].run(3, record=False)  # warm-up (and compilation)
+        for _ in range(rounds):
+            for bench in benches.values():
+                bench.run(steps)
+        base = statistics.median(next(iter(benches.values())).times)
+        for label, bench in benches.items():
+            step = statistics.median(bench.times)
+            table.add_row(
+                f"{name} {size}x{size}x{channels}", str(batch), label, f"{step * 1e3:.1f}", f"{batch / step:.0f}",
+                f"{step / base:.3f}",
+            )  # fmt: skip
+    Console(width=160).print(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="DFM-T/4")
@@ -152,8 +196,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--loop", action="store_true", help="time the whole training loop instead")
     ap.add_argument("--workers", default="0", help="--loop: data.num_workers values, e.g. 0,1")
+    ap.add_argument("--ratios", action="store_true", help="RoPE/sin-cos, compile/eager and fused/foreach AdamW")
+    ap.add_argument(
+        "--configs", default="DFM-T/8@64x1b64,DFM-S/2@32x4b8", help="--ratios: MODEL@SIZExCHANNELSbBATCH, ..."
+    )
     args = ap.parse_args()
-    if args.loop:
+    if args.ratios:
+        print_ratios(args.configs, args.steps, args.rounds)
+    elif args.loop:
         print_loop(args.steps, [int(w) for w in args.workers.split(",")])
     else:
         print_fm_dfm(args)

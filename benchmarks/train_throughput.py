@@ -15,6 +15,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Sequence
 
 import torch
 from rich.console import Console
@@ -35,7 +36,19 @@ CPU_CONFIGS = "DFM-N/2@16,DFM-T/4@32"
 class Bench:
     """One method (FM or DFM) at one configuration, ready to step."""
 
-    def __init__(self, model_name: str, size: int, channels: int, levels: int, batch: int, use_compile: bool):
+    def __init__(
+        self,
+        model_name: str,
+        size: int,
+        channels: int,
+        levels: int,
+        batch: int,
+        use_compile: bool,
+        overrides: Sequence[str] = (),
+        fused: bool | None = None,
+    ):
+        """`overrides` are extra recipe settings (e.g. `model.pos=sincos`); `fused` picks
+        AdamW's fused kernel (default: on CUDA only, as training does) over its foreach one."""
         device = pick_device()
         self.recipe = load_recipe(
             None,
@@ -45,11 +58,13 @@ class Bench:
                 f"flow.levels={levels}",
                 f"sample.steps={[20] * levels}",
                 f"train.batch_size={batch}",
+                *overrides,
             ],
         )
         torch.manual_seed(0)
         model = build_model(self.recipe, (channels, size, size), 1000).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        fused = device.type == "cuda" if fused is None else fused
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         ctx = distributed.Context(device=device)
         method = method_of(self.recipe)
         self.step = Step(
