@@ -142,15 +142,15 @@ def run_sweep(
             )
     runs = {run.run_id: run for run in sweep.runs}
     cells = sweep.only(only or [])
-    rows: list[dict[str, Any]] = []
     with Progress(console, "ablate", len(cells)) as progress:
         for cell in cells:
             with environment(wandb_env(sweep, runs[cell.run_id])):
                 train_run(runs[cell.run_id], out, progress, cell, runner)
-            score_cell(sweep, cell, out, progress, runner)
-            rows = collect(sweep, out)
-            write_results(sweep, rows, out)
+            if score_cell(sweep, cell, out, progress, runner):  # resumed cells change nothing
+                write_results(sweep, collect(sweep, out), out)
             progress.advance()
+    rows = collect(sweep, out)
+    write_results(sweep, rows, out)
     counts = f"{len(cells)} cells, {len({c.run_id for c in cells})} runs"
     if sweep.seeded:
         counts = f"{len({c.row or c.name for c in cells})} rows, {counts} with their seeds"
@@ -205,7 +205,8 @@ def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner: Runne
     write_json(folder / MANIFEST, manifest)
 
 
-def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: Runner) -> None:
+def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: Runner) -> bool:
+    """Sample and evaluate `cell` unless that is done; True when it scored the cell now."""
     folder = cell_dir(out, cell.cell_id)
     manifest = claim(folder, cell_manifest_settings(cell.recipe, sweep.eval))
     manifest.update(cell=cell.name, run=cell.run_id, values=cell.values)
@@ -238,7 +239,7 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: 
     wanted = eval_settings(sweep, reference)
     result = folder / EVAL
     if manifest.get("eval") == wanted and result.is_file():
-        return
+        return False
     manifest["eval"] = None
     write_json(folder / MANIFEST, manifest)
     flags = [METRIC_FLAGS[m] for m in sweep.eval.metrics]
@@ -251,3 +252,4 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: 
     runner(dfm("eval", samples, "--ref", reference, *flags, "--json", result), log, f"dfm eval for cell {cell.name!r}")
     manifest["eval"] = wanted
     write_json(folder / MANIFEST, manifest)
+    return True
