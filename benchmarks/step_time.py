@@ -19,6 +19,7 @@ time, the share of it spent waiting for the data loader, and what the per-sample
 
     python benchmarks/step_time.py [--model DFM-T/4] [--resolution 32] [--batch 64]
     python benchmarks/step_time.py --ratios [--rounds 5] [--steps 10] [--configs DFM-T/8@64x1b64,DFM-S/2@32x4b8]
+                                   [--clock cpu --threads 1]    # on a machine other jobs share
     python benchmarks/step_time.py --loop [--workers 0,1] [--steps 6]
 """
 
@@ -32,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from train_throughput import Bench, measure
@@ -161,9 +163,12 @@ VARIANTS = {  # label: (recipe overrides, compile, fused AdamW)
 CONFIG = re.compile(r"(?P<model>[^@]+)@(?P<size>\d+)x(?P<channels>\d+)b(?P<batch>\d+)")
 
 
-def print_ratios(configs: str, steps: int, rounds: int) -> None:
-    """Each VARIANT of the DFM step (2 levels) per config `MODEL@SIZExCHANNELSbBATCH`, interleaved."""
-    table = Table(title=f"DFM train step variants, {pick_device()}, median step of {rounds} rounds × {steps}")
+def print_ratios(configs: str, steps: int, rounds: int, clock: str) -> None:
+    """Each VARIANT of the DFM step (2 levels) per config `MODEL@SIZExCHANNELSbBATCH`, interleaved.
+    `clock` "cpu" times the process's CPU time, which other jobs on the machine hardly move."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
+    threads = f", {torch.get_num_threads()} threads, {clock} clock"
+    table = Table(title=f"DFM train step variants, {pick_device()}{threads}, median step of {rounds} rounds × {steps}")
     for col in ("config", "batch", "variant", "step (ms)", "images/s", "/ eager RoPE"):
         table.add_column(col, justify="right")
     for config in configs.split(","):
@@ -172,7 +177,7 @@ def print_ratios(configs: str, steps: int, rounds: int) -> None:
         name, size, channels, batch = m["model"], int(m["size"]), int(m["channels"]), int(m["batch"])
         benches = {}
         for label, (overrides, use_compile, fused) in VARIANTS.items():
-            benches[label] = Bench(name, size, channels, 2, batch, use_compile, overrides, fused)
+            benches[label] = Bench(name, size, channels, 2, batch, use_compile, overrides, fused, timer)
             benches[label].run(3, record=False)  # warm-up (and compilation)
         for _ in range(rounds):
             for bench in benches.values():
@@ -200,9 +205,13 @@ def main() -> None:
     ap.add_argument(
         "--configs", default="DFM-T/8@64x1b64,DFM-S/2@32x4b8", help="--ratios: MODEL@SIZExCHANNELSbBATCH, ..."
     )
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="--ratios: cpu on a shared machine")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.ratios:
-        print_ratios(args.configs, args.steps, args.rounds)
+        print_ratios(args.configs, args.steps, args.rounds, args.clock)
     elif args.loop:
         print_loop(args.steps, [int(w) for w in args.workers.split(",")])
     else:

@@ -298,3 +298,65 @@ def test_two_seeds_for_real(tmp_path):
     md = (out / "results.md").read_text()
     assert "| tiny (baseline) | 16 |" in md and " | 2 | " in md and " ± " in md
     assert "| tiny | tiny | ≤ 1 |" in md and (out / "curves.png").is_file()  # one evaluation: at the end
+
+
+def test_cells_scored_on_another_machine_are_carried_from_its_results_csv(tmp_path):
+    """A study split over sessions that each start on a fresh machine: `--scored` reads the
+    committed results.csv of the earlier parts, so its cells are not run again and the results
+    equal those of one machine that ran everything; lines whose settings changed are left out."""
+    body = 'seeds = 2\nbaseline = {"train.steps" = 4}\n' + GRID.replace('"sample.cfg" = [1.0, 3.0]\n', "")
+    body += '[eval]\nmetrics = ["swd"]\nnum = 8\nreference_num = 64\nswd_levels = 2\n'
+    sweep = load_sweep(write_sweep(tmp_path, body))
+    whole = tmp_path / "whole"
+    run_sweep(sweep, whole, Console(file=io.StringIO()), runner=SeededFake())
+    with (whole / "results.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["cell_id"] for r in table] == [c.cell_id for row in sweep.rows for c in row.cells]
+
+    # everything scored there: nothing runs, and the results are the same lines
+    fake, printed = SeededFake(), io.StringIO()
+    lines = run_sweep(sweep, tmp_path / "fresh", Console(file=printed), runner=fake, scored=whole / "results.csv")
+    assert fake.calls == [] and "4 cells scored there are not run again" in printed.getvalue()
+    assert (tmp_path / "fresh" / "results.csv").read_text() == (whole / "results.csv").read_text()
+    assert [line["swd"] for line in lines] == [11.0, 12.0, 31.0, 32.0]
+
+    # the earlier part scored the baseline row only: the rest runs, and ratios pair across parts
+    part = tmp_path / "part.csv"
+    with part.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(table[0]))
+        writer.writeheader()
+        writer.writerows({**r, "swd": ""} if r["cell"] == "steps=8" else r for r in table)
+    fake = SeededFake()
+    run_sweep(sweep, tmp_path / "second", Console(file=io.StringIO()), runner=fake, scored=part)
+    assert fake.calls == ["train", "sample", "eval"] * 2
+    def table_rows(md: Path) -> list[str]:  # the results table (the curves' section needs the runs' stats.jsonl)
+        return [line for line in md.read_text().splitlines() if line.startswith("| steps=")][:2]
+
+    assert table_rows(tmp_path / "second" / "results.md") == table_rows(whole / "results.md")
+    assert len(table_rows(whole / "results.md")) == 2 and " ± " in table_rows(whole / "results.md")[1]
+
+    # other evaluation settings: each line names a cell that no longer exists, so all of it runs
+    changed = load_sweep(write_sweep(tmp_path, body.replace("num = 8\n", "num = 16\n"), "changed.toml"))
+    fake, printed = SeededFake(), io.StringIO()
+    run_sweep(changed, tmp_path / "third", Console(file=printed), runner=fake, scored=whole / "results.csv")
+    assert fake.calls == ["train", "sample", "eval"] * 4
+    assert "4 scored lines name no cell of this sweep" in " ".join(printed.getvalue().split())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("just some notes\n", "needs 'cell' and 'run' columns"),
+        ("cell,run,swd\nsteps=4,r1,lots\n", "line 2, column 'swd': 'lots' is not a number"),
+    ],
+)
+def test_a_bad_scored_file_is_one_line_naming_it(tmp_path, content, message):
+    body = '[grid]\n"train.steps" = [4, 8]\n[eval]\nmetrics = ["swd"]\nnum = 8\nreference_num = 64\nswd_levels = 2\n'
+    sweep = write_sweep(tmp_path, body)
+    scored = tmp_path / "results.csv"
+    if content is not None:
+        scored.write_text(content)
+    result = cli("ablate", sweep, "--out", tmp_path / "out", "--scored", scored)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out" / "runs").exists()  # refused before anything ran

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from dfm_cli.ablate.carry import read_scored
 from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
 from dfm_cli.ablate.results import collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
@@ -125,12 +126,25 @@ def say(progress: Progress, cell: Cell, what: str) -> None:
 
 
 def run_sweep(
-    sweep: Sweep, out: Path, console: Console | None = None, runner: Runner | None = None, only: list[str] | None = None
+    sweep: Sweep,
+    out: Path,
+    console: Console | None = None,
+    runner: Runner | None = None,
+    only: list[str] | None = None,
+    scored: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train, sample and score every cell not already done (of the rows `only` names, if any).
     The results are rewritten after every cell, over every cell of the sweep scored so far, so a
-    sweep split over several sessions has its results at each stop. Returns the rows."""
+    sweep split over several sessions has its results at each stop. A cell that the results.csv
+    `scored` scores (an earlier part, run on another machine) counts as done. Returns the rows."""
     console = console or Console()
+    carried: dict[str, dict[str, float]] = {}
+    if scored is not None:
+        carried, stale = read_scored(sweep, scored)
+        note = f"{scored}: {len(carried)} cells scored there are not run again"
+        if stale:
+            note += f"; {stale} scored lines name no cell of this sweep (settings changed) and are left out"
+        console.print(note, markup=False)
     runner = runner or run_command
     out.mkdir(parents=True, exist_ok=True)
     spec = sweep.eval  # fail before anything runs
@@ -141,15 +155,15 @@ def run_sweep(
                 f"{sweep.path}: eval.{key} = {value!r} does not exist (paths are relative to the current folder)"
             )
     runs = {run.run_id: run for run in sweep.runs}
-    cells = sweep.only(only or [])
+    cells = [c for c in sweep.only(only or []) if c.name not in carried or (cell_dir(out, c.cell_id) / EVAL).is_file()]
     with Progress(console, "ablate", len(cells)) as progress:
         for cell in cells:
             with environment(wandb_env(sweep, runs[cell.run_id])):
                 train_run(runs[cell.run_id], out, progress, cell, runner)
             if score_cell(sweep, cell, out, progress, runner):  # resumed cells change nothing
-                write_results(sweep, collect(sweep, out), out)
+                write_results(sweep, collect(sweep, out, carried), out)
             progress.advance()
-    rows = collect(sweep, out)
+    rows = collect(sweep, out, carried)
     write_results(sweep, rows, out)
     counts = f"{len(cells)} cells, {len({c.run_id for c in cells})} runs"
     if sweep.seeded:

@@ -29,10 +29,11 @@ from dfm_cli.evaluation.gates import GATES
 SKIP_METRICS = ("num_samples", "seconds")
 
 
-def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
+def collect(sweep: Sweep, out: Path, scored: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """One line per cell, row by row and seed by seed: its settings, training compute, metrics
     and ratios to the baseline row's run of the same `train.seed` (or, when the baseline row
-    has no such seed, to the mean over its seeds)."""
+    has no such seed, to the mean over its seeds). A cell not scored in `out` takes its metrics
+    from `scored` (carry.py: lines of an earlier part's results.csv), if it has them there."""
     bases = baseline_rows(sweep)
     metrics = {
         c.name: {
@@ -40,6 +41,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
             for k, v in read_json(cell_dir(out, c.cell_id) / EVAL).get("metrics", {}).items()
             if k not in SKIP_METRICS
         }
+        or (scored or {}).get(c.name, {})
         for c in sweep.cells
     }
     lines = []
@@ -51,7 +53,7 @@ def collect(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
             if sweep.seeded:
                 line["seed"] = cell.seed
             line.update({k: format_value(recipe_value(cell.recipe, k)) for k in sweep.swept})
-            line.update(run=cell.run_id, train_images=images, train_flops=flops)
+            line.update(run=cell.run_id, cell_id=cell.cell_id, train_images=images, train_flops=flops)
             found = metrics[cell.name]
             line.update(found)
             line["baseline"] = base.name if base else ""

@@ -48,11 +48,18 @@ def ablate(
             "The results cover every cell scored so far."
         ),
     ] = None,
+    scored: Annotated[
+        Path | None,
+        typer.Option(
+            help="The results.csv of an earlier part of this sweep, run on another machine (e.g. committed): "
+            "the cells it scores with today's settings are not run again and count in the results."
+        ),
+    ] = None,
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
     loaded = load_sweep(sweep)
     if not dry_run:
-        run_sweep(loaded, out or Path("ablations") / sweep.stem, console, only=only)
+        run_sweep(loaded, out or Path("ablations") / sweep.stem, console, only=only, scored=scored)
         return
     rows = plan(loaded, loaded.only(only or []))
     table = Table(title=f"{loaded.title}: {len(rows)} cells, {len({r['run'] for r in rows})} trained runs")
