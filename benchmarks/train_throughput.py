@@ -25,7 +25,7 @@ from dfm_cli import distributed
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import load_recipe
 from dfm_cli.methods.factory import build_model, pick_device
-from dfm_cli.training.loop import Step, StepSettings, compiled
+from dfm_cli.training.loop import FUSED_ADAMW, Step, StepSettings, compiled
 from dfm_cli.training.perf import autocast_dtype, device_name, forward_flops, peak_memory_gb, peak_tflops
 from dfm_cli.training.stats import Interval
 
@@ -49,7 +49,7 @@ class Bench:
         clock: Callable[[], float] = time.perf_counter,
     ):
         """`overrides` are extra recipe settings (e.g. `model.pos=sincos`); `fused` picks
-        AdamW's fused kernel (default: on CUDA only, as training does) over its foreach one;
+        AdamW's fused kernel over its foreach one (default: as training does, `FUSED_ADAMW`);
         `clock` is `time.process_time` to time CPU work on a machine other jobs share."""
         device = pick_device()
         self.recipe = load_recipe(
@@ -65,7 +65,7 @@ class Bench:
         )
         torch.manual_seed(0)
         model = build_model(self.recipe, (channels, size, size), 1000).to(device)
-        fused = device.type == "cuda" if fused is None else fused
+        fused = device.type in FUSED_ADAMW if fused is None else fused
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         ctx = distributed.Context(device=device)
         method = method_of(self.recipe)

@@ -361,7 +361,7 @@ def test_preconditioning_changes_no_flops_and_is_planned_on_its_own():
 
 def test_the_ids_of_published_sweeps_never_change():
     """A run folder is found by its id, so a recipe key added later must leave the ids of runs
-    that do not use it unchanged (sweep.LATER_KEYS); otherwise every study retrains from scratch.
+    that do not use it unchanged (ids.LATER_KEYS); otherwise every study retrains from scratch.
     These are the ids of runs the 64 px study trained and committed results for."""
     sweep = load_sweep(ROOT / "recipes" / "study" / "tune64_lr.toml")
     ids = {c.name: c.run_id for c in sweep.cells}

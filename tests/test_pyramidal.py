@@ -198,7 +198,7 @@ def test_sweep_run_ids_change_only_for_pyramidal_runs_at_the_new_default():
     """`dfm ablate` names a run by the hash of its settings: the key joins them only where it
     changes what was trained before it, so a pyramidal cell at the new default trains again,
     and every other run (and a logit-normal pyramidal one) keeps its id."""
-    from dfm_cli.ablate.sweep import run_settings
+    from dfm_cli.ablate.ids import run_settings
     from dfm_cli.config.recipe import load_recipe
 
     assert "pyramid_time" not in run_settings(load_recipe(ROOT / "recipes" / "tiny.toml"))["flow"]

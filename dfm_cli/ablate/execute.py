@@ -21,9 +21,10 @@ import numpy as np
 from rich.console import Console
 
 from dfm_cli.ablate.carry import read_scored
+from dfm_cli.ablate.ids import cell_manifest_settings, run_settings, settings_hash
 from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
 from dfm_cli.ablate.results import collect, write_results
-from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep, cell_manifest_settings, run_settings, settings_hash
+from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.datasets import BUILTIN, build_dataset
 from dfm_cli.errors import DfmError
