@@ -329,6 +329,7 @@ def test_cells_scored_on_another_machine_are_carried_from_its_results_csv(tmp_pa
     fake = SeededFake()
     run_sweep(sweep, tmp_path / "second", Console(file=io.StringIO()), runner=fake, scored=part)
     assert fake.calls == ["train", "sample", "eval"] * 2
+
     def table_rows(md: Path) -> list[str]:  # the results table (the curves' section needs the runs' stats.jsonl)
         return [line for line in md.read_text().splitlines() if line.startswith("| steps=")][:2]
 
