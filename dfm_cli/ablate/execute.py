@@ -223,7 +223,7 @@ def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner: Runne
 def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: Runner) -> bool:
     """Sample and evaluate `cell` unless that is done; True when it scored the cell now."""
     folder = cell_dir(out, cell.cell_id)
-    manifest = claim(folder, cell_manifest_settings(cell.recipe, sweep.eval))
+    manifest = claim(folder, cell_manifest_settings(cell.recipe, sweep.eval.num, sweep.eval.seed))
     manifest.update(cell=cell.name, run=cell.run_id, values=cell.values)
     samples = folder / SAMPLES
     log = out / "logs" / f"cell-{cell.cell_id}.log"

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dfm_cli.config.method import method_class
 from dfm_cli.config.recipe import Recipe
-
-if TYPE_CHECKING:
-    from dfm_cli.ablate.sweep import EvalSpec
 
 
 def settings_hash(settings: Any) -> str:
@@ -72,10 +69,11 @@ def run_settings(recipe: Recipe) -> dict:
     return settings
 
 
-def cell_manifest_settings(recipe: Recipe, spec: EvalSpec) -> dict:
-    """What a cell's sample set depends on (its scoring is tracked separately)."""
+def cell_manifest_settings(recipe: Recipe, num: int, seed: int) -> dict:
+    """What a cell's sample set of `num` samples from noise seed `seed` depends on (its scoring
+    is tracked separately)."""
     sample, defaults = recipe.to_dict()["sample"], Recipe().to_dict()["sample"]
     for section, key in LATER_KEYS:  # sampler keys added later, left out at their defaults
         if section == "sample" and sample[key] == defaults[key]:
             del sample[key]
-    return {"run": run_settings(recipe), "sample": sample, "num": spec.num, "seed": spec.seed}
+    return {"run": run_settings(recipe), "sample": sample, "num": num, "seed": seed}

@@ -376,7 +376,7 @@ def _make_cell(
         f"{slug(_auto_name({k: v for k, v in values.items() if not k.startswith('sample.')}, list(values)))}"
         f"-{settings_hash(run_settings(recipe))}"
     )
-    cell_settings = cell_manifest_settings(recipe, spec)
+    cell_settings = cell_manifest_settings(recipe, spec.num, spec.seed)
     cell_id = f"{slug(name)}-{settings_hash(cell_settings)}"
     return Cell(name, label, values, overrides, recipe, run_id, cell_id, row or name)
 
