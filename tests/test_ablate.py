@@ -17,8 +17,8 @@ from conftest import ROOT, run_dfm
 from rich.console import Console
 
 from dfm_cli.ablate.compute import train_compute
+from dfm_cli.ablate.curves import curve_series, training_curves
 from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
-from dfm_cli.ablate.results import curve_series, training_curves
 from dfm_cli.ablate.sweep import baseline_cells, load_sweep
 from dfm_cli.errors import DfmError
 from dfm_cli.methods.factory import build_model
@@ -367,3 +367,23 @@ def test_the_ids_of_published_sweeps_never_change():
     ids = {c.name: c.run_id for c in sweep.cells}
     assert ids["FM lr=0.004"] == "levels=1-p-stage=1-standardize=False-lr=0.004-3676937f"
     assert ids["DFM-2 lr=0.002"] == "lr=0.002-5ea4260e"
+
+
+def test_plot_per_key_only_where_the_key_varies_along_a_line(tmp_path):
+    """A grid's keys each get a plot; cells that differ in many keys at once (no two share a
+    setting of the other keys) get none, instead of an unreadable one with a point per line."""
+    from dfm_cli.ablate.figures import plot_key
+
+    keys = ["train.steps", "sample.cfg"]
+
+    def row(steps: str, cfg: str) -> dict:
+        return {"train.steps": steps, "sample.cfg": cfg, "stats": {"fid": (1.0, None)}}
+
+    grid = [row(s, c) for s in ("4", "8") for c in ("1", "3")]
+    for key in keys:
+        plot_key(grid, key, keys, tmp_path / f"{key}.png")
+        assert (tmp_path / f"{key}.png").stat().st_size > 0
+    cells = [row("4", "1"), row("8", "3")]
+    for key in keys:
+        plot_key(cells, key, keys, tmp_path / f"cells_{key}.png")
+        assert not (tmp_path / f"cells_{key}.png").exists()

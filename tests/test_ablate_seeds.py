@@ -191,7 +191,8 @@ def write_curves(run: Path, points: list[tuple[int, float]]) -> None:
 
 
 def test_compute_to_reach_the_baseline_interpolates_the_mean_curve_in_log_flops(tmp_path):
-    from dfm_cli.ablate.results import collect, compute_to_baseline, reach_fraction, row_curves, write_results
+    from dfm_cli.ablate.curves import compute_to_baseline, reach_fraction, row_curves
+    from dfm_cli.ablate.results import collect, write_results
 
     # by hand: halfway between 1e9 and 1e10 in log FLOPs is 10^9.5
     assert reach_fraction([(1e9, 10.0), (1e10, 5.0)], 7.5, 2e10) == (pytest.approx(10**9.5 / 2e10), False)
@@ -361,3 +362,24 @@ def test_a_bad_scored_file_is_one_line_naming_it(tmp_path, content, message):
     result = cli("ablate", sweep, "--out", tmp_path / "out", "--scored", scored)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out" / "runs").exists()  # refused before anything ran
+
+
+def test_dry_run_charges_only_what_is_left(tmp_path, monkeypatch):
+    """Planning the next part of a split sweep: runs trained and cells sampled in --out, and
+    cells scored in --scored, cost nothing, and the table says which."""
+    monkeypatch.setattr(compute, "TIMING_BUDGET", 0.0)
+    sweep, out = load_sweep(write_sweep(tmp_path, GRID)), tmp_path / "out"
+    whole = compute.plan(sweep, out=out)
+    assert [r["done"] for r in whole] == [""] * 4 and all(r["seconds"] > 0 for r in whole)
+    fake = SeededFake(fail_after=3)  # the first run trained and its first cell scored, then a stop
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, out, Console(file=io.StringIO()), runner=fake)
+    part = compute.plan(sweep, out=out, carried={"steps=8 cfg=1"})
+    assert [r["done"] for r in part] == ["sampled", "trained", "scored", ""]
+    assert [r["seconds"] for r in part[:3:2]] == [0.0, 0.0]
+    assert part[1]["seconds"] == pytest.approx(whole[1]["seconds"])  # sampling only: its run is trained
+    assert part[3]["seconds"] > whole[3]["seconds"]  # it trains the run the scored cell would have
+    result = cli("ablate", sweep.path, "--dry-run", "--out", out)
+    said = " ".join(result.stdout.split())
+    assert result.exit_code == 0 and "(sampled)" in said and "(trained)" in said
+    assert "for what is left (1 of 4 cells sampled or scored already" in said

@@ -13,10 +13,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from dfm_cli.ablate.results import NOT_METRICS
 from dfm_cli.ablate.sweep import Sweep, format_value, recipe_value
 from dfm_cli.errors import DfmError
-
-NOT_METRICS = ("cell", "seed", "run", "cell_id", "train_images", "train_flops", "baseline")
 
 
 def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, dict[str, float]], int]:

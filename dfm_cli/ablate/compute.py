@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from dfm_cli.ablate.layout import MANIFEST, cell_dir, read_json, run_dir
 from dfm_cli.ablate.sweep import Cell, Sweep
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe
@@ -158,10 +160,14 @@ def measured_rates(recipe: Recipe, sample_batch: int, cache: dict) -> tuple[floa
     return cache[key]
 
 
-def plan(sweep: Sweep, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
+def plan(
+    sweep: Sweep, cells: list[Cell] | None = None, out: Path | None = None, carried: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """One row per cell for `--dry-run` (of `cells`, default all), in the order the sweep runs
     them (every seed of a results row is a cell of its own, with its own run): its run, compute
-    and estimated time (a run's training is charged to the first cell that needs it)."""
+    and estimated time (a run's training is charged to the first cell that needs it). What is
+    already done costs nothing: a run trained in `out`, a cell sampled there, a cell named in
+    `carried` (scored on another machine); `done` says which ("trained", "sampled", "scored")."""
     seeds = seeds_note(sweep)
     rows: list[dict[str, Any]] = []
     rates: dict[tuple, tuple[float, float, str]] = {}  # measured_rates's cache
@@ -169,10 +175,21 @@ def plan(sweep: Sweep, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
     for cell in sweep.cells if cells is None else cells:
         run = runs[cell.run_id]
         images, flops = train_compute(run.recipe)
-        train_rate, sample_rate, how = measured_rates(run.recipe, sweep.eval.batch, rates)
-        train_s = 0.0 if run.run_id in trained else flops / train_rate + STARTUP_S
-        trained.add(run.run_id)
-        cell_s = sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
+        if cell.name in carried:
+            done = "scored"
+        elif out is not None and read_json(cell_dir(out, cell.cell_id) / MANIFEST).get("samples") == "done":
+            done = "sampled"
+        elif out is not None and read_json(run_dir(out, run.run_id) / MANIFEST).get("status") == "done":
+            done = "trained"
+        else:
+            done = ""
+        seconds, how = 0.0, ""
+        if done in ("", "trained"):
+            train_rate, sample_rate, how = measured_rates(run.recipe, sweep.eval.batch, rates)
+            if not done and run.run_id not in trained:
+                seconds += flops / train_rate + STARTUP_S
+            seconds += sample_flops(cell.recipe, sweep.eval.num) / sample_rate + 2 * STARTUP_S
+            trained.add(run.run_id)
         rows.append(
             {
                 "cell": cell.name,
@@ -180,7 +197,8 @@ def plan(sweep: Sweep, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
                 "shared": len(run.cells),
                 "train_images": images,
                 "train_flops": flops,
-                "seconds": cell_s + train_s,
+                "seconds": seconds,
+                "done": done,
                 "estimate": how,
                 "note": "; ".join(n for n in (data_shape(cell.recipe)[1], seeds) if n),
             }

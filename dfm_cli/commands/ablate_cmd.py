@@ -9,6 +9,7 @@ import typer
 from rich.console import JustifyMethod
 from rich.table import Table
 
+from dfm_cli.ablate.carry import read_scored
 from dfm_cli.ablate.compute import plan
 from dfm_cli.ablate.execute import run_sweep
 from dfm_cli.ablate.sweep import load_sweep
@@ -38,7 +39,10 @@ def ablate(
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option(help="List the cells, the runs they share, their compute and an estimated time; run nothing."),
+        typer.Option(
+            help="List the cells, the runs they share, their compute and the estimated time of what is "
+            "left (runs trained and cells sampled in --out, or scored in --scored, cost nothing); run nothing."
+        ),
     ] = False,
     only: Annotated[
         list[str] | None,
@@ -58,10 +62,12 @@ def ablate(
 ) -> None:
     """Train, sample and score every cell of a sweep; writes results.csv, results.md and plots."""
     loaded = load_sweep(sweep)
+    folder = out or Path("ablations") / sweep.stem
     if not dry_run:
-        run_sweep(loaded, out or Path("ablations") / sweep.stem, console, only=only, scored=scored)
+        run_sweep(loaded, folder, console, only=only, scored=scored)
         return
-    rows = plan(loaded, loaded.only(only or []))
+    carried = read_scored(loaded, scored)[0] if scored is not None else {}
+    rows = plan(loaded, loaded.only(only or []), folder, carried)
     table = Table(title=f"{loaded.title}: {len(rows)} cells, {len({r['run'] for r in rows})} trained runs")
     for name, justify in COLUMNS:
         table.add_column(name, justify=justify)
@@ -72,12 +78,16 @@ def ablate(
             row["run"] + shared,
             f"{row['train_images']:,}",
             f"{row['train_flops']:.3g}",
-            _duration(row["seconds"]),
+            (_duration(row["seconds"]) if row["seconds"] else "–") + (f" ({row['done']})" if row["done"] else ""),
         )
     console.print(table)
+    done = sum(row["done"] in ("sampled", "scored") for row in rows)
+    where = f"{folder}" + (f" or {scored}" if scored else "")
+    left = f" for what is left ({done} of {len(rows)} cells sampled or scored already, in {where})"
     console.print(
-        f"total: {_duration(sum(r['seconds'] for r in rows))} on this machine; "
-        f"time estimates: {'; '.join(sorted({r['estimate'] for r in rows}))}; "
+        f"total: {_duration(sum(r['seconds'] for r in rows))} on this machine"
+        + (left if any(r["done"] for r in rows) else "")
+        + f"; time estimates: {'; '.join(sorted({r['estimate'] for r in rows if r['estimate']}))}; "
         "including ~5 s start-up per command; not including the metrics' feature extraction",
         markup=False,
     )
