@@ -19,6 +19,7 @@ from rich.console import Console
 from dfm_cli.ablate.compute import train_compute
 from dfm_cli.ablate.curves import curve_series, training_curves
 from dfm_cli.ablate.execute import run_command, run_sweep, write_reference
+from dfm_cli.ablate.results import collect
 from dfm_cli.ablate.sweep import baseline_cells, load_sweep
 from dfm_cli.errors import DfmError
 from dfm_cli.methods.factory import build_model
@@ -168,7 +169,7 @@ def test_curves_are_against_training_flops_and_rows_sharing_a_run_share_a_line(t
         for run in sweep.runs:
             run_dir(out, run.run_id).mkdir(parents=True)
             (run_dir(out, run.run_id) / "stats.jsonl").write_text('{"step": 1, "images": 8, "eval_fid": 50.0}\n')
-        curves = curve_series(sweep, out)
+        curves = curve_series(sweep, collect(sweep, out))
         assert list(curves) == labels
         per_image = [train_compute(run.recipe)[1] / train_compute(run.recipe)[0] for run in sweep.runs]
         assert sorted({x for c in curves.values() for x, *_ in c["eval_fid"]}) == sorted(8 * f for f in per_image)

@@ -191,6 +191,7 @@ def write_curves(run: Path, points: list[tuple[int, float]]) -> None:
 
 
 def test_compute_to_reach_the_baseline_interpolates_the_mean_curve_in_log_flops(tmp_path):
+    from dfm_cli.ablate.carry import read_scored
     from dfm_cli.ablate.curves import compute_to_baseline, reach_fraction, row_curves
     from dfm_cli.ablate.results import collect, write_results
 
@@ -215,7 +216,8 @@ def test_compute_to_reach_the_baseline_interpolates_the_mean_curve_in_log_flops(
     for cell in sweep.cells:
         write_curves(run_dir(out, cell.run_id), curves[cell.recipe.train.steps, cell.seed])
     per_image = train_compute(sweep.cells[0].recipe)[1] / 32
-    mean = row_curves(sweep, out)["steps=8"]["eval_swd"]
+    lines = collect(sweep, out)
+    mean = row_curves(sweep, lines)["steps=8"]["eval_swd"]
     assert mean == [
         (16 * per_image, 17.0, 16.0, 18.0),
         (32 * per_image, 9.0, 8.0, 10.0),
@@ -223,16 +225,29 @@ def test_compute_to_reach_the_baseline_interpolates_the_mean_curve_in_log_flops(
     ]
     # steps=8 reaches the baseline's final 11 three quarters of the way from 16 to 32 images, in log:
     # 16 · 2^0.75 images, a fraction 2^-0.25 of the baseline's 32
-    found = compute_to_baseline(sweep, out)
+    found = compute_to_baseline(sweep, lines)
     assert found["steps=8"]["eval_swd"] == (pytest.approx(2**-0.25), False)
     assert found["steps=4"]["eval_swd"] == (pytest.approx(1.0), False)
     assert found["steps=2"]["eval_swd"] == (None, False)
 
-    write_results(sweep, collect(sweep, out), out)
+    write_results(sweep, lines, out)
     assert (out / "curves.png").stat().st_size > 0
     md = (out / "results.md").read_text()
     assert "## Compute to reach the baseline" in md and "log FLOPs" in md
     assert "| steps=8 | steps=4 | 0.841 |" in md and "| steps=2 | steps=4 | not reached |" in md
+
+    # on a fresh machine, without the runs: results.csv carries the curves too
+    for line in lines:  # as if each cell had been scored there
+        line["swd"] = 1.0
+    write_results(sweep, lines, out)
+    carried, stale = read_scored(sweep, out / "results.csv")
+    assert stale == 0 and carried["steps=8 seed=1"].curves == "eval_swd@16=18 eval_swd@32=10 eval_swd@64=6"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    again = collect(sweep, fresh, carried)
+    assert [line["curves"] for line in again] == [line["curves"] for line in lines]
+    write_results(sweep, again, fresh)
+    assert (fresh / "curves.png").is_file() and "| steps=8 | steps=4 | 0.841 |" in (fresh / "results.md").read_text()
 
 
 def test_dry_run_counts_every_seed_and_its_time(tmp_path, monkeypatch):
@@ -351,6 +366,7 @@ def test_cells_scored_on_another_machine_are_carried_from_its_results_csv(tmp_pa
         (None, "no such file"),
         ("just some notes\n", "needs 'cell' and 'run' columns"),
         ("cell,run,swd\nsteps=4,r1,lots\n", "line 2, column 'swd': 'lots' is not a number"),
+        ("cell,run,swd,curves\nsteps=4,r1,1.0,eval_swd@64\n", "line 2, column 'curves': 'eval_swd@64' is not"),
     ],
 )
 def test_a_bad_scored_file_is_one_line_naming_it(tmp_path, content, message):

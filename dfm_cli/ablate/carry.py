@@ -13,14 +13,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from dfm_cli.ablate.results import NOT_METRICS
+from dfm_cli.ablate.curves import decode_curves
+from dfm_cli.ablate.results import NOT_METRICS, Scored
 from dfm_cli.ablate.sweep import Sweep, format_value, recipe_value
 from dfm_cli.errors import DfmError
 
 
-def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, dict[str, float]], int]:
-    """The metrics of each cell of `sweep` that `path` (a results.csv) scores, by cell name,
-    and how many scored lines of it name no cell of this sweep (settings changed since)."""
+def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, Scored], int]:
+    """The metrics and in-training curves of each cell of `sweep` that `path` (a results.csv)
+    scores, by cell name, and how many scored lines of it name no cell of this sweep (settings
+    changed since)."""
     if not path.is_file():
         raise DfmError(f"--scored {path}: no such file; give the results.csv of an earlier run of this sweep")
     try:
@@ -31,7 +33,7 @@ def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, dict[str, float]], 
     if not lines or not {"cell", "run"} <= set(lines[0]):
         raise DfmError(f"--scored {path}: not a results.csv written by dfm ablate (it needs 'cell' and 'run' columns)")
     cells = {(c.row or c.name, c.run_id): c for c in sweep.cells}  # the run id covers train.seed
-    scored: dict[str, dict[str, float]] = {}
+    scored: dict[str, Scored] = {}
     stale = 0
     for number, line in enumerate(lines, start=2):
         metrics = {}
@@ -44,6 +46,11 @@ def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, dict[str, float]], 
                 raise DfmError(f"--scored {path}: line {number}, column {key!r}: {value!r} is not a number") from None
         if not metrics:  # a cell the earlier part had not scored yet
             continue
+        curves = line.get("curves") or ""
+        try:
+            decode_curves(curves)
+        except ValueError as err:
+            raise DfmError(f"--scored {path}: line {number}, column 'curves': {err}") from None
         cell = cells.get((line["cell"], line["run"]))
         if (
             cell is None
@@ -52,5 +59,5 @@ def read_scored(sweep: Sweep, path: Path) -> tuple[dict[str, dict[str, float]], 
         ):
             stale += 1
             continue
-        scored[cell.name] = metrics
+        scored[cell.name] = Scored(metrics, curves)
     return scored, stale

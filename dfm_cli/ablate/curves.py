@@ -1,6 +1,9 @@
 """A sweep's in-training curves (the `eval_*` values a run logs while it trains) against
 training FLOPs, per row over its seeds, and the share of its baseline's compute at which each
 row reaches the baseline's final value: the study's "FM's FID at what fraction of its compute".
+
+The curves travel in results.csv (a `curves` column, `encode_curves`), so a cell scored on
+another machine (`--scored`) keeps its curve when its run's stats.jsonl is not here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from dfm_cli.ablate.compute import train_compute
-from dfm_cli.ablate.layout import run_dir
 from dfm_cli.ablate.statistics import mean
 from dfm_cli.ablate.sweep import Sweep, baseline_rows
 from dfm_cli.evaluation.gates import GATES
@@ -38,19 +40,41 @@ def training_curves(stats: Path) -> dict[str, list[tuple[float, float]]]:
     return {k: sorted(v) for k, v in curves.items()}
 
 
+def encode_curves(curves: dict[str, list[tuple[float, float]]]) -> str:
+    """`training_curves` as one results.csv field: `metric@images=value` items, space separated.
+
+    >>> encode_curves({"eval_fid": [(64000.0, 162.7), (128000.0, 138.1)]})
+    'eval_fid@64000=162.7 eval_fid@128000=138.1'
+    """
+    return " ".join(f"{m}@{images:.0f}={value:.7g}" for m, points in curves.items() for images, value in points)
+
+
+def decode_curves(text: str) -> dict[str, list[tuple[float, float]]]:
+    """`encode_curves`'s inverse; ValueError on an item that is not `metric@images=value`."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for item in text.split():
+        metric, _, rest = item.partition("@")
+        images, _, value = rest.partition("=")
+        if not metric.startswith("eval_") or not value:
+            raise ValueError(f"{item!r} is not metric@images=value (e.g. eval_fid@64000=162.7)")
+        curves.setdefault(metric, []).append((float(images), float(value)))
+    return {m: sorted(points) for m, points in curves.items()}
+
+
 Point = tuple[float, float, float, float]  # training FLOPs, mean, min, max over seeds
 
 
-def row_curves(sweep: Sweep, out: Path) -> dict[str, dict[str, list[Point]]]:
+def row_curves(sweep: Sweep, lines: list[dict[str, Any]]) -> dict[str, dict[str, list[Point]]]:
     """Each row's in-training `eval_*` curves against training FLOPs (images × 3 × forward
-    FLOPs, as the results count them): at each evaluation, the mean, least and greatest value
-    over the row's seeds. Rows whose runs evaluated nothing are left out."""
+    FLOPs, as the results count them), from the `curves` of `lines` (results.collect's): at
+    each evaluation, the mean, least and greatest value over the row's seeds. Rows whose runs
+    evaluated nothing are left out."""
     runs: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for run in sweep.runs:
         images, flops = train_compute(run.recipe)
         per_image = flops / images if images else 0.0
-        curves = training_curves(run_dir(out, run.run_id) / "stats.jsonl")
-        runs[run.run_id] = {m: [(x * per_image, v) for x, v in points] for m, points in curves.items()}
+        text = next((line["curves"] for line in lines if line["run"] == run.run_id and line.get("curves")), "")
+        runs[run.run_id] = {m: [(x * per_image, v) for x, v in pts] for m, pts in decode_curves(text).items()}
     rows: dict[str, dict[str, list[Point]]] = {}
     for row in sweep.rows:
         at: dict[str, dict[float, list[float]]] = {}
@@ -65,10 +89,10 @@ def row_curves(sweep: Sweep, out: Path) -> dict[str, dict[str, list[Point]]]:
     return rows
 
 
-def curve_series(sweep: Sweep, out: Path) -> dict[str, dict[str, list[Point]]]:
+def curve_series(sweep: Sweep, lines: list[dict[str, Any]]) -> dict[str, dict[str, list[Point]]]:
     """`row_curves` as plotted: rows that share their runs (they differ only in `sample.*`
     keys) share one line, labelled with all their names."""
-    curves = row_curves(sweep, out)
+    curves = row_curves(sweep, lines)
     labels: dict[tuple[str, ...], list[str]] = {}
     for row in sweep.rows:
         if row.name in curves:
@@ -106,11 +130,11 @@ def reach_fraction(
     return None, False
 
 
-def compute_to_baseline(sweep: Sweep, out: Path) -> dict[str, dict[str, tuple[float | None, bool]]]:
+def compute_to_baseline(sweep: Sweep, lines: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float | None, bool]]]:
     """For each row with a baseline row and curves, per `eval_*` metric both have: the
     fraction of the baseline's compute (at its last evaluation) at which the row's mean curve
     reaches the baseline's final mean value (`reach_fraction`)."""
-    curves = row_curves(sweep, out)
+    curves = row_curves(sweep, lines)
     bases = baseline_rows(sweep)
     found: dict[str, dict[str, tuple[float | None, bool]]] = {}
     for row in sweep.rows:
@@ -127,22 +151,22 @@ def compute_to_baseline(sweep: Sweep, out: Path) -> dict[str, dict[str, tuple[fl
     return found
 
 
-def compute_to_baseline_markdown(sweep: Sweep, out: Path) -> list[str]:
+def compute_to_baseline_markdown(sweep: Sweep, lines: list[dict[str, Any]]) -> list[str]:
     """results.md's section on `compute_to_baseline` (nothing when no run evaluated while
     training, or there is no baseline)."""
-    found = compute_to_baseline(sweep, out)
+    found = compute_to_baseline(sweep, lines)
     metrics = sorted({m for per in found.values() for m in per})
     if not metrics:
         return []
     bases = baseline_rows(sweep)
-    lines = [
+    md = [
         "",
         "## Compute to reach the baseline",
         "",
         "The fraction of its baseline's training FLOPs (at the baseline's last in-training evaluation) "
-        "at which each row's in-training curve (`eval_*` in stats.jsonl; the mean over its seeds) first "
-        "reaches the baseline's final value, interpolated linearly in log FLOPs between evaluations; "
-        "≤ when it was already reached at the first evaluation.",
+        "at which each row's in-training curve (`eval_*` in stats.jsonl, kept in results.csv's `curves`; "
+        "the mean over its seeds) first reaches the baseline's final value, interpolated linearly in "
+        "log FLOPs between evaluations; ≤ when it was already reached at the first evaluation.",
         "",
         "| cell | baseline | " + " | ".join(m.removeprefix("eval_") for m in metrics) + " |",
         "|" + "---|" * (2 + len(metrics)),
@@ -155,5 +179,5 @@ def compute_to_baseline_markdown(sweep: Sweep, out: Path) -> list[str]:
             cells.append(
                 "–" if metric not in per else "not reached" if fraction is None else f"{'≤ ' * first}{fraction:.3g}"
             )
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        md.append("| " + " | ".join(cells) + " |")
+    return md

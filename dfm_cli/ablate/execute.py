@@ -23,7 +23,7 @@ from rich.console import Console
 from dfm_cli.ablate.carry import read_scored
 from dfm_cli.ablate.ids import cell_manifest_settings, run_settings, settings_hash
 from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
-from dfm_cli.ablate.results import collect, write_results
+from dfm_cli.ablate.results import Scored, collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep
 from dfm_cli.config.recipe import Recipe
 from dfm_cli.data.datasets import BUILTIN, build_dataset
@@ -139,7 +139,7 @@ def run_sweep(
     sweep split over several sessions has its results at each stop. A cell that the results.csv
     `scored` scores (an earlier part, run on another machine) counts as done. Returns the rows."""
     console = console or Console()
-    carried: dict[str, dict[str, float]] = {}
+    carried: dict[str, Scored] = {}
     if scored is not None:
         carried, stale = read_scored(sweep, scored)
         note = f"{scored}: {len(carried)} cells scored there are not run again"

@@ -77,10 +77,10 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def plot_curves(sweep: Sweep, out: Path, path: Path) -> None:
+def plot_curves(sweep: Sweep, lines: list[dict[str, Any]], path: Path) -> None:
     """Metric against training FLOPs for every row whose runs evaluated while training: the
     mean over its seeds, with a band from the least to the greatest seed."""
-    series = curve_series(sweep, out)
+    series = curve_series(sweep, lines)
     metrics = sorted({m for curves in series.values() for m in curves})
     if not metrics:
         return

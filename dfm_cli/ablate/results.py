@@ -12,34 +12,47 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dfm_cli.ablate.compute import train_compute
-from dfm_cli.ablate.curves import compute_to_baseline_markdown
+from dfm_cli.ablate.curves import compute_to_baseline_markdown, encode_curves, training_curves
 from dfm_cli.ablate.figures import plot_curves, plot_key, sample_grid
-from dfm_cli.ablate.layout import EVAL, cell_dir, read_json
+from dfm_cli.ablate.layout import EVAL, cell_dir, read_json, run_dir
 from dfm_cli.ablate.statistics import LEVEL, Ratio, mean, mean_std, ratio_interval
 from dfm_cli.ablate.sweep import Sweep, baseline_rows, format_value, recipe_value, slug, toml_literal
 
 SKIP_METRICS = ("num_samples", "seconds")
+
+
+@dataclass
+class Scored:
+    """A cell's line of an earlier part's results.csv (see carry.py)."""
+
+    metrics: dict[str, float]
+    curves: str = ""  # encode_curves's text of its run's in-training curves
+
+
 # The columns of results.csv that describe a cell rather than score it.
-NOT_METRICS = ("cell", "seed", "run", "cell_id", "train_images", "train_flops", "baseline")
+NOT_METRICS = ("cell", "seed", "run", "cell_id", "train_images", "train_flops", "baseline", "curves")
 
 
-def collect(sweep: Sweep, out: Path, scored: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
-    """One line per cell, row by row and seed by seed: its settings, training compute, metrics
-    and ratios to the baseline row's run of the same `train.seed` (or, when the baseline row
-    has no such seed, to the mean over its seeds). A cell not scored in `out` takes its metrics
-    from `scored` (carry.py: lines of an earlier part's results.csv), if it has them there."""
+def collect(sweep: Sweep, out: Path, scored: dict[str, Scored] | None = None) -> list[dict[str, Any]]:
+    """One line per cell, row by row and seed by seed: its settings, training compute, metrics,
+    ratios to the baseline row's run of the same `train.seed` (or, when the baseline row has
+    no such seed, to the mean over its seeds) and its run's in-training curves. A cell not
+    scored in `out` takes its metrics from `scored` (carry.py: lines of an earlier part's
+    results.csv), if it has them there, and so does a curve whose run is not in `out`."""
     bases = baseline_rows(sweep)
+    carried = scored or {}
     metrics = {
         c.name: {
             k: v
             for k, v in read_json(cell_dir(out, c.cell_id) / EVAL).get("metrics", {}).items()
             if k not in SKIP_METRICS
         }
-        or (scored or {}).get(c.name, {})
+        or (carried[c.name].metrics if c.name in carried else {})
         for c in sweep.cells
     }
     lines = []
@@ -55,6 +68,9 @@ def collect(sweep: Sweep, out: Path, scored: dict[str, dict[str, float]] | None 
             found = metrics[cell.name]
             line.update(found)
             line["baseline"] = base.name if base else ""
+            line["curves"] = encode_curves(training_curves(run_dir(out, cell.run_id) / "stats.jsonl")) or (
+                carried[cell.name].curves if cell.name in carried else ""
+            )
             for key, value in found.items():
                 ref = None
                 if base:
@@ -125,7 +141,7 @@ def write_results(sweep: Sweep, rows: list[dict[str, Any]], out: Path) -> None:
     summaries = summarize(sweep, rows)
     for key in sweep.swept:
         plot_key(summaries, key, sweep.swept, out / f"plot_{slug(key)}.png")
-    plot_curves(sweep, out, out / "curves.png")
+    plot_curves(sweep, rows, out / "curves.png")
     sample_grid(sweep, out, out / "samples.png")
 
 
@@ -185,7 +201,7 @@ def results_markdown(sweep: Sweep, rows: list[dict[str, Any]], out: Path | None 
     if sweep.seeded:
         lines += ["", *seeds_note(sweep)]
     if out is not None:
-        lines += compute_to_baseline_markdown(sweep, out)
+        lines += compute_to_baseline_markdown(sweep, rows)
     return "\n".join(lines) + "\n"
 
 
