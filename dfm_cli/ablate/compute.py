@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import torch
 
-from dfm_cli.ablate.layout import MANIFEST, cell_dir, read_json, run_dir
+from dfm_cli.ablate.layout import MANIFEST, cell_dir, is_sampled, is_trained, read_json, run_dir
 from dfm_cli.ablate.sweep import Cell, Sweep
 from dfm_cli.config.method import method_of
 from dfm_cli.config.recipe import Recipe
@@ -177,9 +177,9 @@ def plan(
         images, flops = train_compute(run.recipe)
         if cell.name in carried:
             done = "scored"
-        elif out is not None and read_json(cell_dir(out, cell.cell_id) / MANIFEST).get("samples") == "done":
+        elif out is not None and is_sampled(read_json((folder := cell_dir(out, cell.cell_id)) / MANIFEST), folder):
             done = "sampled"
-        elif out is not None and read_json(run_dir(out, run.run_id) / MANIFEST).get("status") == "done":
+        elif out is not None and is_trained(read_json(run_dir(out, run.run_id) / MANIFEST)):
             done = "trained"
         else:
             done = ""

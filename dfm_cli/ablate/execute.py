@@ -22,7 +22,7 @@ from rich.console import Console
 
 from dfm_cli.ablate.carry import read_scored
 from dfm_cli.ablate.ids import cell_manifest_settings, run_settings, settings_hash
-from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, run_dir, write_json
+from dfm_cli.ablate.layout import EVAL, MANIFEST, SAMPLES, cell_dir, claim, is_sampled, is_trained, run_dir, write_json
 from dfm_cli.ablate.results import Scored, collect, write_results
 from dfm_cli.ablate.sweep import METRIC_FLAGS, Cell, Run, Sweep
 from dfm_cli.config.recipe import Recipe
@@ -208,7 +208,7 @@ def environment(values: dict[str, str]) -> Iterator[None]:
 def train_run(run: Run, out: Path, progress: Progress, cell: Cell, runner: Runner) -> None:
     folder = run_dir(out, run.run_id)
     manifest = claim(folder, run_settings(run.recipe))
-    if manifest.get("status") == "done":
+    if is_trained(manifest):
         return
     overrides = manifest.setdefault("overrides", run.overrides)  # an unfinished run keeps its command
     cmd = dfm("train", run.base, *[a for o in overrides for a in ("--set", o)], "--out", folder)
@@ -227,7 +227,7 @@ def score_cell(sweep: Sweep, cell: Cell, out: Path, progress: Progress, runner: 
     manifest.update(cell=cell.name, run=cell.run_id, values=cell.values)
     samples = folder / SAMPLES
     log = out / "logs" / f"cell-{cell.cell_id}.log"
-    if manifest.get("samples") != "done" or not samples.is_file():
+    if not is_sampled(manifest, folder):
         manifest["samples"] = "sampling"
         write_json(folder / MANIFEST, manifest)
         say(progress, cell, f"sample {sweep.eval.num} → {samples}")

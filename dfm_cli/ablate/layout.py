@@ -39,6 +39,16 @@ def _find(parent: Path, ident: str) -> Path:
     return same[0] if same else exact
 
 
+def is_trained(manifest: dict) -> bool:
+    """Whether a run folder's manifest says its training finished."""
+    return manifest.get("status") == "done"
+
+
+def is_sampled(manifest: dict, folder: Path) -> bool:
+    """Whether a cell folder holds its finished sample set."""
+    return manifest.get("samples") == "done" and (folder / SAMPLES).is_file()
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 

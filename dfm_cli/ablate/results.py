@@ -55,6 +55,10 @@ def collect(sweep: Sweep, out: Path, scored: dict[str, Scored] | None = None) ->
         or (carried[c.name].metrics if c.name in carried else {})
         for c in sweep.cells
     }
+    # read once per run: the cells of a run share its stats.jsonl
+    curves = {
+        run.run_id: encode_curves(training_curves(run_dir(out, run.run_id) / "stats.jsonl")) for run in sweep.runs
+    }
     lines = []
     for row in sweep.rows:
         base = bases[row.name]
@@ -68,9 +72,7 @@ def collect(sweep: Sweep, out: Path, scored: dict[str, Scored] | None = None) ->
             found = metrics[cell.name]
             line.update(found)
             line["baseline"] = base.name if base else ""
-            line["curves"] = encode_curves(training_curves(run_dir(out, cell.run_id) / "stats.jsonl")) or (
-                carried[cell.name].curves if cell.name in carried else ""
-            )
+            line["curves"] = curves[cell.run_id] or (carried[cell.name].curves if cell.name in carried else "")
             for key, value in found.items():
                 ref = None
                 if base:
